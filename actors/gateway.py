@@ -1,0 +1,124 @@
+"""``run_gateway``: open the store, start every actor in one nursery, hand the web layer a ``Handles``.
+
+Cancelling the nursery stops everything; in-flight tasks stay recorded in the store and are reconciled on
+the next start. Inbox sizes are the backpressure budget (STYLE.md: small N for bursty inboxes).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import httpx
+import trio
+
+from . import comfy, ledger, registry, scheduler, sessions
+from .store import SqliteStore, open_store
+
+log = logging.getLogger(__name__)
+
+REGISTRY_INBOX = 256  # comfy progress events arrive in bursts
+SCHEDULER_INBOX = 64
+LEDGER_INBOX = 64
+HUB_INBOX = 256
+COMFY_INBOX = 64
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    comfyui_urls: tuple[str, ...] = ("http://127.0.0.1:8188",)
+    store_path: str = "data/gateway.db"
+    max_inflight: int = 2
+    max_inflight_per_user: int = 0
+    max_queued_per_user: int = 32
+    initial_credits: int = 100
+    price: int = 1
+    task_timeout: float = 30 * 60.0
+    hold_ttl: float = 2 * 60 * 60.0  # must be longer than task_timeout (a safety net, not the normal path)
+    public_url: str = ""
+    comfy_policy: comfy.RestartPolicy = field(default_factory=comfy.RestartPolicy)
+    comfy_timeouts: comfy.ComfyTimeouts = field(default_factory=comfy.ComfyTimeouts)
+    replay_max: int = sessions.DEFAULT_REPLAY_MAX
+    replay_age: float = sessions.DEFAULT_REPLAY_AGE
+
+    def __post_init__(self) -> None:
+        if not self.comfyui_urls:
+            raise ValueError("at least one ComfyUI URL is needed")
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, not {self.max_inflight}")
+        if self.price < 0 or self.initial_credits < 0:
+            raise ValueError("price and initial_credits must be >= 0")
+        if self.hold_ttl <= self.task_timeout:
+            raise ValueError("hold_ttl must be longer than task_timeout")
+
+    @property
+    def backend_urls(self) -> dict[str, str]:
+        return {f"b{i}": url.rstrip("/") for i, url in enumerate(self.comfyui_urls)}
+
+
+@dataclass(frozen=True, slots=True)
+class Handles:
+    """What the web layer gets: send ends of the actors' inboxes, and shared clients. Frozen: no swapping."""
+
+    config: GatewayConfig
+    registry: trio.MemorySendChannel[registry.RegistryMsg]
+    ledger: trio.MemorySendChannel[ledger.LedgerMsg]
+    scheduler: trio.MemorySendChannel[scheduler.SchedulerMsg]
+    sessions: trio.MemorySendChannel[sessions.HubMsg]
+    store: SqliteStore
+    http: httpx.AsyncClient
+    backend_urls: Mapping[str, str]
+    comfy_stats: Mapping[str, comfy.ComfyCounters]
+    client_ids: Mapping[str, str]
+
+
+async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handles] = trio.TASK_STATUS_IGNORED) -> None:
+    backend_urls = cfg.backend_urls
+    # One persistent ComfyUI clientId per gateway process and backend: ComfyUI routes a prompt's events only
+    # to the socket registered under the clientId it was submitted with.
+    run_id = uuid.uuid4().hex[:12]
+    client_ids = {name: f"comfy-gateway-{run_id}-{name}" for name in backend_urls}
+
+    async with open_store(cfg.store_path) as store, httpx.AsyncClient(timeout=cfg.comfy_timeouts.http) as http:
+        reg_tx, reg_rx = trio.open_memory_channel[registry.RegistryMsg](REGISTRY_INBOX)
+        sched_tx, sched_rx = trio.open_memory_channel[scheduler.SchedulerMsg](SCHEDULER_INBOX)
+        ledger_tx, ledger_rx = trio.open_memory_channel[ledger.LedgerMsg](LEDGER_INBOX)
+        hub_tx, hub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
+        comfy_tx: dict[str, trio.MemorySendChannel[comfy.ComfyCommand]] = {}
+        comfy_rx: dict[str, trio.MemoryReceiveChannel[comfy.ComfyCommand]] = {}
+        for name in backend_urls:
+            comfy_tx[name], comfy_rx[name] = trio.open_memory_channel[comfy.ComfyCommand](COMFY_INBOX)
+        stats = {name: comfy.ComfyCounters() for name in backend_urls}
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age))
+            await nursery.start(partial(
+                ledger.run, ledger_rx, store=store, sessions=hub_tx.clone(),
+                initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
+            ))
+            await nursery.start(partial(
+                scheduler.run, sched_rx, backends={n: c.clone() for n, c in comfy_tx.items()},
+                max_inflight=cfg.max_inflight, max_inflight_per_user=cfg.max_inflight_per_user,
+            ))
+            reg_cfg = registry.RegistryConfig(
+                price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
+                public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
+            )
+            await nursery.start(partial(
+                registry.run, reg_rx, reg_cfg, store=store, ledger=ledger_tx.clone(), scheduler=sched_tx.clone(),
+                comfy={n: c.clone() for n, c in comfy_tx.items()}, sessions=hub_tx.clone(),
+            ))
+            for name, url in backend_urls.items():
+                await nursery.start(partial(
+                    comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], reg_tx.clone(), http=http,
+                    client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
+                    counters=stats[name],
+                ))
+            log.info("gateway: %d backend(s) %s, store %s", len(backend_urls), list(backend_urls.values()), store.path)
+            task_status.started(Handles(
+                config=cfg, registry=reg_tx, ledger=ledger_tx, scheduler=sched_tx, sessions=hub_tx, store=store,
+                http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids,
+            ))

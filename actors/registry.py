@@ -1,0 +1,610 @@
+"""The registry actor: every task's state machine, the prompt_id -> task map, and what users are told.
+
+    queued --dispatch--> submitted --execution_start--> running --success--> succeeded
+       |                     |                             |--error/interrupt/lost/timeout--> failed(reason)
+       '--cancel--> cancelled '--cancel (delete+interrupt)--'--> cancelled
+
+``failed`` carries a reason: ``validation``, ``execution_error``, ``interrupted``, ``backend_lost``, ``timeout``.
+The gateway chooses each task's prompt_id itself and persists it with the task before anything is sent to
+ComfyUI, so events that arrive before the POST /prompt answer, and a submit whose answer was lost, can be
+matched (reconciled) by prompt_id. Every transition is persisted before it is acted on. On a terminal state
+the registry settles or releases the task's credit hold (asking the ledger, a leaf actor, so the answer is
+known before the user is told), returns the scheduler permit, and publishes the message to the task's session.
+
+Who talks to whom (blocking sends only go "down" this list, so there is no cycle that can deadlock):
+web -> registry -> ledger, scheduler, comfy command loops, sessions hub; comfy report tasks -> registry.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import heapq
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+
+from . import ledger as ledger_api
+from . import scheduler as sched
+from ._util import ask, reply_once
+from .comfy import (
+    BackendEvent,
+    BackendLost,
+    BackendUp,
+    CancelPrompt,
+    CheckPrompts,
+    ComfyCommand,
+    ComfyReport,
+    Executed,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+    PreviewImage,
+    Progress,
+    PromptAccepted,
+    PromptLocated,
+    PromptRejected,
+    PromptSubmitUnknown,
+)
+from .sessions import Broadcast, Publish
+from .store import ImageRef, InsufficientCredits, LedgerError, SqliteStore, TaskRecord, TERMINAL_STATES
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("queued", "submitted", "running")
+CANCEL_CHECK_DELAY = 2.0  # seconds after a cancel before asking ComfyUI where the prompt went
+RECHECK_DELAY = 5.0  # seconds between reconciliation retries while a prompt's fate is unknown
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    price: int = 1  # credits per unit of ``size``
+    max_queued_per_user: int = 32
+    task_timeout: float = 30 * 60.0  # seconds a task may run inside ComfyUI before it is interrupted
+    public_url: str = ""  # prefix of image URLs, e.g. "http://127.0.0.1:8080"
+    backend_urls: Mapping[str, str] = field(default_factory=dict)
+
+
+# ---- requests from the web layer --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    task_id: str
+    position: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    status: int  # HTTP status the web layer answers with
+    error: str  # machine-readable code
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    user_id: str
+    client_id: str
+    workflow: Mapping[str, Any]
+    size: int
+    reply: trio.MemorySendChannel[Accepted | Refused]
+
+
+@dataclass(frozen=True, slots=True)
+class GetTask:
+    user_id: str
+    task_id: str
+    reply: trio.MemorySendChannel[dict[str, Any] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Owner-only cancel. Replies 'cancelled', 'cancelling', 'not_found' or 'finished'."""
+
+    user_id: str
+    task_id: str
+    reply: trio.MemorySendChannel[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ListResults:
+    user_id: str
+    limit: int
+    before: int | None
+    reply: trio.MemorySendChannel[tuple[list[dict[str, Any]], int | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLocation:
+    """Where image ``n`` of the user's task lives: (backend base URL, ImageRef), or None."""
+
+    user_id: str
+    task_id: str
+    n: int
+    reply: trio.MemorySendChannel[tuple[str, ImageRef] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStats:
+    by_state: Mapping[str, int]
+    backends_up: int
+    backends_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    reply: trio.MemorySendChannel[RegistryStats]
+
+
+RegistryMsg = Submit | GetTask | Cancel | ListResults | ImageLocation | GetStats | ComfyReport
+
+
+def validate_workflow(workflow: object) -> str | None:
+    """A readable reason why ``workflow`` is not an API-format ComfyUI prompt, or None if it looks like one."""
+    if not isinstance(workflow, dict) or not workflow:
+        return "workflow must be a non-empty JSON object of nodes (ComfyUI API format)"
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict):
+            return f"node {node_id!r} must be an object"
+        if not isinstance(node.get("class_type"), str) or not node["class_type"]:
+            return f"node {node_id!r} has no class_type"
+        if not isinstance(node.get("inputs", {}), dict):
+            return f"node {node_id!r}: inputs must be an object"
+    return None
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class _Task:
+    """The registry's live view of one non-terminal task (it owns these; others get copies)."""
+
+    rec: TaskRecord
+    cancelling: bool = False
+    timed_out: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.rec.task_id
+
+
+class _Registry:
+    def __init__(
+        self,
+        cfg: RegistryConfig,
+        *,
+        store: SqliteStore,
+        ledger: trio.MemorySendChannel[ledger_api.LedgerMsg],
+        scheduler: trio.MemorySendChannel[sched.SchedulerMsg],
+        comfy: Mapping[str, trio.MemorySendChannel[ComfyCommand]],
+        sessions: trio.MemorySendChannel[Publish | Broadcast],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.comfy = comfy
+        self.sessions = sessions
+        self.now = wall_clock
+        self.tasks: dict[str, _Task] = {}
+        self.by_prompt: dict[str, str] = {}
+        self.up: set[str] = set()
+        self.seq = 0
+        self.timers: list[tuple[float, int, str, str]] = []  # (trio time, tiebreak, kind, task_id)
+        self._timer_ids = 0
+        self.last_status: tuple[int, int, int, int] | None = None
+
+    # -- helpers
+
+    def url(self, task_id: str, n: int) -> str:
+        return f"{self.cfg.public_url}/api/images/{task_id}/{n}"
+
+    def urls(self, rec: TaskRecord) -> list[str]:
+        return [self.url(rec.task_id, n) for n in range(len(rec.images))]
+
+    def view(self, rec: TaskRecord, position: int | None = None) -> dict[str, Any]:
+        v: dict[str, Any] = {
+            "taskId": rec.task_id,
+            "state": rec.state,
+            "cost": rec.cost,
+            "size": rec.size,
+            "prompt_id": rec.prompt_id,
+            "urls": self.urls(rec),
+            "createdAt": _iso(rec.created_at),
+            "updatedAt": _iso(rec.updated_at),
+            "clientId": rec.client_id,
+        }
+        if rec.reason:
+            v["reason"] = rec.reason
+        if rec.error:
+            v["error"] = rec.error.get("error")
+        if position is not None:
+            v["position"] = position
+        return v
+
+    def after(self, delay: float, kind: str, task_id: str) -> None:
+        self._timer_ids += 1
+        heapq.heappush(self.timers, (trio.current_time() + delay, self._timer_ids, kind, task_id))
+
+    async def publish(self, rec: TaskRecord, body: dict[str, Any]) -> None:
+        await self.sessions.send(Publish(rec.user_id, rec.client_id, body))
+
+    async def save(self, task: _Task, **changes: Any) -> TaskRecord:
+        task.rec = replace(task.rec, updated_at=self.now(), **changes)
+        await self.store.save_task(task.rec)
+        return task.rec
+
+    async def broadcast_status(self) -> None:
+        counts = {s: 0 for s in ACTIVE_STATES}
+        for t in self.tasks.values():
+            counts[t.rec.state] += 1
+        status = (counts["queued"], counts["submitted"] + counts["running"], len(self.up), len(self.comfy))
+        if status != self.last_status:
+            self.last_status = status
+            await self.sessions.send(
+                Broadcast({"type": "status", "queued": status[0], "running": status[1],
+                           "backends": {"up": status[2], "total": status[3]}})
+            )
+
+    # -- start-up
+
+    async def load(self) -> None:
+        """Reload every non-terminal task: queued ones back into the queue in order; the rest are reconciled
+        against their backend once it is connected."""
+        self.seq = await self.store.max_task_seq()
+        for rec in await self.store.load_active_tasks():
+            task = _Task(rec)
+            self.tasks[rec.task_id] = task
+            self.by_prompt[rec.prompt_id] = rec.task_id
+            if rec.state == "queued":
+                await self.scheduler.send(sched.Enqueue(sched.Job(rec.task_id, rec.user_id, rec.prompt_id, rec.workflow)))
+            elif rec.backend in self.comfy:
+                await self.scheduler.send(sched.Occupy(rec.task_id, rec.backend))
+            log.info("registry: reloaded task %s (%s)", rec.task_id, rec.state)
+
+    # -- requests
+
+    async def submit(self, msg: Submit) -> Accepted | Refused:
+        queued = sum(1 for t in self.tasks.values() if t.rec.user_id == msg.user_id and t.rec.state == "queued")
+        if queued >= self.cfg.max_queued_per_user:
+            return Refused(429, "too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})")
+        self.seq += 1
+        task_id = uuid.uuid4().hex
+        cost = msg.size * self.cfg.price
+        try:
+            await ledger_api.freeze(self.ledger, msg.user_id, task_id, cost)
+        except InsufficientCredits as exc:
+            return Refused(402, "insufficient_credits", str(exc))
+        except LedgerError as exc:  # pragma: no cover - a fresh task id cannot conflict
+            return Refused(409, "ledger_conflict", str(exc))
+        now = self.now()
+        rec = TaskRecord(
+            task_id=task_id, seq=self.seq, user_id=msg.user_id, client_id=msg.client_id,
+            prompt_id=str(uuid.uuid4()), state="queued", size=msg.size, cost=cost,
+            workflow=dict(msg.workflow), created_at=now, updated_at=now,
+        )
+        await self.store.save_task(rec)
+        task = self.tasks[task_id] = _Task(rec)
+        self.by_prompt[rec.prompt_id] = task_id
+        job = sched.Job(task_id, rec.user_id, rec.prompt_id, rec.workflow)
+        position = await ask(self.scheduler, lambda r: sched.Enqueue(job, r), name="scheduler")
+        log.info("registry: task %s of %s queued at %d (cost %d)", task_id, msg.user_id, position, cost)
+        await self.publish(task.rec, {"type": "queued", "taskId": task_id, "position": position, "cost": cost})
+        await self.broadcast_status()
+        return Accepted(task_id, position, cost)
+
+    async def get_task(self, user_id: str, task_id: str) -> dict[str, Any] | None:
+        task = self.tasks.get(task_id)
+        rec = task.rec if task is not None else await self.store.get_task(task_id)
+        if rec is None or rec.user_id != user_id:
+            return None
+        position = None
+        if rec.state == "queued":
+            position = await ask(self.scheduler, lambda r: sched.GetPosition(task_id, r), name="scheduler")
+        return self.view(rec, position)
+
+    async def cancel(self, user_id: str, task_id: str) -> str:
+        task = self.tasks.get(task_id)
+        if task is None:
+            rec = await self.store.get_task(task_id)
+            return "finished" if rec is not None and rec.user_id == user_id else "not_found"
+        if task.rec.user_id != user_id:
+            return "not_found"
+        if task.rec.state == "queued":
+            withdrawn = await ask(self.scheduler, lambda r: sched.Withdraw(task_id, r), name="scheduler")
+            if withdrawn:
+                await self.finish(task, "cancelled", None)
+                return "cancelled"
+        # dispatched: remove it from ComfyUI's queue or interrupt it; the outcome arrives as an event
+        task.cancelling = True
+        await self.ask_backend_to_cancel(task)
+        return "cancelling"
+
+    async def ask_backend_to_cancel(self, task: _Task) -> None:
+        if task.rec.backend in self.comfy:
+            await self.comfy[task.rec.backend].send(CancelPrompt(task.rec.prompt_id))
+            self.after(CANCEL_CHECK_DELAY, "check", task.id)
+        else:  # dispatched but not yet accepted: retry once the backend is known
+            self.after(CANCEL_CHECK_DELAY, "cancel", task.id)
+
+    async def list_results(self, user_id: str, limit: int, before: int | None) -> tuple[list[dict[str, Any]], int | None]:
+        recs = await self.store.list_results(user_id, limit + 1, before)
+        nxt = recs[limit - 1].seq if len(recs) > limit else None
+        return [self.view(r) | {"seq": r.seq} for r in recs[:limit]], nxt
+
+    async def image_location(self, user_id: str, task_id: str, n: int) -> tuple[str, ImageRef] | None:
+        task = self.tasks.get(task_id)
+        rec = task.rec if task is not None else await self.store.get_task(task_id)
+        if rec is None or rec.user_id != user_id or not 0 <= n < len(rec.images):
+            return None
+        img = rec.images[n]
+        base = self.cfg.backend_urls.get(img.backend)
+        return (base, img) if base else None
+
+    def stats(self) -> RegistryStats:
+        counts: dict[str, int] = {s: 0 for s in ACTIVE_STATES}
+        for t in self.tasks.values():
+            counts[t.rec.state] = counts.get(t.rec.state, 0) + 1
+        return RegistryStats(counts, len(self.up), len(self.comfy))
+
+    # -- transitions
+
+    def task_for_prompt(self, prompt_id: str | None) -> _Task | None:
+        if prompt_id is None:
+            return None
+        task_id = self.by_prompt.get(prompt_id)
+        return self.tasks.get(task_id) if task_id is not None else None
+
+    async def mark_submitted(self, task: _Task, backend: str) -> None:
+        if task.rec.state == "queued":
+            await self.save(task, state="submitted", backend=backend)
+            if task.cancelling:
+                await self.ask_backend_to_cancel(task)
+            await self.broadcast_status()
+
+    async def mark_running(self, task: _Task, backend: str) -> None:
+        await self.mark_submitted(task, backend)
+        if task.rec.state == "submitted":
+            await self.save(task, state="running")
+            self.after(self.cfg.task_timeout, "timeout", task.id)
+            await self.publish(task.rec, {"type": "started", "taskId": task.id, "prompt_id": task.rec.prompt_id})
+            await self.broadcast_status()
+
+    async def add_images(self, task: _Task, images: list[Mapping[str, Any]], backend: str) -> None:
+        known = {(i.filename, i.subfolder, i.type) for i in task.rec.images}
+        new = []
+        for img in images:
+            if not isinstance(img, Mapping) or "filename" not in img:
+                continue
+            ref = ImageRef(backend, str(img["filename"]), str(img.get("subfolder", "")), str(img.get("type", "output")))
+            if (ref.filename, ref.subfolder, ref.type) not in known:
+                known.add((ref.filename, ref.subfolder, ref.type))
+                new.append(ref)
+        if not new:
+            return
+        first = len(task.rec.images)
+        rec = await self.save(task, images=task.rec.images + tuple(new))
+        urls = [self.url(task.id, n) for n in range(first, len(rec.images))]
+        await self.publish(rec, {"type": "imageResult", "taskId": task.id, "prompt_id": rec.prompt_id, "urls": urls})
+
+    async def finish(self, task: _Task, state: str, reason: str | None, error: dict[str, Any] | None = None) -> None:
+        """The one way into a terminal state: persist, settle or release, free the permit, tell the user."""
+        if task.rec.state in TERMINAL_STATES:
+            return
+        rec = await self.save(task, state=state, reason=reason, error=error)
+        del self.tasks[task.id]
+        self.by_prompt.pop(rec.prompt_id, None)
+        refunded = False
+        try:
+            if state == "succeeded":
+                await ledger_api.settle(self.ledger, task.id, rec.cost)
+            else:
+                await ledger_api.release(self.ledger, task.id, rec.cost)
+                refunded = True
+        except LedgerError as exc:  # e.g. the hold expired and was released already
+            log.error("registry: task %s: ledger refused to resolve its hold: %s", task.id, exc)
+            refunded = state != "succeeded"
+        await self.scheduler.send(sched.Release(task.id))
+        log.info("registry: task %s %s%s", task.id, state, f" ({reason})" if reason else "")
+        if state == "succeeded":
+            body = {"type": "completed", "taskId": task.id, "prompt_id": rec.prompt_id, "urls": self.urls(rec)}
+        elif state == "cancelled":
+            body = {"type": "cancelled", "taskId": task.id, "refunded": refunded}
+        else:
+            body = {"type": "execution_error", "taskId": task.id, "prompt_id": rec.prompt_id,
+                    "error": (error or {}).get("error", reason or "failed"), "reason": reason, "refunded": refunded}
+            for key in ("node_id", "node_type"):
+                if (error or {}).get(key) is not None:
+                    body[key] = error[key]  # type: ignore[index]
+        await self.publish(rec, body)
+        await self.broadcast_status()
+
+    async def interrupted(self, task: _Task, node_id: str | None = None, node_type: str | None = None) -> None:
+        if task.cancelling:
+            await self.finish(task, "cancelled", None)
+        elif task.timed_out:
+            await self.finish(task, "failed", "timeout", {"error": "the task exceeded its time limit and was interrupted"})
+        else:
+            await self.finish(task, "failed", "interrupted",
+                              {"error": "the prompt was interrupted on ComfyUI", "node_id": node_id, "node_type": node_type})
+
+    async def on_event(self, backend: str, event: Any) -> None:
+        match event:
+            case ExecutionStart(prompt_id=pid):
+                if (task := self.task_for_prompt(pid)) is not None:
+                    await self.mark_running(task, backend)
+            case Progress(prompt_id=pid, node=node, value=value, max=mx):
+                if (task := self.task_for_prompt(pid)) is not None:
+                    await self.mark_running(task, backend)
+                    await self.publish(task.rec, {"type": "progress", "taskId": task.id, "prompt_id": pid,
+                                                  "value": value, "max": mx, "node": node})
+            case PreviewImage(prompt_id=pid, mime=mime, image=image):
+                if (task := self.task_for_prompt(pid)) is not None:
+                    await self.publish(task.rec, {"type": "preview", "taskId": task.id, "prompt_id": pid,
+                                                  "mime": mime, "data": base64.b64encode(image).decode()})
+            case Executed(prompt_id=pid, output=output):
+                if (task := self.task_for_prompt(pid)) is not None and output:
+                    await self.mark_running(task, backend)
+                    await self.add_images(task, list(output.get("images") or ()), backend)
+            case ExecutionSuccess(prompt_id=pid):
+                if (task := self.task_for_prompt(pid)) is not None:
+                    await self.finish(task, "succeeded", None)
+            case ExecutionError(prompt_id=pid, blocked=False) as err:
+                if (task := self.task_for_prompt(pid)) is not None:
+                    await self.finish(task, "failed", "execution_error", {
+                        "error": f"{err.node_type or 'node'} {err.node_id or ''}: {err.exception_message}".strip(),
+                        "node_id": err.node_id, "node_type": err.node_type, "exception_type": err.exception_type,
+                    })
+            case ExecutionInterrupted(prompt_id=pid, node_id=node_id, node_type=node_type):
+                if (task := self.task_for_prompt(pid)) is not None:
+                    await self.interrupted(task, node_id, node_type)
+            case _:
+                pass  # status, executing, cached, progress_state: nothing a user needs from the registry
+
+    async def apply_history(self, task: _Task, backend: str, entry: Mapping[str, Any]) -> None:
+        """A prompt finished while we were not listening: apply its outputs and terminal event from /history."""
+        images: list[Mapping[str, Any]] = []
+        for output in (entry.get("outputs") or {}).values():
+            if isinstance(output, Mapping):
+                images.extend(output.get("images") or ())
+        await self.mark_submitted(task, backend)
+        await self.add_images(task, images, backend)
+        status = entry.get("status") or {}
+        terminal = None
+        for item in status.get("messages") or ():
+            if isinstance(item, (list, tuple)) and len(item) == 2 and item[0] in (
+                "execution_success", "execution_error", "execution_interrupted"
+            ):
+                terminal = item
+        kind, data = terminal if terminal else ("execution_success" if status.get("status_str") == "success" else "execution_error", {})
+        data = data if isinstance(data, Mapping) else {}
+        if kind == "execution_success":
+            await self.finish(task, "succeeded", None)
+        elif kind == "execution_interrupted":
+            await self.interrupted(task, data.get("node_id"), data.get("node_type"))
+        else:
+            await self.finish(task, "failed", "execution_error", {
+                "error": f"{data.get('node_type', 'node')} {data.get('node_id', '')}: {data.get('exception_message', 'failed')}",
+                "node_id": data.get("node_id"), "node_type": data.get("node_type"),
+            })
+
+    async def reconcile(self, backend: str) -> None:
+        ids = tuple(t.rec.prompt_id for t in self.tasks.values()
+                    if t.rec.backend == backend and t.rec.state in ("submitted", "running"))
+        if ids:
+            log.info("registry: reconciling %d prompt(s) on %s", len(ids), backend)
+            await self.comfy[backend].send(CheckPrompts(ids))
+
+    async def on_report(self, msg: ComfyReport) -> None:
+        match msg:
+            case BackendEvent(backend, event):
+                await self.on_event(backend, event)
+            case PromptAccepted(backend, task_id):
+                if (task := self.tasks.get(task_id)) is not None:
+                    await self.mark_submitted(task, backend)
+            case PromptRejected(backend, task_id, status=status, detail=detail):
+                if (task := self.tasks.get(task_id)) is not None:
+                    await self.save(task, backend=backend)
+                    await self.finish(task, "failed", "validation", {"error": detail, "status": status})
+            case PromptSubmitUnknown(backend, task_id, prompt_id, error):
+                if (task := self.tasks.get(task_id)) is not None:
+                    log.warning("registry: submit of %s to %s unknown (%s): reconciling", task_id, backend, error)
+                    await self.mark_submitted(task, backend)
+                    self.after(RECHECK_DELAY, "check", task_id)
+            case PromptLocated(backend, prompt_id, where, history):
+                task = self.task_for_prompt(prompt_id)
+                if task is None:
+                    return
+                if where == "done" and history is not None:
+                    await self.apply_history(task, backend, history)
+                elif where == "missing":
+                    if task.cancelling:
+                        await self.finish(task, "cancelled", None)
+                    else:
+                        await self.finish(task, "failed", "backend_lost",
+                                          {"error": f"ComfyUI backend {backend} lost the prompt (restarted?)"})
+                elif where in ("pending", "running") and task.cancelling:
+                    self.after(CANCEL_CHECK_DELAY, "check", task.id)
+                elif where == "unknown":
+                    self.after(RECHECK_DELAY, "check", task.id)
+            case BackendUp(backend):
+                self.up.add(backend)
+                await self.scheduler.send(sched.SetBackend(backend, True))
+                await self.reconcile(backend)
+                await self.broadcast_status()
+            case BackendLost(backend, reason):
+                self.up.discard(backend)
+                await self.scheduler.send(sched.SetBackend(backend, False))
+                log.warning("registry: backend %s lost: %s", backend, reason)
+                await self.broadcast_status()
+
+    async def on_timer(self, kind: str, task_id: str) -> None:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        if kind == "timeout" and task.rec.state == "running":
+            log.warning("registry: task %s exceeded %ss: interrupting", task_id, self.cfg.task_timeout)
+            task.timed_out = True
+            await self.ask_backend_to_cancel(task)
+        elif kind == "cancel":
+            await self.ask_backend_to_cancel(task)
+        elif kind == "check" and task.rec.backend in self.comfy and task.rec.backend in self.up:
+            await self.comfy[task.rec.backend].send(CheckPrompts((task.rec.prompt_id,)))
+        elif kind == "check":
+            self.after(RECHECK_DELAY, "check", task_id)
+
+
+async def run(
+    inbox: trio.MemoryReceiveChannel[RegistryMsg],
+    cfg: RegistryConfig,
+    *,
+    store: SqliteStore,
+    ledger: trio.MemorySendChannel[ledger_api.LedgerMsg],
+    scheduler: trio.MemorySendChannel[sched.SchedulerMsg],
+    comfy: Mapping[str, trio.MemorySendChannel[ComfyCommand]],
+    sessions: trio.MemorySendChannel[Publish | Broadcast],
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    reg = _Registry(cfg, store=store, ledger=ledger, scheduler=scheduler, comfy=comfy, sessions=sessions,
+                    wall_clock=wall_clock)
+    await reg.load()
+    task_status.started()
+    with inbox:
+        while True:
+            deadline = reg.timers[0][0] if reg.timers else float("inf")
+            msg = None
+            with trio.move_on_at(deadline):
+                try:
+                    msg = await inbox.receive()
+                except trio.EndOfChannel:
+                    return
+            if msg is None:
+                _, _, kind, task_id = heapq.heappop(reg.timers)
+                await reg.on_timer(kind, task_id)
+                continue
+            match msg:
+                case Submit():
+                    reply_once(msg.reply, await reg.submit(msg))
+                case GetTask(user_id, task_id, reply):
+                    reply_once(reply, await reg.get_task(user_id, task_id))
+                case Cancel(user_id, task_id, reply):
+                    reply_once(reply, await reg.cancel(user_id, task_id))
+                case ListResults(user_id, limit, before, reply):
+                    reply_once(reply, await reg.list_results(user_id, limit, before))
+                case ImageLocation(user_id, task_id, n, reply):
+                    reply_once(reply, await reg.image_location(user_id, task_id, n))
+                case GetStats(reply):
+                    reply_once(reply, reg.stats())
+                case _:
+                    await reg.on_report(msg)

@@ -1,0 +1,246 @@
+"""The scheduler actor: a fair queue across users and one ``trio.CapacityLimiter`` per backend.
+
+Waiting tasks sit in one deque per user; dispatch takes users round-robin, so one user's batch delays another
+user's single task by at most one dispatch. Each backend has a limiter sized ``max_inflight`` (default 2: one
+prompt running and one waiting inside ComfyUI, so the GPU never idles between prompts). A permit is taken
+with ``acquire_on_behalf_of_nowait(task_id)`` when a task is dispatched and given back by ``Release`` on the
+task's terminal event. Dispatch goes to the healthy backend with the most free permits, straight to its comfy
+actor (whose command loop never blocks), so the scheduler never waits on the registry: no cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ._util import reply_once
+from .comfy import ComfyCommand, SubmitPrompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    task_id: str
+    user_id: str
+    prompt_id: str
+    workflow: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """Queue a job; the reply (if any) is its 1-based position in dispatch order."""
+
+    job: Job
+    reply: trio.MemorySendChannel[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Remove a waiting job (cancel). Replies True if it was still waiting, False if dispatched or unknown."""
+
+    task_id: str
+    reply: trio.MemorySendChannel[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Occupy:
+    """A task already inside ComfyUI (found at start-up) holds a permit on ``backend`` until released."""
+
+    task_id: str
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The task reached a terminal state: give back its permit (if it holds one)."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetBackend:
+    name: str
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GetPosition:
+    task_id: str
+    reply: trio.MemorySendChannel[int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    waiting: int
+    inflight: Mapping[str, int]
+    backends_up: tuple[str, ...]
+    backends_total: int
+    dispatched: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    reply: trio.MemorySendChannel[SchedulerStats]
+
+
+SchedulerMsg = Enqueue | Withdraw | Occupy | Release | SetBackend | GetPosition | GetStats
+
+
+class _FairQueue:
+    """Per-user FIFO deques visited round-robin. Owned by the scheduler actor."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[str, deque[Job]] = {}
+        self.turn: deque[str] = deque()  # users with waiting jobs, next to be served first
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.by_user.values())
+
+    def push(self, job: Job) -> None:
+        q = self.by_user.get(job.user_id)
+        if q is None:
+            q = self.by_user[job.user_id] = deque()
+            self.turn.append(job.user_id)
+        q.append(job)
+
+    def remove(self, task_id: str) -> bool:
+        for user, q in self.by_user.items():
+            for job in q:
+                if job.task_id == task_id:
+                    q.remove(job)
+                    if not q:
+                        self._drop_user(user)
+                    return True
+        return False
+
+    def pop_next(self, eligible: Any) -> Job | None:
+        """The next job in round-robin order whose user passes ``eligible(user)``; that user goes last."""
+        for _ in range(len(self.turn)):
+            user = self.turn[0]
+            if eligible(user):
+                q = self.by_user[user]
+                job = q.popleft()
+                if q:
+                    self.turn.rotate(-1)
+                else:
+                    self._drop_user(user)
+                return job
+            self.turn.rotate(-1)
+        return None
+
+    def order(self) -> list[str]:
+        """Task ids in the order they would be dispatched (ignoring per-user in-flight caps)."""
+        queues = [list(self.by_user[u]) for u in self.turn]
+        out: list[str] = []
+        depth = 0
+        while True:
+            row = [q[depth].task_id for q in queues if depth < len(q)]
+            if not row:
+                return out
+            out.extend(row)
+            depth += 1
+
+    def _drop_user(self, user: str) -> None:
+        del self.by_user[user]
+        self.turn.remove(user)
+
+
+async def run(
+    inbox: trio.MemoryReceiveChannel[SchedulerMsg],
+    *,
+    backends: Mapping[str, trio.MemorySendChannel[ComfyCommand]],
+    max_inflight: int = 2,
+    max_inflight_per_user: int = 0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``max_inflight_per_user`` = 0 means no per-user cap on prompts inside ComfyUI."""
+    if max_inflight < 1:
+        raise ValueError(f"max_inflight must be >= 1, not {max_inflight!r}")
+    limiters = {name: trio.CapacityLimiter(max_inflight) for name in backends}
+    up: set[str] = set()
+    queue = _FairQueue()
+    holder: dict[str, str] = {}  # task_id -> backend whose permit it holds
+    user_of: dict[str, str] = {}  # task_id -> user, for tasks holding a permit
+    inflight_by_user: dict[str, int] = {}
+    dispatched = 0
+
+    def eligible(user: str) -> bool:
+        return max_inflight_per_user <= 0 or inflight_by_user.get(user, 0) < max_inflight_per_user
+
+    def best_backend() -> str | None:
+        best, free = None, 0
+        for name in backends:  # ties go to the first configured backend
+            if name in up and limiters[name].available_tokens > free:
+                best, free = name, limiters[name].available_tokens
+        return best
+
+    def take(task_id: str, user_id: str, backend: str) -> None:
+        limiters[backend].acquire_on_behalf_of_nowait(task_id)
+        holder[task_id] = backend
+        user_of[task_id] = user_id
+        inflight_by_user[user_id] = inflight_by_user.get(user_id, 0) + 1
+
+    async def dispatch() -> None:
+        nonlocal dispatched
+        while len(queue):
+            backend = best_backend()
+            if backend is None:
+                return
+            job = queue.pop_next(eligible)
+            if job is None:
+                return
+            take(job.task_id, job.user_id, backend)
+            dispatched += 1
+            log.debug("scheduler: %s -> %s (%d free)", job.task_id, backend, limiters[backend].available_tokens)
+            await backends[backend].send(SubmitPrompt(job.task_id, job.prompt_id, job.workflow))
+
+    task_status.started()
+    with inbox:
+        async for msg in inbox:
+            match msg:
+                case Enqueue(job, reply):
+                    queue.push(job)
+                    if reply is not None:
+                        reply_once(reply, queue.order().index(job.task_id) + 1)
+                case Withdraw(task_id, reply):
+                    reply_once(reply, queue.remove(task_id))
+                case Occupy(task_id, backend):
+                    if backend in limiters and task_id not in holder:
+                        try:
+                            take(task_id, "", backend)
+                        except trio.WouldBlock:
+                            log.warning("scheduler: %s on %s found with no free permit", task_id, backend)
+                case Release(task_id):
+                    backend = holder.pop(task_id, None)
+                    if backend is not None:
+                        limiters[backend].release_on_behalf_of(task_id)
+                        user = user_of.pop(task_id)
+                        inflight_by_user[user] -= 1
+                        if not inflight_by_user[user]:
+                            del inflight_by_user[user]
+                    else:
+                        queue.remove(task_id)  # ended while waiting (e.g. expired): forget it
+                case SetBackend(name, is_up):
+                    if name in backends:
+                        (up.add if is_up else up.discard)(name)
+                case GetPosition(task_id, reply):
+                    order = queue.order()
+                    reply_once(reply, order.index(task_id) + 1 if task_id in order else None)
+                case GetStats(reply):
+                    reply_once(
+                        reply,
+                        SchedulerStats(
+                            waiting=len(queue),
+                            inflight={n: int(lim.borrowed_tokens) for n, lim in limiters.items()},
+                            backends_up=tuple(n for n in backends if n in up),
+                            backends_total=len(backends),
+                            dispatched=dispatched,
+                        ),
+                    )
+            await dispatch()

@@ -1,0 +1,362 @@
+"""Sessions: a hub plus one session actor per (user, clientId).
+
+A session numbers every message it emits (``seq``, from 1), keeps the last ``replay_max`` of them (or
+``replay_age`` seconds) for replay after a reconnect, and fans each one out to every live connection of that
+session. A connection is represented here by its ``Outbox``: a bounded, coalescing queue that the session
+fills without ever blocking and the connection's writer drains. Progress and previews are coalesced (the
+latest per task wins) and, when the outbox is over budget, dropped and counted; every other message type is
+never dropped: a connection that cannot take one is marked "slow consumer" and closed by its writer, and the
+client resumes from its last seq.
+
+The hub never waits on a session for long (a session only ever does non-blocking puts), and sessions never
+send to anyone, so the flow ledger/registry -> hub -> session -> outbox has no cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+
+from ._util import reply_once
+
+log = logging.getLogger(__name__)
+
+USER_DESTINATION = "/user/topic/messages"
+BROADCAST_DESTINATION = "/topic/messages"
+
+# message types a full outbox may coalesce or drop (latest per task wins); all others are never dropped
+DROPPABLE_TYPES = frozenset({"progress", "preview", "status"})
+
+DEFAULT_REPLAY_MAX = 300  # messages kept per session for replay
+DEFAULT_REPLAY_AGE = 300.0  # seconds a message stays replayable
+DEFAULT_IDLE_TTL = 300.0  # seconds a session without connections is kept (for replay after a reconnect)
+DEFAULT_OUTBOX_BYTES = 1 << 20  # 1 MiB of queued frames per connection
+DEFAULT_OUTBOX_DELAY = 10.0  # seconds the oldest queued frame may wait before the client is "slow"
+SESSION_INBOX = 64
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message ready for a connection's writer. ``seq`` is the session's number (0 for broadcasts)."""
+
+    destination: str
+    seq: int
+    body: bytes
+    type: str
+    coalesce_key: tuple[str, str] | None = None
+    created: float = 0.0
+
+
+class SlowConsumer(Exception):
+    """The connection could not keep up: an undroppable message did not fit, or frames waited too long."""
+
+
+class Outbox:
+    """A connection's outbound queue: bounded in bytes, coalescing, never blocking the producer.
+
+    Producers (its session, the hub) call ``put_nowait``; the connection's writer calls ``get_batch``.
+    """
+
+    def __init__(self, *, max_bytes: int = DEFAULT_OUTBOX_BYTES, max_delay: float = DEFAULT_OUTBOX_DELAY) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, not {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.max_delay = max_delay
+        self._items: deque[list[Outgoing]] = deque()  # one-element lists, so coalescing can replace in place
+        self._by_key: dict[tuple[str, str], list[Outgoing]] = {}
+        self._bytes = 0
+        self._since: float | None = None  # when the oldest waiting item was queued
+        self._wake = trio.Event()
+        self.failed: str | None = None
+        self.delivered = 0
+        self.dropped = 0
+        self.coalesced = 0
+
+    def __repr__(self) -> str:
+        return f"<Outbox {len(self._items)} items, {self._bytes} bytes, dropped={self.dropped} failed={self.failed!r}>"
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def put_nowait(self, out: Outgoing) -> None:
+        if self.failed is not None:
+            return
+        key = out.coalesce_key
+        if key is not None:
+            slot = self._by_key.get(key)
+            if slot is not None:  # latest wins, keeping the older one's place in the queue
+                self._bytes += len(out.body) - len(slot[0].body)
+                slot[0] = out
+                self.coalesced += 1
+                return
+        if self._bytes + len(out.body) > self.max_bytes:
+            if out.type in DROPPABLE_TYPES:
+                self.dropped += 1
+                return
+            self.fail(f"slow consumer: more than {self.max_bytes} bytes waiting")
+            return
+        slot = [out]
+        self._items.append(slot)
+        if key is not None:
+            self._by_key[key] = slot
+        self._bytes += len(out.body)
+        if self._since is None:
+            self._since = trio.current_time()
+        self._wake.set()
+
+    def fail(self, reason: str) -> None:
+        """Give up on this connection (the writer raises SlowConsumer with ``reason``)."""
+        if self.failed is None:
+            self.failed = reason
+            self._items.clear()
+            self._by_key.clear()
+            self._bytes = 0
+        self._wake.set()
+
+    def overdue(self) -> bool:
+        """True when the oldest waiting frame has waited longer than ``max_delay``."""
+        return self._since is not None and trio.current_time() - self._since > self.max_delay
+
+    async def get_batch(self) -> list[Outgoing]:
+        """Wait for at least one item and take every waiting item. Raises SlowConsumer once failed."""
+        while not self._items and self.failed is None:
+            await self._wake.wait()
+            self._wake = trio.Event()
+        if self.failed is not None:
+            raise SlowConsumer(self.failed)
+        batch = [slot[0] for slot in self._items]
+        self._items.clear()
+        self._by_key.clear()
+        self._bytes = 0
+        self._since = None
+        self.delivered += len(batch)
+        return batch
+
+
+# ---- messages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """A message for one session (``client_id``) or, with ``client_id=None``, every session of the user."""
+
+    user_id: str
+    client_id: str | None
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A message for every connection subscribed to /topic/messages."""
+
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    """Start delivering a session's messages to ``outbox``: first the ones after ``last_seq`` (if given)."""
+
+    user_id: str
+    client_id: str
+    outbox: Outbox
+    last_seq: int | None
+    reply: trio.MemorySendChannel[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    user_id: str
+    client_id: str
+    outbox: Outbox
+
+
+@dataclass(frozen=True, slots=True)
+class AttachBroadcast:
+    outbox: Outbox
+
+
+@dataclass(frozen=True, slots=True)
+class DetachBroadcast:
+    outbox: Outbox
+
+
+@dataclass(frozen=True, slots=True)
+class HubStats:
+    sessions: int
+    connections: int
+    broadcast_subscribers: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    reply: trio.MemorySendChannel[HubStats]
+
+
+HubMsg = Publish | Broadcast | Attach | Detach | AttachBroadcast | DetachBroadcast | GetStats
+
+
+@dataclass(frozen=True, slots=True)
+class _Deliver:
+    body: Mapping[str, Any]
+
+
+_SessionMsg = _Deliver | Attach | Detach
+
+
+def _outgoing(destination: str, seq: int, body: Mapping[str, Any]) -> Outgoing:
+    kind = str(body.get("type", ""))
+    key = None
+    if kind in DROPPABLE_TYPES:
+        key = (kind, str(body.get("taskId", "")))
+    return Outgoing(destination, seq, encode_body(body), kind, key, trio.current_time())
+
+
+async def _run_session(
+    name: str, inbox: trio.MemoryReceiveChannel[_SessionMsg], *, replay_max: int, replay_age: float
+) -> None:
+    """One session actor: owns its seq counter, its replay buffer and its set of outboxes."""
+    seq = 0
+    replay: deque[Outgoing] = deque(maxlen=replay_max)
+    outboxes: list[Outbox] = []
+    with inbox:
+        async for msg in inbox:
+            match msg:
+                case _Deliver(body):
+                    seq += 1
+                    out = _outgoing(USER_DESTINATION, seq, body)
+                    replay.append(out)
+                    for ob in outboxes:
+                        ob.put_nowait(out)
+                case Attach(outbox=outbox, last_seq=last_seq, reply=reply):
+                    horizon = trio.current_time() - replay_age
+                    while replay and replay[0].created < horizon:
+                        replay.popleft()
+                    if last_seq is not None and last_seq != seq:
+                        oldest = replay[0].seq if replay else seq + 1
+                        if last_seq > seq or last_seq + 1 < oldest:
+                            # the gap cannot be filled: tell the client to reload over HTTP first
+                            log.info("session %s: resync (client at %d, have %d..%d)", name, last_seq, oldest, seq)
+                            outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, {"type": "resync"}))
+                            last_seq = oldest - 1
+                        for out in replay:
+                            if out.seq > last_seq:
+                                outbox.put_nowait(out)
+                    outboxes.append(outbox)
+                    if reply is not None:
+                        reply_once(reply, seq)
+                case Detach(outbox=outbox):
+                    if outbox in outboxes:
+                        outboxes.remove(outbox)
+
+
+@dataclass(slots=True)
+class _SessionEntry:
+    inbox: trio.MemorySendChannel[_SessionMsg]
+    connections: int = 0
+    idle_since: float = 0.0
+
+
+async def run(
+    inbox: trio.MemoryReceiveChannel[HubMsg],
+    *,
+    replay_max: int = DEFAULT_REPLAY_MAX,
+    replay_age: float = DEFAULT_REPLAY_AGE,
+    idle_ttl: float = DEFAULT_IDLE_TTL,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The hub: routes messages to session actors (created on first use) and broadcasts to subscribers."""
+    sessions: dict[tuple[str, str], _SessionEntry] = {}
+    by_user: dict[str, set[str]] = {}
+    broadcast: list[Outbox] = []
+    broadcast_seq = 0
+    latest_status: Outgoing | None = None  # a new subscriber gets the current status at once
+
+    def session(nursery: trio.Nursery, user_id: str, client_id: str) -> _SessionEntry:
+        key = (user_id, client_id)
+        entry = sessions.get(key)
+        if entry is None:
+            send, recv = trio.open_memory_channel[_SessionMsg](SESSION_INBOX)
+            nursery.start_soon(
+                partial(_run_session, f"{user_id}/{client_id}", recv, replay_max=replay_max, replay_age=replay_age)
+            )
+            entry = sessions[key] = _SessionEntry(send, idle_since=trio.current_time())
+            by_user.setdefault(user_id, set()).add(client_id)
+        return entry
+
+    def sweep() -> None:
+        now = trio.current_time()
+        for key, entry in list(sessions.items()):
+            if entry.connections == 0 and now - entry.idle_since > idle_ttl:
+                entry.inbox.close()  # the session actor ends when its inbox closes
+                del sessions[key]
+                by_user[key[0]].discard(key[1])
+                if not by_user[key[0]]:
+                    del by_user[key[0]]
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        next_sweep = trio.current_time() + idle_ttl
+        with inbox:
+            while True:
+                msg = None
+                with trio.move_on_at(next_sweep):
+                    try:
+                        msg = await inbox.receive()
+                    except trio.EndOfChannel:
+                        break
+                if msg is None:
+                    sweep()
+                    next_sweep = trio.current_time() + min(idle_ttl, 60.0)
+                    continue
+                match msg:
+                    case Publish(user_id, None, body):
+                        for cid in by_user.get(user_id, ()):
+                            await sessions[(user_id, cid)].inbox.send(_Deliver(body))
+                    case Publish(user_id, client_id, body):
+                        await session(nursery, user_id, client_id).inbox.send(_Deliver(body))
+                    case Broadcast(body):
+                        broadcast_seq += 1
+                        out = _outgoing(BROADCAST_DESTINATION, broadcast_seq, body)
+                        if out.type == "status":
+                            latest_status = out
+                        for ob in broadcast:
+                            ob.put_nowait(out)
+                    case Attach(user_id, client_id):
+                        entry = session(nursery, user_id, client_id)
+                        entry.connections += 1
+                        await entry.inbox.send(msg)
+                    case Detach(user_id, client_id):
+                        entry = sessions.get((user_id, client_id))
+                        if entry is not None:
+                            entry.connections -= 1
+                            entry.idle_since = trio.current_time()
+                            await entry.inbox.send(msg)
+                    case AttachBroadcast(outbox):
+                        broadcast.append(outbox)
+                        if latest_status is not None:
+                            outbox.put_nowait(latest_status)
+                    case DetachBroadcast(outbox):
+                        if outbox in broadcast:
+                            broadcast.remove(outbox)
+                    case GetStats(reply):
+                        reply_once(
+                            reply,
+                            HubStats(len(sessions), sum(e.connections for e in sessions.values()), len(broadcast)),
+                        )
+        for entry in sessions.values():
+            entry.inbox.close()

@@ -1,0 +1,112 @@
+"""The ledger and its store: two-phase holds resolved exactly once, idempotent by task id, never overdrawn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from actors import ledger
+from actors.sessions import Publish
+from actors.store import HoldConflict, InsufficientCredits, SqliteStore, UnknownHold, open_store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> SqliteStore:
+    async with open_store(str(tmp_path / "g.db")) as s:
+        yield s
+
+
+async def test_freeze_settle_release_exactly_once(store: SqliteStore) -> None:
+    acc, changed = await store.freeze("u", "t1", 30, 100, ttl=60)
+    assert (acc.balance, acc.frozen, acc.available, changed) == (100, 30, 70, True)
+    acc, changed = await store.freeze("u", "t1", 30, 100, ttl=60)  # retry: no-op success
+    assert (acc.frozen, changed) == (30, False)
+    with pytest.raises(HoldConflict):
+        await store.freeze("u", "t1", 31, 100, ttl=60)  # same id, other amount
+    acc, changed = await store.resolve("t1", "settled", 30)
+    assert (acc.balance, acc.frozen, changed) == (70, 0, True)
+    acc, changed = await store.resolve("t1", "settled", 30)  # double settle: no-op
+    assert (acc.balance, acc.frozen, changed) == (70, 0, False)
+    with pytest.raises(HoldConflict):
+        await store.resolve("t1", "released")  # release after settle: refused
+    with pytest.raises(HoldConflict):
+        await store.resolve("t1", "settled", 5)  # conflicting amount
+    with pytest.raises(UnknownHold):
+        await store.resolve("nope", "released")
+    await store.freeze("u", "t2", 20, 100, ttl=60)
+    acc, _ = await store.resolve("t2", "released")
+    assert (acc.balance, acc.frozen) == (70, 0)
+    with pytest.raises(HoldConflict):
+        await store.resolve("t2", "settled")  # settle after release: refused, nothing changes
+    assert (await store.account("u", 100)).balance == 70
+    assert await store.audit() == []
+
+
+async def test_freeze_refused_when_available_would_go_negative(store: SqliteStore) -> None:
+    await store.freeze("u", "a", 60, 100, ttl=60)
+    with pytest.raises(InsufficientCredits):
+        await store.freeze("u", "b", 41, 100, ttl=60)
+    acc = await store.account("u", 100)
+    assert (acc.balance, acc.frozen) == (100, 60)
+
+
+async def test_concurrent_freezes_never_overdraw(store: SqliteStore) -> None:
+    hub_tx, hub_rx = trio.open_memory_channel[Publish](1000)
+    tx, rx = trio.open_memory_channel[ledger.LedgerMsg](64)
+    ok: list[str] = []
+    refused: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            await ledger.freeze(tx, "u", f"t{i}", 7)
+            ok.append(f"t{i}")
+        except InsufficientCredits:
+            refused.append(f"t{i}")
+
+    async with trio.open_nursery() as n:
+        await n.start(lambda task_status: ledger.run(rx, store=store, sessions=hub_tx, initial_credits=50,
+                                                     hold_ttl=60, task_status=task_status))
+        async with trio.open_nursery() as burst:
+            for i in range(40):
+                burst.start_soon(one, i)
+        acc = await ledger.get_account(tx, "u")
+        n.cancel_scope.cancel()
+    assert len(ok) == 7 and len(refused) == 33  # 7 * 7 = 49 <= 50 < 56
+    assert (acc.balance, acc.frozen, acc.available) == (50, 49, 1)
+    assert await store.audit() == []
+
+
+async def test_expired_hold_is_released_once_and_pushed(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with open_store(str(tmp_path / "g.db"), wall_clock=trio.current_time) as store:
+        hub_tx, hub_rx = trio.open_memory_channel[Publish](100)
+        tx, rx = trio.open_memory_channel[ledger.LedgerMsg](8)
+        async with trio.open_nursery() as n:
+            await n.start(lambda task_status: ledger.run(rx, store=store, sessions=hub_tx, initial_credits=10,
+                                                         hold_ttl=100, wall_clock=trio.current_time,
+                                                         task_status=task_status))
+            await ledger.freeze(tx, "u", "t", 4)
+            await trio.sleep(ledger.EXPIRY_CHECK_INTERVAL * 3)  # virtual time: past the 100 s deadline
+            acc = await ledger.get_account(tx, "u")
+            with pytest.raises(HoldConflict):
+                await ledger.settle(tx, "t", 4)  # too late: it was released
+            n.cancel_scope.cancel()
+        pushed = []
+        while True:
+            try:
+                pushed.append(hub_rx.receive_nowait().body)
+            except trio.WouldBlock:
+                break
+        assert (acc.balance, acc.frozen) == (10, 0)
+        assert [(p["balance"], p["frozen"]) for p in pushed] == [(10, 4), (10, 0)]  # freeze, then one release
+        assert await store.audit() == []
+
+
+async def test_grant_is_journaled(store: SqliteStore) -> None:
+    await store.grant("u", 25, 100, "admin")
+    await store.grant("u", -5, 100, "admin")
+    acc = await store.account("u", 100)
+    assert acc.balance == 120
+    assert await store.audit() == []

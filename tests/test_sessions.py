@@ -1,0 +1,85 @@
+"""Sessions alone, through their channels: seq numbering, fan-out, replay after a reconnect, resync, and the
+outbox's coalescing / slow-consumer policy (MockClock: exact virtual seconds, no real waiting)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+import trio.testing
+
+from actors import sessions as s
+from actors._util import ask
+
+
+async def start_hub(nursery: trio.Nursery, **kw: object) -> trio.MemorySendChannel[s.HubMsg]:
+    tx, rx = trio.open_memory_channel[s.HubMsg](64)
+    await nursery.start(lambda task_status: s.run(rx, task_status=task_status, **kw))
+    return tx
+
+
+def bodies(batch: list[s.Outgoing]) -> list[tuple[int, dict]]:
+    return [(o.seq, json.loads(o.body)) for o in batch]
+
+
+async def test_seq_fanout_and_isolation(nursery: trio.Nursery) -> None:
+    hub = await start_hub(nursery)
+    a1, a2, b = s.Outbox(), s.Outbox(), s.Outbox()
+    await hub.send(s.Attach("alice", "c1", a1, None))
+    await hub.send(s.Attach("alice", "c1", a2, None))  # a second tab of the same session
+    await hub.send(s.Attach("bob", "c1", b, None))
+    for i in range(3):
+        await hub.send(s.Publish("alice", "c1", {"type": "queued", "taskId": f"t{i}"}))
+    await trio.testing.wait_all_tasks_blocked()
+    got1, got2 = bodies(await a1.get_batch()), bodies(await a2.get_batch())
+    assert got1 == got2 == [(i + 1, {"type": "queued", "taskId": f"t{i}"}) for i in range(3)]
+    assert len(b) == 0  # bob's session (same clientId) got nothing
+
+
+async def test_replay_after_reconnect_and_resync(nursery: trio.Nursery) -> None:
+    hub = await start_hub(nursery, replay_max=5)
+    for i in range(8):  # published before anyone is connected: buffered by the session
+        await hub.send(s.Publish("u", "c", {"type": "started", "taskId": f"t{i}"}))
+    ob = s.Outbox()
+    seq = await ask(hub, lambda r: s.Attach("u", "c", ob, 5, r))
+    assert seq == 8
+    assert [q for q, _ in bodies(await ob.get_batch())] == [6, 7, 8]  # exactly what came after 5
+    gap = s.Outbox()
+    await ask(hub, lambda r: s.Attach("u", "c", gap, 1, r))  # 2 and 3 fell out of the 5-message buffer
+    got = bodies(await gap.get_batch())
+    assert got[0] == (3, {"type": "resync"}) and [q for q, _ in got[1:]] == [4, 5, 6, 7, 8]
+    ahead = s.Outbox()
+    await ask(hub, lambda r: s.Attach("u", "c", ahead, 99, r))  # a client from before a gateway restart
+    assert bodies(await ahead.get_batch())[0][1] == {"type": "resync"}
+
+
+async def test_outbox_coalesces_progress_and_never_drops_results(autojump_clock: trio.testing.MockClock) -> None:
+    ob = s.Outbox(max_bytes=400, max_delay=10)
+
+    def out(kind: str, task: str, seq: int, pad: int = 0) -> s.Outgoing:
+        body = {"type": kind, "taskId": task, "value": seq, "pad": "x" * pad}
+        key = (kind, task) if kind in s.DROPPABLE_TYPES else None
+        return s.Outgoing("/user/topic/messages", seq, json.dumps(body).encode(), kind, key, trio.current_time())
+
+    for i in range(1, 50):
+        ob.put_nowait(out("progress", "t1", i))
+    ob.put_nowait(out("imageResult", "t1", 50))
+    batch = await ob.get_batch()
+    assert [(o.type, o.seq) for o in batch] == [("progress", 49), ("imageResult", 50)]  # latest progress wins
+    ob.put_nowait(out("completed", "t1", 51, pad=300))
+    ob.put_nowait(out("progress", "t2", 52, pad=200))  # over budget: a droppable message is dropped
+    assert ob.dropped == 1 and ob.failed is None
+    ob.put_nowait(out("completed", "t2", 53, pad=300))  # an undroppable one that does not fit: slow consumer
+    assert ob.failed is not None
+    with pytest.raises(s.SlowConsumer):
+        await ob.get_batch()
+
+
+async def test_outbox_overdue_after_max_delay(autojump_clock: trio.testing.MockClock) -> None:
+    ob = s.Outbox(max_delay=10)
+    ob.put_nowait(s.Outgoing("/user/topic/messages", 1, b"{}", "queued", None, 0.0))
+    await trio.sleep(9.9)
+    assert not ob.overdue()
+    await trio.sleep(0.2)
+    assert ob.overdue()

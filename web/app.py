@@ -1,0 +1,273 @@
+"""The Quart-Trio app: HTTP API, the STOMP endpoint at /ws, the web page, /metrics.
+
+Routes only translate between HTTP and actor messages; all state lives in the actors (``Handles``).
+Errors are ``{"error": code, "detail": text}`` with the right status, CORS headers included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from actors import ledger, registry, scheduler, sessions
+from actors._util import ActorGone, ask
+from actors.gateway import Handles
+
+from ._metrics import Metrics
+from ._ws import ConnectionCounter, StompEndpoint
+from .auth import Authenticator, AuthError, Principal, bearer, valid_id
+from .config import WebConfig
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+ASK_TIMEOUT = 10.0  # seconds an HTTP request waits for an actor
+MAX_IMAGE_BYTES = 64 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event) -> QuartTrio:
+    app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_size
+    app.config["JSON_SORT_KEYS"] = False
+    metrics = Metrics(handles)
+    counter = ConnectionCounter(cfg.max_connections_per_user)
+    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics)
+    app.extensions["gateway"] = {"handles": handles, "metrics": metrics, "endpoint": endpoint}
+
+    def error(status: int, code: str, detail: str) -> Response:
+        return Response(json.dumps({"error": code, "detail": detail}), status=status, content_type="application/json")
+
+    def principal(body_client_id: str | None = None) -> Principal:
+        client_id = request.headers.get("X-Client-Id") or body_client_id
+        try:
+            return auth.authenticate(bearer(request.headers.get("Authorization")), client_id)
+        except AuthError as exc:
+            raise ApiError(401, "unauthorized", str(exc)) from None
+
+    async def call(build: Any, name: str, target: trio.MemorySendChannel[Any] | None = None) -> Any:
+        with trio.move_on_after(ASK_TIMEOUT) as scope:
+            try:
+                return await ask(target if target is not None else handles.registry, build, name=name)
+            except ActorGone:
+                raise ApiError(503, "unavailable", f"the {name} is not running") from None
+        assert scope.cancelled_caught
+        raise ApiError(503, "busy", f"the {name} did not answer within {ASK_TIMEOUT:.0f}s")
+
+    async def json_body() -> dict[str, Any]:
+        try:
+            body = await request.get_json(force=True, silent=False)
+        except HTTPException as exc:
+            if exc.code == 413:
+                raise
+            raise ApiError(400, "bad_json", "the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "bad_json", "the body must be a JSON object")
+        return body
+
+    @app.errorhandler(ApiError)
+    async def _api_error(exc: ApiError) -> Response:
+        return error(exc.status, exc.error, exc.detail)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        code = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code or 500, "http_error")
+        detail = f"the body is larger than {cfg.max_body_size} bytes" if exc.code == 413 else exc.description or ""
+        return error(exc.code or 500, code, detail)
+
+    @app.after_request
+    async def _cors(resp: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin and cfg.origin_allowed(origin):
+            resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in cfg.allowed_origins else origin
+            resp.headers["Vary"] = "Origin"
+            resp.headers["Access-Control-Expose-Headers"] = "content-type, content-length"
+        return resp
+
+    @app.route("/api/<path:_path>", methods=["OPTIONS"])
+    async def _preflight(_path: str) -> Response:
+        # answered before any auth check: a preflight never carries the token
+        resp = Response("", status=204)
+        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        resp.headers["Access-Control-Allow-Headers"] = "authorization, content-type, x-client-id"
+        resp.headers["Access-Control-Max-Age"] = "600"
+        return resp
+
+    # ---- tasks
+
+    @app.post("/api/tasks")
+    async def submit_task() -> tuple[dict[str, Any], int]:
+        body = await json_body()
+        client_id = body.get("clientId")
+        who = principal(client_id if isinstance(client_id, str) else None)
+        if client_id is None:
+            client_id = who.client_id or "http"
+        if not valid_id(client_id):
+            raise ApiError(400, "bad_request", "clientId must be a non-empty string without ':'")
+        if who.client_id is not None and client_id != who.client_id:
+            raise ApiError(403, "forbidden", "clientId does not match the token")
+        result = await submit(handles, cfg, who.user_id, client_id, body)
+        if isinstance(result, registry.Refused):
+            raise ApiError(result.status, result.error, result.detail)
+        return {"taskId": result.task_id, "state": "queued", "position": result.position, "cost": result.cost}, 202
+
+    @app.get("/api/tasks/<task_id>")
+    async def get_task(task_id: str) -> dict[str, Any]:
+        who = principal()
+        view = await call(lambda r: registry.GetTask(who.user_id, task_id, r), "registry")
+        if view is None:
+            raise ApiError(404, "not_found", f"no task {task_id}")
+        return view
+
+    @app.delete("/api/tasks/<task_id>")
+    async def cancel_task(task_id: str) -> tuple[dict[str, Any], int]:
+        who = principal()
+        outcome = await call(lambda r: registry.Cancel(who.user_id, task_id, r), "registry")
+        if outcome == "not_found":
+            raise ApiError(404, "not_found", f"no task {task_id}")
+        if outcome == "finished":
+            raise ApiError(409, "finished", f"task {task_id} has already finished")
+        return {"taskId": task_id, "state": outcome}, 200 if outcome == "cancelled" else 202
+
+    @app.get("/api/results")
+    async def results() -> dict[str, Any]:
+        who = principal()
+        try:
+            limit = min(max(int(request.args.get("limit", 20)), 1), 100)
+            before = int(request.args["before"]) if "before" in request.args else None
+        except ValueError:
+            raise ApiError(400, "bad_request", "limit and before must be integers") from None
+        items, nxt = await call(lambda r: registry.ListResults(who.user_id, limit, before, r), "registry")
+        out: dict[str, Any] = {"results": items}
+        if nxt is not None:
+            out["next"] = nxt
+        return out
+
+    @app.get("/api/images/<task_id>/<int:n>")
+    async def image(task_id: str, n: int) -> Response:
+        who = principal()
+        where = await call(lambda r: registry.ImageLocation(who.user_id, task_id, n, r), "registry")
+        if where is None:
+            raise ApiError(404, "not_found", f"no image {n} for task {task_id}")
+        base, ref = where
+        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+        try:  # no browser header (Origin, cookies, auth) is forwarded to ComfyUI
+            upstream = await handles.http.get(f"{base}/view", params=params)
+        except Exception as exc:  # httpx transport errors
+            log.warning("image %s/%d: ComfyUI unreachable: %r", task_id, n, exc)
+            raise ApiError(502, "backend_unavailable", "the ComfyUI backend holding this image is unreachable") from None
+        if upstream.status_code != 200:
+            raise ApiError(404 if upstream.status_code == 404 else 502, "not_found" if upstream.status_code == 404
+                           else "backend_error", f"ComfyUI answered {upstream.status_code} for this image")
+        if len(upstream.content) > MAX_IMAGE_BYTES:
+            raise ApiError(502, "too_large", "image too large")
+        resp = Response(upstream.content, content_type=upstream.headers.get("content-type", "application/octet-stream"))
+        resp.headers["Cache-Control"] = "private, max-age=3600"
+        return resp
+
+    # ---- accounts
+
+    @app.get("/api/balance")
+    async def balance() -> dict[str, Any]:
+        who = principal()
+        try:
+            with trio.fail_after(ASK_TIMEOUT):
+                acc = await ledger.get_account(handles.ledger, who.user_id)
+        except (trio.TooSlowError, ActorGone):
+            raise ApiError(503, "unavailable", "the ledger did not answer") from None
+        return acc.as_json()
+
+    @app.post("/api/admin/credits")
+    async def admin_credits() -> dict[str, Any]:
+        who = principal()
+        if not who.admin:
+            raise ApiError(403, "forbidden", "an admin token is required")
+        body = await json_body()
+        user_id, amount = body.get("userId"), body.get("amount")
+        if not valid_id(user_id) or not isinstance(amount, int) or isinstance(amount, bool):
+            raise ApiError(400, "bad_request", "body must be {\"userId\": str, \"amount\": int}")
+        with trio.fail_after(ASK_TIMEOUT):
+            acc = await ledger.grant(handles.ledger, user_id, amount, f"admin {who.user_id}")
+        return acc.as_json()
+
+    @app.get("/api/demo-token")
+    async def demo_token() -> dict[str, Any]:
+        if not cfg.simulate:
+            raise ApiError(404, "not_found", "demo tokens exist only in --simulate mode")
+        user = "demo"
+        client = request.args.get("clientId") or "demo-page"
+        if not valid_id(client):
+            raise ApiError(400, "bad_request", "bad clientId")
+        return {"token": auth.issue(user, ttl=24 * 3600), "userId": user, "clientId": client}
+
+    # ---- health, metrics, page
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> tuple[dict[str, Any], int]:
+        parts: dict[str, Any] = {}
+        try:
+            with trio.fail_after(2):
+                parts["store"] = "up" if await handles.store.ping() else "down"
+        except Exception as exc:  # sqlite errors, timeouts: report, don't crash the probe
+            parts["store"] = f"down: {exc!r}"
+        try:
+            stats = await call(lambda r: scheduler.GetStats(r), "scheduler", handles.scheduler)
+            parts["backends"] = {"up": len(stats.backends_up), "total": stats.backends_total}
+        except ApiError as exc:
+            parts["backends"] = {"up": 0, "total": len(handles.backend_urls), "error": exc.detail}
+        if auth.open:
+            parts["warning"] = "auth mode 'open': anyone can act as any user"
+        ready = parts["store"] == "up" and parts["backends"]["up"] > 0
+        return {"status": "ready" if ready else "not ready", **parts}, 200 if ready else 503
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        body, ctype = await metrics.render()
+        return Response(body, content_type=ctype)
+
+    @app.get("/")
+    async def index() -> Response:
+        return Response((STATIC / "index.html").read_bytes(), content_type="text/html; charset=utf-8")
+
+    @app.websocket("/ws")
+    async def ws() -> Any:
+        return await endpoint.serve(websocket)
+
+    return app
+
+
+async def submit(handles: Handles, cfg: WebConfig, user_id: str, client_id: str, body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:
+    """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry."""
+    workflow = body.get("workflow")
+    reason = registry.validate_workflow(workflow)
+    if reason is not None:
+        return registry.Refused(400, "bad_workflow", reason)
+    size = body.get("size", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= cfg.max_task_size:
+        return registry.Refused(400, "bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")
+    try:
+        with trio.fail_after(ASK_TIMEOUT):
+            return await ask(handles.registry, lambda r: registry.Submit(user_id, client_id, workflow, size, r),
+                             name="registry")
+    except (trio.TooSlowError, ActorGone):
+        return registry.Refused(503, "unavailable", "the gateway is busy; try again")
+
+
+__all__ = ["create_app", "submit", "sessions"]

@@ -1,0 +1,30 @@
+"""The web layer's settings (the actors' live in ``actors.gateway.GatewayConfig``). Every limit has a default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_BIND = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    bind: str = DEFAULT_BIND
+    auth: str = "token"  # "token" | "open"
+    allowed_origins: tuple[str, ...] = ("*",)
+    simulate: bool = False  # serve /api/demo-token for the demo page
+    max_frame_size: int = 64 * 1024  # bytes of one inbound STOMP frame
+    max_body_size: int = 1 << 20  # bytes of one HTTP request body
+    max_connections_per_user: int = 16
+    max_subscriptions: int = 8  # per connection
+    heartbeat_ms: tuple[int, int] = (10_000, 10_000)  # (server sends every, server wants every)
+    outbox_bytes: int = 1 << 20  # per-connection outbound budget
+    outbox_delay: float = 10.0  # seconds a queued frame may wait before the client is "slow"
+    max_task_size: int = 64  # largest "size" of one task
+    permessage_deflate: bool = False
+    shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        if origin is None or "*" in self.allowed_origins:
+            return True
+        return origin.rstrip("/") in self.allowed_origins

@@ -1,0 +1,106 @@
+"""``serve_gateway``: the actors plus the Quart-Trio app on programmatic Hypercorn, in one nursery.
+
+The listening socket is bound before anything starts, so the real port (``--bind 127.0.0.1:0`` in tests)
+is known to the actors (image URLs) and reported through ``task_status``. Setting ``shutdown`` stops it
+gracefully: every STOMP connection gets an ERROR "server shutting down" and close code 1001 (before
+Hypercorn's grace period ends), Hypercorn stops, then the actors are cancelled; in-flight tasks stay in
+the store and are reconciled on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, replace
+
+import hypercorn.protocol.ws_stream as _ws_stream
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from actors.gateway import GatewayConfig, run_gateway
+
+from .app import create_app
+from .auth import Authenticator
+from .config import WebConfig
+
+log = logging.getLogger(__name__)
+
+_DeflateOn = _ws_stream.PerMessageDeflate
+
+
+class _NoDeflate(_ws_stream.PerMessageDeflate):  # type: ignore[misc]
+    """Decline permessage-deflate (STACK-NOTES §2.8: ~100 KB per connection and 2x latency). Hypercorn
+    hard-codes the extension, so this patches a private detail: pyproject pins hypercorn to 0.18.x."""
+
+    def accept(self, offer: object) -> None:
+        return None
+
+
+def set_permessage_deflate(enabled: bool) -> None:
+    _ws_stream.PerMessageDeflate = _DeflateOn if enabled else _NoDeflate
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    url: str  # e.g. "http://127.0.0.1:8080"
+    port: int
+    auth: Authenticator
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--bind must be HOST:PORT, not {bind!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def serve_gateway(
+    gw: GatewayConfig,
+    web: WebConfig,
+    *,
+    secret: bytes,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    host, port = parse_bind(web.bind)
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    if not gw.public_url:
+        gw = replace(gw, public_url=url)
+    auth = Authenticator(secret, mode=web.auth)
+    if auth.open:
+        log.warning("AUTH MODE 'open': clients are trusted to name themselves (clientId = user). Development only!")
+    set_permessage_deflate(web.permessage_deflate)
+    hc = HypercornConfig()
+    hc.bind = [f"fd://{sock.detach()}"]
+    hc.accesslog = None
+    hc.graceful_timeout = web.shutdown_grace
+    hc.websocket_max_message_size = max(web.max_frame_size * 4, 1 << 20)
+    serve_done = trio.Event()
+
+    async def _serve(app: object, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await serve(app, hc, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]
+        finally:
+            serve_done.set()
+
+    async with trio.open_nursery() as nursery:
+        handles = await nursery.start(run_gateway, gw)
+        app = create_app(handles, web, auth, shutdown)
+        await nursery.start(_serve, app)
+        task_status.started(Running(url, port, auth))
+        await shutdown.wait()
+        # every connection's watcher sends ERROR + 1001 at once; Hypercorn returns when they are gone
+        with trio.move_on_after(web.shutdown_grace + 1):
+            await serve_done.wait()
+        nursery.cancel_scope.cancel()
