@@ -3,9 +3,8 @@
 A session numbers every message it emits (``seq``, from 1), keeps the last ``replay_max`` of them (or
 ``replay_age`` seconds) for replay after a reconnect, and fans each one out to every live connection of that
 session. A connection is represented here by its ``Outbox``: a bounded, coalescing queue that the session
-fills without ever blocking and the connection's writer drains. Progress and previews are coalesced (the
-latest per task wins) and, when the outbox is over budget, dropped and counted; every other message type is
-never dropped: a connection that cannot take one is marked "slow consumer" and closed by its writer, and the
+fills without ever blocking and the connection's writer drains. When the outbox is over budget, progress and previews
+are coalesced (the latest per task wins) or dropped and counted; every other message type is never dropped: a connection that cannot take one is marked "slow consumer" and closed by its writer, and the
 client resumes from its last seq.
 
 The hub never waits on a session for long (a session only ever does non-blocking puts), and sessions never
@@ -73,8 +72,8 @@ class Outbox:
             raise ValueError(f"max_bytes must be > 0, not {max_bytes!r}")
         self.max_bytes = max_bytes
         self.max_delay = max_delay
-        self._items: deque[list[Outgoing]] = deque()  # one-element lists, so coalescing can replace in place
-        self._by_key: dict[tuple[str, str], list[Outgoing]] = {}
+        self._items: deque[list[Outgoing | None]] = deque()  # one-element lists; None = coalesced away
+        self._by_key: dict[tuple[str, str], list[Outgoing | None]] = {}
         self._bytes = 0
         self._since: float | None = None  # when the oldest waiting item was queued
         self._wake = trio.Event()
@@ -94,30 +93,44 @@ class Outbox:
         return self._bytes
 
     def put_nowait(self, out: Outgoing) -> None:
+        """Queue ``out``. Only when the outbox is over budget are droppable messages coalesced (the older one of
+        the same task and type leaves the queue, this one goes last, so seqs stay in order) or dropped."""
         if self.failed is not None:
             return
-        key = out.coalesce_key
-        if key is not None:
-            slot = self._by_key.get(key)
-            if slot is not None:  # latest wins, keeping the older one's place in the queue
-                self._bytes += len(out.body) - len(slot[0].body)
-                slot[0] = out
+        size = len(out.body)
+        if self._bytes + size > self.max_bytes:
+            if out.type not in DROPPABLE_TYPES:
+                self._evict_droppable(size)
+                if self._bytes + size > self.max_bytes:
+                    self.fail(f"slow consumer: more than {self.max_bytes} bytes waiting")
+                    return
+            slot = self._by_key.get(out.coalesce_key) if out.coalesce_key is not None else None
+            if slot is not None and slot[0] is not None:
+                self._bytes -= len(slot[0].body)
+                slot[0] = None  # latest wins: the older one is skipped by get_batch
                 self.coalesced += 1
-                return
-        if self._bytes + len(out.body) > self.max_bytes:
-            if out.type in DROPPABLE_TYPES:
+            if self._bytes + size > self.max_bytes:
                 self.dropped += 1
                 return
-            self.fail(f"slow consumer: more than {self.max_bytes} bytes waiting")
-            return
         slot = [out]
         self._items.append(slot)
-        if key is not None:
-            self._by_key[key] = slot
-        self._bytes += len(out.body)
+        if out.coalesce_key is not None:
+            self._by_key[out.coalesce_key] = slot
+        self._bytes += size
         if self._since is None:
             self._since = trio.current_time()
         self._wake.set()
+
+    def _evict_droppable(self, size: int) -> None:
+        """Make room for an undroppable message by dropping waiting progress/previews, oldest first."""
+        for slot in self._items:
+            if self._bytes + size <= self.max_bytes:
+                return
+            item = slot[0]
+            if item is not None and item.type in DROPPABLE_TYPES:
+                self._bytes -= len(item.body)
+                slot[0] = None
+                self.dropped += 1
 
     def fail(self, reason: str) -> None:
         """Give up on this connection (the writer raises SlowConsumer with ``reason``)."""
@@ -139,7 +152,7 @@ class Outbox:
             self._wake = trio.Event()
         if self.failed is not None:
             raise SlowConsumer(self.failed)
-        batch = [slot[0] for slot in self._items]
+        batch = [slot[0] for slot in self._items if slot[0] is not None]
         self._items.clear()
         self._by_key.clear()
         self._bytes = 0

@@ -19,6 +19,12 @@ async def start_hub(nursery: trio.Nursery, **kw: object) -> trio.MemorySendChann
     return tx
 
 
+def out(kind: str, task: str, seq: int, pad: int = 0) -> s.Outgoing:
+    body = {"type": kind, "taskId": task, "value": seq, "pad": "x" * pad}
+    key = (kind, task) if kind in s.DROPPABLE_TYPES else None
+    return s.Outgoing("/user/topic/messages", seq, json.dumps(body).encode(), kind, key, trio.current_time())
+
+
 def bodies(batch: list[s.Outgoing]) -> list[tuple[int, dict]]:
     return [(o.seq, json.loads(o.body)) for o in batch]
 
@@ -54,22 +60,30 @@ async def test_replay_after_reconnect_and_resync(nursery: trio.Nursery) -> None:
     assert bodies(await ahead.get_batch())[0][1] == {"type": "resync"}
 
 
-async def test_outbox_coalesces_progress_and_never_drops_results(autojump_clock: trio.testing.MockClock) -> None:
+async def test_outbox_keeps_everything_in_order_while_under_budget(autojump_clock: trio.testing.MockClock) -> None:
+    ob = s.Outbox(max_bytes=1 << 20)
+    for i in range(1, 50):
+        ob.put_nowait(out("progress", "t1", i))
+    ob.put_nowait(out("imageResult", "t1", 50))
+    assert [o.seq for o in await ob.get_batch()] == list(range(1, 51))  # no gap: nothing coalesced
+    assert ob.dropped == ob.coalesced == 0
+
+
+async def test_outbox_over_budget_coalesces_progress_and_never_drops_results(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     ob = s.Outbox(max_bytes=400, max_delay=10)
-
-    def out(kind: str, task: str, seq: int, pad: int = 0) -> s.Outgoing:
-        body = {"type": kind, "taskId": task, "value": seq, "pad": "x" * pad}
-        key = (kind, task) if kind in s.DROPPABLE_TYPES else None
-        return s.Outgoing("/user/topic/messages", seq, json.dumps(body).encode(), kind, key, trio.current_time())
-
     for i in range(1, 50):
         ob.put_nowait(out("progress", "t1", i))
     ob.put_nowait(out("imageResult", "t1", 50))
     batch = await ob.get_batch()
-    assert [(o.type, o.seq) for o in batch] == [("progress", 49), ("imageResult", 50)]  # latest progress wins
+    seqs = [o.seq for o in batch]
+    assert seqs == sorted(seqs) and seqs[-2:] == [49, 50]  # the latest progress survives, order is kept
+    assert batch[-1].type == "imageResult" and ob.coalesced > 0
+    dropped = ob.dropped
     ob.put_nowait(out("completed", "t1", 51, pad=300))
-    ob.put_nowait(out("progress", "t2", 52, pad=200))  # over budget: a droppable message is dropped
-    assert ob.dropped == 1 and ob.failed is None
+    ob.put_nowait(out("progress", "t2", 52, pad=200))  # over budget, nothing to coalesce with: dropped
+    assert ob.dropped == dropped + 1 and ob.failed is None
     ob.put_nowait(out("completed", "t2", 53, pad=300))  # an undroppable one that does not fit: slow consumer
     assert ob.failed is not None
     with pytest.raises(s.SlowConsumer):
