@@ -86,6 +86,7 @@ async def run(
     initial_credits: int,
     hold_ttl: float,
     wall_clock: Callable[[], float] = time.time,
+    expiry_interval: float = EXPIRY_CHECK_INTERVAL,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ledger requests until the inbox closes. ``hold_ttl`` is in seconds of wall-clock time."""
@@ -110,7 +111,7 @@ async def run(
         while True:
             if trio.current_time() >= next_expiry:
                 await expire()
-                next_expiry = trio.current_time() + EXPIRY_CHECK_INTERVAL
+                next_expiry = trio.current_time() + expiry_interval
             msg = None
             with trio.move_on_at(next_expiry):
                 try:

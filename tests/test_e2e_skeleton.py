@@ -73,7 +73,10 @@ async def test_task_travels_end_to_end(sim: FakeComfyUI, start_gateway: Any) -> 
         assert h["destination"] == "/user/topic/messages" and h["subscription"] == "sub-0"
         assert h["content-type"] == "application/json" and h["message-id"]
     mine = task_messages(msgs, task["taskId"])
-    assert collapse([m["type"] for m in mine]) == ["queued", "started", "progress", "imageResult", "completed"]
+    previews = [m for m in mine if m["type"] == "preview"]
+    assert previews and all(m["mime"] in ("image/png", "image/jpeg") and m["data"] for m in previews)
+    kinds = [m["type"] for m in mine if m["type"] != "preview"]
+    assert collapse(kinds) == ["queued", "started", "progress", "imageResult", "completed"]
     progress = [(m["value"], m["max"]) for m in mine if m["type"] == "progress"]
     assert progress == [(i, 20) for i in range(1, 21)]  # the KSampler's 20 steps, in order
     completed = mine[-1]
@@ -178,10 +181,14 @@ async def test_a_user_never_receives_another_users_messages(sim: FakeComfyUI, st
         await alice.collect_until(lambda m: m.get("type") == "completed")
         b = await g.submit("bob", workflow("txt2img"), "c1")
         bob_msgs = await bob.collect_until(lambda m: m.get("type") == "completed")
-        alice_msgs = await alice.collect_until(lambda m: m.get("type") == "balance" and m["frozen"] == 0)
+        # flush alice's stream: anything for her session published before this would arrive first
+        await alice.send_frame("SEND", {"destination": "/app/cancel"}, '{"taskId": "no-such-task"}')
+        alice_msgs = await alice.collect_until(lambda m: m.get("type") == "rejected")
     assert {m["taskId"] for _, m in bob_msgs if "taskId" in m} == {b["taskId"]}
     assert all(m.get("taskId") != b["taskId"] for _, m in alice_msgs)
-    assert all(m.get("balance", 0) == g.initial_credits - g.price or m.get("type") != "balance" for _, m in bob_msgs)
+    # bob's own freeze and settle, and not alice's two (the numbers would be the same, the count would not)
+    assert [(m["balance"], m["frozen"]) for _, m in bob_msgs if m.get("type") == "balance"] == [
+        (g.initial_credits, g.price), (g.initial_credits - g.price, 0)]
     assert a["taskId"] != b["taskId"]
 
 
@@ -199,7 +206,7 @@ async def test_http_errors_are_json(sim: FakeComfyUI, start_gateway: Any) -> Non
     assert r.status_code == 400 and "class_type" in r.json()["detail"]
     r = await g.http.post(f"{g.url}/api/tasks", content=b"x" * (2 << 20), headers=g.auth("alice"))
     assert r.status_code == 413 and r.json()["error"] == "too_large"
-    assert (await g.balance("alice"))["frozen"] == 0
+    assert await g.balance("alice") == {"userId": "alice", "balance": 2, "frozen": 0, "available": 2}
 
 
 async def _read_line_with(stream: Any, needle: bytes, buf: bytearray) -> bytes:
@@ -249,4 +256,3 @@ async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        await proc.aclose()

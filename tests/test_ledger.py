@@ -79,28 +79,30 @@ async def test_concurrent_freezes_never_overdraw(store: SqliteStore) -> None:
     assert await store.audit() == []
 
 
-async def test_expired_hold_is_released_once_and_pushed(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    async with open_store(str(tmp_path / "g.db"), wall_clock=trio.current_time) as store:
+async def test_expired_hold_is_released_once_and_pushed(tmp_path: Path) -> None:
+    wall = [1000.0]  # an injected wall clock the test moves by hand
+    async with open_store(str(tmp_path / "g.db"), wall_clock=lambda: wall[0]) as store:
         hub_tx, hub_rx = trio.open_memory_channel[Publish](100)
         tx, rx = trio.open_memory_channel[ledger.LedgerMsg](8)
         async with trio.open_nursery() as n:
             await n.start(lambda task_status: ledger.run(rx, store=store, sessions=hub_tx, initial_credits=10,
-                                                         hold_ttl=100, wall_clock=trio.current_time,
-                                                         task_status=task_status))
+                                                         hold_ttl=100, wall_clock=lambda: wall[0],
+                                                         expiry_interval=0.01, task_status=task_status))
             await ledger.freeze(tx, "u", "t", 4)
-            await trio.sleep(ledger.EXPIRY_CHECK_INTERVAL * 3)  # virtual time: past the 100 s deadline
-            acc = await ledger.get_account(tx, "u")
+            assert (await hub_rx.receive()).body["frozen"] == 4
+            wall[0] += 99
+            assert (await ledger.get_account(tx, "u")).frozen == 4  # not yet
+            wall[0] += 2
+            with trio.fail_after(5):
+                released = await hub_rx.receive()  # pushed by the ledger's own expiry scan
+            assert (released.body["balance"], released.body["frozen"]) == (10, 0)
             with pytest.raises(HoldConflict):
                 await ledger.settle(tx, "t", 4)  # too late: it was released
+            acc = await ledger.get_account(tx, "u")
             n.cancel_scope.cancel()
-        pushed = []
-        while True:
-            try:
-                pushed.append(hub_rx.receive_nowait().body)
-            except trio.WouldBlock:
-                break
         assert (acc.balance, acc.frozen) == (10, 0)
-        assert [(p["balance"], p["frozen"]) for p in pushed] == [(10, 4), (10, 0)]  # freeze, then one release
+        with pytest.raises(trio.WouldBlock):
+            hub_rx.receive_nowait()  # released exactly once: no second balance change
         assert await store.audit() == []
 
 

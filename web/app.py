@@ -86,7 +86,10 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     async def _http_error(exc: HTTPException) -> Response:
         code = {413: "too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code or 500, "http_error")
         detail = f"the body is larger than {cfg.max_body_size} bytes" if exc.code == 413 else exc.description or ""
-        return error(exc.code or 500, code, detail)
+        resp = error(exc.code or 500, code, detail)
+        if exc.code == 413:  # the rest of the body was not read: this connection cannot carry another request
+            resp.headers["Connection"] = "close"
+        return resp
 
     @app.after_request
     async def _cors(resp: Response) -> Response:

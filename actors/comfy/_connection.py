@@ -1,0 +1,287 @@
+"""The WebSocket half of a comfy actor: one socket at a time, under a supervisor, reporting events and state.
+
+ComfyUI keeps one socket per clientId and a second socket *replaces* the first; when the older one then closes,
+the server forgets the newer one too (shared/comfyui-protocol.md section 2.2). So a new dial starts only after the
+previous socket is fully closed (close handshake done or timed out, TCP stream closed). Crashes (refused dial,
+handshake rejected, server close, no first ``status``, silent socket) are restarted by ``supervise`` with backoff,
+each redial after a crash preceded by an HTTP liveness check (GET /system_stats). When the supervisor gives up,
+the backend is reported down and retried every ``slow_retry`` seconds, forever.
+
+Reports describe state *changes*: ``BackendUp`` after every (re)connect, ``BackendLost`` when a connected (or never
+yet connected) backend is lost, ``BackendLost(down=True)`` once the supervisor gives up. Further failed attempts
+while already lost or down are only logged, so a dead backend does not flood the registry.
+
+Memory budget: trio-websocket's queue of 1 message plus the one being parsed, each at most ``MAX_FRAME_SIZE``
+(full-size ``SaveImageWebsocket`` PNGs reach several MB), so about 64 MiB per backend in the worst case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Final
+
+import httpx
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
+
+from ._commands import HTTPFailed, request
+from ._config import ComfyCounters, ComfyTimeouts
+from ._events import ComfyEvent, FeatureFlags, PreviewImage, Progress, Status, UnknownComfyEvent
+from ._messages import BackendEvent, BackendLost, BackendUp, ComfyReport
+from ._protocol import ComfyProtocolError, parse_comfy_message
+from ._supervisor import RestartPolicy, SupervisorGaveUp, supervise
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_SIZE: Final = 32 * 2**20  # 32 MiB: one WebSocket message (full-size PNG previews are big)
+CLOSE_TIMEOUT: Final = 5.0  # seconds for our close handshake; a zombie never answers, its TCP is then just closed
+FEATURE_FLAGS_MESSAGE: Final = json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+
+
+class ComfyDisconnected(Exception):
+    """One connection attempt ended: dial failed, liveness check failed, socket closed or went silent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dial:
+    """Where the WebSocket goes: ws://host:port/<prefix>/ws?clientId=... (wss for an https backend)."""
+
+    host: str
+    port: int
+    ssl: bool
+    host_header: str
+    resource: str
+
+    @classmethod
+    def from_url(cls, base: str, client_id: str) -> Dial:
+        parts = urllib.parse.urlsplit(base)
+        tls = parts.scheme == "https"
+        if parts.hostname is None:
+            raise ValueError(f"no host in {base!r}")
+        resource = parts.path.rstrip("/") + "/ws?" + urllib.parse.urlencode({"clientId": client_id})
+        netloc = parts.netloc.rpartition("@")[2]  # never send credentials in the Host header
+        return cls(parts.hostname, parts.port or (443 if tls else 80), tls, netloc, resource)
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.ssl else 'ws'}://{self.host_header}{self.resource}"
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a lost connection, for BackendLost and the logs."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, ConnectionClosed):
+        reason = exc.reason
+        if reason is None:
+            return "connection closed"
+        return f"connection closed: {reason.code} {reason.name}" + (f" {reason.reason}" if reason.reason else "")
+    if isinstance(exc, ConnectionRejected):
+        return f"handshake rejected: HTTP {exc.status_code}"
+    if isinstance(exc, HandshakeError):
+        cause = exc.__cause__
+        return f"{type(exc).__name__}: {cause}" if cause is not None else type(exc).__name__
+    if isinstance(exc, ComfyDisconnected):
+        return str(exc)
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Link:
+    """Per-socket state, fresh for every connection attempt."""
+
+    __slots__ = ("last_progress", "lost", "reporting", "stalls")
+
+    def __init__(self) -> None:
+        self.last_progress: Progress | None = None  # attributes type-1 previews, which carry no ids
+        self.lost: str | None = None  # why we dropped the socket, when the close itself may fail too
+        self.reporting = False  # the reader is blocked on the report channel right now
+        self.stalls = 0  # how often the reader was blocked on the report channel
+
+
+class Connection:
+    def __init__(
+        self,
+        name: str,
+        base: str,
+        dial: Dial,
+        reports: trio.MemorySendChannel[ComfyReport],
+        http: httpx.AsyncClient,
+        timeouts: ComfyTimeouts,
+        counters: ComfyCounters,
+    ) -> None:
+        self.name = name
+        self.base = base
+        self.dial = dial
+        self.reports = reports
+        self.http = http
+        self.timeouts = timeouts
+        self.counters = counters
+        self.lost_reported = False  # BackendLost sent since the last BackendUp (or since start)
+        self.after_failure = False  # the next dial follows a failure: check liveness first
+
+    async def keep_connected(self, policy: RestartPolicy, jitter: Callable[[float], float]) -> None:
+        """Forever: supervise connection attempts; when the supervisor gives up, report down and retry slowly."""
+        while True:
+            try:
+                await supervise(f"comfy {self.name}", self._attempt, policy, jitter=jitter)
+            except SupervisorGaveUp as exc:
+                reason = describe(exc.__cause__) if exc.__cause__ is not None else str(exc)
+                if not self.counters.down:
+                    self.counters.down = True
+                    await self.reports.send(BackendLost(self.name, reason, down=True))
+                log.warning("%s: backend down (%s); retrying in %.1fs", self.name, exc, self.timeouts.slow_retry)
+                await trio.sleep(self.timeouts.slow_retry)
+
+    async def _attempt(self) -> None:
+        """One connection: liveness check if needed, dial, read until lost. Always ends with ComfyDisconnected."""
+        try:
+            if self.after_failure:
+                await self._check_alive()
+            self.counters.attempts += 1
+            await self._connect()
+            raise ComfyDisconnected("session ended")  # pragma: no cover - _connect only ever raises
+        except Exception as exc:  # any crash is a lost connection for the registry; the supervisor restarts
+            self.after_failure = True
+            self.counters.connected = False
+            reason = describe(exc)
+            if not self.lost_reported and not self.counters.down:
+                self.lost_reported = True
+                await self.reports.send(BackendLost(self.name, reason))
+            if isinstance(exc, ComfyDisconnected):
+                raise
+            raise ComfyDisconnected(reason) from exc
+
+    async def _check_alive(self) -> None:
+        try:
+            response = await request(self.http, self.base, "GET", "/system_stats", timeout=self.timeouts.http)
+        except HTTPFailed as exc:
+            raise ComfyDisconnected(f"liveness check failed: {exc}") from exc
+        if response.status_code != 200:
+            raise ComfyDisconnected(f"liveness check failed: GET /system_stats -> HTTP {response.status_code}")
+
+    async def _connect(self) -> None:
+        """Dial, run the session, close. The TCP stream is ours, so it is closed however the socket ends.
+
+        (trio-websocket 0.12.2's ``open_websocket_url`` leaves it open after a server-initiated close or a rejected
+        handshake: STACK-NOTES 2.9.) Returns only after the socket is fully closed: the one-socket-per-clientId rule.
+        """
+        link = _Link()
+        try:
+            with trio.fail_after(self.timeouts.http):
+                stream = await self._open_stream()
+        except OSError as exc:
+            raise ComfyDisconnected(f"dial failed: {exc}") from exc
+        except trio.TooSlowError:
+            raise ComfyDisconnected(f"dial failed: no connection within {self.timeouts.http}s") from None
+        async with stream:
+            try:
+                async with trio.open_nursery() as nursery:  # trio-websocket's reader task lives here
+                    with trio.fail_after(self.timeouts.http):
+                        ws = await wrap_client_stream(
+                            nursery, stream, self.dial.host_header, self.dial.resource, max_message_size=MAX_FRAME_SIZE
+                        )
+                    try:
+                        await self._session(ws, link)
+                    finally:
+                        # Not shielded: when we are cancelled the reader task is too, so no close handshake could
+                        # complete; the TCP stream is then just closed (async with stream), which ComfyUI handles.
+                        with trio.move_on_after(CLOSE_TIMEOUT):  # a zombie never answers our close
+                            await ws.aclose()
+                        nursery.cancel_scope.cancel()
+            except Exception as exc:
+                raise ComfyDisconnected(link.lost or describe(exc)) from exc
+
+    async def _open_stream(self) -> trio.abc.Stream:
+        if self.dial.ssl:
+            return await trio.open_ssl_over_tcp_stream(
+                self.dial.host, self.dial.port, ssl_context=ssl.create_default_context(), https_compatible=True
+            )
+        return await trio.open_tcp_stream(self.dial.host, self.dial.port)
+
+    async def _session(self, ws: WebSocketConnection, link: _Link) -> None:
+        await ws.send_message(FEATURE_FLAGS_MESSAGE)
+        status: Status | None = None
+        with trio.move_on_after(self.timeouts.first_status):
+            status = await self._first_status(ws, link)
+        if status is None:
+            raise ComfyDisconnected(f"no status within {self.timeouts.first_status}s of connecting")
+        self.counters.connected = True
+        self.counters.down = False
+        self.lost_reported = False
+        log.info("%s: connected to %s (queue_remaining=%d)", self.name, self.dial.url, status.queue_remaining)
+        await self.reports.send(BackendUp(self.name, status.queue_remaining))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watchdog, ws, link)
+            while True:
+                await self._report(BackendEvent(self.name, await self._next_event(ws, link)), link)
+
+    async def _first_status(self, ws: WebSocketConnection, link: _Link) -> Status:
+        """ComfyUI's on-connect status (it is reported as BackendUp, not as an event)."""
+        while not isinstance(event := await self._next_event(ws, link), Status):
+            await self._report(BackendEvent(self.name, event), link)  # ComfyUI sends status first; just in case
+        return event
+
+    async def _next_event(self, ws: WebSocketConnection, link: _Link) -> ComfyEvent:
+        """The next event worth reporting; skips malformed frames, feature flags and unknown types."""
+        while True:
+            message = await ws.get_message()
+            self.counters.frames += 1
+            try:
+                event = parse_comfy_message(message)
+            except ComfyProtocolError as exc:
+                self.counters.malformed += 1
+                log.warning("%s: skipped a malformed frame: %s", self.name, exc)
+                continue
+            if isinstance(event, FeatureFlags):
+                log.debug("%s: server features %s", self.name, event.flags)
+            elif isinstance(event, UnknownComfyEvent):
+                self.counters.unknown += 1
+                log.debug("%s: ignored event of unknown type %r", self.name, event.type)
+            elif isinstance(event, Progress):
+                link.last_progress = event
+                return event
+            elif isinstance(event, PreviewImage) and event.prompt_id is None and link.last_progress is not None:
+                # Type-1 previews carry no ids: ComfyUI sends them right after the progress they belong to.
+                return replace(event, prompt_id=link.last_progress.prompt_id, node_id=link.last_progress.node)
+            else:
+                return event
+
+    async def _report(self, report: ComfyReport, link: _Link) -> None:
+        try:
+            self.reports.send_nowait(report)
+        except trio.WouldBlock:
+            link.stalls += 1
+            link.reporting = True
+            try:
+                await self.reports.send(report)
+            finally:
+                link.reporting = False
+
+    async def _watchdog(self, ws: WebSocketConnection, link: _Link) -> None:
+        """Ping every ping_interval; no pong within ping_timeout means a zombie socket: force a reconnect.
+
+        While our reader is blocked on a full report channel, trio-websocket stops reading the socket (its message
+        queue is full), so a pong cannot arrive: such a window is not held against the server.
+        """
+        while True:
+            await trio.sleep(self.timeouts.ping_interval)
+            stalls = link.stalls
+            try:
+                with trio.move_on_after(self.timeouts.ping_timeout) as waiting:
+                    await ws.ping()
+            except ConnectionClosed:
+                return  # the reader still drains what arrived before the close, then reports it
+            if not waiting.cancelled_caught:
+                continue
+            if link.reporting or link.stalls != stalls:
+                log.debug("%s: no pong while the registry was slow; not counted", self.name)
+                continue
+            link.lost = f"silent socket: no pong within {self.timeouts.ping_timeout}s"
+            raise ComfyDisconnected(link.lost)

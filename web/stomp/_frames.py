@@ -1,0 +1,282 @@
+"""STOMP frames: the ``Frame`` event, the ``HEARTBEAT``/``NEED_DATA`` sentinels and the encoder.
+
+Wire format (STOMP 1.2)::
+
+    COMMAND EOL  *(name ":" value EOL)  EOL  body NUL        EOL = [CR] LF
+
+Header escaping (``\\r \\n \\c \\\\``) exists since 1.1 (1.1 lacks ``\\r``); 1.0 has none, and CONNECT,
+STOMP and CONNECTED are never escaped. ``encode_frame`` is the writer's fast path: it knows nothing about
+connection state, it only refuses what cannot be put on the wire unambiguously.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ._errors import LocalProtocolError
+
+__all__ = [
+    "CLIENT_COMMANDS",
+    "HEARTBEAT",
+    "NEED_DATA",
+    "SERVER_COMMANDS",
+    "Frame",
+    "encode_frame",
+    "make_error_frame",
+]
+
+CLIENT_COMMANDS: Final = frozenset(
+    {"CONNECT", "STOMP", "SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "NACK", "BEGIN", "COMMIT", "ABORT", "DISCONNECT"}
+)
+SERVER_COMMANDS: Final = frozenset({"CONNECTED", "MESSAGE", "RECEIPT", "ERROR"})
+ALL_COMMANDS: Final = CLIENT_COMMANDS | SERVER_COMMANDS
+# Frames whose headers are never escaped, in any version (spec 1.2, "Value Encoding").
+UNESCAPED_COMMANDS: Final = frozenset({"CONNECT", "STOMP", "CONNECTED"})
+
+
+class _Sentinel(type):
+    """A class that is its own type (h11/_util.py ``Sentinel``).
+
+    ``NEED_DATA`` and ``HEARTBEAT`` can then be compared with ``is`` *and* used as keys of a dispatch
+    dict keyed by ``type(event)``: ``type(HEARTBEAT) is HEARTBEAT``.
+    """
+
+    def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> _Sentinel:
+        assert bases == (_Sentinel,)
+        cls = super().__new__(mcs, name, bases, namespace)
+        cls.__class__ = cls  # type: ignore[assignment]
+        return cls
+
+    def __repr__(cls) -> str:
+        return cls.__name__
+
+
+class NEED_DATA(_Sentinel, metaclass=_Sentinel):  # noqa: N801 - a sentinel, named like h11's
+    """Returned by ``next_event()`` when the buffered bytes hold no complete event."""
+
+
+class HEARTBEAT(_Sentinel, metaclass=_Sentinel):  # noqa: N801
+    """Event: the client sent a bare EOL (a heart-beat) while connected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One STOMP frame, client or server. Headers are decoded (unescaped), in wire order, repeats kept."""
+
+    command: str
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.command not in ALL_COMMANDS:
+            raise ValueError(f"unknown STOMP command {self.command!r}")
+        headers = self.headers
+        if isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
+            raise TypeError(f"headers must be an iterable of (name, value) pairs, not {headers!r:.80}")
+        pairs = []
+        changed = type(headers) is not tuple
+        for pair in headers:
+            if type(pair) is not tuple:
+                if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable):
+                    raise TypeError(f"header must be a (name, value) pair, not {pair!r:.80}")
+                pair = tuple(pair)
+                changed = True
+            if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], str):
+                raise TypeError(f"header must be a (str, str) pair, not {pair!r:.80}")
+            pairs.append(pair)
+        if changed:
+            object.__setattr__(self, "headers", tuple(pairs))
+        body = self.body
+        if type(body) is not bytes:
+            if not isinstance(body, (bytearray, memoryview)):
+                raise TypeError(f"body must be bytes, not {type(body).__name__} {body!r:.60}")
+            object.__setattr__(self, "body", bytes(body))
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The value of the first header called ``name`` (STOMP: the first repeat wins)."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    def __repr__(self) -> str:
+        body = self.body if len(self.body) <= 64 else self.body[:64] + b"..."
+        return f"Frame({self.command!r}, {self.headers!r}, {body!r})"
+
+
+_new_frame = object.__new__
+_set = object.__setattr__
+
+
+def trusted_frame(command: str, headers: tuple[tuple[str, str], ...], body: bytes) -> Frame:
+    """Build a Frame without ``__post_init__`` checks: for the parser, whose output is valid by construction."""
+    frame = _new_frame(Frame)
+    _set(frame, "command", command)
+    _set(frame, "headers", headers)
+    _set(frame, "body", body)
+    return frame
+
+
+def make_error_frame(message: str, detail: str = "", *, receipt_id: str | None = None) -> Frame:
+    """The ERROR frame we send: ``message`` header, optional ``receipt-id``, plain-text detail as body."""
+    headers: list[tuple[str, str]] = [("message", message)]
+    if receipt_id is not None:
+        headers.append(("receipt-id", receipt_id))
+    headers.append(("content-type", "text/plain"))
+    return Frame("ERROR", tuple(headers), detail.encode("utf-8", "backslashreplace"))
+
+
+# ---- escaping -----------------------------------------------------------------------------------------
+
+_ESCAPES_12: Final = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", ":": "\\c"}
+UNESCAPES_12: Final = {"\\": "\\", "r": "\r", "n": "\n", "c": ":"}
+UNESCAPES_11: Final = {"\\": "\\", "n": "\n", "c": ":"}
+
+
+def escape(text: str) -> str:
+    """Escape a header name or value per STOMP 1.2 (the backslash first, so it is not doubled twice)."""
+    if "\\" in text:
+        text = text.replace("\\", "\\\\")
+    if "\r" in text:
+        text = text.replace("\r", "\\r")
+    if "\n" in text:
+        text = text.replace("\n", "\\n")
+    if ":" in text:
+        text = text.replace(":", "\\c")
+    return text
+
+
+ESCAPE_SEQUENCE: Final = re.compile(r"\\(.?)", re.DOTALL)
+
+
+def decode_headers(
+    command: str, text: str, table: dict[str, str] | None
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None]:
+    """Split decoded header lines into (name, value) pairs, unescaping with ``table`` unless it is None.
+
+    Returns the pairs and the first problem found as ``(message, detail)``, or None. Lines end in LF or
+    CR LF; a CR anywhere else is refused (spec grammar), which also keeps every received value encodable
+    again in the same version (1.0 and 1.1 cannot carry CR).
+    """
+    if not text:
+        return (), None
+    problem: tuple[str, str] | None = None
+    lines = text.split("\n")
+    lines.pop()  # the text ends with the last header's LF
+    if "\r" in text:
+        lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+        for line in lines:
+            if "\r" in line:
+                problem = ("malformed header", f"{command} header line {line[:80]!r} contains a CR")
+                break
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name:
+            problem = problem or ("malformed header", f"{command} header line {line[:80]!r} has no name:value")
+            continue
+        if table is not None and "\\" in line:
+            try:
+                name = unescape(name, table)
+                value = unescape(value, table)
+            except KeyError as exc:
+                problem = problem or ("invalid header escape", f"undefined escape sequence {exc.args[0]!r}")
+        headers.append((name, value))
+    return tuple(headers), problem
+
+
+def unescape(text: str, table: dict[str, str]) -> str:
+    """Undo header escaping; KeyError(sequence) for an undefined escape (a fatal error per the spec)."""
+
+    def replace(match: re.Match[str]) -> str:
+        try:
+            return table[match.group(1)]
+        except KeyError:
+            raise KeyError(match.group(0)) from None
+
+    return ESCAPE_SEQUENCE.sub(replace, text)
+
+
+def encodable(value: str, version: str | None) -> bool:
+    """Whether a header value can be written in ``version`` (None: not negotiated yet, 1.2 rules)."""
+    if version == "1.0":
+        return "\r" not in value and "\n" not in value
+    if version == "1.1":
+        return "\r" not in value
+    return True
+
+
+def make_encodable(value: str, version: str | None) -> str:
+    """``value`` with CR/LF turned into spaces where ``version`` cannot carry them (for ERROR messages)."""
+    if not encodable(value, version):
+        value = value.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    return value
+
+
+def _needs_escape(text: str) -> bool:
+    return "\\" in text or ":" in text or "\n" in text or "\r" in text
+
+
+# "MESSAGE" -> "MESSAGE\n": the command line, ready to concatenate.
+_COMMAND_LINES: Final = {command: command + "\n" for command in ALL_COMMANDS}
+
+
+def encode_frame(
+    command: str,
+    headers: Iterable[tuple[str, str]],
+    body: bytes = b"",
+    *,
+    escape: bool = True,
+    content_length: bool = True,
+) -> bytes:
+    """Encode one frame to bytes, with no state checks (the writer's path for every MESSAGE).
+
+    ``escape=True`` escapes header names and values per STOMP 1.2; ``escape=False`` writes them raw (1.0,
+    CONNECTED) and refuses CR/LF anywhere and ``:`` in names. ``content_length=True`` appends
+    ``content-length`` (in bytes) unless the headers already carry one; without it the body must not contain
+    NUL. A given ``content-length`` must match the body. Raises LocalProtocolError for what cannot be encoded.
+    """
+    try:
+        parts = [_COMMAND_LINES[command]]
+    except (KeyError, TypeError):
+        raise LocalProtocolError(f"cannot encode unknown command {command!r}") from None
+    given_length: str | None = None
+    append = parts.append
+    for name, value in headers:
+        if not name:
+            raise LocalProtocolError(f"cannot encode an empty header name (value {value!r}) in {command}")
+        if name == "content-length" and given_length is None:
+            given_length = value
+        if escape:
+            if _needs_escape(name):
+                name = _escape(name)
+            if _needs_escape(value):
+                value = _escape(value)
+        elif "\n" in name or "\r" in name or ":" in name or "\n" in value or "\r" in value:
+            raise LocalProtocolError(f"cannot encode header {name!r}: {value!r} in {command} without escaping")
+        append(name)
+        append(":")
+        append(value)
+        append("\n")
+    body_length = len(body)
+    if given_length is not None:
+        if given_length != str(body_length):
+            raise LocalProtocolError(
+                f"content-length {given_length!r} does not match the {body_length}-byte body of {command}"
+            )
+    elif content_length:
+        append(f"content-length:{body_length}\n")
+    elif b"\0" in body:
+        raise LocalProtocolError(f"{command} body contains NUL: it needs a content-length header")
+    append("\n")
+    try:
+        head = "".join(parts).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"cannot encode {command} headers as UTF-8: {exc.reason}") from None
+    return b"".join((head, body, b"\0"))
+
+
+_escape = escape  # encode_frame's ``escape`` parameter shadows the function inside it
