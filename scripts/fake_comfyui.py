@@ -193,7 +193,7 @@ def render_rgb(width: int, height: int, color: int, *, noise_seed: int | None = 
 
 @dataclass(frozen=True, slots=True)
 class SimImage:
-    """An IMAGE batch: ``batch`` images of ``width``×``height`` in one colour, maybe with noise."""
+    """An IMAGE batch: ``batch`` images of ``width`` x ``height`` in one colour, maybe with noise."""
 
     width: int
     height: int
@@ -202,10 +202,14 @@ class SimImage:
     noise_seed: int | None = None
     noise: float = 0.0
 
-    def png(self, index: int, *, max_side: int = SAVED_IMAGE_MAX_SIDE_PX, text: Mapping[str, str] | None = None) -> bytes:
+    def png(
+        self, index: int, *, max_side: int = SAVED_IMAGE_MAX_SIDE_PX, text: Mapping[str, str] | None = None
+    ) -> bytes:
         width, height = _fit(self.width, self.height, max_side)
         seed = None if self.noise_seed is None else self.noise_seed + index
-        return encode_png(width, height, render_rgb(width, height, self.color, noise_seed=seed, noise=self.noise), text=text)
+        return encode_png(
+            width, height, render_rgb(width, height, self.color, noise_seed=seed, noise=self.noise), text=text
+        )
 
     def __str__(self) -> str:  # what PreviewAny shows (ComfyUI prints the tensor)
         return f"tensor(shape=[{self.batch}, {self.height}, {self.width}, 3], color=#{self.color:06x})"
@@ -352,7 +356,9 @@ async def _run_primitive_string(ctx: _NodeContext, *, value: str) -> NodeResult:
     return NodeResult((value,))
 
 
-async def _run_string_concatenate(ctx: _NodeContext, *, string_a: str, string_b: str, delimiter: str = "") -> NodeResult:
+async def _run_string_concatenate(
+    ctx: _NodeContext, *, string_a: str, string_b: str, delimiter: str = ""
+) -> NodeResult:
     return NodeResult((f"{string_a}{delimiter}{string_b}",))
 
 
@@ -360,7 +366,9 @@ async def _run_regex_replace(
     ctx: _NodeContext, *, string: str, regex_pattern: str, replace: str, case_insensitive: bool = True,
     multiline: bool = False, dotall: bool = False, count: int = 0,
 ) -> NodeResult:  # fmt: skip
-    flags = (re.IGNORECASE if case_insensitive else 0) | (re.MULTILINE if multiline else 0) | (re.DOTALL if dotall else 0)
+    flags = (
+        (re.IGNORECASE if case_insensitive else 0) | (re.MULTILINE if multiline else 0) | (re.DOTALL if dotall else 0)
+    )
     return NodeResult((re.sub(regex_pattern, replace, string, count=count, flags=flags),))
 
 
@@ -418,7 +426,8 @@ SAMPLER_NAMES: Final = [
     "uni_pc", "uni_pc_bh2",
 ]  # fmt: skip
 SCHEDULER_NAMES: Final = [
-    "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal",
+    "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
+    "kl_optimal",
 ]  # fmt: skip
 UPSCALE_METHODS: Final = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
 
@@ -473,7 +482,10 @@ NODE_SPECS: Final[Mapping[str, NodeSpec]] = {
     ),
     "SaveImage": NodeSpec(
         _run_save_image,
-        {"images": ("IMAGE", {"tooltip": "The images to save."}), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+        {
+            "images": ("IMAGE", {"tooltip": "The images to save."}),
+            "filename_prefix": ("STRING", {"default": "ComfyUI"}),
+        },
         output_node=True, category="image", display_name="Save Image",
     ),
     "PreviewImage": NodeSpec(
@@ -517,7 +529,10 @@ NODE_SPECS: Final[Mapping[str, NodeSpec]] = {
     ),
     "ImageAddNoise": NodeSpec(
         _run_image_add_noise,
-        {"image": _IMAGE_IN, "seed": _SEED, "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01})},
+        {
+            "image": _IMAGE_IN, "seed": _SEED,
+            "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
+        },
         returns=("IMAGE",), category="image", python_module="comfy_extras.nodes_images",
     ),
     "GetImageSize": NodeSpec(
@@ -647,7 +662,10 @@ def _validate_inputs(
                 errors.append(_error(
                     "return_type_mismatch", "Return type mismatch between linked nodes",
                     f"{name}, received_type({received_type}) mismatch input_type({input_type})",
-                    {"input_name": name, "input_config": input_config, "received_type": received_type, "linked_node": value},
+                    {
+                        "input_name": name, "input_config": input_config, "received_type": received_type,
+                        "linked_node": value,
+                    },
                 ))  # fmt: skip
                 continue
             try:
@@ -670,14 +688,21 @@ def _validate_inputs(
         try:
             if isinstance(value, dict) and "__value__" in value:
                 value = inputs[name] = value["__value__"]
-            converter = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(input_type) if isinstance(input_type, str) else None
+            converter = (
+                {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(input_type)
+                if isinstance(input_type, str)
+                else None
+            )
             if converter is not None:
                 value = inputs[name] = converter(value)
         except (TypeError, ValueError, OverflowError) as exc:
             errors.append(_error(
                 "invalid_input_type", f"Failed to convert an input value to a {input_type} value",
                 f"{name}, {value}, {exc}",
-                {"input_name": name, "input_config": input_config, "received_value": value, "exception_message": str(exc)},
+                {
+                    "input_name": name, "input_config": input_config, "received_value": value,
+                    "exception_message": str(exc),
+                },
             ))  # fmt: skip
             continue
 
@@ -695,7 +720,9 @@ def _validate_inputs(
                 {"input_name": name, "input_config": input_config, "received_value": value},
             ))  # fmt: skip
             continue
-        choices = input_type if isinstance(input_type, list) else options.get("options") if input_type == "COMBO" else None
+        choices = (
+            input_type if isinstance(input_type, list) else options.get("options") if input_type == "COMBO" else None
+        )
         if choices is not None and value not in choices:
             long_list = len(choices) > 20  # ComfyUI does not echo gigantic lists (model files)
             errors.append(_error(
@@ -706,7 +733,9 @@ def _validate_inputs(
             continue
 
     if spec.validate is not None:
-        literal = {name: inputs[name] for name in spec.validate_inputs if name in inputs and not isinstance(inputs[name], list)}
+        literal = {
+            name: inputs[name] for name in spec.validate_inputs if name in inputs and not isinstance(inputs[name], list)
+        }
         if len(literal) == len(spec.validate_inputs):
             verdict = spec.validate(file_exists, **literal)
             if verdict is not True:
@@ -748,7 +777,9 @@ def validate_prompt(
         class_type = prompt[node_id]["class_type"]
         spec = NODE_SPECS.get(class_type)
         if spec is None:
-            error = _error("invalid_prompt", f"Cannot execute because node {class_type} does not exist.", f"Node ID '#{node_id}'")
+            error = _error(
+                "invalid_prompt", f"Cannot execute because node {class_type} does not exist.", f"Node ID '#{node_id}'"
+            )
             return ValidationResult(False, error, [], {})
         if spec.output_node and (partial_targets is None or node_id in partial_targets):
             outputs.append(node_id)
@@ -777,7 +808,8 @@ def validate_prompt(
         for node_id, (node_valid, node_reasons, _) in validated.items():
             if not node_valid and node_reasons:
                 entry = node_errors.setdefault(
-                    node_id, {"errors": node_reasons, "dependent_outputs": [], "class_type": prompt[node_id]["class_type"]}
+                    node_id,
+                    {"errors": node_reasons, "dependent_outputs": [], "class_type": prompt[node_id]["class_type"]},
                 )
                 entry["dependent_outputs"].append(output_id)
 
@@ -936,8 +968,11 @@ class _NodeFailure(Exception):
 
 # --- WebSocket connections ----------------------------------------------------------------------------
 
+AsgiReceive = Callable[[], Awaitable[dict[str, Any]]]
+AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
-def _abrupt_closer(asgi_send: Callable[[dict[str, Any]], Awaitable[None]]) -> Callable[[], Awaitable[None]] | None:
+
+def _abrupt_closer(asgi_send: AsgiSend) -> Callable[[], Awaitable[None]] | None:
     """A coroutine function that cuts this WebSocket's TCP connection without a close frame, or None.
 
     ASGI cannot do that (``websocket.close`` always sends a close frame), but a dropped connection must look like
@@ -977,7 +1012,9 @@ class _Socket:
         except trio.WouldBlock:
             self.frames_lost += 1
             if self.frames_lost == 1:
-                log.warning("%r: outbox full (%d frames), the client does not read: dropping frames", self, OUTBOX_MAX_FRAMES)
+                log.warning(
+                    "%r: outbox full (%d frames), the client does not read: dropping frames", self, OUTBOX_MAX_FRAMES
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("%r: closed, frame dropped", self)
 
@@ -1054,7 +1091,7 @@ def _origin_forbidden(host: str | None, origin: str | None) -> bool:
     return loopback and bool(host_domain) and bool(origin_domain) and host_domain != origin_domain
 
 
-async def _reject_websocket(send: Callable[[dict[str, Any]], Awaitable[None]], status: int) -> None:
+async def _reject_websocket(send: AsgiSend, status: int) -> None:
     await send({"type": "websocket.http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
     await send({"type": "websocket.http.response.body", "body": b""})
 
@@ -1128,9 +1165,11 @@ class _NodeContext:
         """Write the batch as ``<subfolder>/<prefix>_<counter:05>_.png``, as ComfyUI's SaveImage/PreviewImage."""
         relative = _safe_relative_path(filename_prefix)
         if relative is None or relative == "":
-            raise ValueError(f"Saving image outside the {kind} folder is not allowed. filename_prefix: {filename_prefix}")
+            raise ValueError(
+                f"Saving image outside the {kind} folder is not allowed. filename_prefix: {filename_prefix}"
+            )
         subfolder, prefix = posixpath.split(relative)
-        counter = self._run.sim._next_file_counter(kind, subfolder, prefix)
+        counter = self._run.sim._reserve_file_counters(kind, subfolder, prefix, images.batch)
         metadata = {"prompt": json.dumps(self._run.item.prompt)}
         saved = []
         for index in range(images.batch):
@@ -1253,7 +1292,9 @@ class _PromptRun:
         """A cached output node: its UI is sent again (without `executing`), and it counts as finished."""
         if entry.ui is not None:
             self.ui[node_id] = entry.ui
-        self.to_client("executed", {"node": node_id, "display_node": node_id, "output": entry.ui, "prompt_id": self.prompt_id})
+        self.to_client(
+            "executed", {"node": node_id, "display_node": node_id, "output": entry.ui, "prompt_id": self.prompt_id}
+        )
         self.set_state(node_id, 1, 1, "finished")
 
     async def execute_node(self, node_id: str, signature: str | None) -> None:
@@ -1263,14 +1304,15 @@ class _PromptRun:
         self.set_state(node_id, 0.0, 1.0, "running")
         self.sim._last_node_id = node_id
         self.to_client("executing", {"node": node_id, "display_node": node_id, "prompt_id": self.prompt_id})
-        inputs = {
-            name: self.values[value[0]][value[1]] if _is_link(value) else value
-            for name, value in node["inputs"].items()
-            if name in spec.required or name in spec.optional
-        }
         self.raise_if_interrupted(node_id)  # checked as the node starts, after `executing` went out
+        inputs: dict[str, Any] = {}
         try:
-            await self.scripted_behaviour(node_id, node["inputs"], spec)
+            inputs = {
+                name: self.values[value[0]][value[1]] if _is_link(value) else value
+                for name, value in node["inputs"].items()
+                if name in spec.required or name in spec.optional
+            }
+            await self.scripted_behaviour(node_id, node["inputs"])
             result = await spec.run(_NodeContext(self, node_id), **inputs)
         except _Interrupted:
             raise
@@ -1280,14 +1322,16 @@ class _PromptRun:
         self.values[node_id] = result.outputs
         if result.ui:
             self.ui[node_id] = result.ui
-            self.to_client("executed", {"node": node_id, "display_node": node_id, "output": result.ui, "prompt_id": self.prompt_id})
+            self.to_client(
+                "executed", {"node": node_id, "display_node": node_id, "output": result.ui, "prompt_id": self.prompt_id}
+            )
         state = self.node_states[node_id]
         self.set_state(node_id, state["max"], state["max"], "finished")
         self.executed.append(node_id)
         if signature is not None and self.sim.cache:
             self.sim._cache[signature] = _CacheEntry(result.outputs, result.ui)
 
-    async def scripted_behaviour(self, node_id: str, raw_inputs: Mapping[str, Any], spec: NodeSpec) -> None:
+    async def scripted_behaviour(self, node_id: str, raw_inputs: Mapping[str, Any]) -> None:
         """The simulator's extra inputs and the fail_rate failure of nodes without progress steps."""
         sleep_ms = raw_inputs.get(SIM_SLEEP_INPUT)
         if isinstance(sleep_ms, (int, float)) and sleep_ms > 0:
@@ -1349,13 +1393,16 @@ class FakeComfyUI:
         self.interrupts: list[str | None] = []
         # ComfyUI's state
         self._rng = random.Random(seed)
-        self._temp_prefix = "ComfyUI_temp_" + "".join(self._rng.choice(TEMP_PREFIX_LETTERS) for _ in range(TEMP_PREFIX_LENGTH))
+        self._temp_prefix = "ComfyUI_temp_" + "".join(
+            self._rng.choice(TEMP_PREFIX_LETTERS) for _ in range(TEMP_PREFIX_LENGTH)
+        )
         self._number = 0  # the priority counter of POST /prompt
         self._pending: list[tuple[float, int, _QueueItem]] = []  # a heap, like ComfyUI's
         self._sequence = itertools.count()  # tie-breaker for equal numbers
         self._running: _QueueItem | None = None
         self._history: dict[str, dict[str, Any]] = {}
         self._files: dict[FileKey, bytes] = {}
+        self._file_counters: dict[FileKey, int] = {}  # (type, subfolder, prefix) -> the last counter used
         self._cache: dict[str, _CacheEntry] = {}
         self._sockets: dict[str, _Socket] = {}  # clientId -> the socket registered under it
         self._feature_flags: dict[str, dict[str, Any]] = {}  # clientId -> flags of its socket's first message
@@ -1395,7 +1442,9 @@ class FakeComfyUI:
 
     # --- serving -------------------------------------------------------------------------------------
 
-    async def serve(self, *, host: str = "127.0.0.1", port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, host: str = "127.0.0.1", port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve HTTP + WebSocket on ``host:port`` and run the worker until cancelled.
 
         ``task_status.started(port)`` reports the bound port once the socket listens.
@@ -1408,7 +1457,7 @@ class FakeComfyUI:
         config.errorlog = logging.getLogger(f"{__name__}.hypercorn")
         config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
         self._serving = True
-        self._files = {key: data for key, data in self._files.items() if key[0] != "temp"}  # temp is wiped at start
+        self._wipe_temp_files()
         try:
             async with trio.open_nursery() as nursery:
                 binds = await nursery.start(partial(hypercorn.trio.serve, self._asgi_app(), config, mode="asgi"))
@@ -1426,7 +1475,11 @@ class FakeComfyUI:
     def _forget_process_state(self) -> None:
         """What a killed ComfyUI process loses: the queue, the running prompt, the sockets."""
         if self._pending or self._running:
-            log.info("killed with %d pending prompt(s) and running %s", len(self._pending), self._running and self._running.prompt_id)
+            log.info(
+                "killed with %d pending prompt(s) and running %s",
+                len(self._pending),
+                self._running and self._running.prompt_id,
+            )
         self._pending.clear()
         self._running = None
         for conn in self._connections:
@@ -1438,10 +1491,10 @@ class FakeComfyUI:
         self._last_node_id = None
         self._interrupt_requested = False
 
-    def _asgi_app(self) -> Callable[..., Awaitable[None]]:
+    def _asgi_app(self) -> Callable[[dict[str, Any], AsgiReceive, AsgiSend], Awaitable[None]]:
         quart_app = self._build_http_app()
 
-        async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        async def app(scope: dict[str, Any], receive: AsgiReceive, send: AsgiSend) -> None:
             # WebSockets are handled at the ASGI level: only there can a connection be cut abruptly.
             if scope["type"] == "websocket" and scope["path"] in WEBSOCKET_PATHS:
                 await self._websocket(scope, receive, send)
@@ -1491,12 +1544,13 @@ class FakeComfyUI:
         self._wakeup.set()
 
     def _delete_pending(self, prompt_id: Any) -> bool:
-        kept = [entry for entry in self._pending if entry[2].prompt_id != prompt_id]
-        if len(kept) == len(self._pending):
-            return False
-        self._pending = kept
-        heapq.heapify(self._pending)
-        return True
+        """Remove the first pending item with this id (ComfyUI's delete_queue_item); never the running one."""
+        for index, (_, _, item) in enumerate(self._pending):
+            if item.prompt_id == prompt_id:
+                del self._pending[index]
+                heapq.heapify(self._pending)
+                return True
+        return False
 
     async def _worker(self) -> None:
         while True:
@@ -1564,30 +1618,44 @@ class FakeComfyUI:
         subfolder, filename = posixpath.split(relative)
         return self._files.get((kind or default_type, subfolder, filename))
 
+    def _wipe_temp_files(self) -> None:
+        """ComfyUI empties its temp directory at start."""
+        self._files = {key: data for key, data in self._files.items() if key[0] != "temp"}
+        self._file_counters = {key: counter for key, counter in self._file_counters.items() if key[0] != "temp"}
+
     def _input_file_exists(self, name: str) -> bool:
         return self._read_annotated(name, default_type="input") is not None
 
-    def _next_file_counter(self, kind: str, subfolder: str, prefix: str) -> int:
-        """ComfyUI's get_save_image_path: one past the highest counter of ``prefix_NNNNN_`` files there."""
-        pattern = re.compile(rf"{re.escape(prefix)}_(\d+)_")
-        highest = 0
-        for file_kind, file_subfolder, filename in self._files:
-            if file_kind == kind and file_subfolder == subfolder and (match := pattern.match(filename)):
-                highest = max(highest, int(match.group(1)))
-        return highest + 1
+    def _reserve_file_counters(self, kind: str, subfolder: str, prefix: str, count: int) -> int:
+        """The first of ``count`` file counters for ``prefix_NNNNN_.png``: one past the highest there, as ComfyUI's
+        get_save_image_path. The directory is scanned once per prefix, then the counter is remembered."""
+        key = (kind, subfolder, prefix)
+        if key not in self._file_counters:
+            pattern = re.compile(rf"{re.escape(prefix)}_(\d+)_")
+            self._file_counters[key] = max(
+                (
+                    int(match.group(1))
+                    for file_kind, file_subfolder, filename in self._files
+                    if file_kind == kind and file_subfolder == subfolder and (match := pattern.match(filename))
+                ),
+                default=0,
+            )
+        first = self._file_counters[key] + 1
+        self._file_counters[key] += count
+        return first
 
     # --- WebSocket -----------------------------------------------------------------------------------
 
-    async def _websocket(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def _websocket(self, scope: dict[str, Any], receive: AsgiReceive, send: AsgiSend) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        if self.refuse_websockets:
-            await _reject_websocket(send, 503)
-            return
-        if _origin_forbidden(headers.get("host"), headers.get("origin")):
+        if _origin_forbidden(headers.get("host"), headers.get("origin")):  # ComfyUI's middleware comes first
             log.warning("WebSocket with Origin %r on Host %r: 403", headers.get("origin"), headers.get("host"))
             await _reject_websocket(send, 403)
+            return
+        if self.refuse_websockets:
+            await _reject_websocket(send, 503)
             return
         query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"))
         sid = query.get("clientId", [""])[0] or uuid.uuid4().hex
@@ -1616,7 +1684,7 @@ class FakeComfyUI:
             conn.close()
             log.debug("%r closed", conn)
 
-    async def _websocket_reader(self, conn: _Socket, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    async def _websocket_reader(self, conn: _Socket, receive: AsgiReceive) -> None:
         """Until the client goes. Only a first JSON message of type feature_flags is understood."""
         first_message = True
         while True:
@@ -1642,7 +1710,7 @@ class FakeComfyUI:
                 self._send_json("feature_flags", dict(SERVER_FEATURES), conn.sid)
             first_message = False
 
-    async def _websocket_writer(self, conn: _Socket, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def _websocket_writer(self, conn: _Socket, send: AsgiSend) -> None:
         """Send the outbox in order. A drop is done from this task too, so it never cuts a frame in half."""
         with conn.writer_scope:
             async for frame in conn.outbox:
@@ -1844,6 +1912,7 @@ class FakeComfyUI:
                     break
                 filename = f"{stem} ({counter}){extension}"
         self._files[(kind, folder, filename)] = data
+        self._file_counters = {key: value for key, value in self._file_counters.items() if key[:2] != (kind, folder)}
         return _json_response({"name": filename, "subfolder": subfolder, "type": kind})
 
     async def _get_system_stats(self) -> Response:
@@ -1887,7 +1956,11 @@ class FakeComfyUI:
 
 
 async def serve_fake_comfyui(
-    sim: FakeComfyUI, *, host: str = "127.0.0.1", port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    sim: FakeComfyUI,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Same as ``sim.serve(...)``: for ``nursery.start(serve_fake_comfyui, sim)``."""
     await sim.serve(host=host, port=port, task_status=task_status)
@@ -1922,7 +1995,9 @@ async def _run_until_signalled(sim: FakeComfyUI, host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     sim = FakeComfyUI(
         step_ms=args.step_ms, fail_rate=args.fail_rate, seed=args.seed, previews=not args.no_previews, cache=args.cache
     )

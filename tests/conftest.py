@@ -18,13 +18,15 @@ from web.config import WebConfig
 from web.server import Running, serve_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+DATA = ROOT / "tests" / "data"  # copies of ../shared's transcripts and workflows (see tests/data/README.md)
+TRANSCRIPTS = DATA / "comfyui-transcripts"
+WORKFLOWS = DATA / "workflows"
 TEST_SECRET = b"test-secret-0123456789-abcdefghijklmnop"
 
 
 def workflow(name: str) -> dict[str, Any]:
-    """A workflow from ../shared/workflows (or ../shared/comfyui-transcripts/workflows)."""
-    for folder in (SHARED / "workflows", SHARED / "comfyui-transcripts" / "workflows"):
+    """A workflow from tests/data/workflows (or tests/data/comfyui-transcripts/workflows)."""
+    for folder in (WORKFLOWS, TRANSCRIPTS / "workflows"):
         path = folder / f"{name}.json"
         if path.exists():
             return json.loads(path.read_text())

@@ -52,7 +52,7 @@ from actors.comfy import (
     run,
 )
 
-TRANSCRIPTS = Path("/work/shared/comfyui-transcripts")
+from conftest import TRANSCRIPTS, WORKFLOWS  # tests/data copies of ../shared
 CLIENT_ID = "gw-7f3a"
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 POLICY = RestartPolicy(initial_delay=0.5, max_delay=30.0, max_restarts=5, window=60.0, healthy_after=30.0)
@@ -703,7 +703,7 @@ def test_ws_url() -> None:
 async def test_txt2img_against_the_simulator(autojump_clock: trio.testing.MockClock) -> None:
     from fake_comfyui import FakeComfyUI  # scripts/ is on pythonpath (pyproject)
 
-    workflow = json.loads(Path("/work/shared/workflows/txt2img.json").read_text())
+    workflow = json.loads((WORKFLOWS / "txt2img.json").read_text())
     sim = FakeComfyUI()
     inbox_tx, inbox_rx = trio.open_memory_channel[Any](8)
     reports_tx, reports_rx = trio.open_memory_channel[ComfyReport](64)

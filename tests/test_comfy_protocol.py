@@ -31,7 +31,7 @@ from actors.comfy import (
     parse_comfy_message,
 )
 
-TRANSCRIPTS = Path("/work/shared/comfyui-transcripts")
+from conftest import TRANSCRIPTS  # noqa: E402  (tests/data copies of ../shared)
 MODELLED = {
     "status": Status,
     "feature_flags": FeatureFlags,

@@ -1,9 +1,10 @@
 """Tests of ``scripts/fake_comfyui.py`` against the transcripts of a real ComfyUI 0.3.64 (shared/comfyui-transcripts).
 
-Real sockets on 127.0.0.1, port 0, with trio-websocket and httpx clients. Tests that run prompts use the
-``sim`` fixture, which runs under ``MockClock(autojump_threshold=0)``: sampler steps cost no real time and
-timings are exact. Every network test has a ``trio.fail_after`` net (virtual seconds under the mock clock, so a
-hang fails at once). Transcript comparisons check shapes (event types in order, key sets), not values.
+Real sockets on 127.0.0.1, port 0, with trio-websocket and httpx clients. Tests that run prompts run under
+``MockClock(autojump_threshold=0)``: sampler steps cost no real time and timings are exact. (pytest-trio only
+uses a clock that the test function itself takes, hence the ``autojump_clock`` argument next to ``sim``.) Every
+network test has a ``trio.fail_after`` net: virtual seconds under the mock clock, so a hang fails at once.
+Transcript comparisons check shapes (event types in order, key sets), not values.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
 import re
 import signal
 import struct
@@ -34,8 +34,8 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 import fake_comfyui
 from fake_comfyui import FakeComfyUI
 
-SHARED_DIR = Path(os.environ.get("COMFY_GATEWAY_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-TRANSCRIPTS_DIR = SHARED_DIR / "comfyui-transcripts"
+from conftest import TRANSCRIPTS as TRANSCRIPTS_DIR, WORKFLOWS  # tests/data: copies of ../shared
+
 STEP_MS = 50.0
 STEP_S = STEP_MS / 1000
 NET_S = 60  # per network test; virtual seconds under the autojump clock
@@ -46,8 +46,7 @@ CLI_NET_S = 30  # real seconds: the CLI test starts a Python process
 
 
 def _shared_file(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is not available")
+    assert path.exists(), f"{path} is missing (tests/data is part of the repo)"
     return path
 
 
@@ -61,7 +60,7 @@ def transcript_workflow(name: str) -> dict[str, Any]:
 
 
 def shared_workflow(name: str) -> dict[str, Any]:
-    return json.loads(_shared_file(SHARED_DIR / "workflows" / f"{name}.json").read_text())
+    return json.loads(_shared_file(WORKFLOWS / f"{name}.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,10 @@ def recorded_prompt_bodies(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         line["data"]["body"]
         for line in lines
-        if line["dir"] == "http" and line["kind"] == "request" and line["data"]["path"] == "/prompt" and "body" in line["data"]
+        if line["dir"] == "http"
+        and line["kind"] == "request"
+        and line["data"]["path"] == "/prompt"
+        and "body" in line["data"]
     ]
 
 
@@ -341,19 +343,27 @@ async def test_handshake_sends_status_with_sid(autojump_clock: trio.testing.Mock
     lines = transcript("ws_handshake")
     recorded_hello = recorded(lines, "api-prefix")[0]
     with trio.fail_after(NET_S):
-        async with connect(sim, "client-a") as named, connect(sim) as anonymous, connect(sim, "c2", path="/api/ws") as api:
+        async with (
+            connect(sim, "client-a") as named,
+            connect(sim) as anonymous,
+            connect(sim, "c2", path="/api/ws") as api,
+        ):
             assert named.hello.data == {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "client-a"}
             assert re.fullmatch(r"[0-9a-f]{32}", anonymous.hello.data["sid"])
             assert api.hello.data["sid"] == "c2"
             assert shape(named.hello) == shape(recorded_hello)
 
 
-async def test_feature_flags_answered_only_for_the_first_message(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI) -> None:
+async def test_feature_flags_answered_only_for_the_first_message(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI
+) -> None:
     lines = transcript("ws_handshake")
     recorded_reply = next(m for m in recorded(lines, "flags") if m.type == "feature_flags")
     with trio.fail_after(NET_S):
         async with connect(sim, "flags") as client:
-            await client.ws.send_message(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+            await client.ws.send_message(
+                json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+            )
             reply = await client.next()
             assert reply == recorded_reply
             await client.ws.send_message(json.dumps({"type": "feature_flags", "data": {"x": 1}}))
@@ -366,7 +376,9 @@ async def test_feature_flags_answered_only_for_the_first_message(autojump_clock:
 # --- event sequences ------------------------------------------------------------------------------------
 
 
-async def test_happy_path_matches_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_happy_path_matches_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("happy_path")
     with trio.fail_after(NET_S):
         async with connect(sim, "primary-1") as primary, connect(sim, "observer-1") as observer:
@@ -380,11 +392,19 @@ async def test_happy_path_matches_transcript(autojump_clock: trio.testing.MockCl
         line["data"]["body"] for line in lines if line["kind"] == "response" and line["path"].startswith("/history/")
     )
     assert key_tree(entry) == key_tree(next(iter(recorded_entry.values())))
-    assert entry["outputs"] == {"3": {"images": [{"filename": "happy_00001_.png", "subfolder": "gw", "type": "output"}]}}
-    assert [event for event, _ in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+    assert entry["outputs"] == {
+        "3": {"images": [{"filename": "happy_00001_.png", "subfolder": "gw", "type": "output"}]}
+    }
+    assert [event for event, _ in entry["status"]["messages"]] == [
+        "execution_start",
+        "execution_cached",
+        "execution_success",
+    ]
 
 
-async def test_txt2img_sequence_and_one_progress_per_sampler_step(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_txt2img_sequence_and_one_progress_per_sampler_step(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     prompt = shared_workflow("txt2img")
     with trio.fail_after(NET_S):
         async with connect(sim, "t2i") as client:
@@ -395,7 +415,9 @@ async def test_txt2img_sequence_and_one_progress_per_sampler_step(autojump_clock
     assert kinds[-3:] == ["execution_success", "status", "executing"]
     blocks = node_blocks(got[4:-3])
     assert sorted(node for node, _ in blocks) == sorted(prompt)
-    allowed = {block_pattern(block) for name in ("happy_path", "progress_legacy_preview") for _, block in recorded_blocks(name)}
+    allowed = {
+        block_pattern(block) for name in ("happy_path", "progress_legacy_preview") for _, block in recorded_blocks(name)
+    }
     assert {block_pattern(block) for _, block in blocks} <= allowed
     # KSampler: one progress per step, value 1..steps, step_ms apart, each followed by a legacy PNG preview.
     steps = prompt["3"]["inputs"]["steps"]
@@ -408,13 +430,35 @@ async def test_txt2img_sequence_and_one_progress_per_sampler_step(autojump_clock
     assert all(m.data["image_format"] == 2 and m.data["image"].startswith(fake_comfyui.PNG_SIGNATURE) for m in previews)
 
 
-async def test_no_sampler_previews_when_disabled(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_no_sampler_previews_when_disabled(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     sim.previews = False
     with trio.fail_after(NET_S):
         async with connect(sim, "quiet") as client:
             got = await client.until_idle(await submit(http, shared_workflow("txt2img"), "quiet"))
     assert types(got).count("progress") == 20
     assert not [m for m in got if m.type.startswith("binary:")]
+
+
+async def test_ksampler_advanced_steps_between_start_and_end(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
+    prompt = shared_workflow("txt2img")
+    sampler = prompt["3"]["inputs"]
+    prompt["3"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            **{name: sampler[name] for name in ("model", "cfg", "sampler_name", "scheduler", "positive", "negative")},
+            "latent_image": sampler["latent_image"], "add_noise": "enable", "noise_seed": 7, "steps": 10,
+            "start_at_step": 2, "end_at_step": 8, "return_with_leftover_noise": "disable",
+        },
+    }  # fmt: skip
+    with trio.fail_after(NET_S):
+        async with connect(sim, "advanced") as client:
+            got = await client.until_idle(await submit(http, prompt, "advanced"))
+    assert [(m.data["value"], m.data["max"]) for m in got if m.type == "progress"] == [(n, 6) for n in range(1, 7)]
+    assert got[-3].type == "execution_success"
 
 
 @pytest.mark.parametrize(
@@ -442,7 +486,9 @@ async def test_save_image_websocket_frames_match_transcript(
     assert [m.data["value"] for m in got if m.type == "progress"] == [0, 1, 2, 3]
 
 
-async def test_multi_output_and_text_frame_broadcast(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_multi_output_and_text_frame_broadcast(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("multi_output")
     with trio.fail_after(NET_S):
         async with connect(sim, "multi") as primary, connect(sim, "watcher") as observer:
@@ -459,7 +505,9 @@ async def test_multi_output_and_text_frame_broadcast(autojump_clock: trio.testin
     assert [image["type"] for image in entry["outputs"]["6"]["images"]] == ["temp", "temp"]
 
 
-async def test_view_returns_the_saved_png(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_view_returns_the_saved_png(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         async with connect(sim, "viewer") as client:
             prompt_id = await submit(http, shared_workflow("txt2img"), "viewer")
@@ -478,7 +526,9 @@ async def test_view_returns_the_saved_png(autojump_clock: trio.testing.MockClock
 # --- failures -------------------------------------------------------------------------------------------
 
 
-async def test_sim_error_gives_execution_error_and_error_history(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_sim_error_gives_execution_error_and_error_history(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     prompt = shared_workflow("txt2img_sim_error")
     text = prompt["3"]["inputs"]["sim_error"]
     recorded_error = next(m for m in recorded(transcript("runtime_error"), "primary") if m.type == "execution_error")
@@ -500,7 +550,9 @@ async def test_sim_error_gives_execution_error_and_error_history(autojump_clock:
     assert sim.runs[-1].outcome == "error"
 
 
-async def test_runtime_error_matches_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_runtime_error_matches_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("runtime_error")
     with trio.fail_after(NET_S):
         async with connect(sim, "regex") as client:
@@ -519,7 +571,9 @@ async def test_runtime_error_matches_transcript(autojump_clock: trio.testing.Moc
     assert entry["status"]["status_str"] == "error"
 
 
-async def test_fail_rate_fails_prompts_reproducibly(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+async def test_fail_rate_fails_prompts_reproducibly(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     outcomes = []
     for _ in range(2):
         simulator = FakeComfyUI(step_ms=1, fail_rate=0.5, seed=1234)
@@ -548,14 +602,23 @@ def validation_summary(body: dict[str, Any]) -> dict[str, Any]:
         "keys": sorted(body),
         "error": error_summary(body["error"]) if "error" in body else None,
         "node_errors": {
-            node_id: (sorted(entry), entry["class_type"], entry["dependent_outputs"], sorted(map(error_summary, entry["errors"])))
+            node_id: (
+                sorted(entry),
+                entry["class_type"],
+                entry["dependent_outputs"],
+                sorted(map(error_summary, entry["errors"])),
+            )
             for node_id, entry in body["node_errors"].items()
         },
     }
 
 
-async def test_validation_answers_match_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
-    exchanges = [(req, resp) for req, resp in recorded_exchanges(transcript("validation_errors")) if req["path"] == "/prompt"]
+async def test_validation_answers_match_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
+    exchanges = [
+        (req, resp) for req, resp in recorded_exchanges(transcript("validation_errors")) if req["path"] == "/prompt"
+    ]
     assert len(exchanges) == 10
     with trio.fail_after(NET_S):
         for request, expected in exchanges:
@@ -570,13 +633,17 @@ async def test_validation_answers_match_transcript(autojump_clock: trio.testing.
             assert validation_summary(response.json()) == validation_summary(expected["body"]), request
 
 
-async def test_unknown_node_is_rejected_like_comfyui(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_unknown_node_is_rejected_like_comfyui(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("validation_errors")
     recorded_body = next(
         resp["body"] for req, resp in recorded_exchanges(lines) if "NoSuchNodeClass" in json.dumps(req.get("body"))
     )
     with trio.fail_after(NET_S):
-        response = await http.post("/prompt", json={"prompt": shared_workflow("txt2img_unknown_node"), "client_id": "x"})
+        response = await http.post(
+            "/prompt", json={"prompt": shared_workflow("txt2img_unknown_node"), "client_id": "x"}
+        )
     assert response.status_code == 400
     body = response.json()
     assert key_tree(body) == key_tree(recorded_body)
@@ -587,7 +654,9 @@ async def test_unknown_node_is_rejected_like_comfyui(autojump_clock: trio.testin
     assert sim.submitted == []
 
 
-async def test_number_advances_for_rejected_prompts_too(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_number_advances_for_rejected_prompts_too(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         assert (await http.post("/prompt", json={"client_id": "x"})).status_code == 400
         assert (await http.post("/prompt", json={"prompt": {}})).status_code == 400
@@ -625,7 +694,9 @@ def test_execution_order_is_comfyuis() -> None:
 # --- routing --------------------------------------------------------------------------------------------
 
 
-async def test_prompts_without_client_id_match_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_prompts_without_client_id_match_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("no_client_id")
     bodies = recorded_prompt_bodies(lines)
     assert len(bodies) == 3 and all("client_id" not in body for body in bodies)
@@ -648,7 +719,9 @@ async def test_prompts_without_client_id_match_transcript(autojump_clock: trio.t
     assert [m.data["node_id"] for m in interrupted] == ["4"]
 
 
-async def test_second_socket_gets_no_per_prompt_events(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_second_socket_gets_no_per_prompt_events(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("second_socket_view")
     with trio.fail_after(NET_S):
         async with connect(sim, "owner") as owner, connect(sim, "bystander") as bystander:
@@ -661,7 +734,9 @@ async def test_second_socket_gets_no_per_prompt_events(autojump_clock: trio.test
     assert set(recorded_counts) == {"status", "binary:TEXT"}
 
 
-async def test_same_client_id_trap_matches_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_same_client_id_trap_matches_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("same_client_id")
     close_older, older_closed = trio.Event(), trio.Event()
 
@@ -688,7 +763,9 @@ async def test_same_client_id_trap_matches_transcript(autojump_clock: trio.testi
                 await reconnected.until_idle(await submit(http, transcript_workflow("happy_path"), "shared"))
 
 
-async def test_reconnect_mid_run_matches_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_reconnect_mid_run_matches_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     recorded_reconnect = recorded(transcript("reconnect_midrun"), "primary-reconnected")
     with trio.fail_after(NET_S):
         async with connect(sim, "reconn") as first:
@@ -709,7 +786,9 @@ async def test_reconnect_mid_run_matches_transcript(autojump_clock: trio.testing
 # --- interrupts -----------------------------------------------------------------------------------------
 
 
-async def test_targeted_interrupt_matches_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_targeted_interrupt_matches_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("interrupted")
     prompt = with_sleep(transcript_workflow("long_chain"), "3", 1000)  # a long node without progress
     with trio.fail_after(NET_S):
@@ -724,14 +803,20 @@ async def test_targeted_interrupt_matches_transcript(autojump_clock: trio.testin
         entry = await history_entry(http, prompt_id)
     assert shapes(got) == shapes(recorded(lines, "primary")[1:])
     interrupted = next(m.data for m in got if m.type == "execution_interrupted")
-    assert (interrupted["node_id"], interrupted["node_type"], sorted(interrupted["executed"])) == ("4", "ImageBlur", ["1", "2", "3"])
+    assert (interrupted["node_id"], interrupted["node_type"], sorted(interrupted["executed"])) == (
+        "4",
+        "ImageBlur",
+        ["1", "2", "3"],
+    )
     assert (entry["status"]["status_str"], entry["status"]["completed"], entry["outputs"]) == ("error", False, {})
     assert entry["status"]["messages"][-1][0] == "execution_interrupted"
     assert sim.interrupts == ["00000000-not-running", prompt_id]
     assert sim.runs[-1].outcome == "interrupted"
 
 
-async def test_global_interrupt_stops_the_sampler_at_the_next_step(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_global_interrupt_stops_the_sampler_at_the_next_step(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         assert (await http.post("/interrupt")).status_code == 200  # nothing runs: lost
         async with connect(sim, "stop") as client:
@@ -739,14 +824,20 @@ async def test_global_interrupt_stops_the_sampler_at_the_next_step(autojump_cloc
             await client.until(is_progress(5))
             await http.post("/interrupt")
             rest = await client.until_idle(prompt_id)
-    assert [kind for kind in types(rest) if not kind.startswith("binary:")] == ["execution_interrupted", "status", "executing"]
+    assert [kind for kind in types(rest) if not kind.startswith("binary:")] == [
+        "execution_interrupted",
+        "status",
+        "executing",
+    ]
     interrupted = next(m.data for m in rest if m.type == "execution_interrupted")
     assert (interrupted["node_id"], interrupted["node_type"]) == ("3", "KSampler")
     assert [m for m in rest if m.type == "progress"] == []  # the next step did not happen
     assert sim.interrupts == [None, None]
 
 
-async def test_interrupt_during_frames_matches_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_interrupt_during_frames_matches_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     expected = recorded(transcript("interrupt_during_progress"), "primary")[1:]
     with trio.fail_after(NET_S):
         async with connect(sim, "frames") as client:
@@ -759,7 +850,11 @@ async def test_interrupt_during_frames_matches_transcript(autojump_clock: trio.t
     assert shapes(got[-3:]) == shapes(expected[-3:])
     assert set(types(got[first_progress + 1 : -3])) == set(types(expected[first_progress + 1 : -3]))
     interrupted = got[-3].data
-    assert (interrupted["node_id"], interrupted["node_type"], interrupted["executed"]) == ("2", "SaveImageWebsocket", ["1"])
+    assert (interrupted["node_id"], interrupted["node_type"], interrupted["executed"]) == (
+        "2",
+        "SaveImageWebsocket",
+        ["1"],
+    )
 
 
 # --- queue ----------------------------------------------------------------------------------------------
@@ -775,7 +870,9 @@ async def test_queue_ops(autojump_clock: trio.testing.MockClock, sim: FakeComfyU
             third = await submit(http, happy, "queue")
             response = await http.post("/prompt", json={"prompt": happy, "client_id": "queue", "front": True})
             front, front_number = response.json()["prompt_id"], response.json()["number"]
-            response = await http.post("/prompt", json={"prompt": happy, "client_id": "queue", "prompt_id": "own-id", "number": 1000})
+            response = await http.post(
+                "/prompt", json={"prompt": happy, "client_id": "queue", "prompt_id": "own-id", "number": 1000}
+            )
             assert response.json() == {"prompt_id": "own-id", "number": 1000.0, "node_errors": {}}
             queue = (await http.get("/queue")).json()
             assert [item[1] for item in queue["queue_running"]] == [running_id]
@@ -811,7 +908,9 @@ async def test_queue_clear(autojump_clock: trio.testing.MockClock, sim: FakeComf
     assert sim.runs == []
 
 
-async def test_one_prompt_at_a_time(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_one_prompt_at_a_time(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         async with connect(sim, "serial") as client:
             ids = [await submit(http, shared_workflow("txt2img"), "serial") for _ in range(3)]
@@ -826,7 +925,9 @@ async def test_one_prompt_at_a_time(autojump_clock: trio.testing.MockClock, sim:
     assert {run.client_id for run in sim.runs} == {"serial"}
 
 
-async def test_pause_and_resume(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_pause_and_resume(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         async with connect(sim, "paused") as client:
             sim.pause()
@@ -839,7 +940,9 @@ async def test_pause_and_resume(autojump_clock: trio.testing.MockClock, sim: Fak
     assert types(got)[:2] == ["status", "execution_start"]
 
 
-async def test_history_listing_and_deletion(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_history_listing_and_deletion(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         async with connect(sim, "hist") as client:
             ids = []
@@ -882,7 +985,9 @@ async def test_cached_rerun_matches_transcript(nursery: trio.Nursery, autojump_c
     assert entry["outputs"] == {node: first_outputs[node] for node in sorted(first_outputs)}
 
 
-async def test_identical_prompts_run_again_without_cache(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_identical_prompts_run_again_without_cache(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         async with connect(sim, "nocache") as client:
             await client.until_idle(await submit(http, transcript_workflow("happy_path"), "nocache"))
@@ -894,7 +999,9 @@ async def test_identical_prompts_run_again_without_cache(autojump_clock: trio.te
 # --- files ----------------------------------------------------------------------------------------------
 
 
-async def test_upload_and_load_match_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_upload_and_load_match_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     lines = transcript("upload_and_load")
     image = fake_comfyui.encode_png(4, 3, bytes(range(36)))
     uploads = [resp["body"] for req, resp in recorded_exchanges(lines) if req["path"] == "/upload/image"]
@@ -902,10 +1009,14 @@ async def test_upload_and_load_match_transcript(autojump_clock: trio.testing.Moc
         form = {"type": "input", "subfolder": "gw", "overwrite": "true"}
         first = await http.post("/upload/image", files={"image": ("gw_upload.png", image, "image/png")}, data=form)
         again = await http.post(
-            "/upload/image", files={"image": ("gw_upload.png", image, "image/png")}, data={"type": "input", "subfolder": "gw"}
+            "/upload/image",
+            files={"image": ("gw_upload.png", image, "image/png")},
+            data={"type": "input", "subfolder": "gw"},
         )
         assert [first.json(), again.json()] == uploads  # same bytes under the same name: reused
-        other = await http.post("/api/upload/image", files={"image": ("gw_upload.png", b"other", "image/png")}, data={"subfolder": "gw"})
+        other = await http.post(
+            "/api/upload/image", files={"image": ("gw_upload.png", b"other", "image/png")}, data={"subfolder": "gw"}
+        )
         assert other.json() == {"name": "gw_upload (1).png", "subfolder": "gw", "type": "input"}
         async with connect(sim, "loader") as client:
             prompt_id = await submit(http, transcript_workflow("load_uploaded"), "loader")
@@ -916,10 +1027,14 @@ async def test_upload_and_load_match_transcript(autojump_clock: trio.testing.Moc
     assert viewed.content == image
 
 
-async def test_http_endpoints_match_transcript(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_http_endpoints_match_transcript(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     exchanges = recorded_exchanges(transcript("http_endpoints"))
-    exact_paths = {"/features", "/prompt", "/api/prompt", "/queue", "/history/does-not-exist", "/object_info/EmptyImage",
-                   "/object_info/ImageScale", "/object_info/LoadImage", "/object_info/NoSuchNode", "/embeddings", "/models"}  # fmt: skip
+    exact_paths = {
+        "/features", "/prompt", "/api/prompt", "/queue", "/history/does-not-exist", "/object_info/EmptyImage",
+        "/object_info/ImageScale", "/object_info/LoadImage", "/object_info/NoSuchNode", "/embeddings", "/models",
+    }  # fmt: skip
     skipped = {"/object_info", "/object_info/ImageQuantize", "/history?max_items=1", "/internal/files/output"}
     checked = 0
     with trio.fail_after(NET_S):
@@ -935,7 +1050,9 @@ async def test_http_endpoints_match_transcript(autojump_clock: trio.testing.Mock
                 if request["path"] in exact_paths:
                     assert body == expected["body"], request["path"]
                 else:
-                    assert loose_tree(body) == loose_tree(expected["body"]) or set(body) == set(expected["body"]), request["path"]
+                    assert loose_tree(body) == loose_tree(expected["body"]) or set(body) == set(expected["body"]), (
+                        request["path"]
+                    )
             else:
                 assert response.content == b"", request["path"]
     assert checked == 21
@@ -958,7 +1075,9 @@ async def test_origin_check(autojump_clock: trio.testing.MockClock, sim: FakeCom
         assert (await http.get("/prompt", headers={"Origin": f"http://127.0.0.1:{sim.port}"})).status_code == 200
 
 
-async def test_refuse_websockets(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_refuse_websockets(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         sim.refuse_websockets = True
         with pytest.raises(ConnectionRejected) as rejected:
@@ -971,7 +1090,9 @@ async def test_refuse_websockets(autojump_clock: trio.testing.MockClock, sim: Fa
             assert client.hello.data["sid"] == "accepted"
 
 
-async def test_drop_sockets_cuts_connections_but_not_the_queue(autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient) -> None:
+async def test_drop_sockets_cuts_connections_but_not_the_queue(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
     with trio.fail_after(NET_S):
         async with connect(sim, "dropped") as client, connect(sim, "bystander") as bystander:
             prompt_id = await submit(http, shared_workflow("txt2img"), "dropped")
@@ -1070,7 +1191,9 @@ async def test_cli_prints_its_line_and_exits_0_on_sigterm() -> None:
             assert match, line
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{match.group(1)}") as http:
                 assert (await http.get("/system_stats")).status_code == 200
-                assert (await http.post("/prompt", json={"prompt": transcript_workflow("happy_path")})).status_code == 200
+                assert (
+                    await http.post("/prompt", json={"prompt": transcript_workflow("happy_path")})
+                ).status_code == 200
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
             rest = b""

@@ -9,13 +9,16 @@ them with far more examples: ``check_round_trip``/``check_fuzz`` plus the strate
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable, Sequence
 from functools import cache
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import web.stomp
 from web.stomp import (
     HEARTBEAT,
     NEED_DATA,
@@ -739,6 +742,19 @@ def test_frame_validation() -> None:
     assert frame.get("a") == "1" and hash(frame) == hash(Frame("SEND", (("a", "1"), ("a", "2")), b"x"))
     with pytest.raises(AttributeError):
         frame.command = "ACK"  # type: ignore[misc]
+
+
+def test_codec_is_sans_io() -> None:
+    package = Path(web.stomp.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not {m.split(".")[0] for m in modules} & {"trio", "anyio", "asyncio", "socket"}, path
 
 
 def test_repr_and_statistics() -> None:

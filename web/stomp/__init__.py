@@ -5,15 +5,19 @@ The endpoint feeds WebSocket payloads to ``StompConnection.receive_data``, drain
 path for MESSAGE frames. Errors: see ``_errors.py`` (Local = our misuse, Remote = the client's fault).
 """
 
-from ._connection import (
+from ._connection import ConnState, StompConnection, StompStatistics
+from ._errors import LocalProtocolError, RemoteProtocolError, StompProtocolError
+from ._frames import (
+    CLIENT_COMMANDS,
+    HEARTBEAT,
+    NEED_DATA,
+    SERVER_COMMANDS,
     SUPPORTED_VERSIONS,
-    ConnState,
-    StompConnection,
-    StompStatistics,
+    Frame,
+    encode_frame,
+    make_error_frame,
     negotiate_heartbeat,
 )
-from ._errors import LocalProtocolError, RemoteProtocolError, StompProtocolError
-from ._frames import CLIENT_COMMANDS, HEARTBEAT, NEED_DATA, SERVER_COMMANDS, Frame, encode_frame, make_error_frame
 
 __all__ = [
     "CLIENT_COMMANDS",

@@ -36,23 +36,16 @@ from ._frames import (
     encode_frame,
     make_encodable,
     make_error_frame,
+    negotiate_version,
     trusted_frame,
+    version_error_frame,
 )
 
-__all__ = [
-    "SUPPORTED_VERSIONS",
-    "TRANSITIONS",
-    "ConnState",
-    "StompConnection",
-    "StompStatistics",
-    "negotiate_heartbeat",
-]
+__all__ = ["TRANSITIONS", "ConnState", "StompConnection", "StompStatistics"]
 
 MAX_FRAME_SIZE: Final = 64 * 1024  # bytes: command line through the last body byte (the NUL not counted)
 MAX_HEADERS: Final = 64  # header lines per frame
 MAX_HEADER_LENGTH: Final = 8192  # bytes per header line (the command line too), EOL not counted
-
-SUPPORTED_VERSIONS: Final = ("1.2", "1.1", "1.0")  # best first
 
 
 class ConnState(enum.Enum):
@@ -324,10 +317,10 @@ class StompConnection:
             if version is not None:
                 raise self._remote(f"unexpected {command} frame in state {state.name}",
                                    "a CONNECT was already received; wait for CONNECTED")  # fmt: skip
-            version = _negotiate_version(first.get("accept-version"))
+            version = negotiate_version(first.get("accept-version"))
             if version is None:
                 raise RemoteProtocolError("unsupported STOMP version",
-                                          error_frame=_version_error_frame(first.get("accept-version", "")))  # fmt: skip
+                                          error_frame=version_error_frame(first.get("accept-version", "")))  # fmt: skip
         self._next_state = new_state
         self._next_version = version
 
@@ -430,46 +423,3 @@ class StompConnection:
         if receipt_id is not None:
             receipt_id = make_encodable(receipt_id, self.version)
         return self.send(make_error_frame(message, detail, receipt_id=receipt_id))
-
-
-def _version_error_frame(accept_version: str) -> Frame:
-    """The ERROR frame for a CONNECT with no common version: the spec asks for a ``version`` header."""
-    ours = list(reversed(SUPPORTED_VERSIONS))
-    detail = f"Supported protocol versions are {' '.join(ours)}; the client accepts {accept_version[:80]!r}"
-    return Frame("ERROR", (("message", "unsupported STOMP version"), ("version", ",".join(ours)),
-                           ("content-type", "text/plain")), detail.encode())  # fmt: skip
-
-
-def _negotiate_version(accept_version: str | None) -> str | None:
-    """The best version both sides speak; a CONNECT without ``accept-version`` is STOMP 1.0."""
-    if accept_version is None:
-        return "1.0"
-    offered = {item.strip() for item in accept_version.split(",")}
-    for version in SUPPORTED_VERSIONS:
-        if version in offered:
-            return version
-    return None
-
-
-def negotiate_heartbeat(client_header: str | None, server: tuple[int, int]) -> tuple[int, int]:
-    """Heart-beat periods in ms: ``(server_sends_every, server_expects_every)``; 0 means never.
-
-    ``client_header`` is CONNECT's ``heart-beat: cx,cy`` (cx: what the client can send, cy: what it wants);
-    ``server`` is ``(sx, sy)`` likewise for us. We send every ``max(sx, cy)`` unless either is 0, and expect
-    the client every ``max(cx, sy)`` unless either is 0 (spec 1.2 "Heart-beating").
-    """
-    if (len(server) != 2 or not all(type(ms) is int and ms >= 0 for ms in server)):  # fmt: skip
-        raise ValueError(f"server heart-beat must be two non-negative ints (ms), not {server!r}")
-    sx, sy = server
-    if not client_header:
-        cx = cy = 0
-    else:
-        parts = [part.strip() for part in client_header.split(",")]
-        if len(parts) != 2 or not all(part.isascii() and part.isdigit() and len(part) <= 12 for part in parts):
-            detail = f"heart-beat must be two comma-separated non-negative integers, not {client_header[:80]!r}"
-            raise RemoteProtocolError("invalid heart-beat header",
-                                      error_frame=make_error_frame("invalid heart-beat header", detail))  # fmt: skip
-        cx, cy = int(parts[0]), int(parts[1])
-    send = 0 if sx == 0 or cy == 0 else max(sx, cy)
-    expect = 0 if cx == 0 or sy == 0 else max(cx, sy)
-    return send, expect

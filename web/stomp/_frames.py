@@ -1,4 +1,5 @@
-"""STOMP frames: the ``Frame`` event, the ``HEARTBEAT``/``NEED_DATA`` sentinels and the encoder.
+"""STOMP frames: the ``Frame`` event, the ``HEARTBEAT``/``NEED_DATA`` sentinels, header (un)escaping, the
+encoder, and the two header values a session negotiates (version, heart-beat). Pure functions, no state.
 
 Wire format (STOMP 1.2)::
 
@@ -16,16 +17,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ._errors import LocalProtocolError
+from ._errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "CLIENT_COMMANDS",
+    "SUPPORTED_VERSIONS",
     "HEARTBEAT",
     "NEED_DATA",
     "SERVER_COMMANDS",
     "Frame",
     "encode_frame",
     "make_error_frame",
+    "negotiate_heartbeat",
 ]
 
 CLIENT_COMMANDS: Final = frozenset(
@@ -35,6 +38,7 @@ SERVER_COMMANDS: Final = frozenset({"CONNECTED", "MESSAGE", "RECEIPT", "ERROR"})
 ALL_COMMANDS: Final = CLIENT_COMMANDS | SERVER_COMMANDS
 # Frames whose headers are never escaped, in any version (spec 1.2, "Value Encoding").
 UNESCAPED_COMMANDS: Final = frozenset({"CONNECT", "STOMP", "CONNECTED"})
+SUPPORTED_VERSIONS: Final = ("1.2", "1.1", "1.0")  # best first
 
 
 class _Sentinel(type):
@@ -131,7 +135,6 @@ def make_error_frame(message: str, detail: str = "", *, receipt_id: str | None =
 
 # ---- escaping -----------------------------------------------------------------------------------------
 
-_ESCAPES_12: Final = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", ":": "\\c"}
 UNESCAPES_12: Final = {"\\": "\\", "r": "\r", "n": "\n", "c": ":"}
 UNESCAPES_11: Final = {"\\": "\\", "n": "\n", "c": ":"}
 
@@ -280,3 +283,49 @@ def encode_frame(
 
 
 _escape = escape  # encode_frame's ``escape`` parameter shadows the function inside it
+
+
+# ---- header values the session negotiates ------------------------------------------------------------
+
+
+def version_error_frame(accept_version: str) -> Frame:
+    """The ERROR frame for a CONNECT with no common version: the spec asks for a ``version`` header."""
+    ours = list(reversed(SUPPORTED_VERSIONS))
+    detail = f"Supported protocol versions are {' '.join(ours)}; the client accepts {accept_version[:80]!r}"
+    return Frame("ERROR", (("message", "unsupported STOMP version"), ("version", ",".join(ours)),
+                           ("content-type", "text/plain")), detail.encode())  # fmt: skip
+
+
+def negotiate_version(accept_version: str | None) -> str | None:
+    """The best version both sides speak; a CONNECT without ``accept-version`` is STOMP 1.0."""
+    if accept_version is None:
+        return "1.0"
+    offered = {item.strip() for item in accept_version.split(",")}
+    for version in SUPPORTED_VERSIONS:
+        if version in offered:
+            return version
+    return None
+
+
+def negotiate_heartbeat(client_header: str | None, server: tuple[int, int]) -> tuple[int, int]:
+    """Heart-beat periods in ms: ``(server_sends_every, server_expects_every)``; 0 means never.
+
+    ``client_header`` is CONNECT's ``heart-beat: cx,cy`` (cx: what the client can send, cy: what it wants);
+    ``server`` is ``(sx, sy)`` likewise for us. We send every ``max(sx, cy)`` unless either is 0, and expect
+    the client every ``max(cx, sy)`` unless either is 0 (spec 1.2 "Heart-beating").
+    """
+    if (len(server) != 2 or not all(type(ms) is int and ms >= 0 for ms in server)):  # fmt: skip
+        raise ValueError(f"server heart-beat must be two non-negative ints (ms), not {server!r}")
+    sx, sy = server
+    if not client_header:
+        cx = cy = 0
+    else:
+        parts = [part.strip() for part in client_header.split(",")]
+        if len(parts) != 2 or not all(part.isascii() and part.isdigit() and len(part) <= 12 for part in parts):
+            detail = f"heart-beat must be two comma-separated non-negative integers, not {client_header[:80]!r}"
+            raise RemoteProtocolError("invalid heart-beat header",
+                                      error_frame=make_error_frame("invalid heart-beat header", detail))  # fmt: skip
+        cx, cy = int(parts[0]), int(parts[1])
+    send = 0 if sx == 0 or cy == 0 else max(sx, cy)
+    expect = 0 if cx == 0 or sy == 0 else max(cx, sy)
+    return send, expect

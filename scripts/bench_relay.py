@@ -1,0 +1,840 @@
+#!/usr/bin/env python3
+"""Relay benchmark (issue 3): the gateway's push path against a bare Hypercorn WebSocket relay, on this machine.
+
+One run measures, over 127.0.0.1 only, with the server pinned to CPU 0 and every client on CPU 1 (as in
+STACK-NOTES §3):
+
+* ``hub``: the gateway (``web.server.serve_gateway``, every actor running) with per-user events injected as
+  ``sessions.Publish`` into the sessions hub inside the gateway process: hub -> session -> Outbox -> writer ->
+  STOMP MESSAGE -> N @stomp/stompjs clients (Node, ``ws``). This is what the registry does for every event.
+* ``comfy``: the same gateway fed by ComfyUI simulators (``scripts/fake_comfyui.py``): every user submits a task
+  whose KSampler has M steps, and each step's ``progress`` travels simulator WebSocket -> comfy actor -> registry
+  -> hub -> session -> client. The simulators run on CPU 1 with the clients (a ComfyUI is another machine).
+* ``bare``: the baseline, a minimal Quart-Trio app on the same Hypercorn: one bounded memory channel and one writer
+  task per connection, one WebSocket message per event, no STOMP, no actors; plain ``ws`` clients in Node.
+
+Every message carries its send time (``time.time()``; ComfyUI progress is timed when the simulator emits it) and
+the clients take ``performance.timeOrigin + performance.now()`` on arrival: the same host clock. Throughput is
+messages delivered / (last arrival - first send). Every load loop is bounded by a count (``--messages`` per
+client) and by time (``--seconds``); the run stops by itself.
+
+    .venv/bin/python scripts/bench_relay.py                       # 100 clients, full speed and 5k msgs/s
+    .venv/bin/python scripts/bench_relay.py --clients 1000 --messages 100 --rate 5000
+    .venv/bin/python scripts/bench_relay.py --paths hub,bare --rate 0 --json
+
+Needs Node >= 18 with tests/node/node_modules (``scripts/test`` installs it; so does this script, once).
+BENCHMARKS.md has the numbers of a run and how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import logging
+import math
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+import trio  # noqa: E402
+
+log = logging.getLogger("bench_relay")
+
+NODE_DIR = ROOT / "tests" / "node"
+WORKFLOW = ROOT.parent / "shared" / "workflows" / "txt2img.json"
+SECRET = b"bench-relay-secret-0123456789abcdef"
+CLIENT_ID = "c1"
+PATHS = ("hub", "comfy", "bare")
+DRAIN_GRACE = 10.0  # seconds the clients keep counting after the senders' time bound
+MAX_SAMPLER_STEPS = 10_000  # ComfyUI's KSampler "steps" maximum
+COMFY_SETTLE = 15.0  # seconds to wait for cancelled leftovers to leave the simulators
+SERVER_START = 60.0  # seconds a server process has to start listening
+CONNECT_BATCH = 50  # clients connecting at once (Hypercorn's listen backlog is 100)
+
+
+# =============================================================================================================
+# The clients: one Node process, N connections (STOMP over `ws` with @stomp/stompjs, or bare `ws`)
+# =============================================================================================================
+
+NODE_CLIENT = r"""
+import { Client } from '@stomp/stompjs';
+import WebSocket from 'ws';
+import readline from 'node:readline';
+
+const now = () => performance.timeOrigin + performance.now();  // ms since the epoch, sub-ms resolution
+const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
+const cfg = JSON.parse(process.argv[process.argv.length - 1]);
+const n = cfg.tokens.length;
+const perClient = new Array(n).fill(0);
+const errors = [];
+let closed = 0;
+let phase = null;
+const err = (s) => { if (errors.length < 20) errors.push(String(s)); };
+
+function onMessage(i, text) {
+  const t = now();
+  if (phase === null) return;
+  let m;
+  try { m = JSON.parse(text); } catch (e) { phase.bad++; return; }
+  phase.total++;
+  if (m.type === 'bench') {
+    phase.lat.push(Math.round((t - m.t / 1000) * 1000) / 1000);
+  } else if (m.type === 'progress') {
+    phase.recs.push([m.prompt_id, m.value, t]);
+  } else {
+    return;
+  }
+  perClient[i]++;
+  phase.count++;
+  if (phase.first === null) phase.first = t;
+  phase.last = t;
+  if (phase.count >= phase.expect) finish();
+}
+
+function finish() {
+  if (phase === null) return;
+  const p = phase;
+  phase = null;
+  clearTimeout(p.timer);
+  const cpu = process.cpuUsage(p.cpu0);
+  let lo = Infinity, hi = 0;
+  for (const c of perClient) { lo = Math.min(lo, c); hi = Math.max(hi, c); }
+  out({ event: 'result', count: p.count, total: p.total, bad: p.bad, first: p.first, last: p.last,
+        lat: p.lat, recs: p.recs, perClientMin: lo, perClientMax: hi, closed, errors,
+        cpu: (cpu.user + cpu.system) / 1e6, wall: (now() - p.t0) / 1000 });
+}
+
+function connectStomp(i) {
+  return new Promise((resolve, reject) => {
+    const c = new Client({
+      webSocketFactory: () => new WebSocket(cfg.url, ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false }),
+      connectHeaders: { Authorization: 'Bearer ' + cfg.tokens[i], clientId: cfg.clientId },
+      reconnectDelay: 0, heartbeatIncoming: 10000, heartbeatOutgoing: 10000, debug: () => {},
+    });
+    let up = false;
+    c.onConnect = () => {
+      const receipt = 'sub-' + i;
+      c.watchForReceipt(receipt, () => { up = true; resolve(c); });
+      c.subscribe('/user/topic/messages', (msg) => onMessage(i, msg.body), { id: 'sub-0', receipt });
+    };
+    c.onStompError = (f) => { err(`client ${i}: ERROR ${f.headers.message}`); if (!up) reject(new Error(f.headers.message)); };
+    c.onWebSocketClose = (ev) => { closed++; if (!up) reject(new Error(`client ${i}: closed ${ev.code}`)); };
+    c.onWebSocketError = () => { if (!up) reject(new Error(`client ${i}: socket error`)); };
+    c.activate();
+  });
+}
+
+function connectBare(i) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(cfg.url + '?u=' + i, { perMessageDeflate: false });
+    let up = false;
+    ws.on('message', (data) => {
+      const s = data.toString();
+      if (!up) { if (s === 'hello') { up = true; resolve(ws); } return; }
+      onMessage(i, s);
+    });
+    ws.on('close', (code) => { closed++; if (!up) reject(new Error(`client ${i}: closed ${code}`)); });
+    ws.on('error', (e) => { err(`client ${i}: ${e.message}`); if (!up) reject(e); });
+  });
+}
+
+const conns = [];
+async function main() {
+  const connect = cfg.mode === 'stomp' ? connectStomp : connectBare;
+  const t0 = now();
+  for (let i = 0; i < n; i += cfg.batch) {
+    const batch = [];
+    for (let j = i; j < Math.min(n, i + cfg.batch); j++) batch.push(connect(j));
+    conns.push(...await Promise.all(batch));
+  }
+  out({ event: 'ready', seconds: (now() - t0) / 1000, clockSkewMs: Date.now() - now() });
+}
+
+readline.createInterface({ input: process.stdin }).on('line', (line) => {
+  const cmd = JSON.parse(line);
+  if (cmd.cmd === 'measure') {
+    phase = { expect: cmd.expect, count: 0, total: 0, bad: 0, first: null, last: null, lat: [], recs: [],
+              t0: now(), cpu0: process.cpuUsage(), timer: setTimeout(finish, cmd.deadlineMs) };
+    perClient.fill(0);
+    out({ event: 'armed' });
+  } else if (cmd.cmd === 'quit') {
+    for (const c of conns) { try { cfg.mode === 'stomp' ? c.deactivate() : c.close(); } catch (e) {} }
+    setTimeout(() => process.exit(0), 300);
+  }
+}).on('close', () => process.exit(0));
+
+main().catch((e) => { out({ event: 'failed', error: String(e && e.message || e), errors }); process.exit(1); });
+"""
+
+
+# =============================================================================================================
+# Helpers shared by the roles
+# =============================================================================================================
+
+
+class Lines:
+    """Newline-delimited JSON over a trio receive stream."""
+
+    def __init__(self, stream: Any, name: str) -> None:
+        self.stream = stream
+        self.name = name
+        self.buf = bytearray()
+
+    async def next(self) -> dict[str, Any]:
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[: i + 1]
+                if line.strip():
+                    return json.loads(line)
+                continue
+            chunk = await self.stream.receive_some(1 << 20)
+            if not chunk:
+                raise EOFError(f"{self.name} ended")
+            self.buf += chunk
+
+    async def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                msg = await self.next()
+                if msg.get("event") == event:
+                    return msg
+                if msg.get("event") == "failed":
+                    raise RuntimeError(f"{self.name} failed: {msg}")
+
+
+def bench_body(k: int, size: int) -> dict[str, Any]:
+    """A message of exactly ``size`` JSON bytes (when size allows): its send time in µs since the epoch."""
+    t = int(time.time() * 1e6)
+    base = 40 + len(str(t)) + len(str(k))  # {"type":"bench","t":T,"k":K,"pad":""}
+    return {"type": "bench", "t": t, "k": k, "pad": "x" * max(0, size - base)}
+
+
+async def inject(send: Any, make: Any, users: Sequence[Any], count: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Send ``count`` messages round-robin over ``users`` at ``rate`` msgs/s (0: as fast as ``send`` allows),
+    stopping after ``seconds`` in any case. Returns what was sent and when (wall clock)."""
+    t0 = time.time()
+    start = trio.current_time()
+    deadline = start + seconds
+    n = len(users)
+    k = 0
+    while k < count and trio.current_time() < deadline:
+        if rate > 0:
+            due = min(count, int((trio.current_time() - start) * rate) + 1)
+            if k >= due:
+                await trio.sleep_until(start + k / rate)
+                continue
+        else:
+            due = count
+        while k < due:
+            await send(users[k % n], make(k))
+            k += 1
+            if not k & 255 and trio.current_time() >= deadline:
+                break
+    return {"sent": k, "t0": t0, "t1": time.time()}
+
+
+async def control_loop(handle: Any, shutdown: trio.Event) -> None:
+    """A server process's commands, one JSON line each on stdin; answers on stdout."""
+    stdin = Lines(trio.lowlevel.FdStream(os.dup(0)), "stdin")
+    prof: cProfile.Profile | None = None
+    cpu0 = 0.0
+
+    def reply(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    try:
+        while True:
+            cmd = await stdin.next()
+            if cmd["cmd"] == "begin":
+                t = os.times()
+                cpu0 = t.user + t.system
+                if cmd.get("profile"):
+                    prof = cProfile.Profile()
+                    prof.enable()
+                reply({"event": "begun"})
+            elif cmd["cmd"] == "end":
+                text = ""
+                if prof is not None:
+                    prof.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+                    text = buf.getvalue()
+                    prof = None
+                t = os.times()
+                reply({"event": "ended", "cpu": t.user + t.system - cpu0, "profile": text})
+            elif cmd["cmd"] == "inject":
+                reply({"event": "injected", **await handle(cmd)})
+            elif cmd["cmd"] == "quit":
+                break
+    except EOFError:
+        pass
+    finally:
+        shutdown.set()
+
+
+# =============================================================================================================
+# Server role 1: the gateway (runs on CPU 0)
+# =============================================================================================================
+
+
+async def gateway_server(cfg: dict[str, Any]) -> None:
+    import web.server as server_mod
+    from actors.comfy import RestartPolicy
+    from actors.gateway import GatewayConfig
+    from actors.sessions import Publish
+    from web.config import WebConfig
+
+    # serve_gateway keeps its Handles to itself: catch them on their way into create_app (the real server runs)
+    handles: list[Any] = []
+    create_app = server_mod.create_app
+
+    def capture(h: Any, *args: Any, **kw: Any) -> Any:
+        handles.append(h)
+        return create_app(h, *args, **kw)
+
+    server_mod.create_app = capture
+    gw = GatewayConfig(
+        comfyui_urls=tuple(cfg["comfy_urls"]), store_path=cfg["store"], initial_credits=10**9, price=1,
+        max_queued_per_user=64, comfy_policy=RestartPolicy(initial_delay=0.05, max_delay=0.5, max_restarts=1000,
+                                                           window=60.0, healthy_after=5.0),
+    )
+    web = WebConfig(bind="127.0.0.1:0")
+    shutdown = trio.Event()
+
+    async def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        hub = handles[0].sessions
+        size = cmd["size"]
+
+        async def send(user: str, body: dict[str, Any]) -> None:
+            await hub.send(Publish(user, CLIENT_ID, body))
+
+        return await inject(send, partial(bench_body, size=size), cmd["users"], cmd["count"], cmd["rate"], cmd["seconds"])
+
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(partial(server_mod.serve_gateway, gw, web, secret=SECRET, shutdown=shutdown))
+        print(json.dumps({"event": "listening", "url": running.url.replace("http://", "ws://") + "/ws",
+                          "http": running.url, "pid": os.getpid()}), flush=True)
+        await control_loop(handle, shutdown)
+
+
+# =============================================================================================================
+# Server role 2: the bare relay (runs on CPU 0)
+# =============================================================================================================
+
+
+async def bare_server(cfg: dict[str, Any]) -> None:
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+    from quart import websocket
+    from quart_trio import QuartTrio
+
+    from web.server import set_permessage_deflate
+
+    set_permessage_deflate(False)  # as the gateway (the clients do not offer it anyway)
+    app = QuartTrio("bare_relay")
+    conns: dict[int, trio.MemorySendChannel[str]] = {}
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        u = int(websocket.args.get("u", "-1"))
+        await websocket.accept()
+        tx, rx = trio.open_memory_channel[str](1000)  # STACK-NOTES §3: a bounded channel + a writer
+        conns[u] = tx
+        try:
+            await websocket.send("hello")
+            async for msg in rx:
+                await websocket.send(msg)
+        finally:
+            if conns.get(u) is tx:
+                del conns[u]
+
+    async def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        size = cmd["size"]
+
+        def make(k: int) -> str:
+            return json.dumps(bench_body(k, size), separators=(",", ":"))
+
+        async def send(u: int, msg: str) -> None:
+            tx = conns.get(u)
+            if tx is not None:
+                await tx.send(msg)
+
+        return await inject(send, make, list(range(cmd["clients"])), cmd["count"], cmd["rate"], cmd["seconds"])
+
+    hc = HypercornConfig()
+    hc.bind = ["127.0.0.1:0"]
+    hc.accesslog = None
+    hc.graceful_timeout = 1
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, hc, shutdown_trigger=shutdown.wait))  # type: ignore[arg-type]
+        port = int(binds[0].rsplit(":", 1)[1])
+        print(json.dumps({"event": "listening", "url": f"ws://127.0.0.1:{port}/ws", "pid": os.getpid()}), flush=True)
+        await control_loop(handle, shutdown)
+
+
+# =============================================================================================================
+# The driver (runs on CPU 1, with the clients and the ComfyUI simulators)
+# =============================================================================================================
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: trio.Process
+    out: Lines
+    log_path: Path
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all((json.dumps(obj) + "\n").encode())
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def stop(self) -> None:
+        try:
+            with trio.move_on_after(2):
+                await self.send({"cmd": "quit"})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        with trio.move_on_after(10):
+            await self.proc.wait()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@dataclass
+class Result:
+    path: str
+    rate: float
+    clients: int
+    size: int
+    expected: int
+    sent: int = 0
+    delivered: int = 0
+    other: int = 0  # messages delivered that are not the measured ones (task lifecycle, in `comfy`)
+    seconds: float = 0.0
+    offered: float = 0.0  # msgs/s actually sent
+    throughput: float = 0.0  # msgs/s delivered
+    p50: float | None = None  # ms
+    p99: float | None = None
+    p999: float | None = None
+    max: float | None = None
+    server_cpu: float = 0.0  # seconds
+    client_cpu: float = 0.0
+    driver_cpu: float = 0.0
+    per_client: tuple[int, int] = (0, 0)
+    closed: int = 0
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+    profile: str = ""
+
+    @property
+    def server_us_per_msg(self) -> float | None:
+        return 1e6 * self.server_cpu / self.delivered if self.delivered else None
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def fill_latency(r: Result, lat: list[float]) -> None:
+    lat.sort()
+    r.p50, r.p99, r.p999, r.max = (percentile(lat, q) for q in (0.5, 0.99, 0.999, 1.0))
+
+
+def pin(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.a = args
+        self.tmp = tmp
+        self.results: list[Result] = []
+        self.server_cpu_id: int | None = None
+        self.client_cpu_id: int | None = None
+        if not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+            self.server_cpu_id, self.client_cpu_id = 0, 1
+            os.sched_setaffinity(0, {1})  # this process (simulators, driver) and the Node clients: CPU 1
+        from web.auth import Authenticator
+
+        auth = Authenticator(SECRET)
+        self.users = [f"u{i}" for i in range(args.clients)]
+        self.tokens = [auth.issue(u) for u in self.users]
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    async def spawn(self, name: str, argv: list[str], cpu: int | None) -> Proc:
+        log_path = self.tmp / f"{name}.log"
+        logf = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+        proc = await trio.lowlevel.open_process(
+            pin(cpu) + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf,
+            cwd=str(NODE_DIR if argv[0] == "node" else ROOT),
+        )
+        logf.close()
+        assert proc.stdout is not None
+        return Proc(name, proc, Lines(proc.stdout, name), log_path)
+
+    async def start_server(self, role: str, cfg: dict[str, Any]) -> tuple[Proc, dict[str, Any]]:
+        p = await self.spawn(role, [sys.executable, __file__, "--role", role, json.dumps(cfg)], self.server_cpu_id)
+        try:
+            info = await p.out.expect("listening", SERVER_START)
+        except (EOFError, trio.TooSlowError) as exc:
+            raise RuntimeError(f"{role} did not start ({exc}):\n{p.log_tail()}") from None
+        return p, info
+
+    async def start_clients(self, mode: str, url: str) -> Proc:
+        cfg = {"mode": mode, "url": url, "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
+        p = await self.spawn(f"clients-{mode}", ["node", "--input-type=module", "-e", NODE_CLIENT, json.dumps(cfg)],
+                             self.client_cpu_id)
+        try:
+            ready = await p.out.expect("ready", 30 + self.a.clients / 20)
+        except (EOFError, trio.TooSlowError, RuntimeError) as exc:
+            raise RuntimeError(f"the {mode} clients did not connect ({exc}):\n{p.log_tail()}") from None
+        self.say(f"  {self.a.clients} {mode} clients connected in {ready['seconds']:.1f}s")
+        return p
+
+    async def measure(self, r: Result, server: Proc, clients: Proc, run_load: Any) -> tuple[dict[str, Any], Any]:
+        """begin (server CPU, profile) -> arm the clients -> run the load -> wait for the clients -> end."""
+        await server.send({"cmd": "begin", "profile": self.a.profile})
+        await server.out.expect("begun", 10)
+        await clients.send({"cmd": "measure", "expect": r.expected, "deadlineMs": int(1000 * (self.a.seconds + DRAIN_GRACE))})
+        await clients.out.expect("armed", 10)
+        d0 = os.times()
+        load = await run_load()
+        result = await clients.out.expect("result", self.a.seconds + DRAIN_GRACE + 30)
+        d1 = os.times()
+        await server.send({"cmd": "end"})
+        ended = await server.out.expect("ended", 30)
+        r.server_cpu = ended["cpu"]
+        r.profile = ended["profile"]
+        r.client_cpu = result["cpu"]
+        r.driver_cpu = (d1.user + d1.system) - (d0.user + d0.system)
+        r.delivered = result["count"]
+        r.other = result["total"] - result["count"]
+        r.per_client = (result["perClientMin"], result["perClientMax"])
+        r.closed = result["closed"]
+        r.errors = result["errors"]
+        return result, load
+
+    # -- the three paths
+
+    async def run_hub(self, rate: float, server: Proc, clients: Proc) -> Result:
+        a = self.a
+        r = Result("hub", rate, a.clients, a.size, a.clients * a.messages)
+
+        async def load() -> dict[str, Any]:
+            await server.send({"cmd": "inject", "users": self.users, "count": r.expected, "rate": rate,
+                               "size": a.size, "seconds": a.seconds})
+            return await server.out.expect("injected", a.seconds + 30)
+
+        result, sent = await self.measure(r, server, clients, load)
+        self.finish_timed(r, result, sent)
+        return r
+
+    async def run_bare(self, rate: float, server: Proc, clients: Proc) -> Result:
+        a = self.a
+        r = Result("bare", rate, a.clients, a.size, a.clients * a.messages)
+
+        async def load() -> dict[str, Any]:
+            await server.send({"cmd": "inject", "clients": a.clients, "count": r.expected, "rate": rate,
+                               "size": a.size, "seconds": a.seconds})
+            return await server.out.expect("injected", a.seconds + 30)
+
+        result, sent = await self.measure(r, server, clients, load)
+        self.finish_timed(r, result, sent)
+        return r
+
+    def finish_timed(self, r: Result, result: dict[str, Any], sent: dict[str, Any]) -> None:
+        r.sent = sent["sent"]
+        r.offered = r.sent / max(1e-9, sent["t1"] - sent["t0"])
+        if result["last"] is not None:
+            r.seconds = result["last"] / 1000 - sent["t0"]
+            r.throughput = r.delivered / max(1e-9, r.seconds)
+        fill_latency(r, result["lat"])
+        if r.delivered < r.sent:
+            r.note = f"{r.sent - r.delivered} sent but not delivered"
+
+    async def run_comfy(self, rate: float, server: Proc, clients: Proc, sims: list[Any], http_url: str) -> Result:
+        import httpx
+
+        a = self.a
+        steps = min(a.messages, MAX_SAMPLER_STEPS)
+        tasks_per_user = math.ceil(a.messages / steps)
+        r = Result("comfy", rate, a.clients, 0, a.clients * steps * tasks_per_user)
+        step_ms = len(sims) * 1000.0 / rate if rate > 0 else 0.0
+        emitted: dict[tuple[str, int], float] = {}
+        for sim in sims:
+            sim.step_ms = step_ms
+            sim._send_json = partial(self.timed_send, sim._send_json, emitted)  # time each progress as it leaves
+        wf = json.loads(WORKFLOW.read_text())
+        for node in wf.values():
+            if node["class_type"] == "KSampler":
+                node["inputs"]["steps"] = steps
+        task_ids: list[tuple[str, str]] = []
+
+        async with httpx.AsyncClient(timeout=30) as http:
+
+            async def submit_all() -> None:
+                limit = trio.CapacityLimiter(16)
+
+                async def one(i: int) -> None:
+                    async with limit:
+                        resp = await http.post(f"{http_url}/api/tasks", json={"clientId": CLIENT_ID, "workflow": wf},
+                                               headers={"Authorization": f"Bearer {self.tokens[i]}"})
+                        if resp.status_code != 202:
+                            raise RuntimeError(f"submit for {self.users[i]}: {resp.status_code} {resp.text}")
+                        task_ids.append((self.tokens[i], resp.json()["taskId"]))
+
+                for _ in range(tasks_per_user):  # round after round: the scheduler is fair anyway
+                    async with trio.open_nursery() as n:
+                        for i in range(a.clients):
+                            n.start_soon(one, i)
+
+            async def load() -> dict[str, Any]:
+                with trio.move_on_after(a.seconds):  # the submissions count against the time bound too
+                    await submit_all()
+                return {}
+
+            result, _ = await self.measure(r, server, clients, load)
+            leftovers = len(task_ids) * steps - result["count"]
+            if leftovers > 0:  # the time bound ended it: cancel what is left so the next phase starts clean
+                async with trio.open_nursery() as n:
+                    for token, tid in task_ids:
+                        n.start_soon(partial(http.delete, f"{http_url}/api/tasks/{tid}",
+                                             headers={"Authorization": f"Bearer {token}"}))
+                with trio.move_on_after(COMFY_SETTLE):
+                    while any(s._running is not None or s._pending for s in sims):
+                        await trio.sleep(0.2)
+        for sim in sims:
+            del sim._send_json
+        r.sent = len(emitted)
+        lat = []
+        first = min(emitted.values()) if emitted else None
+        for pid, value, t in result["recs"]:
+            sent_at = emitted.get((pid, value))
+            if sent_at is not None:
+                lat.append(t - sent_at * 1000)
+        fill_latency(r, lat)
+        if first is not None and result["last"] is not None:
+            r.seconds = result["last"] / 1000 - first
+            r.throughput = r.delivered / max(1e-9, r.seconds)
+            r.offered = r.sent / max(1e-9, max(emitted.values()) - first)
+        r.note = f"{len(sims)} simulators, {steps}-step KSampler, step {step_ms:.2f} ms"
+        if r.delivered < r.sent:
+            r.note += f"; {r.sent - r.delivered} emitted but not delivered"
+        return r
+
+    @staticmethod
+    def timed_send(orig: Any, emitted: dict[tuple[str, int], float], event: str, data: Any, sid: Any) -> None:
+        if event == "progress":
+            emitted[(data["prompt_id"], data["value"])] = time.time()
+        orig(event, data, sid)
+
+    # -- the run
+
+    async def run(self) -> None:
+        a = self.a
+        rates = a.rate
+        paths = a.paths
+        if any(p in paths for p in ("hub", "comfy")):
+            await self.run_gateway(rates, paths)
+        if "bare" in paths:
+            self.say("bare relay (Quart-Trio on Hypercorn, one WebSocket message per event)")
+            server, info = await self.start_server("bare", {})
+            try:
+                clients = await self.start_clients("bare", info["url"])
+                try:
+                    for rate in rates:
+                        self.report(await self.run_bare(rate, server, clients))
+                finally:
+                    await clients.stop()
+            finally:
+                await server.stop()
+
+    async def run_gateway(self, rates: Sequence[float], paths: Sequence[str]) -> None:
+        from fake_comfyui import FakeComfyUI
+
+        a = self.a
+        nsims = a.backends or max(2, min(16, math.ceil(max(rates) * 2 / 1000)))
+        sims = [FakeComfyUI(step_ms=0, seed=i, previews=False) for i in range(nsims)]
+        async with trio.open_nursery() as nursery:
+            for sim in sims:
+                await nursery.start(sim.serve)
+            self.say(f"gateway (+ {nsims} ComfyUI simulators on the client CPU)")
+            server, info = await self.start_server("gateway", {"comfy_urls": [s.url for s in sims],
+                                                               "store": str(self.tmp / "gateway.db")})
+            try:
+                clients = await self.start_clients("stomp", info["url"])
+                try:
+                    await self.wait_backends(sims)
+                    for rate in rates:
+                        if "hub" in paths:
+                            self.report(await self.run_hub(rate, server, clients))
+                        if "comfy" in paths:
+                            self.report(await self.run_comfy(rate, server, clients, sims, info["http"]))
+                finally:
+                    await clients.stop()
+            finally:
+                await server.stop()
+            nursery.cancel_scope.cancel()
+
+    async def wait_backends(self, sims: list[Any]) -> None:
+        """The comfy actors are connected when every simulator has a registered socket."""
+        with trio.move_on_after(20):
+            while not all(s._sockets for s in sims):
+                await trio.sleep(0.1)
+
+    def report(self, r: Result) -> None:
+        self.results.append(r)
+        lat = f"p50 {fmt_ms(r.p50)} p99 {fmt_ms(r.p99)} ms" if r.p50 is not None else "no latency"
+        self.say(f"  {r.path:5} rate {fmt_rate(r.rate):>5}: {r.delivered}/{r.expected} delivered, "
+                 f"{r.throughput:,.0f} msgs/s, {lat}, server CPU {r.server_cpu:.2f}s {r.note}")
+        for e in r.errors[:5]:
+            self.say(f"    client error: {e}")
+        if r.profile:
+            self.say(f"    server profile ({r.path}, rate {fmt_rate(r.rate)}), top by own time:\n{r.profile}")
+
+
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
+
+
+def fmt_rate(rate: float) -> str:
+    return "max" if rate == 0 else f"{rate:g}"
+
+
+LABELS = {"hub": "gateway, hub → client", "comfy": "gateway, ComfyUI → client", "bare": "bare Hypercorn relay"}
+
+
+def table(results: list[Result]) -> str:
+    bare = {r.rate: r for r in results if r.path == "bare"}
+    head = ("path", "target/s", "sent/s", "delivered", "msgs/s", "p50 ms", "p99 ms", "max ms", "srv CPU",
+            "µs/msg", "cli CPU", "× bare msgs/s", "× bare p99")
+    rows = [head]
+    for r in results:
+        b = bare.get(r.rate)
+        wall = max(r.seconds, 1e-9)
+        ratio_t = f"{r.throughput / b.throughput:.2f}" if b and b.throughput and r.path != "bare" else ""
+        ratio_p = f"{r.p99 / b.p99:.2f}" if b and b.p99 and r.p99 is not None and r.path != "bare" else ""
+        rows.append((
+            LABELS[r.path], fmt_rate(r.rate), f"{r.offered:,.0f}", f"{r.delivered}/{r.expected}", f"{r.throughput:,.0f}",
+            fmt_ms(r.p50), fmt_ms(r.p99), fmt_ms(r.max), f"{100 * r.server_cpu / wall:.0f}%",
+            f"{r.server_us_per_msg:.1f}" if r.server_us_per_msg else "-",
+            f"{100 * (r.client_cpu + (r.driver_cpu if r.path == 'comfy' else 0)) / wall:.0f}%", ratio_t, ratio_p,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = [float(x) for x in text.split(",") if x.strip()]
+    if not rates or any(r < 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rate must be numbers >= 0, comma-separated, not {text!r}")
+    return rates
+
+
+def parse_paths(text: str) -> list[str]:
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if not paths or any(p not in PATHS for p in paths):
+        raise argparse.ArgumentTypeError(f"--paths must be among {','.join(PATHS)}, not {text!r}")
+    return paths
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=100, help="client connections, one user each (default 100)")
+    p.add_argument("--messages", type=int, default=500, help="messages per client per phase (default 500)")
+    p.add_argument("--rate", type=parse_rates, default=[0.0, 5000.0],
+                   help="total msgs/s, 0 = as fast as possible; a comma list runs each (default 0,5000)")
+    p.add_argument("--size", type=int, default=100, help="JSON body bytes of the hub and bare messages (default 100)")
+    p.add_argument("--seconds", type=float, default=20.0, help="time bound of each phase's sending (default 20)")
+    p.add_argument("--paths", type=parse_paths, default=list(PATHS), help="which of hub,comfy,bare (default all)")
+    p.add_argument("--backends", type=int, default=0,
+                   help="ComfyUI simulators for the comfy path (default: enough for steps >= 2 ms at the top rate)")
+    p.add_argument("--profile", action="store_true", help="cProfile the server process per phase (slows it ~2x)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the clients to CPU 1")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout")
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    p.add_argument("role_config", nargs="?", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.clients < 1 or a.messages < 1 or a.seconds <= 0 or a.size < 0:
+        p.error("--clients and --messages must be >= 1, --seconds > 0, --size >= 0")
+    return a
+
+
+def ensure_node() -> None:
+    if not shutil.which("node"):
+        raise SystemExit("bench_relay: `node` (>= 18) is needed for the clients")
+    if not (NODE_DIR / "node_modules" / "@stomp" / "stompjs").is_dir():
+        print("bench_relay: installing tests/node packages (npm install)", file=sys.stderr)
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True)
+
+
+async def drive(a: argparse.Namespace) -> list[Result]:
+    with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
+        d = Driver(a, Path(tmp))
+        pinned = "server on CPU 0, clients on CPU 1" if d.server_cpu_id is not None else "not pinned"
+        d.say(f"bench_relay: {a.clients} clients, {a.messages} msgs each, rates {[fmt_rate(r) for r in a.rate]}, "
+              f"{a.size} B, ≤ {a.seconds:g}s per phase; {pinned}; {os.cpu_count()} CPUs")
+        await d.run()
+        return d.results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.role:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        cfg = json.loads(a.role_config or "{}")
+        trio.run(gateway_server if a.role == "gateway" else bare_server, cfg)
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    ensure_node()
+    results = trio.run(drive, a)
+    if a.json:
+        doc = {
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "node": subprocess.run(
+                ["node", "--version"], capture_output=True, text=True).stdout.strip()},
+            "args": {k: v for k, v in vars(a).items() if k not in ("role", "role_config")},
+            "results": [{**{k: v for k, v in r.__dict__.items() if k != "profile"},
+                         "server_us_per_msg": r.server_us_per_msg, "label": LABELS[r.path]} for r in results],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
