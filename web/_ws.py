@@ -5,6 +5,13 @@ receive -> ``receive_data`` -> ``next_event`` -> dispatch, and a writer that dra
 ``Outbox`` and packs every frame waiting into one WebSocket message (STACK-NOTES §3.1: 30x+ on this stack).
 Control frames (CONNECTED, RECEIPT, ERROR, heart-beats) go through the same outbox, so order is preserved.
 A client disconnect arrives as ``trio.Cancelled`` (STACK-NOTES §2.5): cleanup lives in ``finally`` blocks.
+
+Every way a connection ends (DISCONNECT, a protocol error, a heart-beat or CONNECT timeout, a slow consumer,
+shutdown) goes the same path: an ERROR/RECEIPT is queued, the writer flushes it, the session is detached, and
+the socket is closed with a code. A client that stopped reading can leave the writer stuck for ever inside
+``websocket.send()`` (Hypercorn shields the socket write, STACK-NOTES §2.6), so the timer task is also a
+watchdog: once a connection is condemned, the writer gets ``CLOSE_GRACE`` seconds to finish, after which the
+TCP connection is cut underneath it (``_transport.transport_closer``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +41,7 @@ from actors.sessions import (
     SlowConsumer,
 )
 
+from ._transport import transport_closer
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame, negotiate_heartbeat
@@ -41,8 +50,12 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 SERVER_NAME = "comfy-gateway/0.1"
-CONNECT_TIMEOUT = 10.0  # seconds a new socket has to send CONNECT
+MAX_TICK = 0.25  # seconds between the timer task's checks of the outbox (its other deadlines are exact)
+CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
+DETACH_TIMEOUT = 2.0  # seconds the cleanup of a closed connection waits for the sessions hub
 RAW = "raw"  # Outgoing.type of an already-encoded control frame
+END = "end"  # Outgoing.type of the marker after a connection's last frame (its ERROR or RECEIPT)
+_END = Outgoing("", 0, b"", END)
 _ids = itertools.count(1)
 
 
@@ -95,6 +108,8 @@ class _Conn:
     expect_every: float = 0.0
     messages: int = 0
     close_after_flush: _Close | None = None
+    abort: Callable[[], Awaitable[None]] | None = None  # cuts the TCP connection (for a stuck writer)
+    released: bool = False  # session detached and per-user slot given back
 
     def raw(self, data: bytes) -> None:
         self.outbox.put_nowait(Outgoing("", 0, data, RAW))
@@ -118,7 +133,7 @@ class StompEndpoint:
         self.shutdown = shutdown
         self.counter = counter
         self.metrics = metrics
-        self.live: set[int] = set()
+        self.live: dict[int, _Conn] = {}  # by connection id
 
     async def serve(self, websocket: Any) -> Any:
         origin = websocket.headers.get("Origin")
@@ -136,23 +151,28 @@ class StompEndpoint:
             outbox=Outbox(max_bytes=self.cfg.outbox_bytes, max_delay=self.cfg.outbox_delay),
             stomp=StompConnection(max_frame_size=self.cfg.max_frame_size),
             last_rx=trio.current_time(),
+            abort=transport_closer(websocket),
         )
-        self.live.add(conn.id)
+        self.live[conn.id] = conn
         self.metrics.connections_opened()
-        close = _Close(1000)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, websocket, conn)
                 nursery.start_soon(self._timers, conn)
                 close = await self._writer(websocket, conn)
+                # detach first: a client that reconnects as soon as it sees the close finds its slot free
+                await self._release(conn)
+                await websocket.close(close.code, close.reason)  # the timer task still watches this send
                 nursery.cancel_scope.cancel()
-            with trio.move_on_after(1, shield=True):
-                await websocket.close(close.code, close.reason)
         finally:
-            self.live.discard(conn.id)
+            del self.live[conn.id]
             self.metrics.connections_closed(conn.outbox)
-            with trio.CancelScope(shield=True):
-                await self._detach(conn)
+            if conn.outbox.failed is not None:
+                self.metrics.slow_consumer()
+            with trio.move_on_after(DETACH_TIMEOUT, shield=True) as scope:
+                await self._release(conn)
+            if scope.cancelled_caught:
+                log.error("ws %d: the sessions hub did not take the Detach within %.0fs", conn.id, DETACH_TIMEOUT)
         return None
 
     # -- tasks
@@ -164,14 +184,17 @@ class StompEndpoint:
                 batch = await conn.outbox.get_batch()
             except SlowConsumer as exc:
                 log.warning("ws %d: %s", conn.id, exc)
-                self.metrics.slow_consumer()
                 err = conn.stomp.error("slow consumer", f"{exc}; reconnect and resubscribe with last-seq to resume")
-                with trio.move_on_after(1):
-                    await websocket.send(err.decode())
+                await websocket.send(err.decode())  # bounded by the timer task's watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
             parts = []
             now = trio.current_time()
             for out in batch:
+                if out.type == END:  # what was queued after the last frame is not sent
+                    if parts:
+                        await websocket.send(b"".join(parts).decode("utf-8", "replace"))
+                    assert conn.close_after_flush is not None
+                    return conn.close_after_flush
                 if out.type == RAW:
                     parts.append(out.body)
                     continue
@@ -191,8 +214,6 @@ class StompEndpoint:
             if parts:
                 await websocket.send(b"".join(parts).decode("utf-8", "replace"))
                 conn.last_tx = trio.current_time()
-            if conn.close_after_flush is not None and not len(conn.outbox):
-                return conn.close_after_flush
 
     async def _reader(self, websocket: Any, conn: _Conn) -> None:
         try:
@@ -211,46 +232,79 @@ class StompEndpoint:
             log.info("ws %d: protocol error: %s", conn.id, exc)
             self._fail(conn, exc.error_frame, 1002)
         except _Close as close:  # DISCONNECT: the writer flushes the RECEIPT, then closes
-            conn.close_after_flush = close
-            conn.outbox.put_nowait(Outgoing("", 0, b"", RAW))  # wake the writer
+            if conn.close_after_flush is None:
+                conn.close_after_flush = close
+                conn.outbox.put_nowait(_END)
 
     async def _timers(self, conn: _Conn) -> None:
-        """Heart-beats out, heart-beat enforcement in, slow-consumer deadline, CONNECT deadline, shutdown."""
-        tick = 0.5
+        """Heart-beats out, heart-beat enforcement in, slow-consumer deadline, CONNECT deadline, shutdown, and the
+        watchdog that cuts a connection whose writer cannot finish (see the module docstring).
+
+        It sleeps until the nearest deadline (heart-beats go out and are enforced on time, whatever their period)
+        and at most MAX_TICK, to notice an outbox that overflowed or got overdue."""
         opened = trio.current_time()
+        condemned_at: float | None = None
+        announced_shutdown = False
         while True:
-            with trio.move_on_after(tick):
-                await self.shutdown.wait()
-                self._error(conn, "server shutting down", "the gateway is restarting; reconnect", 1001)
-                return
             now = trio.current_time()
-            if conn.principal is None and now - opened > CONNECT_TIMEOUT:
-                self._error(conn, "no CONNECT", f"send CONNECT within {CONNECT_TIMEOUT:.0f}s of opening", 1008)
-                return
+            if self.shutdown.is_set() and not announced_shutdown:
+                announced_shutdown = True
+                self._error(conn, "server shutting down", "the gateway is restarting; reconnect", 1001)
+            if conn.principal is None and now - opened >= self.cfg.connect_timeout:
+                self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
             if conn.outbox.overdue():
-                conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:.0f}s")
-            if conn.send_every and now - conn.last_tx >= conn.send_every:
+                conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
+            if conn.expect_every and now - conn.last_rx >= 2 * conn.expect_every:
+                if conn.close_after_flush is None:
+                    log.info("ws %d: no heart-beat for %.2fs: closing", conn.id, now - conn.last_rx)
+                self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
+            if condemned_at is None and (conn.outbox.failed is not None or conn.close_after_flush is not None):
+                condemned_at = now
+            if condemned_at is not None and now - condemned_at >= CLOSE_GRACE:
+                await self._cut(conn)
+                return
+            if condemned_at is None and conn.send_every and now - conn.last_tx >= conn.send_every:
                 conn.last_tx = now
                 conn.raw(b"\n")
-            if conn.expect_every and now - conn.last_rx > 2 * conn.expect_every:
-                log.info("ws %d: no heart-beat for %.1fs: closing", conn.id, now - conn.last_rx)
-                self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
-                return
-            if self.cfg.heartbeat_ms[0]:
-                tick = min(0.5, self.cfg.heartbeat_ms[0] / 4000)
+            wake = now + MAX_TICK
+            if condemned_at is not None:
+                wake = min(wake, condemned_at + CLOSE_GRACE)
+            else:
+                if conn.principal is None:
+                    wake = min(wake, opened + self.cfg.connect_timeout)
+                if conn.send_every:
+                    wake = min(wake, conn.last_tx + conn.send_every)
+                if conn.expect_every:
+                    wake = min(wake, conn.last_rx + 2 * conn.expect_every)
+            with trio.move_on_at(wake):
+                if announced_shutdown:
+                    await trio.sleep_forever()
+                await self.shutdown.wait()
+
+    async def _cut(self, conn: _Conn) -> None:
+        """The writer did not finish within CLOSE_GRACE of the connection being condemned: it is stuck in a send
+        to a client that does not read. Close the TCP connection under it; Hypercorn then cancels this handler."""
+        log.warning("ws %d: writer still busy %.1fs after the connection was condemned (%s): cutting the "
+                    "TCP connection", conn.id, CLOSE_GRACE, conn.outbox.failed or conn.close_after_flush)
+        if conn.abort is None:
+            log.error("ws %d: no way to cut the TCP connection; it stays open until the client goes away", conn.id)
+            return
+        await conn.abort()
 
     # -- frames
 
     def _fail(self, conn: _Conn, frame: Frame, code: int) -> None:
-        conn.raw(conn.stomp.send(frame) if frame.command == "ERROR" else encode_frame("ERROR", frame.headers, frame.body))
-        conn.close_after_flush = _Close(code, frame.get("message", "") or "")
-        conn.outbox.put_nowait(Outgoing("", 0, b"", RAW))
+        if conn.close_after_flush is None:
+            conn.raw(conn.stomp.send(frame) if frame.command == "ERROR"
+                     else encode_frame("ERROR", frame.headers, frame.body))
+            conn.close_after_flush = _Close(code, frame.get("message", "") or "")
+            conn.outbox.put_nowait(_END)
 
     def _error(self, conn: _Conn, message: str, detail: str, code: int, receipt: str | None = None) -> None:
         if conn.close_after_flush is None:
             conn.raw(conn.stomp.error(message, detail, receipt_id=receipt))
             conn.close_after_flush = _Close(code, message[:100])
-            conn.outbox.put_nowait(Outgoing("", 0, b"", RAW))
+            conn.outbox.put_nowait(_END)
 
     async def _handle(self, conn: _Conn, frame: Frame) -> None:
         receipt = frame.get("receipt")
@@ -331,8 +385,8 @@ class StompEndpoint:
     async def _unsubscribe(self, conn: _Conn, sub_id: str) -> None:
         for dest, (sid, _) in list(conn.subs.items()):
             if sid == sub_id:
-                del conn.subs[dest]
                 await self._detach_dest(conn, dest)
+                del conn.subs[dest]
 
     async def _detach_dest(self, conn: _Conn, dest: str) -> None:
         assert conn.principal is not None and conn.client_id is not None
@@ -341,12 +395,18 @@ class StompEndpoint:
         else:
             await self.h.sessions.send(DetachBroadcast(conn.outbox))
 
-    async def _detach(self, conn: _Conn) -> None:
-        if conn.principal is None:
+    async def _release(self, conn: _Conn) -> None:
+        """Detach every subscription and give the per-user slot back; idempotent (called again on cancel)."""
+        if conn.principal is None or conn.released:
             return
-        for dest in list(conn.subs):
-            await self._detach_dest(conn, dest)
-        conn.subs.clear()
+        while conn.subs:
+            dest = next(iter(conn.subs))
+            try:
+                await self._detach_dest(conn, dest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):  # the hub is gone: gateway shutting down
+                log.debug("ws %d: sessions hub gone; %s not detached", conn.id, dest)
+            del conn.subs[dest]  # only now: a Detach cancelled before delivery is sent again by the next call
+        conn.released = True
         self.counter.release(conn.principal.user_id)
 
     async def _send(self, conn: _Conn, frame: Frame, receipt: str | None) -> None:
@@ -384,8 +444,9 @@ class StompEndpoint:
             except (trio.TooSlowError, ActorGone):
                 outcome = "unavailable"
             if outcome in ("not_found", "finished", "unavailable"):
+                # a taskId that is not this user's is not echoed as a field: messages carry only the user's own ids
                 await self._reject(user, client, outcome, f"cannot cancel task {task_id}: {outcome.replace('_', ' ')}",
-                                   task_id)
+                                   None if outcome == "not_found" else task_id)
 
     async def _reject(self, user: str, client: str, error: str, detail: str, task_id: str | None = None) -> None:
         body: dict[str, Any] = {"type": "rejected", "error": error, "detail": detail}

@@ -100,9 +100,11 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             resp.headers["Access-Control-Expose-Headers"] = "content-type, content-length"
         return resp
 
-    @app.route("/api/<path:_path>", methods=["OPTIONS"])
-    async def _preflight(_path: str) -> Response:
-        # answered before any auth check: a preflight never carries the token
+    @app.before_request
+    async def _preflight() -> Response | None:
+        # a CORS preflight never carries the token: answer it before any route (and any auth check) runs
+        if request.method != "OPTIONS" or not request.path.startswith("/api/"):
+            return None
         resp = Response("", status=204)
         resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
         resp.headers["Access-Control-Allow-Headers"] = "authorization, content-type, x-client-id"

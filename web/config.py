@@ -18,6 +18,7 @@ class WebConfig:
     max_connections_per_user: int = 16
     max_subscriptions: int = 8  # per connection
     heartbeat_ms: tuple[int, int] = (10_000, 10_000)  # (server sends every, server wants every)
+    connect_timeout: float = 10.0  # seconds a new WebSocket has to send its STOMP CONNECT
     outbox_bytes: int = 1 << 20  # per-connection outbound budget
     outbox_delay: float = 10.0  # seconds a queued frame may wait before the client is "slow"
     max_task_size: int = 64  # largest "size" of one task
