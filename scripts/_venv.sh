@@ -18,7 +18,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra="${1:-}"
 stamp=".venv/.installed${extra:+-$extra}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+fresh() { [ -f "$1" ] && [ ! pyproject.toml -nt "$1" ]; }
+# the test install includes the plain one
+if fresh "$stamp" || { [ -z "$extra" ] && fresh .venv/.installed-test; }; then
+  :
+else
   echo "installing comfy-gateway${extra:+[$extra]} into .venv" >&2
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra:+[$extra]}"

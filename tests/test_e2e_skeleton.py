@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +221,11 @@ async def _read_line_with(stream: Any, needle: bytes, buf: bytearray) -> bytes:
 
 async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
     """What a newcomer gets from `scripts/run --simulate`: the gateway CLI with the bundled simulator."""
-    exe = Path(sys.executable).with_name("comfy-gateway")
-    env = {**os.environ, "GATEWAY_SECRET": "", "PYTHONUNBUFFERED": "1"}
-    env.pop("GATEWAY_SECRET")
+    run = Path(__file__).resolve().parent.parent / "scripts" / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"PYTHONUNBUFFERED": "1"}
     proc = await trio.lowlevel.open_process(
-        [str(exe), "serve", "--simulate", "--bind", "127.0.0.1:0", "--data", str(tmp_path / "data"),
-         "--sim-step-ms", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        [str(run), "--simulate", "--bind", "127.0.0.1:0", "--data", str(tmp_path / "data"), "--sim-step-ms", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
     )
     try:
         buf = bytearray()
