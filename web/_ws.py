@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 SERVER_NAME = "comfy-gateway/0.1"
-MAX_TICK = 0.25  # seconds between the timer task's checks of the outbox (its other deadlines are exact)
+MAX_TICK = 0.5  # seconds between the timer task's checks of the outbox (its other deadlines are exact)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
 DETACH_TIMEOUT = 2.0  # seconds the cleanup of a closed connection waits for the sessions hub
 RAW = "raw"  # Outgoing.type of an already-encoded control frame
@@ -165,14 +165,14 @@ class StompEndpoint:
                 await websocket.close(close.code, close.reason)  # the timer task still watches this send
                 nursery.cancel_scope.cancel()
         finally:
-            del self.live[conn.id]
-            self.metrics.connections_closed(conn.outbox)
-            if conn.outbox.failed is not None:
-                self.metrics.slow_consumer()
             with trio.move_on_after(DETACH_TIMEOUT, shield=True) as scope:
                 await self._release(conn)
             if scope.cancelled_caught:
                 log.error("ws %d: the sessions hub did not take the Detach within %.0fs", conn.id, DETACH_TIMEOUT)
+            del self.live[conn.id]  # last: a connection not in ``live`` is detached and its tasks are gone
+            self.metrics.connections_closed(conn.outbox)
+            if conn.outbox.failed is not None:
+                self.metrics.slow_consumer()
         return None
 
     # -- tasks
@@ -184,7 +184,9 @@ class StompEndpoint:
                 batch = await conn.outbox.get_batch()
             except SlowConsumer as exc:
                 log.warning("ws %d: %s", conn.id, exc)
-                err = conn.stomp.error("slow consumer", f"{exc}; reconnect and resubscribe with last-seq to resume")
+                # encode_frame, not stomp.error(): an ERROR may already have been sent on this connection
+                err = encode_frame("ERROR", (("message", "slow consumer"), ("content-type", "text/plain")),
+                                   f"{exc}; reconnect and resubscribe with last-seq to resume".encode())
                 await websocket.send(err.decode())  # bounded by the timer task's watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
             parts = []
@@ -209,7 +211,7 @@ class StompEndpoint:
                 ]
                 if sub[1] != "auto":
                     headers.append(("ack", f"{conn.id}-{conn.messages}"))
-                parts.append(encode_frame("MESSAGE", headers, out.body))
+                parts.append(encode_frame("MESSAGE", headers, out.body, escape=conn.stomp.version != "1.0"))
                 self.metrics.relayed(out.type, now - out.created)
             if parts:
                 await websocket.send(b"".join(parts).decode("utf-8", "replace"))
