@@ -103,6 +103,7 @@ class _Conn:
     client_id: str | None = None
     subs: dict[str, tuple[str, str]] = field(default_factory=dict)  # destination -> (subscription id, ack mode)
     last_rx: float = 0.0
+    busy: bool = False  # the reader is handling a frame (e.g. waiting for the registry), not reading
     last_tx: float = 0.0
     send_every: float = 0.0  # seconds; 0 = no heart-beats
     expect_every: float = 0.0
@@ -229,7 +230,12 @@ class StompEndpoint:
                         break
                     if event is HEARTBEAT:
                         continue
-                    await self._handle(conn, event)
+                    conn.busy = True  # while we wait on an actor we read nothing: not the client's silence
+                    try:
+                        await self._handle(conn, event)
+                    finally:
+                        conn.busy = False
+                        conn.last_rx = trio.current_time()
         except RemoteProtocolError as exc:
             log.info("ws %d: protocol error: %s", conn.id, exc)
             self._fail(conn, exc.error_frame, 1002)
@@ -256,7 +262,7 @@ class StompEndpoint:
                 self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
             if conn.outbox.overdue():
                 conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
-            if conn.expect_every and now - conn.last_rx >= 2 * conn.expect_every:
+            if conn.expect_every and not conn.busy and now - conn.last_rx >= 2 * conn.expect_every:
                 if conn.close_after_flush is None:
                     log.info("ws %d: no heart-beat for %.2fs: closing", conn.id, now - conn.last_rx)
                 self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
