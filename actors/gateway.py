@@ -25,6 +25,7 @@ SCHEDULER_INBOX = 64
 LEDGER_INBOX = 64
 HUB_INBOX = 256
 COMFY_INBOX = 64
+SEQ_EPOCH = 10**9  # session seqs of the n-th start on a data dir begin at (n-1) * 10^9 (9 million below 2^53)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class GatewayConfig:
     initial_credits: int = 100
     price: int = 1
     task_timeout: float = 30 * 60.0
+    backend_lost_after: float = 5 * 60.0  # an unreachable backend's in-flight tasks fail (backend_lost) after this
     hold_ttl: float = 2 * 60 * 60.0  # must be longer than task_timeout (a safety net, not the normal path)
     public_url: str = ""
     comfy_policy: comfy.RestartPolicy = field(default_factory=comfy.RestartPolicy)
@@ -53,6 +55,8 @@ class GatewayConfig:
             raise ValueError("price and initial_credits must be >= 0")
         if self.hold_ttl <= self.task_timeout:
             raise ValueError("hold_ttl must be longer than task_timeout")
+        if self.backend_lost_after <= 0 or self.task_timeout <= 0:
+            raise ValueError("backend_lost_after and task_timeout must be > 0")
 
     @property
     def backend_urls(self) -> dict[str, str]:
@@ -94,7 +98,10 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
         stats = {name: comfy.ComfyCounters() for name in backend_urls}
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age))
+            # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
+            seq_base = (await store.next_boot() - 1) * SEQ_EPOCH
+            await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age,
+                                        seq_base=seq_base))
             await nursery.start(partial(
                 ledger.run, ledger_rx, store=store, sessions=hub_tx.clone(),
                 initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
@@ -105,6 +112,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
             ))
             reg_cfg = registry.RegistryConfig(
                 price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
+                backend_lost_after=cfg.backend_lost_after,
                 public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
             )
             await nursery.start(partial(

@@ -11,6 +11,14 @@ matched (reconciled) by prompt_id. Every transition is persisted before it is ac
 the registry settles or releases the task's credit hold (asking the ledger, a leaf actor, so the answer is
 known before the user is told), returns the scheduler permit, and publishes the message to the task's session.
 
+Reconciliation (CheckPrompts: /queue, then /history/{id}) runs after every (re)connect and start-up, when a
+cancelled or timed-out prompt should have stopped, and when ComfyUI's ``status.queue_remaining`` is lower than the
+number of our prompts it must hold. A task whose prompt was in flight while the socket was down (``gap``) takes
+its outputs from /history even when its ``execution_success`` arrives live (its ``executed`` may have been
+missed); the history entry is written after the terminal event, so it is read on the idle ``executing``. A backend
+unreachable for ``backend_lost_after`` seconds has its in-flight tasks failed (``backend_lost``, refunded); their
+prompts are deleted/interrupted there if it ever returns. Timers live in one heap keyed by (kind, task or backend).
+
 Who talks to whom (blocking sends only go "down" this list, so there is no cycle that can deadlock):
 web -> registry -> ledger, scheduler, comfy command loops, sessions hub; comfy report tasks -> registry.
 """
@@ -44,6 +52,7 @@ from .comfy import (
     ExecutionError,
     ExecutionInterrupted,
     ExecutionStart,
+    Executing,
     ExecutionSuccess,
     PreviewImage,
     Progress,
@@ -51,6 +60,7 @@ from .comfy import (
     PromptLocated,
     PromptRejected,
     PromptSubmitUnknown,
+    Status,
 )
 from .sessions import Broadcast, Publish
 from .store import ImageRef, InsufficientCredits, LedgerError, SqliteStore, TaskRecord, TERMINAL_STATES
@@ -58,8 +68,17 @@ from .store import ImageRef, InsufficientCredits, LedgerError, SqliteStore, Task
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("queued", "submitted", "running")
+INFLIGHT_STATES = ("submitted", "running")  # inside ComfyUI (as far as we know), holding a scheduler permit
 CANCEL_CHECK_DELAY = 2.0  # seconds after a cancel before asking ComfyUI where the prompt went
 RECHECK_DELAY = 5.0  # seconds between reconciliation retries while a prompt's fate is unknown
+HISTORY_RETRY_DELAY = 0.5  # seconds: ComfyUI writes the history entry just after the terminal event
+TIMEOUT_GRACE = 60.0  # seconds a timed-out prompt has to obey the interrupt before it is given up on
+CROSS_CHECK_INTERVAL = 1.0  # seconds: at most one queue_remaining-triggered reconciliation per backend this often
+# seconds after its submit was accepted before a prompt not yet seen on the socket counts in that cross-check: our
+# socket's events lag behind HTTP answers, so a `status` read just after the answer may predate the prompt
+CROSS_CHECK_SETTLE = 2.0
+MAX_ABANDONED = 1000  # prompt ids per backend to delete/interrupt when it returns (bounded memory)
+TIMEOUT_ERROR = "the task exceeded its time limit and was interrupted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +86,7 @@ class RegistryConfig:
     price: int = 1  # credits per unit of ``size``
     max_queued_per_user: int = 32
     task_timeout: float = 30 * 60.0  # seconds a task may run inside ComfyUI before it is interrupted
+    backend_lost_after: float = 5 * 60.0  # seconds a backend may stay unreachable before its tasks are backend_lost
     public_url: str = ""  # prefix of image URLs, e.g. "http://127.0.0.1:8080"
     backend_urls: Mapping[str, str] = field(default_factory=dict)
 
@@ -171,6 +191,10 @@ class _Task:
     rec: TaskRecord
     cancelling: bool = False
     timed_out: bool = False
+    gap: bool = False  # its backend's socket was down while it was in flight: live events may be missing
+    seen: bool = False  # an event of its prompt arrived on the socket: later `status` frames know of it
+    submitted_at: float = float("-inf")  # trio time it was marked submitted
+    awaiting_history: bool = False  # success seen after a gap: its outputs are read from /history first
 
     @property
     def id(self) -> str:
@@ -199,8 +223,12 @@ class _Registry:
         self.tasks: dict[str, _Task] = {}
         self.by_prompt: dict[str, str] = {}
         self.up: set[str] = set()
+        self.lost_since: dict[str, float] = {}  # backend -> trio time it was last seen going away (absent: up)
+        self.abandoned: dict[str, set[str]] = {}  # backend -> prompt_ids given up on; deleted/interrupted on return
+        self.last_cross_check: dict[str, float] = {}  # backend -> trio time of the last status-triggered check
         self.seq = 0
-        self.timers: list[tuple[float, int, str, str]] = []  # (trio time, tiebreak, kind, task_id)
+        self.timers: list[tuple[float, int, str, str]] = []  # (trio time, tiebreak, kind, task_id or backend)
+        self.timer_due: dict[tuple[str, str], float] = {}  # (kind, key) -> the one live due time
         self._timer_ids = 0
         self.last_status: tuple[int, int, int, int] | None = None
 
@@ -232,9 +260,22 @@ class _Registry:
             v["position"] = position
         return v
 
-    def after(self, delay: float, kind: str, task_id: str) -> None:
+    def after(self, delay: float, kind: str, key: str) -> None:
+        """Run ``on_timer(kind, key)`` in ``delay`` seconds. One live timer per (kind, key): an earlier one wins."""
+        due = trio.current_time() + delay
+        if self.timer_due.get((kind, key), float("inf")) <= due:
+            return
+        self.timer_due[(kind, key)] = due
         self._timer_ids += 1
-        heapq.heappush(self.timers, (trio.current_time() + delay, self._timer_ids, kind, task_id))
+        heapq.heappush(self.timers, (due, self._timer_ids, kind, key))
+
+    def pop_timer(self) -> tuple[str, str] | None:
+        """The next due timer's (kind, key), or None if that heap entry was superseded by an earlier one."""
+        due, _, kind, key = heapq.heappop(self.timers)
+        if self.timer_due.get((kind, key)) != due:
+            return None
+        del self.timer_due[(kind, key)]
+        return kind, key
 
     async def publish(self, rec: TaskRecord, body: dict[str, Any]) -> None:
         await self.sessions.send(Publish(rec.user_id, rec.client_id, body))
@@ -262,14 +303,18 @@ class _Registry:
         """Reload every non-terminal task: queued ones back into the queue in order; the rest are reconciled
         against their backend once it is connected."""
         self.seq = await self.store.max_task_seq()
+        for backend in self.comfy:  # not connected yet: each backend has backend_lost_after to come up
+            self.backend_went_away(backend)
         for rec in await self.store.load_active_tasks():
-            task = _Task(rec)
+            task = _Task(rec, gap=rec.state in INFLIGHT_STATES)  # nobody listened while we were down
             self.tasks[rec.task_id] = task
             self.by_prompt[rec.prompt_id] = rec.task_id
             if rec.state == "queued":
                 await self.scheduler.send(sched.Enqueue(sched.Job(rec.task_id, rec.user_id, rec.prompt_id, rec.workflow)))
             elif rec.backend in self.comfy:
-                await self.scheduler.send(sched.Occupy(rec.task_id, rec.backend))
+                await self.scheduler.send(sched.Occupy(rec.task_id, rec.backend, rec.user_id))
+            if rec.state == "running":  # the deadline goes on from the last recorded change
+                self.after(max(0.0, self.cfg.task_timeout - (self.now() - rec.updated_at)), "timeout", rec.task_id)
             log.info("registry: reloaded task %s (%s)", rec.task_id, rec.state)
 
     # -- requests
@@ -367,6 +412,9 @@ class _Registry:
 
     async def mark_submitted(self, task: _Task, backend: str) -> None:
         if task.rec.state == "queued":
+            if backend not in self.up:  # accepted while the socket was down: its first events went nowhere
+                task.gap = True
+            task.submitted_at = trio.current_time()
             await self.save(task, state="submitted", backend=backend)
             if task.cancelling:
                 await self.ask_backend_to_cancel(task)
@@ -429,16 +477,72 @@ class _Registry:
         await self.publish(rec, body)
         await self.broadcast_status()
 
+    async def finish_gone(self, task: _Task, detail: str) -> None:
+        """The prompt is gone from ComfyUI, or its backend stayed unreachable too long: end the task by what we know."""
+        if task.cancelling:
+            await self.finish(task, "cancelled", None)
+        elif task.timed_out:
+            await self.finish(task, "failed", "timeout", {"error": TIMEOUT_ERROR})
+        elif task.awaiting_history:  # ComfyUI reported success; only outputs missed during the gap may be absent
+            log.warning("registry: task %s succeeded but its history is gone: %s", task.id, detail)
+            await self.finish(task, "succeeded", None)
+        else:
+            await self.finish(task, "failed", "backend_lost", {"error": detail})
+
+    def abandon(self, task: _Task) -> None:
+        """Remember an unreachable backend's prompt we gave up on, to delete/interrupt it if the backend returns."""
+        backend = task.rec.backend
+        if backend is not None:
+            ids = self.abandoned.setdefault(backend, set())
+            if len(ids) < MAX_ABANDONED:
+                ids.add(task.rec.prompt_id)
+
+    def backend_went_away(self, backend: str) -> None:
+        if backend not in self.lost_since:
+            self.lost_since[backend] = trio.current_time()
+            self.after(self.cfg.backend_lost_after, "backend_lost", backend)
+        for t in self.tasks.values():
+            if t.rec.backend == backend and t.rec.state in INFLIGHT_STATES:
+                t.gap = True
+
+    def unreachable(self, backend: str) -> str:
+        return f"ComfyUI backend {backend} unreachable for {self.cfg.backend_lost_after:g}s"
+
+    def lost_too_long(self, backend: str | None) -> bool:
+        since = self.lost_since.get(backend) if backend is not None else None
+        return since is not None and trio.current_time() - since >= self.cfg.backend_lost_after
+
+    async def check(self, backend: str, prompt_ids: tuple[str, ...]) -> None:
+        self.last_cross_check[backend] = trio.current_time()
+        await self.comfy[backend].send(CheckPrompts(prompt_ids))
+
+    async def cross_check(self, backend: str, queue_remaining: int) -> None:
+        """ComfyUI's queue_remaining counts every client's prompts, so fewer than ours in flight there means some of
+        ours ended (or vanished) without us hearing of it: reconcile (soon, if one was just done)."""
+        settled = trio.current_time() - CROSS_CHECK_SETTLE
+        ours = sum(1 for t in self.tasks.values() if t.rec.backend == backend and t.rec.state in INFLIGHT_STATES
+                   and (t.seen or t.cancelling or t.submitted_at <= settled))
+        if queue_remaining >= ours:
+            return
+        wait = self.last_cross_check.get(backend, float("-inf")) + CROSS_CHECK_INTERVAL - trio.current_time()
+        if wait > 0:
+            self.after(wait, "reconcile", backend)
+        else:
+            log.info("registry: %s reports %d queued, we count %d of ours: reconciling", backend, queue_remaining, ours)
+            await self.reconcile(backend)
+
     async def interrupted(self, task: _Task, node_id: str | None = None, node_type: str | None = None) -> None:
         if task.cancelling:
             await self.finish(task, "cancelled", None)
         elif task.timed_out:
-            await self.finish(task, "failed", "timeout", {"error": "the task exceeded its time limit and was interrupted"})
+            await self.finish(task, "failed", "timeout", {"error": TIMEOUT_ERROR})
         else:
             await self.finish(task, "failed", "interrupted",
                               {"error": "the prompt was interrupted on ComfyUI", "node_id": node_id, "node_type": node_type})
 
     async def on_event(self, backend: str, event: Any) -> None:
+        if (seen := self.task_for_prompt(getattr(event, "prompt_id", None))) is not None:
+            seen.seen = True
         match event:
             case ExecutionStart(prompt_id=pid):
                 if (task := self.task_for_prompt(pid)) is not None:
@@ -458,7 +562,16 @@ class _Registry:
                     await self.add_images(task, list(output.get("images") or ()), backend)
             case ExecutionSuccess(prompt_id=pid):
                 if (task := self.task_for_prompt(pid)) is not None:
-                    await self.finish(task, "succeeded", None)
+                    if task.gap:  # an `executed` may have been missed: read the outputs from /history first
+                        task.awaiting_history = True
+                        self.after(RECHECK_DELAY, "check", task.id)  # if the idle `executing` is missed too
+                    else:
+                        await self.finish(task, "succeeded", None)
+            case Executing(prompt_id=pid, node=None):  # the prompt is done and its history entry written
+                if (task := self.task_for_prompt(pid)) is not None and task.awaiting_history:
+                    await self.check(backend, (task.rec.prompt_id,))
+            case Status(queue_remaining=remaining):
+                await self.cross_check(backend, remaining)
             case ExecutionError(prompt_id=pid, blocked=False) as err:
                 if (task := self.task_for_prompt(pid)) is not None:
                     await self.finish(task, "failed", "execution_error", {
@@ -493,8 +606,9 @@ class _Registry:
         elif kind == "execution_interrupted":
             await self.interrupted(task, data.get("node_id"), data.get("node_type"))
         else:
+            message = str(data.get("exception_message", "failed")).strip()  # ComfyUI ends it with "\n"
             await self.finish(task, "failed", "execution_error", {
-                "error": f"{data.get('node_type', 'node')} {data.get('node_id', '')}: {data.get('exception_message', 'failed')}",
+                "error": f"{data.get('node_type') or 'node'} {data.get('node_id') or ''}: {message}".strip(),
                 "node_id": data.get("node_id"), "node_type": data.get("node_type"),
             })
 
@@ -503,7 +617,7 @@ class _Registry:
                     if t.rec.backend == backend and t.rec.state in ("submitted", "running"))
         if ids:
             log.info("registry: reconciling %d prompt(s) on %s", len(ids), backend)
-            await self.comfy[backend].send(CheckPrompts(ids))
+            await self.check(backend, ids)
 
     async def on_report(self, msg: ComfyReport) -> None:
         match msg:
@@ -515,7 +629,10 @@ class _Registry:
             case PromptRejected(backend, task_id, status=status, detail=detail):
                 if (task := self.tasks.get(task_id)) is not None:
                     await self.save(task, backend=backend)
-                    await self.finish(task, "failed", "validation", {"error": detail, "status": status})
+                    if task.cancelling:  # the user was told "cancelling": keep the promise
+                        await self.finish(task, "cancelled", None)
+                    else:
+                        await self.finish(task, "failed", "validation", {"error": detail, "status": status})
             case PromptSubmitUnknown(backend, task_id, prompt_id, error):
                 if (task := self.tasks.get(task_id)) is not None:
                     log.warning("registry: submit of %s to %s unknown (%s): reconciling", task_id, backend, error)
@@ -528,40 +645,81 @@ class _Registry:
                 if where == "done" and history is not None:
                     await self.apply_history(task, backend, history)
                 elif where == "missing":
-                    if task.cancelling:
-                        await self.finish(task, "cancelled", None)
+                    await self.finish_gone(task, f"ComfyUI backend {backend} lost the prompt (restarted?)")
+                elif where in ("pending", "running"):
+                    if where == "running":
+                        await self.mark_running(task, backend)  # its execution_start may have been missed
                     else:
-                        await self.finish(task, "failed", "backend_lost",
-                                          {"error": f"ComfyUI backend {backend} lost the prompt (restarted?)"})
-                elif where in ("pending", "running") and task.cancelling:
-                    self.after(CANCEL_CHECK_DELAY, "check", task.id)
+                        await self.mark_submitted(task, backend)
+                    if task.cancelling or task.timed_out:  # again: an interrupt that lands between prompts is lost
+                        await self.ask_backend_to_cancel(task)
+                    elif task.awaiting_history:  # terminal event seen, history entry not written yet
+                        self.after(HISTORY_RETRY_DELAY, "check", task.id)
                 elif where == "unknown":
                     self.after(RECHECK_DELAY, "check", task.id)
             case BackendUp(backend):
                 self.up.add(backend)
+                self.lost_since.pop(backend, None)
                 await self.scheduler.send(sched.SetBackend(backend, True))
+                for prompt_id in sorted(self.abandoned.pop(backend, ())):  # failed while away: must not run now
+                    await self.comfy[backend].send(CancelPrompt(prompt_id))
                 await self.reconcile(backend)
                 await self.broadcast_status()
             case BackendLost(backend, reason):
                 self.up.discard(backend)
+                self.backend_went_away(backend)
                 await self.scheduler.send(sched.SetBackend(backend, False))
                 log.warning("registry: backend %s lost: %s", backend, reason)
                 await self.broadcast_status()
 
+    async def on_backend_timer(self, kind: str, backend: str) -> None:
+        if backend in self.up:
+            if kind == "reconcile":
+                await self.reconcile(backend)
+            return
+        since = self.lost_since.get(backend)
+        if kind != "backend_lost" or since is None:
+            return
+        remaining = since + self.cfg.backend_lost_after - trio.current_time()
+        if remaining > 1e-9:  # it came back and went away again meanwhile
+            self.after(remaining, "backend_lost", backend)
+            return
+        lost = [t for t in self.tasks.values() if t.rec.backend == backend and t.rec.state in INFLIGHT_STATES]
+        if lost:
+            log.warning("registry: %s unreachable for %.0fs: giving up on %d task(s)", backend,
+                        self.cfg.backend_lost_after, len(lost))
+        for task in lost:
+            self.abandon(task)
+            await self.finish_gone(task, self.unreachable(backend))
+
     async def on_timer(self, kind: str, task_id: str) -> None:
+        if kind in ("backend_lost", "reconcile"):
+            await self.on_backend_timer(kind, task_id)
+            return
         task = self.tasks.get(task_id)
         if task is None:
             return
+        backend = task.rec.backend
         if kind == "timeout" and task.rec.state == "running":
             log.warning("registry: task %s exceeded %ss: interrupting", task_id, self.cfg.task_timeout)
             task.timed_out = True
             await self.ask_backend_to_cancel(task)
+            self.after(TIMEOUT_GRACE, "timeout_grace", task_id)
+        elif kind == "timeout_grace":  # the interrupt was not obeyed (or not heard): give up on the prompt
+            log.warning("registry: task %s ignored its interrupt for %ss: failing it", task_id, TIMEOUT_GRACE)
+            if backend in self.comfy:
+                await self.comfy[backend].send(CancelPrompt(task.rec.prompt_id))
+            await self.finish_gone(task, "the prompt did not stop")
         elif kind == "cancel":
             await self.ask_backend_to_cancel(task)
-        elif kind == "check" and task.rec.backend in self.comfy and task.rec.backend in self.up:
-            await self.comfy[task.rec.backend].send(CheckPrompts((task.rec.prompt_id,)))
-        elif kind == "check":
-            self.after(RECHECK_DELAY, "check", task_id)
+        elif kind == "check" and backend in self.comfy:
+            if backend in self.up:
+                await self.check(backend, (task.rec.prompt_id,))
+            elif self.lost_too_long(backend):
+                self.abandon(task)
+                await self.finish_gone(task, self.unreachable(backend))
+            else:
+                self.after(RECHECK_DELAY, "check", task_id)
 
 
 async def run(
@@ -590,8 +748,9 @@ async def run(
                 except trio.EndOfChannel:
                     return
             if msg is None:
-                _, _, kind, task_id = heapq.heappop(reg.timers)
-                await reg.on_timer(kind, task_id)
+                timer = reg.pop_timer()
+                if timer is not None:
+                    await reg.on_timer(*timer)
                 continue
             match msg:
                 case Submit():

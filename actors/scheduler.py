@@ -54,6 +54,7 @@ class Occupy:
 
     task_id: str
     backend: str
+    user_id: str = ""  # counts against this user's in-flight cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +211,10 @@ async def run(
                         reply_once(reply, queue.order().index(job.task_id) + 1)
                 case Withdraw(task_id, reply):
                     reply_once(reply, queue.remove(task_id))
-                case Occupy(task_id, backend):
+                case Occupy(task_id, backend, user_id):
                     if backend in limiters and task_id not in holder:
                         try:
-                            take(task_id, "", backend)
+                            take(task_id, user_id, backend)
                         except trio.WouldBlock:
                             log.warning("scheduler: %s on %s found with no free permit", task_id, backend)
                 case Release(task_id):

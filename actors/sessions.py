@@ -240,10 +240,15 @@ def _outgoing(destination: str, seq: int, body: Mapping[str, Any]) -> Outgoing:
 
 
 async def _run_session(
-    name: str, inbox: trio.MemoryReceiveChannel[_SessionMsg], *, replay_max: int, replay_age: float
+    name: str, inbox: trio.MemoryReceiveChannel[_SessionMsg], *, replay_max: int, replay_age: float, seq_base: int = 0
 ) -> None:
-    """One session actor: owns its seq counter, its replay buffer and its set of outboxes."""
-    seq = 0
+    """One session actor: owns its seq counter, its replay buffer and its set of outboxes.
+
+    Its seqs start above ``seq_base``, which the gateway makes larger on every run ((boot - 1) x 10^9), so a
+    ``last-seq`` remembered from an earlier run is always "older than the buffer" and gets a ``resync`` instead
+    of silently skipping this run's first messages. ``last-seq: 0`` still means "everything buffered".
+    """
+    seq = seq_base
     replay: deque[Outgoing] = deque(maxlen=replay_max)
     outboxes: list[Outbox] = []
     with inbox:
@@ -259,6 +264,8 @@ async def _run_session(
                     horizon = trio.current_time() - replay_age
                     while replay and replay[0].created < horizon:
                         replay.popleft()
+                    if last_seq == 0:  # a client that has seen nothing yet
+                        last_seq = seq_base
                     if last_seq is not None and last_seq != seq:
                         oldest = replay[0].seq if replay else seq + 1
                         if last_seq > seq or last_seq + 1 < oldest:
@@ -290,9 +297,11 @@ async def run(
     replay_max: int = DEFAULT_REPLAY_MAX,
     replay_age: float = DEFAULT_REPLAY_AGE,
     idle_ttl: float = DEFAULT_IDLE_TTL,
+    seq_base: int = 0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The hub: routes messages to session actors (created on first use) and broadcasts to subscribers."""
+    """The hub: routes messages to session actors (created on first use) and broadcasts to subscribers.
+    ``seq_base``: where every session's seq starts (see ``_run_session``)."""
     sessions: dict[tuple[str, str], _SessionEntry] = {}
     by_user: dict[str, set[str]] = {}
     broadcast: list[Outbox] = []
@@ -305,7 +314,8 @@ async def run(
         if entry is None:
             send, recv = trio.open_memory_channel[_SessionMsg](SESSION_INBOX)
             nursery.start_soon(
-                partial(_run_session, f"{user_id}/{client_id}", recv, replay_max=replay_max, replay_age=replay_age)
+                partial(_run_session, f"{user_id}/{client_id}", recv, replay_max=replay_max, replay_age=replay_age,
+                        seq_base=seq_base)
             )
             entry = sessions[key] = _SessionEntry(send, idle_since=trio.current_time())
             by_user.setdefault(user_id, set()).add(client_id)

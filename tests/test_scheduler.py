@@ -69,3 +69,48 @@ async def test_inflight_limit_and_least_loaded_backend(nursery: trio.Nursery) ->
     withdrawn = await ask(tx, lambda r: sched.Withdraw("u5", r))
     assert withdrawn is True
     assert (await ask(tx, lambda r: sched.GetStats(r))).waiting == 0
+
+
+async def test_per_user_inflight_cap_lets_others_through(nursery: trio.Nursery) -> None:
+    b_tx, b_rx = trio.open_memory_channel[Any](100)
+    tx, rx = trio.open_memory_channel[sched.SchedulerMsg](100)
+    await nursery.start(lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=3,
+                                                      max_inflight_per_user=1, task_status=task_status))
+    await tx.send(sched.Occupy("A0", "b0", "A"))  # reloaded at start-up: counts against A's cap too
+    for i in range(1, 4):
+        await tx.send(sched.Enqueue(job("A", i)))
+    await tx.send(sched.Enqueue(job("B", 1)))
+    await tx.send(sched.SetBackend("b0", True))
+    assert await drain(b_rx) == ["B1"]  # A already has one inside ComfyUI; a free permit stays free for others
+    await tx.send(sched.Release("A0"))
+    assert await drain(b_rx) == ["A1"]
+    await tx.send(sched.Release("B1"))
+    assert await drain(b_rx) == []  # only A waits, and A is at its cap
+    await tx.send(sched.Release("A1"))
+    assert await drain(b_rx) == ["A2"]
+    stats = await ask(tx, lambda r: sched.GetStats(r))
+    assert stats.waiting == 1 and dict(stats.inflight) == {"b0": 1}
+
+
+async def test_late_user_is_dispatched_within_two_dispatches_at_any_point(nursery: trio.Nursery) -> None:
+    """Whenever B arrives, A's backlog delays B's single task by at most one dispatch."""
+    for already in range(0, 6):
+        b_tx, b_rx = trio.open_memory_channel[Any](100)
+        tx, rx = trio.open_memory_channel[sched.SchedulerMsg](100)
+        async with trio.open_nursery() as inner:
+            await inner.start(lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=1,
+                                                            task_status=task_status))
+            await tx.send(sched.SetBackend("b0", True))
+            for i in range(10):
+                await tx.send(sched.Enqueue(job("A", i)))
+            order = await drain(b_rx)
+            for _ in range(already):
+                await tx.send(sched.Release(order[-1]))
+                order += await drain(b_rx)
+            before = len(order)
+            await tx.send(sched.Enqueue(job("B", 0)))
+            for _ in range(3):
+                await tx.send(sched.Release(order[-1]))
+                order += await drain(b_rx)
+            assert "B0" in order[before:before + 2], (already, order)
+            inner.cancel_scope.cancel()

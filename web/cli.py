@@ -13,6 +13,7 @@ from types import ModuleType
 
 import trio
 
+from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
 from actors.store import open_store, parse_store_spec
 
@@ -52,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts inside each ComfyUI at once (env GATEWAY_MAX_INFLIGHT)")
     s.add_argument("--max-queued-per-user", type=int, default=_int_env("GATEWAY_MAX_QUEUED_PER_USER", 32),
                    help="waiting tasks per user before 429 (env GATEWAY_MAX_QUEUED_PER_USER)")
+    s.add_argument("--max-inflight-per-user", type=int, default=_int_env("GATEWAY_MAX_INFLIGHT_PER_USER", 0),
+                   help="one user's prompts inside ComfyUI at once, 0 = no cap (env GATEWAY_MAX_INFLIGHT_PER_USER)")
     s.add_argument("--initial-credits", type=int, default=_int_env("GATEWAY_INITIAL_CREDITS", 100),
                    help="credits of a new account (env GATEWAY_INITIAL_CREDITS)")
     s.add_argument("--price", type=int, default=_int_env("GATEWAY_PRICE", 1),
                    help="credits per unit of a task's size (env GATEWAY_PRICE)")
     s.add_argument("--task-timeout", type=float, default=float(_env("GATEWAY_TASK_TIMEOUT", "1800")),
                    help="seconds a task may run before it is interrupted (env GATEWAY_TASK_TIMEOUT)")
+    s.add_argument("--backend-lost-after", type=float, default=float(_env("GATEWAY_BACKEND_LOST_AFTER", "300")),
+                   help="seconds a backend may stay unreachable before its in-flight tasks fail as backend_lost "
+                        "and are refunded (env GATEWAY_BACKEND_LOST_AFTER)")
     s.add_argument("--public-url", default=_env("GATEWAY_PUBLIC_URL", ""),
                    help="base of image URLs when behind a proxy (env GATEWAY_PUBLIC_URL; default: the bound URL)")
     s.add_argument("--allowed-origins", default=_env("GATEWAY_ALLOWED_ORIGINS", "*"),
@@ -71,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--permessage-deflate", action="store_true",
                    default=_env("GATEWAY_PERMESSAGE_DEFLATE", "") in ("1", "true", "yes"),
                    help="accept WebSocket compression (costs ~100 KB per connection; env GATEWAY_PERMESSAGE_DEFLATE)")
+    s.add_argument("--reconnect-max-delay", type=float, default=float(_env("GATEWAY_RECONNECT_MAX_DELAY", "30")),
+                   help="seconds: cap of the backoff between ComfyUI reconnects (env GATEWAY_RECONNECT_MAX_DELAY)")
+    s.add_argument("--reconnect-max-restarts", type=int, default=_int_env("GATEWAY_RECONNECT_MAX_RESTARTS", 5),
+                   help="reconnects per minute before a backend is marked down and retried slowly "
+                        "(env GATEWAY_RECONNECT_MAX_RESTARTS)")
     s.add_argument("--simulate", action="store_true", help="also start the bundled ComfyUI simulator and use it")
     s.add_argument("--sim-step-ms", type=float, default=float(_env("GATEWAY_SIM_STEP_MS", "100")),
                    help="with --simulate: milliseconds per sampling step")
@@ -83,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=_env("GATEWAY_DATA", "data"), help="data directory holding the secret")
 
     c = sub.add_parser("credits", help="show a user's account, or add (or with a negative N remove) credits")
-    c.add_argument("user")
-    c.add_argument("--add", type=int, default=None, metavar="N")
+    c.add_argument("user", nargs="?", help="the user (not needed with --audit)")
+    c.add_argument("--add", type=int, default=None, metavar="N",
+                   help="add N credits (journaled as 'cli'; a running gateway pushes no balance message for it)")
+    c.add_argument("--audit", action="store_true",
+                   help="rebuild every balance from the journal and check the ledger (exit 1 on a discrepancy)")
     c.add_argument("--data", default=_env("GATEWAY_DATA", "data"))
     c.add_argument("--store", default=_env("GATEWAY_STORE", ""))
     c.add_argument("--initial-credits", type=int, default=_int_env("GATEWAY_INITIAL_CREDITS", 100))
@@ -114,8 +128,11 @@ async def _serve(args: argparse.Namespace) -> None:
         gw = GatewayConfig(
             comfyui_urls=tuple(urls), store_path=parse_store_spec(args.store, args.data),
             max_inflight=args.max_inflight, max_queued_per_user=args.max_queued_per_user,
+            max_inflight_per_user=args.max_inflight_per_user, backend_lost_after=args.backend_lost_after,
             initial_credits=args.initial_credits, price=args.price, task_timeout=args.task_timeout,
             hold_ttl=max(2 * 3600.0, args.task_timeout * 2), public_url=args.public_url,
+            comfy_policy=RestartPolicy(initial_delay=min(0.5, args.reconnect_max_delay),
+                                       max_delay=args.reconnect_max_delay, max_restarts=args.reconnect_max_restarts),
         )
         web = WebConfig(
             bind=args.bind, auth=args.auth,
@@ -149,13 +166,25 @@ async def _serve(args: argparse.Namespace) -> None:
         nursery.cancel_scope.cancel()  # the simulator and the signal watcher
 
 
-async def _credits(args: argparse.Namespace) -> None:
+async def _credits(args: argparse.Namespace) -> int:
     async with open_store(parse_store_spec(args.store, args.data)) as store:
+        if args.audit:
+            problems = await store.audit()
+            for line in problems:
+                print(line)
+            accounts = await store.accounts()
+            print(f"ledger {'consistent' if not problems else 'INCONSISTENT'}: {len(accounts)} accounts, balance "
+                  f"{sum(a.balance for a in accounts)}, frozen {sum(a.frozen for a in accounts)}")
+            return 1 if problems else 0
+        if args.user is None:
+            print("credits: a USER is needed (or --audit)", file=sys.stderr)
+            return 2
         if args.add is None:
             acc = await store.account(args.user, args.initial_credits)
         else:
             acc = await store.grant(args.user, args.add, args.initial_credits, "cli")
         print(f"{acc.user_id}: balance {acc.balance}, frozen {acc.frozen}, available {acc.available}")
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(auth.issue(args.user, client_id=args.client, ttl=args.ttl, admin=args.admin))
         return 0
     if args.command == "credits":
-        trio.run(_credits, args)
-        return 0
+        return trio.run(_credits, args)
     return 2
 
 

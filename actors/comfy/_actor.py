@@ -53,7 +53,7 @@ async def run(
     base = spec.url.rstrip("/")
     dial = Dial.from_url(spec.url, client_id)
     connection = Connection(spec.name, base, dial, reports, http, timeouts, counters)
-    commands = Commands(spec.name, base, reports, http, client_id, timeouts.http)
+    commands = Commands(spec.name, base, reports, http, client_id, timeouts.http, on_accepted=connection.note_submitted)
     with reports, inbox:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.keep_connected, policy, jitter)

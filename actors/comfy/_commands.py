@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
+from collections.abc import Callable
 from typing import Any, Final
 
 import httpx
@@ -62,13 +63,17 @@ class Commands:
         http: httpx.AsyncClient,
         client_id: str,
         timeout: float,
+        on_accepted: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_accepted(sent_at)`` is told the trio time each accepted submit was sent (the connection then expects
+        ComfyUI's ``status`` broadcast on its socket)."""
         self.name = name
         self.base = base
         self.reports = reports
         self.http = http
         self.client_id = client_id
         self.timeout = timeout
+        self.on_accepted = on_accepted
         self.limiter = trio.CapacityLimiter(COMMAND_CONCURRENCY)
 
     async def handle(self, command: ComfyCommand) -> None:
@@ -89,7 +94,9 @@ class Commands:
     async def _submit(self, cmd: SubmitPrompt) -> ComfyReport:
         body = {"prompt": cmd.workflow, "client_id": self.client_id, "prompt_id": cmd.prompt_id}
         try:
-            response = await self._request("POST", "/prompt", json_body=body)
+            async with self.limiter:
+                sent_at = trio.current_time()  # frames read from now on prove the socket hears this prompt
+                response = await request(self.http, self.base, "POST", "/prompt", timeout=self.timeout, json_body=body)
         except HTTPFailed as exc:
             log.warning("%s: submit of %s: %s", self.name, cmd.prompt_id, exc)
             return PromptSubmitUnknown(self.name, cmd.task_id, cmd.prompt_id, str(exc))
@@ -108,6 +115,8 @@ class Commands:
                 log.warning("%s: ComfyUI queued %s as %r", self.name, cmd.prompt_id, prompt_id)
                 prompt_id = prompt_id if isinstance(prompt_id, str) and prompt_id else cmd.prompt_id
             node_errors = answer.get("node_errors")
+            if self.on_accepted is not None:
+                self.on_accepted(sent_at)
             return PromptAccepted(
                 self.name, cmd.task_id, prompt_id, number, node_errors if isinstance(node_errors, dict) else {}
             )

@@ -7,6 +7,12 @@ handshake rejected, server close, no first ``status``, silent socket) are restar
 each redial after a crash preceded by an HTTP liveness check (GET /system_stats). When the supervisor gives up,
 the backend is reported down and retried every ``slow_retry`` seconds, forever.
 
+Two watchdogs run beside the reader. The ping watchdog catches a dead TCP connection (no pong). The activity
+watchdog catches a socket that is alive but no longer registered at ComfyUI (the same-clientId trap, which still
+answers pings): after an accepted submit ComfyUI always broadcasts a ``status``, so no frame at all within
+``status_after_submit`` means we are deaf; and while ComfyUI has work queued, no frame within ``silence`` is
+suspicious too. Either forces a reconnect, which the registry follows with a reconciliation.
+
 Reports describe state *changes*: ``BackendUp`` after every (re)connect, ``BackendLost`` when a connected (or never
 yet connected) backend is lost, ``BackendLost(down=True)`` once the supervisor gives up. Further failed attempts
 while already lost or down are only logged, so a dead backend does not flood the registry.
@@ -125,6 +131,26 @@ class Connection:
         self.counters = counters
         self.lost_reported = False  # BackendLost sent since the last BackendUp (or since start)
         self.after_failure = False  # the next dial follows a failure: check liveness first
+        self.last_frame = float("-inf")  # trio time of the last frame read (or of the reader's last wait on reports)
+        self.queue_remaining = 0  # ComfyUI's last status: prompts pending + running there (anyone's)
+        self.submit_unconfirmed: float | None = None  # oldest accepted submit not followed by any frame yet
+        self._activity_changed = trio.Event()
+
+    def note_submitted(self, sent_at: float) -> None:
+        """A submit that started at ``sent_at`` was accepted: some frame (its ``status`` broadcast) must follow.
+
+        Called by the command half; frames read since ``sent_at`` already prove the socket is registered.
+        """
+        if self.last_frame >= sent_at:
+            return
+        if self.submit_unconfirmed is None or sent_at < self.submit_unconfirmed:
+            self.submit_unconfirmed = sent_at
+            self._activity_changed.set()
+
+    def _saw_activity(self) -> None:
+        self.last_frame = trio.current_time()
+        if self.submit_unconfirmed is not None and self.last_frame >= self.submit_unconfirmed:
+            self.submit_unconfirmed = None
 
     async def keep_connected(self, policy: RestartPolicy, jitter: Callable[[float], float]) -> None:
         """Forever: supervise connection attempts; when the supervisor gives up, report down and retry slowly."""
@@ -217,8 +243,10 @@ class Connection:
         self.lost_reported = False
         log.info("%s: connected to %s (queue_remaining=%d)", self.name, self.dial.url, status.queue_remaining)
         await self.reports.send(BackendUp(self.name, status.queue_remaining))
+        self._saw_activity()  # the time spent handing BackendUp over is not silence
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watchdog, ws, link)
+            nursery.start_soon(self._activity_watchdog, link)
             while True:
                 await self._report(BackendEvent(self.name, await self._next_event(ws, link)), link)
 
@@ -233,6 +261,7 @@ class Connection:
         while True:
             message = await ws.get_message()
             self.counters.frames += 1
+            self._saw_activity()
             try:
                 event = parse_comfy_message(message)
             except ComfyProtocolError as exc:
@@ -246,6 +275,11 @@ class Connection:
                 log.debug("%s: ignored event of unknown type %r", self.name, event.type)
             elif isinstance(event, Progress):
                 link.last_progress = event
+                return event
+            elif isinstance(event, Status):
+                if (event.queue_remaining > 0) != (self.queue_remaining > 0):
+                    self._activity_changed.set()  # the silence watchdog starts or stops watching
+                self.queue_remaining = event.queue_remaining
                 return event
             elif isinstance(event, PreviewImage) and event.prompt_id is None and link.last_progress is not None:
                 # Type-1 previews carry no ids: ComfyUI sends them right after the progress they belong to.
@@ -263,6 +297,8 @@ class Connection:
                 await self.reports.send(report)
             finally:
                 link.reporting = False
+                self._saw_activity()  # we were not reading meanwhile: that time is not the server's silence
+                self._activity_changed.set()
 
     async def _watchdog(self, ws: WebSocketConnection, link: _Link) -> None:
         """Ping every ping_interval; no pong within ping_timeout means a zombie socket: force a reconnect.
@@ -284,4 +320,35 @@ class Connection:
                 log.debug("%s: no pong while the registry was slow; not counted", self.name)
                 continue
             link.lost = f"silent socket: no pong within {self.timeouts.ping_timeout}s"
+            raise ComfyDisconnected(link.lost)
+
+    async def _activity_watchdog(self, link: _Link) -> None:
+        """Reconnect a socket that stays silent after an accepted submit, or while ComfyUI has work queued."""
+        while True:
+            deadlines = []
+            if self.submit_unconfirmed is not None:
+                deadlines.append((self.submit_unconfirmed + self.timeouts.status_after_submit, "submit"))
+            if self.queue_remaining > 0:
+                deadlines.append((self.last_frame + self.timeouts.silence, "busy"))
+            self._activity_changed = trio.Event()
+            if not deadlines:
+                await self._activity_changed.wait()
+                continue
+            deadline, why = min(deadlines)
+            with trio.move_on_at(deadline):
+                await self._activity_changed.wait()
+                continue
+            if link.reporting:  # our reader is blocked on the registry, not the server on us: wait for it
+                self._activity_changed = trio.Event()
+                await self._activity_changed.wait()
+                continue
+            now = trio.current_time()
+            unconfirmed = self.submit_unconfirmed
+            if why == "submit" and unconfirmed is not None and now >= unconfirmed + self.timeouts.status_after_submit:
+                link.lost = f"no status within {self.timeouts.status_after_submit}s of an accepted submit"
+            elif why == "busy" and self.queue_remaining > 0 and now >= self.last_frame + self.timeouts.silence:
+                link.lost = f"silent socket: nothing for {self.timeouts.silence}s while ComfyUI has work queued"
+            else:
+                continue  # a frame came meanwhile: compute the next deadline
+            self.submit_unconfirmed = None  # the reconnect (and the registry's reconciliation) answers it
             raise ComfyDisconnected(link.lost)

@@ -1,0 +1,500 @@
+"""The registry alone, through its channels, under MockClock: the orders ComfyUI really produces, reconciliation,
+cancel, deadlines and lost backends, in exact virtual seconds.
+
+The registry runs with the real scheduler (pure trio) and fakes for what does I/O: an in-memory store, a ledger
+that records every resolve (so "exactly one refund" is checked), and capture channels for the comfy commands and
+the sessions hub. Reports from ComfyUI are written straight into the registry's inbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import trio.testing
+
+from actors import ledger as ledger_api
+from actors import registry as reg
+from actors import scheduler as sched
+from actors._util import ask, reply_once
+from actors.comfy import (
+    BackendEvent,
+    BackendLost,
+    BackendUp,
+    CancelPrompt,
+    CheckPrompts,
+    Executed,
+    Executing,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+    Progress,
+    PromptAccepted,
+    PromptLocated,
+    PromptSubmitUnknown,
+    Status,
+    SubmitPrompt,
+)
+from actors.sessions import Publish
+from actors.store import Account, TaskRecord
+
+WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {}}}
+IMAGES = [{"filename": "gw_00001_.png", "subfolder": "", "type": "output"}]
+
+
+class MemoryStore:
+    """The registry's part of the store, in memory."""
+
+    def __init__(self, tasks: list[TaskRecord] | None = None) -> None:
+        self.tasks = {t.task_id: t for t in tasks or ()}
+
+    async def save_task(self, rec: TaskRecord) -> None:
+        self.tasks[rec.task_id] = rec
+
+    async def load_active_tasks(self) -> list[TaskRecord]:
+        return sorted((t for t in self.tasks.values() if t.state in reg.ACTIVE_STATES), key=lambda t: t.seq)
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        return self.tasks.get(task_id)
+
+    async def list_results(self, user_id: str, limit: int, before: int | None) -> list[TaskRecord]:
+        done = [t for t in self.tasks.values() if t.user_id == user_id and t.state not in reg.ACTIVE_STATES
+                and (before is None or t.seq < before)]
+        return sorted(done, key=lambda t: -t.seq)[:limit]
+
+    async def max_task_seq(self) -> int:
+        return max((t.seq for t in self.tasks.values()), default=0)
+
+
+@dataclass
+class Harness:
+    registry: trio.MemorySendChannel[Any]
+    commands: trio.MemoryReceiveChannel[Any]  # what the scheduler and the registry sent to backend b0
+    commands_b1: trio.MemoryReceiveChannel[Any]
+    published: trio.MemoryReceiveChannel[Any]
+    store: MemoryStore
+    resolves: list[tuple[str, str]] = field(default_factory=list)  # (task_id, "settled" | "released")
+
+    async def report(self, *reports: Any) -> None:
+        for r in reports:
+            await self.registry.send(r)
+
+    async def event(self, event: Any, backend: str = "b0") -> None:
+        await self.registry.send(BackendEvent(backend, event))
+
+    async def submit(self, user: str = "alice") -> str:
+        answer = await ask(self.registry, lambda r: reg.Submit(user, "c1", WORKFLOW, 1, r))
+        assert isinstance(answer, reg.Accepted)
+        return answer.task_id
+
+    async def commands_now(self, backend: str = "b0") -> list[Any]:
+        await trio.testing.wait_all_tasks_blocked()
+        rx = self.commands if backend == "b0" else self.commands_b1
+        out = []
+        while True:
+            try:
+                out.append(rx.receive_nowait())
+            except trio.WouldBlock:
+                return out
+
+    async def messages(self, *types: str) -> list[dict[str, Any]]:
+        """User messages published so far (those of ``types`` if given); status broadcasts are skipped."""
+        await trio.testing.wait_all_tasks_blocked()
+        out = []
+        while True:
+            try:
+                msg = self.published.receive_nowait()
+            except trio.WouldBlock:
+                return out
+            if isinstance(msg, Publish) and (not types or msg.body["type"] in types):
+                out.append(dict(msg.body))
+
+    async def prompt_of(self, task_id: str) -> str:
+        view = await ask(self.registry, lambda r: reg.GetTask("alice", task_id, r))
+        assert view is not None
+        return view["prompt_id"]
+
+    async def state(self, task_id: str, user: str = "alice") -> dict[str, Any] | None:
+        return await ask(self.registry, lambda r: reg.GetTask(user, task_id, r))
+
+
+async def fake_ledger(inbox: trio.MemoryReceiveChannel[Any], resolves: list[tuple[str, str]]) -> None:
+    async for msg in inbox:
+        match msg:
+            case ledger_api.Freeze(user_id, _task_id, amount, reply):
+                reply_once(reply, Account(user_id, 100, amount))
+            case ledger_api.Resolve(task_id, outcome, _amount, reply):
+                resolves.append((task_id, outcome))
+                if reply is not None:
+                    reply_once(reply, Account("alice", 100, 0))
+
+
+@asynccontextmanager
+async def registry(
+    *, tasks: list[TaskRecord] | None = None, max_inflight: int = 2, up: tuple[str, ...] = ("b0",), **cfg: Any
+) -> AsyncIterator[Harness]:
+    reg_tx, reg_rx = trio.open_memory_channel[Any](64)
+    sched_tx, sched_rx = trio.open_memory_channel[Any](64)
+    ledger_tx, ledger_rx = trio.open_memory_channel[Any](64)
+    hub_tx, hub_rx = trio.open_memory_channel[Any](1000)
+    b0_tx, b0_rx = trio.open_memory_channel[Any](1000)
+    b1_tx, b1_rx = trio.open_memory_channel[Any](1000)
+    store = MemoryStore(tasks)
+    h = Harness(reg_tx, b0_rx, b1_rx, hub_rx, store)
+    comfy = {"b0": b0_tx, "b1": b1_tx}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_ledger, ledger_rx, h.resolves)
+        await nursery.start(lambda task_status: sched.run(
+            sched_rx, backends=comfy, max_inflight=max_inflight, task_status=task_status))
+        config = reg.RegistryConfig(public_url="http://gw", backend_urls={"b0": "http://c0", "b1": "http://c1"}, **cfg)
+        await nursery.start(lambda task_status: reg.run(
+            reg_rx, config, store=store, ledger=ledger_tx, scheduler=sched_tx, comfy=comfy, sessions=hub_tx,
+            wall_clock=trio.current_time, task_status=task_status))
+        for backend in up:
+            await reg_tx.send(BackendUp(backend, 0))
+        await trio.testing.wait_all_tasks_blocked()
+        yield h
+        nursery.cancel_scope.cancel()
+
+
+async def dispatched(h: Harness, backend: str = "b0") -> list[SubmitPrompt]:
+    return [c for c in await h.commands_now(backend) if isinstance(c, SubmitPrompt)]
+
+
+async def accepted(h: Harness, cmd: SubmitPrompt, backend: str = "b0") -> None:
+    await h.report(PromptAccepted(backend, cmd.task_id, cmd.prompt_id, 1))
+
+
+def history(prompt_id: str, terminal: str = "execution_success", **data: Any) -> dict[str, Any]:
+    return {
+        "prompt": [1, prompt_id, {}, {}, ["9"]],
+        "outputs": {"9": {"images": IMAGES}},
+        "status": {"status_str": "success" if terminal == "execution_success" else "error",
+                   "completed": terminal == "execution_success",
+                   "messages": [["execution_start", {"prompt_id": prompt_id}],
+                                [terminal, {"prompt_id": prompt_id, **data}]]},
+    }
+
+
+# ---- the orders ComfyUI really produces -------------------------------------------------------------------------
+
+
+async def test_events_before_the_submit_answer(autojump_clock: trio.testing.MockClock) -> None:
+    """With an idle worker a fast prompt's whole stream can arrive before POST /prompt answers."""
+    async with registry(max_inflight=1) as h:
+        t1 = await h.submit()
+        t2 = await h.submit()
+        [cmd] = await dispatched(h)
+        assert cmd.task_id == t1
+        pid = cmd.prompt_id
+        await h.event(ExecutionStart(pid))
+        await h.event(Progress(pid, "3", 1, 2))
+        await h.event(Executed(pid, "9", {"images": IMAGES}))
+        await h.event(ExecutionSuccess(pid))
+        await h.event(Executing(pid, None))
+        await accepted(h, cmd)  # ... and only now the HTTP answer
+        kinds = [m["type"] for m in await h.messages() if m.get("taskId") == t1]
+        assert kinds == ["queued", "started", "progress", "imageResult", "completed"]
+        assert h.resolves == [(t1, "settled")]
+        [nxt] = await dispatched(h)  # the permit came back exactly once: the next task went out
+        assert nxt.task_id == t2
+        assert (await h.state(t1))["state"] == "succeeded"
+
+
+async def test_success_after_a_gap_takes_outputs_from_history(autojump_clock: trio.testing.MockClock) -> None:
+    """The socket dropped mid-run: the `executed` may be lost, so the outputs come from /history, which ComfyUI
+    writes after the terminal event; the idle `executing` says it is there."""
+    async with registry() as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        pid = cmd.prompt_id
+        await accepted(h, cmd)
+        await h.event(ExecutionStart(pid))
+        await h.report(BackendLost("b0", "connection closed"), BackendUp("b0", 1))
+        assert await h.commands_now() == [CheckPrompts((pid,))]
+        await h.report(PromptLocated("b0", pid, "running"))
+        await h.event(ExecutionSuccess(pid))
+        assert await h.messages("completed") == []  # not yet: the images may be missing
+        assert await h.commands_now() == []
+        await h.event(Executing(pid, None))
+        assert await h.commands_now() == [CheckPrompts((pid,))]
+        await h.report(PromptLocated("b0", pid, "done", history(pid)))
+        msgs = await h.messages("imageResult", "completed")
+        assert [m["type"] for m in msgs] == ["imageResult", "completed"]
+        assert msgs[-1]["urls"] == [f"http://gw/api/images/{t1}/0"]
+        assert h.resolves == [(t1, "settled")]
+
+
+async def test_terminal_event_before_history_entry_is_retried(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry() as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        pid = cmd.prompt_id
+        await accepted(h, cmd)
+        await h.report(BackendLost("b0", "x"), BackendUp("b0", 1))
+        await h.commands_now()
+        await h.event(ExecutionSuccess(pid))
+        start = trio.current_time()
+        await h.report(PromptLocated("b0", pid, "running"))  # e.g. the reconnect's check, before the entry exists
+        await trio.sleep(reg.HISTORY_RETRY_DELAY)
+        assert await h.commands_now() == [CheckPrompts((pid,))]
+        assert trio.current_time() - start == reg.HISTORY_RETRY_DELAY
+        await h.report(PromptLocated("b0", pid, "done", history(pid)))
+        assert [m["type"] for m in await h.messages("completed")] == ["completed"]
+        assert h.resolves == [(t1, "settled")]
+
+
+async def test_missed_terminal_event_applied_from_history_with_stripped_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with registry() as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await h.report(BackendLost("b0", "x"), BackendUp("b0", 0))
+        assert await h.commands_now() == [CheckPrompts((cmd.prompt_id,))]
+        entry = history(cmd.prompt_id, "execution_error", node_id="3", node_type="KSampler",
+                        exception_message="out of cheese\n")
+        await h.report(PromptLocated("b0", cmd.prompt_id, "done", entry))
+        [err] = await h.messages("execution_error")
+        assert err["error"] == "KSampler 3: out of cheese" and err["reason"] == "execution_error"
+        assert err["refunded"] is True and h.resolves == [(t1, "released")]
+        assert (await h.state(t1))["urls"] == [f"http://gw/api/images/{t1}/0"]
+
+
+async def test_queue_remaining_below_ours_triggers_reconciliation(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry() as h:
+        await h.submit()
+        await h.submit()
+        cmds = await dispatched(h)
+        for cmd in cmds:
+            await accepted(h, cmd)
+        await h.event(Status(0))  # read right after the HTTP answers, it may predate them (the socket lags): ignored
+        assert await h.commands_now() == []
+        await h.event(ExecutionStart(cmds[0].prompt_id))  # statuses read after this one's events know of it
+        await h.event(Status(1))  # agrees: nothing to do
+        assert await h.commands_now() == []
+        await h.event(Status(0))  # that one ended without a terminal event reaching us
+        assert await h.commands_now() == [CheckPrompts(tuple(c.prompt_id for c in cmds))]
+        await h.event(Status(0))  # again within CROSS_CHECK_INTERVAL: deferred, not repeated at once
+        assert await h.commands_now() == []
+        await trio.sleep(reg.CROSS_CHECK_INTERVAL)
+        assert await h.commands_now() == [CheckPrompts(tuple(c.prompt_id for c in cmds))]
+        await h.report(*(PromptLocated("b0", c.prompt_id, "missing") for c in cmds))
+        assert [m["reason"] for m in await h.messages("execution_error")] == ["backend_lost", "backend_lost"]
+        assert sorted(o for _, o in h.resolves) == ["released", "released"]
+
+
+async def test_unseen_prompts_count_in_the_cross_check_once_settled(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry() as h:
+        await h.submit()
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await trio.sleep(reg.CROSS_CHECK_SETTLE - 0.1)
+        await h.event(Status(0))
+        assert await h.commands_now() == []
+        await trio.sleep(0.1)  # pending behind other clients' prompts, say, and then deleted by someone else
+        await h.event(Status(0))
+        assert await h.commands_now() == [CheckPrompts((cmd.prompt_id,))]
+
+
+async def test_submit_that_timed_out_is_reconciled_never_resubmitted(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(max_inflight=1) as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        await h.report(PromptSubmitUnknown("b0", t1, cmd.prompt_id, "POST /prompt: no answer within 30s"))
+        await trio.sleep(reg.RECHECK_DELAY)
+        assert await h.commands_now() == [CheckPrompts((cmd.prompt_id,))]  # asked by the prompt_id we chose
+        await h.report(PromptLocated("b0", cmd.prompt_id, "pending"))  # it did get there
+        await h.event(ExecutionStart(cmd.prompt_id))
+        await h.event(ExecutionSuccess(cmd.prompt_id))
+        assert [m["type"] for m in await h.messages("completed")] == ["completed"]
+        t2 = await h.submit()
+        [cmd2] = await dispatched(h)
+        await h.report(PromptSubmitUnknown("b0", t2, cmd2.prompt_id, "POST /prompt: ReadError"))
+        await trio.sleep(reg.RECHECK_DELAY)
+        assert await h.commands_now() == [CheckPrompts((cmd2.prompt_id,))]
+        await h.report(PromptLocated("b0", cmd2.prompt_id, "missing"))  # it did not: lost, refunded, not retried
+        [err] = await h.messages("execution_error")
+        assert err["taskId"] == t2 and err["reason"] == "backend_lost"
+        assert await h.commands_now() == [] and h.resolves == [(t1, "settled"), (t2, "released")]
+
+
+# ---- cancel ------------------------------------------------------------------------------------------------------
+
+
+async def test_cancel_in_every_state_refunds_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(max_inflight=2) as h:
+        running, pending, queued = await h.submit(), await h.submit(), await h.submit()
+        cmds = {c.task_id: c for c in await dispatched(h)}
+        assert set(cmds) == {running, pending}
+        for c in cmds.values():
+            await accepted(h, c)
+        await h.event(ExecutionStart(cmds[running].prompt_id))
+
+        assert await ask(h.registry, lambda r: reg.Cancel("mallory", running, r)) == "not_found"
+        assert await ask(h.registry, lambda r: reg.Cancel("alice", queued, r)) == "cancelled"
+        assert await ask(h.registry, lambda r: reg.Cancel("alice", queued, r)) == "finished"
+        assert await h.commands_now() == []  # a task still in our queue never reaches ComfyUI
+
+        assert await ask(h.registry, lambda r: reg.Cancel("alice", pending, r)) == "cancelling"
+        assert await h.commands_now() == [CancelPrompt(cmds[pending].prompt_id)]  # delete, then targeted interrupt
+        await h.event(Status(1))  # ComfyUI deleted it: fewer than ours, so we ask where it went
+        assert await h.commands_now() == [CheckPrompts((cmds[running].prompt_id, cmds[pending].prompt_id))]
+        await h.report(PromptLocated("b0", cmds[running].prompt_id, "running"),
+                       PromptLocated("b0", cmds[pending].prompt_id, "missing"))
+
+        assert await ask(h.registry, lambda r: reg.Cancel("alice", running, r)) == "cancelling"
+        assert await h.commands_now() == [CancelPrompt(cmds[running].prompt_id)]
+        await h.event(ExecutionInterrupted(cmds[running].prompt_id, "3", "KSampler"))
+        cancelled = await h.messages("cancelled")
+        assert [(m["taskId"], m["refunded"]) for m in cancelled] == [(queued, True), (pending, True), (running, True)]
+        assert sorted(h.resolves) == sorted([(queued, "released"), (pending, "released"), (running, "released")])
+        assert await ask(h.registry, lambda r: reg.Cancel("alice", running, r)) == "finished"
+
+
+async def test_cancel_repeats_the_interrupt_until_the_prompt_stops(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry() as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await h.event(ExecutionStart(cmd.prompt_id))
+        await ask(h.registry, lambda r: reg.Cancel("alice", t1, r))
+        assert await h.commands_now() == [CancelPrompt(cmd.prompt_id)]
+        await trio.sleep(reg.CANCEL_CHECK_DELAY)
+        assert await h.commands_now() == [CheckPrompts((cmd.prompt_id,))]
+        await h.report(PromptLocated("b0", cmd.prompt_id, "running"))  # the interrupt landed between two prompts
+        assert await h.commands_now() == [CancelPrompt(cmd.prompt_id)]
+        await h.report(PromptLocated("b0", cmd.prompt_id, "done", history(cmd.prompt_id, "execution_interrupted")))
+        assert [m["type"] for m in await h.messages("cancelled", "completed")] == ["cancelled"]
+        assert h.resolves == [(t1, "released")]
+
+
+# ---- deadlines ----------------------------------------------------------------------------------------------------
+
+
+async def test_deadline_interrupts_then_fails_as_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(task_timeout=60.0) as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await trio.sleep(5)
+        await h.event(ExecutionStart(cmd.prompt_id))  # the deadline counts from execution, not from queueing
+        await trio.sleep(59.9)
+        assert await h.commands_now() == []
+        await trio.sleep(0.1)
+        assert await h.commands_now() == [CancelPrompt(cmd.prompt_id)]  # delete + interrupt of that prompt only
+        await h.event(ExecutionInterrupted(cmd.prompt_id, "3", "KSampler"))
+        [err] = await h.messages("execution_error")
+        assert err["reason"] == "timeout" and err["refunded"] is True
+        assert h.resolves == [(t1, "released")]
+
+
+async def test_deadline_gives_up_on_a_prompt_that_ignores_the_interrupt(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(task_timeout=60.0, max_inflight=1) as h:
+        t1 = await h.submit()
+        t2 = await h.submit()
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await h.event(ExecutionStart(cmd.prompt_id))
+        await trio.sleep(60 + reg.TIMEOUT_GRACE)
+        cmds = await h.commands_now()
+        assert cmds[0] == CancelPrompt(cmd.prompt_id) and cmds[-2] == CancelPrompt(cmd.prompt_id)
+        assert isinstance(cmds[-1], SubmitPrompt) and cmds[-1].task_id == t2  # its permit came back
+        [err] = await h.messages("execution_error")
+        assert err["taskId"] == t1 and err["reason"] == "timeout"
+        assert h.resolves == [(t1, "released")]
+
+
+# ---- lost backends ------------------------------------------------------------------------------------------------
+
+
+async def test_backend_away_too_long_fails_in_flight_tasks_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(backend_lost_after=300.0, up=("b0", "b1")) as h:
+        tasks = [await h.submit() for _ in range(4)]
+        on = {"b0": await dispatched(h, "b0"), "b1": await dispatched(h, "b1")}
+        assert len(on["b0"]) == 2 and len(on["b1"]) == 2  # spread over both
+        for backend, cmds in on.items():
+            for c in cmds:
+                await accepted(h, c, backend)
+        await trio.sleep(10)
+        await h.report(BackendLost("b1", "connection closed"))
+        late = await h.submit()
+        assert await dispatched(h, "b1") == []
+        await trio.sleep(299)
+        assert await h.messages("execution_error") == []
+        await trio.sleep(1)
+        errs = await h.messages("execution_error")
+        assert sorted(m["taskId"] for m in errs) == sorted(c.task_id for c in on["b1"])
+        assert {m["reason"] for m in errs} == {"backend_lost"} and all(m["refunded"] for m in errs)
+        assert sorted(h.resolves) == sorted((c.task_id, "released") for c in on["b1"])
+        # it comes back: the prompts we gave up on are deleted/interrupted there, never run for nothing
+        await h.report(BackendUp("b1", 2))
+        cmds = await h.commands_now("b1")
+        assert sorted(c.prompt_id for c in cmds if isinstance(c, CancelPrompt)) == sorted(c.prompt_id for c in on["b1"])
+        assert [c.task_id for c in cmds if isinstance(c, SubmitPrompt)] == [late]
+        assert len(tasks) == 4
+
+
+async def test_backend_back_in_time_is_reconciled(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(backend_lost_after=300.0) as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await h.report(BackendLost("b0", "x"))
+        await trio.sleep(200)
+        await h.report(BackendUp("b0", 0))
+        assert await h.commands_now() == [CheckPrompts((cmd.prompt_id,))]
+        await h.report(PromptLocated("b0", cmd.prompt_id, "done", history(cmd.prompt_id)))
+        [done] = await h.messages("completed")
+        assert done["urls"] == [f"http://gw/api/images/{t1}/0"]
+        await h.report(BackendLost("b0", "x"))
+        await trio.sleep(1000)
+        assert await h.messages("execution_error") == [] and h.resolves == [(t1, "settled")]
+
+
+def record(task_id: str, state: str, backend: str | None, updated_at: float = 0.0) -> TaskRecord:
+    return TaskRecord(task_id=task_id, seq=int(task_id[1:]), user_id="alice", client_id="c1", prompt_id=f"p-{task_id}",
+                      state=state, size=1, cost=1, workflow=WORKFLOW, created_at=0.0, updated_at=updated_at,
+                      backend=backend)
+
+
+async def test_start_up_reconciles_and_fails_what_never_comes_back(autojump_clock: trio.testing.MockClock) -> None:
+    tasks = [record("t1", "running", "b0"), record("t2", "submitted", "b1"), record("t3", "queued", None)]
+    async with registry(tasks=tasks, backend_lost_after=120.0, up=("b0",)) as h:
+        cmds = await h.commands_now("b0")
+        assert CheckPrompts(("p-t1",)) in cmds  # b0 came up: where is the prompt we left there?
+        assert [c.task_id for c in cmds if isinstance(c, SubmitPrompt)] == ["t3"]  # t1 holds b0's other permit
+        await h.report(PromptLocated("b0", "p-t1", "running"))
+        await trio.sleep(120)  # b1 never connects
+        [err] = await h.messages("execution_error")
+        assert err["taskId"] == "t2" and err["reason"] == "backend_lost" and h.resolves == [("t2", "released")]
+        assert h.store.tasks["t1"].state == "running"
+
+
+async def test_reloaded_running_task_keeps_its_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    # updated 100 s "ago" (the wall clock here is trio's): 60 s of its 160 s deadline are left
+    start = trio.current_time()
+    tasks = [record("t1", "running", "b0", updated_at=start - 100)]
+    async with registry(tasks=tasks, task_timeout=160.0) as h:
+        assert await h.commands_now() == [CheckPrompts(("p-t1",))]
+        await h.report(PromptLocated("b0", "p-t1", "running"))
+        await trio.sleep(start + 59.9 - trio.current_time())
+        assert await h.commands_now() == []
+        await trio.sleep(0.1)
+        assert await h.commands_now() == [CancelPrompt("p-t1")]
+
+
+async def test_cancel_on_an_unreachable_backend_ends_cancelled(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(backend_lost_after=30.0) as h:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await h.report(BackendLost("b0", "x"))
+        assert await ask(h.registry, lambda r: reg.Cancel("alice", t1, r)) == "cancelling"
+        await trio.sleep(30)
+        [msg] = await h.messages("cancelled", "execution_error")
+        assert msg["type"] == "cancelled" and msg["refunded"] is True and h.resolves == [(t1, "released")]
