@@ -4,8 +4,14 @@ A ``Freeze`` is a pending transfer (refused when it would make ``available`` neg
 ``Release`` voids it. Each hold is resolved exactly once. Repeating an operation with the same task id and
 amount is a no-op success; a different amount, or resolving the other way, is a ``HoldConflict`` and
 changes nothing. Every change is one store transaction plus a journal entry, and is pushed to the user as a
-``balance`` message. A hold past its deadline is released by the actor itself (a safety net for a task that
-never ends; the deadline is longer than any task's).
+``balance`` message. A hold past its deadline is swept by the actor itself (a safety net; the deadline is
+longer than any task's): released, or settled if its task is recorded as succeeded, or given a new deadline
+if its task is still active (``SqliteStore.sweep_holds``).
+
+Crash recovery: before it reports started (so before the registry runs), the actor sweeps every pending hold
+once. A gateway killed between a freeze and saving its task leaves a hold with no task: released. Killed
+between saving a task's outcome and settling or releasing: resolved as the outcome says. Holds of tasks still
+active are left for the registry, which reloads those tasks and resolves them.
 
 The actor is a leaf: it never waits on another actor, so anyone may ``ask`` it.
 """
@@ -21,14 +27,14 @@ import trio
 
 from ._util import ask, reply_once
 from .sessions import Publish
-from .store import Account, HoldConflict, InsufficientCredits, LedgerError, SqliteStore, UnknownHold
+from .store import Account, HoldConflict, InsufficientCredits, LedgerError, Store, SweptHold, UnknownHold
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Account", "Freeze", "Resolve", "Grant", "GetAccount", "Audit", "LedgerMsg", "LedgerError",
+    "Account", "Freeze", "Resolve", "Grant", "GetAccount", "Audit", "Sweep", "LedgerMsg", "LedgerError",
     "InsufficientCredits", "HoldConflict", "UnknownHold", "run", "freeze", "settle", "release", "grant",
-    "get_account",
+    "get_account", "audit", "sweep",
 ]
 
 EXPIRY_CHECK_INTERVAL = 60.0  # seconds between scans for expired holds
@@ -71,7 +77,14 @@ class Audit:
     reply: trio.MemorySendChannel[list[str]]
 
 
-LedgerMsg = Freeze | Resolve | Grant | GetAccount | Audit
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """Sweep expired holds now (the actor also does it every ``expiry_interval``); replies with what changed."""
+
+    reply: trio.MemorySendChannel[list[SweptHold]]
+
+
+LedgerMsg = Freeze | Resolve | Grant | GetAccount | Audit | Sweep
 
 
 def balance_message(acc: Account) -> dict[str, object]:
@@ -81,7 +94,7 @@ def balance_message(acc: Account) -> dict[str, object]:
 async def run(
     inbox: trio.MemoryReceiveChannel[LedgerMsg],
     *,
-    store: SqliteStore,
+    store: Store,
     sessions: trio.MemorySendChannel[Publish],
     initial_credits: int,
     hold_ttl: float,
@@ -94,23 +107,26 @@ async def run(
     async def changed(acc: Account) -> None:
         await sessions.send(Publish(acc.user_id, None, balance_message(acc)))
 
-    async def expire() -> None:
-        for hold in await store.expired_holds(wall_clock()):
-            try:
-                acc, did = await store.resolve(hold.task_id, "released")
-            except LedgerError as exc:  # resolved meanwhile: nothing to do
-                log.debug("ledger: expiry of %s skipped: %s", hold.task_id, exc)
+    async def sweep(now: float | None) -> list[SweptHold]:
+        swept = await store.sweep_holds(now, hold_ttl)
+        for s in swept:
+            if s.outcome == "extended":
+                log.warning("ledger: hold of task %s expired while the task is %s: deadline extended by %ss",
+                            s.hold.task_id, s.task_state, hold_ttl)
                 continue
-            if did:
-                log.warning("ledger: hold of task %s (%d credits) expired; released", hold.task_id, hold.amount)
-                await changed(acc)
+            log.warning("ledger: hold of task %s (%d credits of %s) %s %s (task %s)", s.hold.task_id, s.hold.amount,
+                        s.hold.user_id, "expired:" if now is not None else "recovered at start-up:", s.outcome,
+                        s.task_state or "never saved")
+            await changed(s.account)
+        return swept
 
+    await sweep(None)  # crash recovery, before anyone can freeze (the registry starts after us)
     task_status.started()
     next_expiry = trio.current_time()
     with inbox:
         while True:
             if trio.current_time() >= next_expiry:
-                await expire()
+                await sweep(wall_clock())
                 next_expiry = trio.current_time() + expiry_interval
             msg = None
             with trio.move_on_at(next_expiry):
@@ -143,14 +159,20 @@ async def run(
                         if did:
                             await changed(acc)
                 case Grant(user_id, amount, note, reply):
-                    acc = await store.grant(user_id, amount, initial_credits, note)
-                    log.info("ledger: granted %d to %s (%s) -> %d", amount, user_id, note, acc.balance)
-                    reply_once(reply, acc)
-                    await changed(acc)
+                    try:
+                        acc = await store.grant(user_id, amount, initial_credits, note)
+                    except LedgerError as exc:  # not an int: refused, nothing stored
+                        reply_once(reply, exc)
+                    else:
+                        log.info("ledger: granted %d to %s (%s) -> %d", amount, user_id, note, acc.balance)
+                        reply_once(reply, acc)
+                        await changed(acc)
                 case GetAccount(user_id, reply):
                     reply_once(reply, await store.account(user_id, initial_credits))
                 case Audit(reply):
                     reply_once(reply, await store.audit())
+                case Sweep(reply):
+                    reply_once(reply, await sweep(wall_clock()))
 
 
 # ---- client side: what other actors and the web layer call ------------------------------------------
@@ -182,3 +204,12 @@ async def grant(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str, amount:
 async def get_account(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str) -> Account:
     return await _ask_ledger(ledger, lambda r: GetAccount(user_id, r))
 
+
+
+async def audit(ledger: trio.MemorySendChannel[LedgerMsg]) -> list[str]:
+    """Rebuild the balances from the journal and check them (``SqliteStore.audit``); [] means consistent."""
+    return await ask(ledger, Audit, name="ledger")
+
+
+async def sweep(ledger: trio.MemorySendChannel[LedgerMsg]) -> list[SweptHold]:
+    return await ask(ledger, Sweep, name="ledger")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import logging
@@ -55,14 +56,20 @@ import trio  # noqa: E402
 log = logging.getLogger("bench_relay")
 
 NODE_DIR = ROOT / "tests" / "node"
-WORKFLOW = ROOT.parent / "shared" / "workflows" / "txt2img.json"
+WORKFLOW = next((p for p in (ROOT / "tests" / "data" / "workflows" / "txt2img.json",
+                              ROOT.parent / "shared" / "workflows" / "txt2img.json") if p.exists()),
+                ROOT / "tests" / "data" / "workflows" / "txt2img.json")
 SECRET = b"bench-relay-secret-0123456789abcdef"
 CLIENT_ID = "c1"
 PATHS = ("hub", "comfy", "bare")
 DRAIN_GRACE = 10.0  # seconds the clients keep counting after the senders' time bound
 MAX_SAMPLER_STEPS = 10_000  # ComfyUI's KSampler "steps" maximum
-COMFY_SETTLE = 15.0  # seconds to wait for cancelled leftovers to leave the simulators
+COMFY_SETTLE = 120.0  # seconds to wait for the tasks of a comfy phase to end (a backlog drains first)
+THROTTLE_MS = 20.0  # simulator step while too many events are in flight (comfy path at "max")
+TICK_MS = 10  # how often the clients report their count (comfy path at "max")
 SERVER_START = 60.0  # seconds a server process has to start listening
+QUIET_BUSY = 0.15  # CPU seconds per second (both cores) below which the machine counts as quiet
+IDLE_SECONDS = 3.0  # how long the server's idle CPU with N connections is measured
 CONNECT_BATCH = 50  # clients connecting at once (Hypercorn's listen backlog is 100)
 
 
@@ -74,10 +81,11 @@ NODE_CLIENT = r"""
 import { Client } from '@stomp/stompjs';
 import WebSocket from 'ws';
 import readline from 'node:readline';
+import { readFileSync } from 'node:fs';
 
 const now = () => performance.timeOrigin + performance.now();  // ms since the epoch, sub-ms resolution
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
-const cfg = JSON.parse(process.argv[process.argv.length - 1]);
+const cfg = JSON.parse(readFileSync(process.argv[process.argv.length - 1], 'utf8'));
 const n = cfg.tokens.length;
 const perClient = new Array(n).fill(0);
 const errors = [];
@@ -110,10 +118,11 @@ function finish() {
   const p = phase;
   phase = null;
   clearTimeout(p.timer);
+  if (p.ticker) clearInterval(p.ticker);
   const cpu = process.cpuUsage(p.cpu0);
   let lo = Infinity, hi = 0;
   for (const c of perClient) { lo = Math.min(lo, c); hi = Math.max(hi, c); }
-  out({ event: 'result', count: p.count, total: p.total, bad: p.bad, first: p.first, last: p.last,
+  out({ event: 'result', count: p.count, total: p.total, bad: p.bad, first: p.first, last: p.last, wsMessages: p.wsMessages,
         lat: p.lat, recs: p.recs, perClientMin: lo, perClientMax: hi, closed, errors,
         cpu: (cpu.user + cpu.system) / 1e6, wall: (now() - p.t0) / 1000 });
 }
@@ -121,7 +130,11 @@ function finish() {
 function connectStomp(i) {
   return new Promise((resolve, reject) => {
     const c = new Client({
-      webSocketFactory: () => new WebSocket(cfg.url, ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false }),
+      webSocketFactory: () => {
+        const ws = new WebSocket(cfg.url, ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false });
+        ws.on('message', () => { if (phase) phase.wsMessages++; });  // to see how many frames one message packs
+        return ws;
+      },
       connectHeaders: { Authorization: 'Bearer ' + cfg.tokens[i], clientId: cfg.clientId },
       reconnectDelay: 0, heartbeatIncoming: 10000, heartbeatOutgoing: 10000, debug: () => {},
     });
@@ -145,6 +158,7 @@ function connectBare(i) {
     ws.on('message', (data) => {
       const s = data.toString();
       if (!up) { if (s === 'hello') { up = true; resolve(ws); } return; }
+      if (phase) phase.wsMessages++;
       onMessage(i, s);
     });
     ws.on('close', (code) => { closed++; if (!up) reject(new Error(`client ${i}: closed ${code}`)); });
@@ -167,8 +181,9 @@ async function main() {
 readline.createInterface({ input: process.stdin }).on('line', (line) => {
   const cmd = JSON.parse(line);
   if (cmd.cmd === 'measure') {
-    phase = { expect: cmd.expect, count: 0, total: 0, bad: 0, first: null, last: null, lat: [], recs: [],
-              t0: now(), cpu0: process.cpuUsage(), timer: setTimeout(finish, cmd.deadlineMs) };
+    phase = { expect: cmd.expect, count: 0, total: 0, bad: 0, wsMessages: 0, first: null, last: null, lat: [], recs: [],
+              t0: now(), cpu0: process.cpuUsage(), timer: setTimeout(finish, cmd.deadlineMs),
+              ticker: cmd.tickMs ? setInterval(() => { if (phase) out({ event: 'tick', count: phase.count }); }, cmd.tickMs) : null };
     perClient.fill(0);
     out({ event: 'armed' });
   } else if (cmd.cmd === 'quit') {
@@ -208,14 +223,26 @@ class Lines:
                 raise EOFError(f"{self.name} ended")
             self.buf += chunk
 
-    async def expect(self, event: str, timeout: float) -> dict[str, Any]:
-        with trio.fail_after(timeout):
-            while True:
-                msg = await self.next()
-                if msg.get("event") == event:
-                    return msg
-                if msg.get("event") == "failed":
-                    raise RuntimeError(f"{self.name} failed: {msg}")
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def calibrate() -> float:
+    """µs per json.dumps of a 100-byte body on this core: to compare machines (and runs) with each other."""
+    body = bench_body(12345, 100)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10_000):
+            json.dumps(body, separators=(",", ":"))
+        best = min(best, (time.perf_counter() - t) / 10_000 * 1e6)
+    return round(best, 2)
 
 
 def bench_body(k: int, size: int) -> dict[str, Any]:
@@ -254,6 +281,18 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
     stdin = Lines(trio.lowlevel.FdStream(os.dup(0)), "stdin")
     prof: cProfile.Profile | None = None
     cpu0 = 0.0
+    gc_pauses: list[float] = []  # seconds per full (generation 2) collection during the phase
+    gc_started = 0.0
+
+    def gc_watch(phase: str, info: dict[str, int]) -> None:
+        nonlocal gc_started
+        if info["generation"] == 2:
+            if phase == "start":
+                gc_started = time.perf_counter()
+            else:
+                gc_pauses.append(time.perf_counter() - gc_started)
+
+    gc.callbacks.append(gc_watch)
 
     def reply(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -265,8 +304,9 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
             if cmd["cmd"] == "begin":
                 t = os.times()
                 cpu0 = t.user + t.system
+                gc_pauses.clear()
                 if cmd.get("profile"):
-                    prof = cProfile.Profile()
+                    prof = cProfile.Profile()  # wall clock (cheap): only meaningful when "others" is ~0%
                     prof.enable()
                 reply({"event": "begun"})
             elif cmd["cmd"] == "end":
@@ -274,11 +314,18 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
                 if prof is not None:
                     prof.disable()
                     buf = io.StringIO()
-                    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+                    stats = pstats.Stats(prof, stream=buf)
+                    stats.sort_stats("tottime").print_stats(25)
+                    stats.sort_stats("cumtime").print_stats(r"/(actors|web)/", 25)  # the gateway's own code
                     text = buf.getvalue()
                     prof = None
                 t = os.times()
-                reply({"event": "ended", "cpu": t.user + t.system - cpu0, "profile": text})
+                reply({"event": "ended", "cpu": t.user + t.system - cpu0, "profile": text, "rss_kb": rss_kb(),
+                       "gc_full": len(gc_pauses), "gc_full_max_ms": round(1000 * max(gc_pauses, default=0.0), 1),
+                       "gc_full_total_ms": round(1000 * sum(gc_pauses), 1), "gc_objects": len(gc.get_objects())})
+            elif cmd["cmd"] == "stats":
+                t = os.times()
+                reply({"event": "stats", "cpu": t.user + t.system, "rss_kb": rss_kb()})
             elif cmd["cmd"] == "inject":
                 reply({"event": "injected", **await handle(cmd)})
             elif cmd["cmd"] == "quit":
@@ -330,7 +377,7 @@ async def gateway_server(cfg: dict[str, Any]) -> None:
     async with trio.open_nursery() as nursery:
         running = await nursery.start(partial(server_mod.serve_gateway, gw, web, secret=SECRET, shutdown=shutdown))
         print(json.dumps({"event": "listening", "url": running.url.replace("http://", "ws://") + "/ws",
-                          "http": running.url, "pid": os.getpid()}), flush=True)
+                          "http": running.url, "pid": os.getpid(), "calibration_us": calibrate()}), flush=True)
         await control_loop(handle, shutdown)
 
 
@@ -386,7 +433,8 @@ async def bare_server(cfg: dict[str, Any]) -> None:
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, hc, shutdown_trigger=shutdown.wait))  # type: ignore[arg-type]
         port = int(binds[0].rsplit(":", 1)[1])
-        print(json.dumps({"event": "listening", "url": f"ws://127.0.0.1:{port}/ws", "pid": os.getpid()}), flush=True)
+        print(json.dumps({"event": "listening", "url": f"ws://127.0.0.1:{port}/ws", "pid": os.getpid(),
+                          "calibration_us": calibrate()}), flush=True)
         await control_loop(handle, shutdown)
 
 
@@ -395,12 +443,41 @@ async def bare_server(cfg: dict[str, Any]) -> None:
 # =============================================================================================================
 
 
-@dataclass
 class Proc:
-    name: str
-    proc: trio.Process
-    out: Lines
-    log_path: Path
+    """A child process speaking JSON lines on stdin/stdout; its stderr goes to a log file."""
+
+    def __init__(self, name: str, proc: trio.Process, log_path: Path, nursery: trio.Nursery) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+        self.ticks = 0  # the clients' running count of the current phase (`tick` events)
+        self._tx, self._rx = trio.open_memory_channel[dict[str, Any]](math.inf)
+        assert proc.stdout is not None
+        nursery.start_soon(self._pump, Lines(proc.stdout, name))
+
+    async def _pump(self, lines: Lines) -> None:
+        with self._tx:
+            try:
+                while True:
+                    msg = await lines.next()
+                    if msg.get("event") == "tick":
+                        self.ticks = msg["count"]
+                    else:
+                        self._tx.send_nowait(msg)
+            except (EOFError, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    async def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    msg = await self._rx.receive()
+                except trio.EndOfChannel:
+                    raise EOFError(f"{self.name} ended:\n{self.log_tail()}") from None
+                if msg.get("event") == event:
+                    return msg
+                if msg.get("event") == "failed":
+                    raise RuntimeError(f"{self.name} failed: {msg}")
 
     async def send(self, obj: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
@@ -444,8 +521,14 @@ class Result:
     max: float | None = None
     server_cpu: float = 0.0  # seconds
     client_cpu: float = 0.0
-    driver_cpu: float = 0.0
+    driver_cpu: float = 0.0  # this process: the ComfyUI simulators (comfy path) and the driver
+    other_cpu: float = 0.0  # CPU seconds used by processes other than ours during the phase (should be ~0)
+    other_cpu_server_core: float | None = None  # the part of it on the server's core (when pinned)
+    busy: dict[str, float] = field(default_factory=dict)  # CPU seconds used per core during the phase
+    wall: float = 0.0  # seconds the phase lasted for the clients
+    server: dict[str, Any] = field(default_factory=dict)  # RSS and full GC pauses of the server during the phase
     per_client: tuple[int, int] = (0, 0)
+    ws_messages: int = 0  # WebSocket messages the clients received (STOMP frames per message = coalescing)
     closed: int = 0
     errors: list[str] = field(default_factory=list)
     note: str = ""
@@ -454,6 +537,22 @@ class Result:
     @property
     def server_us_per_msg(self) -> float | None:
         return 1e6 * self.server_cpu / self.delivered if self.delivered else None
+
+
+def cpu_busy() -> dict[int, float]:
+    """CPU seconds spent (not idle) per core since boot, from /proc/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy: dict[int, float] = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *vals = line.split()
+                    v = [int(x) for x in vals]
+                    busy[int(name[3:])] = (sum(v[:8]) - v[3] - v[4]) / tick  # all but idle and iowait
+    except OSError:
+        pass
+    return busy
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
@@ -476,6 +575,8 @@ class Driver:
         self.a = args
         self.tmp = tmp
         self.results: list[Result] = []
+        self.nursery: trio.Nursery  # set by drive(): the Proc pumps run there
+        self.setup: dict[str, dict[str, Any]] = {}  # per server: connect time, memory and idle CPU
         self.server_cpu_id: int | None = None
         self.client_cpu_id: int | None = None
         if not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
@@ -498,50 +599,101 @@ class Driver:
             cwd=str(NODE_DIR if argv[0] == "node" else ROOT),
         )
         logf.close()
-        assert proc.stdout is not None
-        return Proc(name, proc, Lines(proc.stdout, name), log_path)
+        return Proc(name, proc, log_path, self.nursery)
 
     async def start_server(self, role: str, cfg: dict[str, Any]) -> tuple[Proc, dict[str, Any]]:
         p = await self.spawn(role, [sys.executable, __file__, "--role", role, json.dumps(cfg)], self.server_cpu_id)
         try:
-            info = await p.out.expect("listening", SERVER_START)
+            info = await p.expect("listening", SERVER_START)
         except (EOFError, trio.TooSlowError) as exc:
             raise RuntimeError(f"{role} did not start ({exc}):\n{p.log_tail()}") from None
         return p, info
 
-    async def start_clients(self, mode: str, url: str) -> Proc:
-        cfg = {"mode": mode, "url": url, "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
-        p = await self.spawn(f"clients-{mode}", ["node", "--input-type=module", "-e", NODE_CLIENT, json.dumps(cfg)],
+    async def start_clients(self, mode: str, server: Proc, info: dict[str, Any]) -> Proc:
+        """Connect the N clients; measure the server's memory per connection and its CPU while they idle."""
+        await server.send({"cmd": "stats"})
+        before = await server.expect("stats", 10)
+        cfg = {"mode": mode, "url": info["url"], "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
+        cfg_path = self.tmp / f"clients-{mode}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        p = await self.spawn(f"clients-{mode}", ["node", "--input-type=module", "-e", NODE_CLIENT, str(cfg_path)],
                              self.client_cpu_id)
         try:
-            ready = await p.out.expect("ready", 30 + self.a.clients / 20)
+            ready = await p.expect("ready", 30 + self.a.clients / 20)
         except (EOFError, trio.TooSlowError, RuntimeError) as exc:
             raise RuntimeError(f"the {mode} clients did not connect ({exc}):\n{p.log_tail()}") from None
-        self.say(f"  {self.a.clients} {mode} clients connected in {ready['seconds']:.1f}s")
+        await trio.sleep(1)
+        await server.send({"cmd": "stats"})
+        connected = await server.expect("stats", 10)
+        await trio.sleep(IDLE_SECONDS)
+        await server.send({"cmd": "stats"})
+        idle = await server.expect("stats", 10)
+        setup = {
+            "connect_seconds": round(ready["seconds"], 2),
+            "rss_before_mb": round(before["rss_kb"] / 1024, 1),
+            "rss_connected_mb": round(connected["rss_kb"] / 1024, 1),
+            "kb_per_connection": round((connected["rss_kb"] - before["rss_kb"]) / self.a.clients, 1),
+            "idle_cpu_percent": round(100 * (idle["cpu"] - connected["cpu"]) / IDLE_SECONDS, 1),
+            "calibration_us": info["calibration_us"],
+        }
+        self.setup["gateway" if mode == "stomp" else "bare"] = setup
+        self.say(f"  {self.a.clients} {mode} clients connected in {setup['connect_seconds']}s; server RSS "
+                 f"{setup['rss_before_mb']} -> {setup['rss_connected_mb']} MB ({setup['kb_per_connection']} KB per "
+                 f"connection), idle CPU {setup['idle_cpu_percent']}%; json.dumps(100 B) {info['calibration_us']} µs")
         return p
 
-    async def measure(self, r: Result, server: Proc, clients: Proc, run_load: Any) -> tuple[dict[str, Any], Any]:
+    async def measure(self, r: Result, server: Proc, clients: Proc, run_load: Any, tick_ms: int = 0) -> tuple[dict[str, Any], Any]:
         """begin (server CPU, profile) -> arm the clients -> run the load -> wait for the clients -> end."""
+        await self.wait_quiet()
         await server.send({"cmd": "begin", "profile": self.a.profile})
-        await server.out.expect("begun", 10)
-        await clients.send({"cmd": "measure", "expect": r.expected, "deadlineMs": int(1000 * (self.a.seconds + DRAIN_GRACE))})
-        await clients.out.expect("armed", 10)
-        d0 = os.times()
+        await server.expect("begun", 10)
+        clients.ticks = 0
+        await clients.send({"cmd": "measure", "expect": r.expected, "tickMs": tick_ms,
+                            "deadlineMs": int(1000 * (self.a.seconds + DRAIN_GRACE))})
+        await clients.expect("armed", 10)
+        d0, c0 = os.times(), cpu_busy()
         load = await run_load()
-        result = await clients.out.expect("result", self.a.seconds + DRAIN_GRACE + 30)
-        d1 = os.times()
+        result = await clients.expect("result", self.a.seconds + DRAIN_GRACE + 30)
+        d1, c1 = os.times(), cpu_busy()
         await server.send({"cmd": "end"})
-        ended = await server.out.expect("ended", 30)
+        ended = await server.expect("ended", 30)
         r.server_cpu = ended["cpu"]
+        r.server = {k: ended[k] for k in ("rss_kb", "gc_full", "gc_full_max_ms", "gc_full_total_ms", "gc_objects")}
         r.profile = ended["profile"]
         r.client_cpu = result["cpu"]
         r.driver_cpu = (d1.user + d1.system) - (d0.user + d0.system)
+        r.wall = result["wall"]
+        busy = {cpu: c1[cpu] - c0.get(cpu, 0.0) for cpu in c1}
+        r.busy = {str(cpu): round(v, 3) for cpu, v in sorted(busy.items())}
+        r.other_cpu = max(0.0, sum(busy.values()) - r.server_cpu - r.client_cpu - r.driver_cpu)
+        if self.server_cpu_id is not None and self.client_cpu_id is not None:
+            r.other_cpu_server_core = max(0.0, busy.get(self.server_cpu_id, 0.0) - r.server_cpu)
         r.delivered = result["count"]
         r.other = result["total"] - result["count"]
+        r.ws_messages = result["wsMessages"]
         r.per_client = (result["perClientMin"], result["perClientMax"])
         r.closed = result["closed"]
         r.errors = result["errors"]
         return result, load
+
+    async def wait_quiet(self) -> None:
+        """Wait (at most --quiet-wait seconds) until other processes leave the CPUs alone: busy < 15% of a core."""
+        deadline = trio.current_time() + self.a.quiet_wait
+        waited = False
+        while self.a.quiet_wait > 0:
+            c0 = cpu_busy()
+            await trio.sleep(1)
+            busy = sum(v - c0.get(cpu, 0.0) for cpu, v in cpu_busy().items())
+            if busy < QUIET_BUSY:
+                if waited:
+                    self.say("  (the machine is quiet again)")
+                return
+            if trio.current_time() >= deadline:
+                self.say(f"  warning: the machine is still busy ({100 * busy:.0f}% of a core); measuring anyway")
+                return
+            if not waited:
+                self.say(f"  waiting for other processes to leave the CPUs ({100 * busy:.0f}% of a core busy)")
+                waited = True
 
     # -- the three paths
 
@@ -552,7 +704,7 @@ class Driver:
         async def load() -> dict[str, Any]:
             await server.send({"cmd": "inject", "users": self.users, "count": r.expected, "rate": rate,
                                "size": a.size, "seconds": a.seconds})
-            return await server.out.expect("injected", a.seconds + 30)
+            return await server.expect("injected", a.seconds + 30)
 
         result, sent = await self.measure(r, server, clients, load)
         self.finish_timed(r, result, sent)
@@ -565,7 +717,7 @@ class Driver:
         async def load() -> dict[str, Any]:
             await server.send({"cmd": "inject", "clients": a.clients, "count": r.expected, "rate": rate,
                                "size": a.size, "seconds": a.seconds})
-            return await server.out.expect("injected", a.seconds + 30)
+            return await server.expect("injected", a.seconds + 30)
 
         result, sent = await self.measure(r, server, clients, load)
         self.finish_timed(r, result, sent)
@@ -582,6 +734,9 @@ class Driver:
             r.note = f"{r.sent - r.delivered} sent but not delivered"
 
     async def run_comfy(self, rate: float, server: Proc, clients: Proc, sims: list[Any], http_url: str) -> Result:
+        """Progress events from the simulators. At a target rate each simulator steps every ``sims/rate`` s (open
+        loop); at "max" they step as fast as they can while fewer than ``--window`` events are in flight (emitted,
+        not yet received), so the figure is the gateway's sustained ingest rate, not a growing backlog."""
         import httpx
 
         a = self.a
@@ -597,7 +752,7 @@ class Driver:
         for node in wf.values():
             if node["class_type"] == "KSampler":
                 node["inputs"]["steps"] = steps
-        task_ids: list[tuple[str, str]] = []
+        tasks: list[tuple[str, str]] = []  # (token, taskId)
 
         async with httpx.AsyncClient(timeout=30) as http:
 
@@ -610,28 +765,45 @@ class Driver:
                                                headers={"Authorization": f"Bearer {self.tokens[i]}"})
                         if resp.status_code != 202:
                             raise RuntimeError(f"submit for {self.users[i]}: {resp.status_code} {resp.text}")
-                        task_ids.append((self.tokens[i], resp.json()["taskId"]))
+                        tasks.append((self.tokens[i], resp.json()["taskId"]))
 
-                for _ in range(tasks_per_user):  # round after round: the scheduler is fair anyway
+                for _ in range(tasks_per_user):  # round after round (the scheduler is fair anyway)
                     async with trio.open_nursery() as n:
                         for i in range(a.clients):
                             n.start_soon(one, i)
+
+            async def throttle() -> None:
+                while True:
+                    backlog = len(emitted) - clients.ticks
+                    for sim in sims:
+                        sim.step_ms = THROTTLE_MS if backlog >= a.window else 0.0
+                    await trio.sleep(0.005)
 
             async def load() -> dict[str, Any]:
                 with trio.move_on_after(a.seconds):  # the submissions count against the time bound too
                     await submit_all()
                 return {}
 
-            result, _ = await self.measure(r, server, clients, load)
-            leftovers = len(task_ids) * steps - result["count"]
-            if leftovers > 0:  # the time bound ended it: cancel what is left so the next phase starts clean
-                async with trio.open_nursery() as n:
-                    for token, tid in task_ids:
-                        n.start_soon(partial(http.delete, f"{http_url}/api/tasks/{tid}",
-                                             headers={"Authorization": f"Bearer {token}"}))
-                with trio.move_on_after(COMFY_SETTLE):
-                    while any(s._running is not None or s._pending for s in sims):
-                        await trio.sleep(0.2)
+            idle = [0, 0]  # samples of (a simulator idle while tasks wait in the gateway, all simulator samples)
+
+            async def watch_backends() -> None:
+                """DESIGN: "a backend must never wait for the gateway between two prompts". Sample how often one does."""
+                while True:
+                    await trio.sleep(0.05)
+                    if len(tasks) > sum(len(sim.submitted) for sim in sims) - submitted_before:
+                        idle[0] += sum(sim._running is None for sim in sims)
+                        idle[1] += len(sims)
+
+            submitted_before = sum(len(sim.submitted) for sim in sims)
+            async with trio.open_nursery() as helpers:
+                helpers.start_soon(watch_backends)
+                if rate == 0:
+                    helpers.start_soon(throttle)
+                result, _ = await self.measure(r, server, clients, load, tick_ms=TICK_MS if rate == 0 else 0)
+                helpers.cancel_scope.cancel()
+            for sim in sims:
+                sim.step_ms = 0.0
+            await self.settle(http, http_url, tasks, cancel=result["count"] < r.expected)
         for sim in sims:
             del sim._send_json
         r.sent = len(emitted)
@@ -646,10 +818,38 @@ class Driver:
             r.seconds = result["last"] / 1000 - first
             r.throughput = r.delivered / max(1e-9, r.seconds)
             r.offered = r.sent / max(1e-9, max(emitted.values()) - first)
-        r.note = f"{len(sims)} simulators, {steps}-step KSampler, step {step_ms:.2f} ms"
+        r.note = f"{len(sims)} simulators, {steps}-step KSampler, " + (
+            f"step {step_ms:.2f} ms" if rate else f"closed loop: ≤ {a.window} progress events in flight")
+        if idle[1]:
+            r.note += f"; simulators idle {100 * idle[0] / idle[1]:.0f}% of the time while tasks waited in the gateway"
         if r.delivered < r.sent:
-            r.note += f"; {r.sent - r.delivered} emitted but not delivered"
+            r.note += f"; {r.sent - r.delivered} emitted but not delivered in time"
         return r
+
+    async def settle(self, http: Any, http_url: str, tasks: list[tuple[str, str]], *, cancel: bool) -> None:
+        """Leave nothing behind for the next phase: cancel what is left (when the time bound ended the phase), then
+        wait until every task is terminal in the gateway, so no progress backlog is still on its way."""
+        from actors.store import TERMINAL_STATES
+
+        async def state(token: str, tid: str) -> str:
+            resp = await http.get(f"{http_url}/api/tasks/{tid}", headers={"Authorization": f"Bearer {token}"})
+            return str(resp.json().get("state")) if resp.status_code == 200 else "gone"
+
+        if cancel:
+            async with trio.open_nursery() as n:
+                for token, tid in tasks:
+                    n.start_soon(partial(http.delete, f"{http_url}/api/tasks/{tid}",
+                                         headers={"Authorization": f"Bearer {token}"}))
+        with trio.move_on_after(COMFY_SETTLE) as scope:
+            pending = list(tasks)
+            while pending:
+                states = [await state(token, tid) for token, tid in pending]
+                pending = [t for t, st in zip(pending, states, strict=True) if st not in TERMINAL_STATES]
+                if pending:
+                    await trio.sleep(0.5)
+            await trio.sleep(1.0)  # the last messages reach the clients
+        if scope.cancelled_caught:
+            self.say(f"  warning: {len(pending)} task(s) still not finished {COMFY_SETTLE:.0f}s after the phase")
 
     @staticmethod
     def timed_send(orig: Any, emitted: dict[tuple[str, int], float], event: str, data: Any, sid: Any) -> None:
@@ -669,7 +869,7 @@ class Driver:
             self.say("bare relay (Quart-Trio on Hypercorn, one WebSocket message per event)")
             server, info = await self.start_server("bare", {})
             try:
-                clients = await self.start_clients("bare", info["url"])
+                clients = await self.start_clients("bare", server, info)
                 try:
                     for rate in rates:
                         self.report(await self.run_bare(rate, server, clients))
@@ -691,14 +891,13 @@ class Driver:
             server, info = await self.start_server("gateway", {"comfy_urls": [s.url for s in sims],
                                                                "store": str(self.tmp / "gateway.db")})
             try:
-                clients = await self.start_clients("stomp", info["url"])
+                clients = await self.start_clients("stomp", server, info)
                 try:
                     await self.wait_backends(sims)
-                    for rate in rates:
-                        if "hub" in paths:
-                            self.report(await self.run_hub(rate, server, clients))
-                        if "comfy" in paths:
-                            self.report(await self.run_comfy(rate, server, clients, sims, info["http"]))
+                    for rate in rates if "hub" in paths else ():
+                        self.report(await self.run_hub(rate, server, clients))
+                    for rate in rates if "comfy" in paths else ():  # last: a backlog would disturb the others
+                        self.report(await self.run_comfy(rate, server, clients, sims, info["http"]))
                 finally:
                     await clients.stop()
             finally:
@@ -733,21 +932,24 @@ def fmt_rate(rate: float) -> str:
 LABELS = {"hub": "gateway, hub → client", "comfy": "gateway, ComfyUI → client", "bare": "bare Hypercorn relay"}
 
 
-def table(results: list[Result]) -> str:
+def table(results: list[Result], setup: dict[str, dict[str, Any]]) -> str:
     bare = {r.rate: r for r in results if r.path == "bare"}
-    head = ("path", "target/s", "sent/s", "delivered", "msgs/s", "p50 ms", "p99 ms", "max ms", "srv CPU",
-            "µs/msg", "cli CPU", "× bare msgs/s", "× bare p99")
+    head = ("path", "target/s", "sent/s", "delivered/sent", "msgs/s", "p50 ms", "p99 ms", "max ms", "srv CPU",
+            "µs/msg", "frames/WS", "cli CPU", "others", "× bare msgs/s", "× bare p99")
     rows = [head]
     for r in results:
         b = bare.get(r.rate)
-        wall = max(r.seconds, 1e-9)
+        wall = max(r.wall, 1e-9)
         ratio_t = f"{r.throughput / b.throughput:.2f}" if b and b.throughput and r.path != "bare" else ""
         ratio_p = f"{r.p99 / b.p99:.2f}" if b and b.p99 and r.p99 is not None and r.path != "bare" else ""
         rows.append((
-            LABELS[r.path], fmt_rate(r.rate), f"{r.offered:,.0f}", f"{r.delivered}/{r.expected}", f"{r.throughput:,.0f}",
+            LABELS[r.path], fmt_rate(r.rate), f"{r.offered:,.0f}", f"{r.delivered}/{r.sent}", f"{r.throughput:,.0f}",
             fmt_ms(r.p50), fmt_ms(r.p99), fmt_ms(r.max), f"{100 * r.server_cpu / wall:.0f}%",
             f"{r.server_us_per_msg:.1f}" if r.server_us_per_msg else "-",
-            f"{100 * (r.client_cpu + (r.driver_cpu if r.path == 'comfy' else 0)) / wall:.0f}%", ratio_t, ratio_p,
+            f"{(r.delivered + r.other) / r.ws_messages:.2f}" if r.ws_messages else "-",
+            f"{100 * (r.client_cpu + (r.driver_cpu if r.path == 'comfy' else 0)) / wall:.0f}%",
+            (f"{100 * r.other_cpu / wall:.0f}%" if r.other_cpu_server_core is None else
+             f"{100 * r.other_cpu_server_core / wall:.0f}% / {100 * r.other_cpu / wall:.0f}%"), ratio_t, ratio_p,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
@@ -755,6 +957,27 @@ def table(results: list[Result]) -> str:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "",
+        "msgs/s = delivered / (last arrival - first send); latency = arrival - send time, same host clock.",
+        "srv CPU = server process CPU / phase wall time (100% = its core saturated); µs/msg = server CPU per delivered",
+        "message; frames/WS = messages per WebSocket message (the gateway's coalescing); cli CPU = Node clients",
+        "(+ the simulators for ComfyUI → client); others = CPU used by processes that are not part of the benchmark,",
+        "on the server's core / on both cores (should be ~0%: otherwise the figures are disturbed).",
+    ]
+    for r in results:
+        sv = r.server
+        lines.append(f"{LABELS[r.path]} at {fmt_rate(r.rate)}: server RSS {sv['rss_kb'] / 1024:.0f} MB after the phase, "
+                     f"{sv['gc_objects']:,} objects tracked by the GC, {sv['gc_full']} full collection(s) "
+                     f"(longest {sv['gc_full_max_ms']} ms)" + (f"; {r.note}" if r.note else ""))
+    for name, st in setup.items():
+        lines.append(f"{name}: {st['rss_before_mb']} -> {st['rss_connected_mb']} MB RSS with the clients connected "
+                     f"({st['kb_per_connection']} KB per connection), idle CPU {st['idle_cpu_percent']}%, "
+                     f"json.dumps(100 B) {st['calibration_us']} µs on the server core")
+    noisy = [r for r in results if r.other_cpu / max(r.wall, 1e-9) > 0.10]
+    if noisy:
+        lines.append(f"WARNING: other processes used > 10% of a core during {len(noisy)} phase(s) "
+                     f"({', '.join(f'{r.path} at {fmt_rate(r.rate)}' for r in noisy)}): rerun on a quiet machine.")
     return "\n".join(lines)
 
 
@@ -783,15 +1006,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--paths", type=parse_paths, default=list(PATHS), help="which of hub,comfy,bare (default all)")
     p.add_argument("--backends", type=int, default=0,
                    help="ComfyUI simulators for the comfy path (default: enough for steps >= 2 ms at the top rate)")
+    p.add_argument("--window", type=int, default=1000,
+                   help="comfy path at max rate: progress events allowed in flight (default 1000)")
+    p.add_argument("--quiet-wait", type=float, default=60.0,
+                   help="before each phase, wait up to this many seconds for other processes to go quiet (default 60)")
     p.add_argument("--profile", action="store_true", help="cProfile the server process per phase (slows it ~2x)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the clients to CPU 1")
-    p.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the results as one JSON document to PATH (and still print the table), or alone: "
+                        "print the JSON on stdout instead of the table")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("role_config", nargs="?", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.clients < 1 or a.messages < 1 or a.seconds <= 0 or a.size < 0:
         p.error("--clients and --messages must be >= 1, --seconds > 0, --size >= 0")
     return a
+
+
+def code_version() -> str:
+    """The commit measured (and whether the tree differs from it), or "" outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit + (" + uncommitted changes" if dirty else "")
 
 
 def ensure_node() -> None:
@@ -802,14 +1043,17 @@ def ensure_node() -> None:
         subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True)
 
 
-async def drive(a: argparse.Namespace) -> list[Result]:
+async def drive(a: argparse.Namespace) -> Driver:
     with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
         d = Driver(a, Path(tmp))
         pinned = "server on CPU 0, clients on CPU 1" if d.server_cpu_id is not None else "not pinned"
         d.say(f"bench_relay: {a.clients} clients, {a.messages} msgs each, rates {[fmt_rate(r) for r in a.rate]}, "
-              f"{a.size} B, ≤ {a.seconds:g}s per phase; {pinned}; {os.cpu_count()} CPUs")
-        await d.run()
-        return d.results
+              f"{a.size} B, ≤ {a.seconds:g}s per phase; {pinned}; {os.cpu_count()} CPUs; code {code_version() or '?'}")
+        async with trio.open_nursery() as nursery:
+            d.nursery = nursery
+            await d.run()
+            nursery.cancel_scope.cancel()
+        return d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -821,18 +1065,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING)
     ensure_node()
-    results = trio.run(drive, a)
+    d = trio.run(drive, a)
+    results = d.results
     if a.json:
         doc = {
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "node": subprocess.run(
                 ["node", "--version"], capture_output=True, text=True).stdout.strip()},
+            "code": code_version(),
             "args": {k: v for k, v in vars(a).items() if k not in ("role", "role_config")},
+            "setup": d.setup,
             "results": [{**{k: v for k, v in r.__dict__.items() if k != "profile"},
                          "server_us_per_msg": r.server_us_per_msg, "label": LABELS[r.path]} for r in results],
         }
-        print(json.dumps(doc, indent=2))
-    else:
-        print(table(results))
+        if a.json == "-":
+            print(json.dumps(doc, indent=2))
+        else:
+            Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
+    if a.json != "-":
+        print(table(results, d.setup))
     return 0
 
 

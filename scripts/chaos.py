@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""A seeded fault run against the whole gateway, checked by an auditor (scripts/_chaos_audit.py).
+
+N tasks from M users go through a real ``comfy-gateway serve`` subprocess to the ComfyUI simulator, while, at
+moments chosen by the seed, the simulator is killed and restarted (sometimes forgetting its history), its
+WebSocket connections are cut, clients disconnect and resume with ``last-seq``, admins grant credits, users
+cancel tasks, and the gateway itself is killed with SIGKILL and started again on the same data directory. Some
+workflows fail while running, some are refused by ComfyUI, and users run out of credits (402). Then the auditor
+checks that every task ended, every hold was resolved exactly once, no credit was created or lost, every
+result is in its user's history, every client learnt how each of its tasks ended, and nobody saw anyone
+else's messages.
+
+The seed fixes the plan (which task, which user, which workflow, which fault after which submission, every
+pause); the interleaving with real sockets and processes is not replayable to the millisecond, but a failing
+seed fails again far more often than not. It is printed first and last:
+
+    .venv/bin/python scripts/chaos.py --seed 7 --tasks 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE), str(_HERE.parent)):  # scripts/ (the simulator, the harness) and the project root
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+from _chaos_audit import Grant, Report, settle_and_audit  # noqa: E402
+from _chaos_lib import GatewayProcess, ResumingClient, SimHandle, make_workflow  # noqa: E402
+
+log = logging.getLogger("chaos")
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    seed: int = 1
+    tasks: int = 60
+    users: int = 4
+    gateway_kills: int = 2
+    sim_kills: int = 2
+    forget_share: float = 0.5  # share of simulator restarts that forget everything (a new ComfyUI)
+    socket_cuts: int = 2
+    client_drops: int = 4
+    grants: int = 3
+    cancel_share: float = 0.05  # per submission: also cancel one of the user's three latest tasks
+    fail_share: float = 0.1  # workflows that fail while running
+    invalid_share: float = 0.05  # workflows ComfyUI refuses (400)
+    max_size: int = 3
+    initial_credits: int = 0  # 0: about 80% of what the user's tasks would cost
+    mean_gap: float = 0.03  # seconds between one user's submissions (exponential)
+    step_ms: float = 5.0
+    steps: int = 4
+    max_inflight: int = 2
+    settle_timeout: float = 120.0
+    workdir: str = ""
+
+    def credits(self) -> int:
+        if self.initial_credits:
+            return self.initial_credits
+        return max(5, int(0.8 * self.tasks / self.users * (1 + self.max_size) / 2))
+
+
+@dataclass
+class Plan:
+    tasks: list[tuple[str, str, int, float]]  # (user, workflow kind, size, pause before it)
+    events: list[tuple[int, str, dict[str, Any]]]  # (after this many submissions, kind, parameters)
+
+
+def make_plan(cfg: ChaosConfig) -> Plan:
+    rng = random.Random(cfg.seed)
+    users = [f"user{i}" for i in range(cfg.users)]
+    tasks = []
+    for _ in range(cfg.tasks):
+        r = rng.random()
+        kind = "invalid" if r < cfg.invalid_share else "fail" if r < cfg.invalid_share + cfg.fail_share else "ok"
+        tasks.append((rng.choice(users), kind, rng.randint(1, cfg.max_size), rng.expovariate(1 / cfg.mean_gap)))
+    events: list[tuple[int, str, dict[str, Any]]] = []
+
+    def at() -> int:
+        return rng.randint(1, max(1, cfg.tasks - 1))
+
+    for _ in range(cfg.gateway_kills):
+        events.append((at(), "gateway_kill", {"down": rng.uniform(0, 0.5)}))
+    for _ in range(cfg.sim_kills):
+        events.append((at(), "sim_kill", {"forget": rng.random() < cfg.forget_share, "down": rng.uniform(0, 0.5)}))
+    for _ in range(cfg.socket_cuts):
+        events.append((at(), "socket_cut", {}))
+    for _ in range(cfg.client_drops):
+        events.append((at(), "client_drop", {"user": rng.choice(users)}))
+    for g in range(cfg.grants):
+        events.append((at(), "grant", {"user": rng.choice(users), "amount": rng.randint(1, 3 * cfg.max_size),
+                                       "admin": f"chaos-admin-{cfg.seed}-{g}"}))
+    for i in range(cfg.tasks):
+        if rng.random() < cfg.cancel_share:
+            events.append((i, "cancel", {"user": tasks[i][0], "pick": rng.random()}))
+    events.sort(key=lambda e: e[0])  # stable: same-index events keep their seeded order
+    return Plan(tasks, events)
+
+
+@dataclass
+class RunStats:
+    submitted: int = 0
+    accepted: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+    answers_lost: int = 0
+    cancels: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+
+
+async def run_chaos(cfg: ChaosConfig) -> Report:
+    """Run the plan of ``cfg.seed`` and audit it. The report's ``problems`` are empty when everything held."""
+    plan = make_plan(cfg)
+    rng = random.Random(cfg.seed * 7919 + 1)
+    workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix=f"chaos-{cfg.seed}-"))
+    credits = cfg.credits()
+    stats = RunStats()
+    grants: list[Grant] = []
+    accepted: dict[str, list[str]] = {}
+    progress = [0]
+    progressed = [trio.Event()]
+    started = time.monotonic()
+    report = Report()
+
+    async with httpx.AsyncClient(timeout=10) as http, trio.open_nursery() as nursery:
+        sims = SimHandle(nursery, step_ms=cfg.step_ms, seed=cfg.seed, previews=False)
+        await sims.start()
+        gw = GatewayProcess(
+            data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log",
+            args=("--initial-credits", str(credits), "--price", "1", "--max-inflight", str(cfg.max_inflight),
+                  "--max-queued-per-user", str(cfg.tasks + 1), "--reconnect-max-delay", "0.5",
+                  "--reconnect-max-restarts", "100000"),
+        )
+        await gw.start(nursery)
+        users = sorted({u for u, *_ in plan.tasks})
+        clients = {u: ResumingClient(u, f"chaos-{u}", gw, http, pause=lambda: rng.uniform(0, 0.2)) for u in users}
+        for c in clients.values():
+            nursery.start_soon(c.run)
+        for c in clients.values():
+            await c.wait_live()
+
+        async def request(method: str, path: str, user: str, *, admin: bool = False,
+                          body: Any = None) -> httpx.Response | None:
+            """One request; retried only when it surely did not arrive (refused connection). None: answer lost."""
+            for _ in range(100):
+                await gw.wait_up()
+                try:
+                    return await http.request(method, gw.url + path, json=body, headers=gw.headers(user, admin=admin))
+                except httpx.ConnectError:
+                    await gw.wait_up()  # the gateway is (being) restarted: it never saw this request
+                except httpx.HTTPError:
+                    return None  # it may or may not have been applied
+            raise RuntimeError(f"{method} {path}: the gateway never came back")
+
+        async def submitter(user: str) -> None:
+            for i, (u, kind, size, pause) in enumerate(plan.tasks):
+                if u != user:
+                    continue
+                await trio.sleep(pause)  # seeded pacing of the load (not a wait for an outcome)
+                stats.submitted += 1
+                r = await request("POST", "/api/tasks", user, body={
+                    "clientId": clients[user].client_id, "workflow": make_workflow(kind, steps=cfg.steps, seed=i),
+                    "size": size})
+                if r is None:
+                    stats.answers_lost += 1
+                elif r.status_code == 202:
+                    stats.accepted += 1
+                    accepted.setdefault(user, []).append(r.json()["taskId"])
+                else:
+                    stats.refused[r.status_code] = stats.refused.get(r.status_code, 0) + 1
+                    if r.status_code not in (402, 429, 503):
+                        report.add(f"submit of task {i} ({kind}) by {user}: {r.status_code} {r.text[:200]}")
+                progress[0] += 1
+                progressed[0].set()
+                progressed[0] = trio.Event()
+
+        async def faults() -> None:
+            for index, kind, p in plan.events:
+                while progress[0] < index:
+                    await progressed[0].wait()
+                stats.events[kind] = stats.events.get(kind, 0) + 1
+                log.info("chaos: after %d submissions: %s %s", progress[0], kind, p)
+                if kind == "gateway_kill":
+                    await gw.kill()
+                    await trio.sleep(p["down"])  # seeded downtime
+                    await gw.start(nursery)
+                elif kind == "sim_kill":
+                    await sims.kill()
+                    await trio.sleep(p["down"])
+                    await sims.start(forget=p["forget"])
+                elif kind == "socket_cut":
+                    sims.sim.drop_sockets()
+                elif kind == "client_drop":
+                    clients[p["user"]].drop()
+                elif kind == "grant":
+                    r = await request("POST", "/api/admin/credits", p["admin"], admin=True,
+                                      body={"userId": p["user"], "amount": p["amount"]})
+                    if r is not None and r.status_code != 200:
+                        report.add(f"grant {p}: {r.status_code} {r.text[:200]}")
+                    grants.append(Grant(p["user"], p["amount"], p["admin"], confirmed=r is not None))
+                elif kind == "cancel":
+                    mine = accepted.get(p["user"], [])
+                    if mine:
+                        stats.cancels += 1
+                        recent = mine[-3:]  # the latest ones: most likely still queued or running
+                        await request("DELETE", f"/api/tasks/{recent[int(p['pick'] * len(recent))]}", p["user"])
+
+        async with trio.open_nursery() as load:
+            for user in users:
+                load.start_soon(submitter, user)
+            load.start_soon(faults)
+        loaded = time.monotonic()
+        await settle_and_audit(gateway=gw, sims=sims, clients=clients, http=http, initial_credits=credits,
+                               grants=grants, settle_timeout=cfg.settle_timeout, report=report)
+        for c in clients.values():
+            c.stopping = True
+            c.drop()
+        nursery.cancel_scope.cancel()
+
+    report.stats.update({
+        "seed": cfg.seed, "users": len(users), "initial_credits": credits, "submitted": stats.submitted,
+        "accepted": stats.accepted, "refused": stats.refused, "answers_lost": stats.answers_lost,
+        "cancels_sent": stats.cancels, "faults": stats.events, "gateway_starts": gw.starts,
+        "simulator_objects": len(sims.sims), "seconds_load": round(loaded - started, 1),
+        "seconds_total": round(time.monotonic() - started, 1), "workdir": str(workdir),
+    })
+    return report
+
+
+def _parse(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]:
+    d = ChaosConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=None, help="the plan's seed (default: a random one, printed)")
+    p.add_argument("--tasks", type=int, default=d.tasks)
+    p.add_argument("--users", type=int, default=d.users)
+    p.add_argument("--gateway-kills", type=int, default=None, help="default: tasks // 50, at least 2")
+    p.add_argument("--sim-kills", type=int, default=None, help="default: tasks // 50, at least 2")
+    p.add_argument("--socket-cuts", type=int, default=None, help="default: tasks // 40, at least 2")
+    p.add_argument("--client-drops", type=int, default=None, help="default: tasks // 20, at least 4")
+    p.add_argument("--grants", type=int, default=None, help="default: tasks // 30, at least 3")
+    p.add_argument("--forget-share", type=float, default=d.forget_share)
+    p.add_argument("--initial-credits", type=int, default=d.initial_credits)
+    p.add_argument("--step-ms", type=float, default=d.step_ms)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--mean-gap", type=float, default=d.mean_gap)
+    p.add_argument("--settle-timeout", type=float, default=d.settle_timeout)
+    p.add_argument("--workdir", default="", help="where the data directory and logs go (default: a new temp dir)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--log-level", default="WARNING")
+    a = p.parse_args(argv)
+    n = a.tasks
+    cfg = ChaosConfig(
+        seed=a.seed if a.seed is not None else random.SystemRandom().randrange(1, 1_000_000), tasks=n, users=a.users,
+        gateway_kills=a.gateway_kills if a.gateway_kills is not None else max(2, n // 50),
+        sim_kills=a.sim_kills if a.sim_kills is not None else max(2, n // 50),
+        socket_cuts=a.socket_cuts if a.socket_cuts is not None else max(2, n // 40),
+        client_drops=a.client_drops if a.client_drops is not None else max(4, n // 20),
+        grants=a.grants if a.grants is not None else max(3, n // 30),
+        forget_share=a.forget_share, initial_credits=a.initial_credits, step_ms=a.step_ms, steps=a.steps,
+        mean_gap=a.mean_gap, settle_timeout=a.settle_timeout, workdir=a.workdir,
+    )
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = _parse(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"chaos: seed {cfg.seed}, {cfg.tasks} tasks, {cfg.users} users", flush=True)
+    report = trio.run(run_chaos, cfg)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "problems": report.problems, **report.stats}, indent=2))
+    else:
+        for key, value in report.stats.items():
+            print(f"  {key}: {value}")
+        for problem in report.problems:
+            print(f"PROBLEM: {problem}")
+    verdict = "PASSED" if report.ok else f"FAILED ({len(report.problems)} problems)"
+    print(f"chaos: seed {cfg.seed}: {verdict}; replay: scripts/chaos.py --seed {cfg.seed} --tasks {cfg.tasks} "
+          f"--users {cfg.users}" + (f" ({json.dumps(asdict(cfg))})" if not report.ok else ""), flush=True)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
