@@ -139,6 +139,17 @@ class GatewayProcess:
         self._set_up(True)
 
     async def _pump(self, proc: trio.Process, serving: trio.Event, exited: trio.Event, generation: int) -> None:
+        """Copy the process's output to the log, watch it, and own the process: if the harness is torn down
+        (cancelled, or a check failed) while it still runs, it is killed, never left behind."""
+        try:
+            await self._copy_output(proc, serving, exited, generation)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.move_on_after(5, shield=True):
+                    await proc.wait()
+
+    async def _copy_output(self, proc: trio.Process, serving: trio.Event, exited: trio.Event, generation: int) -> None:
         buf = b""
         assert proc.stdout is not None
         with open(self.log_path, "ab") as out:
