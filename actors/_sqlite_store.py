@@ -273,7 +273,7 @@ class SqliteStore:
                                          cost, workflow, error, created_at, updated_at)
                        VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                        ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,
-                           backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at""",
+                           prompt_id=excluded.prompt_id, backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at""",
                     (
                         rec.task_id, rec.seq, rec.user_id, rec.client_id, rec.prompt_id, rec.state, rec.reason,
                         rec.backend, rec.size, rec.cost, json.dumps(rec.workflow, separators=(",", ":")),

@@ -225,6 +225,9 @@ class _Registry:
         self.up: set[str] = set()
         self.lost_since: dict[str, float] = {}  # backend -> trio time it was last seen going away (absent: up)
         self.abandoned: dict[str, set[str]] = {}  # backend -> prompt_ids given up on; deleted/interrupted on return
+        # queued tasks reloaded at start-up: a crash between dispatch and the store's "submitted" may have left
+        # them inside a ComfyUI already. prompt_id -> backends that said "not here"; dispatched once all did.
+        self.unverified: dict[str, set[str]] = {}
         self.last_cross_check: dict[str, float] = {}  # backend -> trio time of the last status-triggered check
         self.seq = 0
         self.timers: list[tuple[float, int, str, str]] = []  # (trio time, tiebreak, kind, task_id or backend)
@@ -310,7 +313,7 @@ class _Registry:
             self.tasks[rec.task_id] = task
             self.by_prompt[rec.prompt_id] = rec.task_id
             if rec.state == "queued":
-                await self.scheduler.send(sched.Enqueue(sched.Job(rec.task_id, rec.user_id, rec.prompt_id, rec.workflow)))
+                self.unverified[rec.prompt_id] = set()  # asked of every backend once it is up (verify_queued)
             elif rec.backend in self.comfy:
                 await self.scheduler.send(sched.Occupy(rec.task_id, rec.backend, rec.user_id))
             if rec.state == "running":  # the deadline goes on from the last recorded change
@@ -612,6 +615,58 @@ class _Registry:
                 "node_id": data.get("node_id"), "node_type": data.get("node_type"),
             })
 
+    async def verify_queued(self, backend: str) -> None:
+        """Ask ``backend`` about reloaded queued prompts it has not answered for yet (never submit one twice)."""
+        ids = tuple(pid for pid, said_no in self.unverified.items() if backend not in said_no)
+        if ids and backend in self.up:
+            await self.check(backend, ids)
+
+    async def verified(self, backend: str, prompt_id: str, where: str) -> bool:
+        """Handle a CheckPrompts answer for a reloaded queued prompt. True when the usual handling should follow
+        (the prompt is inside ``backend``: it now counts as submitted there and holds a permit)."""
+        said_no = self.unverified.get(prompt_id)
+        task = self.task_for_prompt(prompt_id)
+        if said_no is None or task is None:
+            self.unverified.pop(prompt_id, None)
+            return task is not None
+        if where in ("pending", "running", "done"):
+            del self.unverified[prompt_id]
+            log.info("registry: reloaded task %s was already inside %s", task.id, backend)
+            await self.scheduler.send(sched.Occupy(task.id, backend, task.rec.user_id))
+            return True
+        if where == "unknown":
+            self.after(RECHECK_DELAY, "verify", backend)
+            return False
+        said_no.add(backend)
+        await self.release_verified()
+        return False
+
+    async def release_verified(self) -> None:
+        """Dispatch (or end, if cancelled meanwhile) reloaded queued tasks that no backend has. When every backend
+        that is up said "not here" but some are down, don't wait for them: dispatch under a new prompt_id, and
+        have the old one deleted/interrupted on those backends when they return (never the same prompt twice)."""
+        for prompt_id, said_no in list(self.unverified.items()):
+            unanswered = set(self.comfy) - said_no
+            if unanswered and (not self.up or unanswered & self.up):
+                continue
+            del self.unverified[prompt_id]
+            task = self.task_for_prompt(prompt_id)
+            if task is None:
+                continue
+            if task.cancelling:
+                await self.finish(task, "cancelled", None)
+                continue
+            if unanswered:
+                for backend in unanswered:
+                    self.abandoned.setdefault(backend, set()).add(prompt_id)
+                self.by_prompt.pop(prompt_id, None)
+                await self.save(task, prompt_id=str(uuid.uuid4()))
+                self.by_prompt[task.rec.prompt_id] = task.id
+                log.info("registry: reloaded task %s: %s not reachable, dispatching as prompt %s", task.id,
+                         sorted(unanswered), task.rec.prompt_id)
+            rec = task.rec
+            await self.scheduler.send(sched.Enqueue(sched.Job(rec.task_id, rec.user_id, rec.prompt_id, rec.workflow)))
+
     async def reconcile(self, backend: str) -> None:
         ids = tuple(t.rec.prompt_id for t in self.tasks.values()
                     if t.rec.backend == backend and t.rec.state in ("submitted", "running"))
@@ -639,6 +694,8 @@ class _Registry:
                     await self.mark_submitted(task, backend)
                     self.after(RECHECK_DELAY, "check", task_id)
             case PromptLocated(backend, prompt_id, where, history):
+                if prompt_id in self.unverified and not await self.verified(backend, prompt_id, where):
+                    return
                 task = self.task_for_prompt(prompt_id)
                 if task is None:
                     return
@@ -664,11 +721,13 @@ class _Registry:
                 for prompt_id in sorted(self.abandoned.pop(backend, ())):  # failed while away: must not run now
                     await self.comfy[backend].send(CancelPrompt(prompt_id))
                 await self.reconcile(backend)
+                await self.verify_queued(backend)
                 await self.broadcast_status()
             case BackendLost(backend, reason):
                 self.up.discard(backend)
                 self.backend_went_away(backend)
                 await self.scheduler.send(sched.SetBackend(backend, False))
+                await self.release_verified()
                 log.warning("registry: backend %s lost: %s", backend, reason)
                 await self.broadcast_status()
 
@@ -684,6 +743,9 @@ class _Registry:
         if remaining > 1e-9:  # it came back and went away again meanwhile
             self.after(remaining, "backend_lost", backend)
             return
+        for said_no in self.unverified.values():  # unreachable too long: it no longer counts as a place to look
+            said_no.add(backend)
+        await self.release_verified()
         lost = [t for t in self.tasks.values() if t.rec.backend == backend and t.rec.state in INFLIGHT_STATES]
         if lost:
             log.warning("registry: %s unreachable for %.0fs: giving up on %d task(s)", backend,
@@ -695,6 +757,9 @@ class _Registry:
     async def on_timer(self, kind: str, task_id: str) -> None:
         if kind in ("backend_lost", "reconcile"):
             await self.on_backend_timer(kind, task_id)
+            return
+        if kind == "verify":
+            await self.verify_queued(task_id)  # the key is a backend name here
             return
         task = self.tasks.get(task_id)
         if task is None:

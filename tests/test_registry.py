@@ -467,12 +467,29 @@ async def test_start_up_reconciles_and_fails_what_never_comes_back(autojump_cloc
     async with registry(tasks=tasks, backend_lost_after=120.0, up=("b0",)) as h:
         cmds = await h.commands_now("b0")
         assert CheckPrompts(("p-t1",)) in cmds  # b0 came up: where is the prompt we left there?
-        assert [c.task_id for c in cmds if isinstance(c, SubmitPrompt)] == ["t3"]  # t1 holds b0's other permit
+        assert CheckPrompts(("p-t3",)) in cmds  # and is the reloaded queued one perhaps inside it already?
+        assert not [c for c in cmds if isinstance(c, SubmitPrompt)]  # not before b0 answered
+        await h.report(PromptLocated("b0", "p-t3", "missing"))
+        [sub] = [c for c in await h.commands_now("b0") if isinstance(c, SubmitPrompt)]  # t1 holds the other permit
+        # b1 (down) could not say: t3 goes out under a new prompt_id, the old one is cancelled on b1's return
+        assert sub.task_id == "t3" and sub.prompt_id != "p-t3" and h.store.tasks["t3"].prompt_id == sub.prompt_id
         await h.report(PromptLocated("b0", "p-t1", "running"))
         await trio.sleep(120)  # b1 never connects
         [err] = await h.messages("execution_error")
         assert err["taskId"] == "t2" and err["reason"] == "backend_lost" and h.resolves == [("t2", "released")]
         assert h.store.tasks["t1"].state == "running"
+
+
+async def test_reloaded_queued_task_found_inside_comfyui_is_not_submitted_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # killed after ComfyUI accepted t1 but before "submitted" was stored: it must not run twice
+    async with registry(tasks=[record("t1", "queued", None)]) as h:
+        assert await h.commands_now() == [CheckPrompts(("p-t1",))]
+        await h.report(PromptLocated("b0", "p-t1", "pending"))
+        assert await h.commands_now() == []  # no SubmitPrompt
+        assert h.store.tasks["t1"].state == "submitted" and h.store.tasks["t1"].backend == "b0"
+        assert h.store.tasks["t1"].prompt_id == "p-t1"
 
 
 async def test_reloaded_running_task_keeps_its_deadline(autojump_clock: trio.testing.MockClock) -> None:
