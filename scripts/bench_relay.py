@@ -20,7 +20,8 @@ client) and by time (``--seconds``); the run stops by itself.
 
     .venv/bin/python scripts/bench_relay.py                       # 100 clients, full speed and 5k msgs/s
     .venv/bin/python scripts/bench_relay.py --clients 1000 --messages 100 --rate 5000
-    .venv/bin/python scripts/bench_relay.py --paths hub,bare --rate 0 --json
+    .venv/bin/python scripts/bench_relay.py --paths hub,bare --rate 0 --json results.json
+    .venv/bin/python scripts/bench_relay.py --clients 10 --messages 50 --rate 0,1000 --seconds 5 --quiet-wait 0
 
 Needs Node >= 18 with tests/node/node_modules (``scripts/test`` installs it; so does this script, once).
 BENCHMARKS.md has the numbers of a run and how to read them.
@@ -52,8 +53,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import trio  # noqa: E402
-
-log = logging.getLogger("bench_relay")
 
 NODE_DIR = ROOT / "tests" / "node"
 WORKFLOW = next((p for p in (ROOT / "tests" / "data" / "workflows" / "txt2img.json",
@@ -233,6 +232,15 @@ def rss_kb() -> int:
     return 0
 
 
+def gc_top_types(n: int) -> list[tuple[str, int]]:
+    """The most common types among the objects the cyclic GC tracks (what a full collection has to scan)."""
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__qualname__
+        counts[name] = counts.get(name, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+
+
 def calibrate() -> float:
     """µs per json.dumps of a 100-byte body on this core: to compare machines (and runs) with each other."""
     body = bench_body(12345, 100)
@@ -322,7 +330,12 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
                 t = os.times()
                 reply({"event": "ended", "cpu": t.user + t.system - cpu0, "profile": text, "rss_kb": rss_kb(),
                        "gc_full": len(gc_pauses), "gc_full_max_ms": round(1000 * max(gc_pauses, default=0.0), 1),
-                       "gc_full_total_ms": round(1000 * sum(gc_pauses), 1), "gc_objects": len(gc.get_objects())})
+                       "gc_full_total_ms": round(1000 * sum(gc_pauses), 1), "gc_objects": len(gc.get_objects()),
+                       "gc_top_types": gc_top_types(8)})
+            elif cmd["cmd"] == "gc_freeze":
+                gc.collect()
+                gc.freeze()  # the objects alive now (the connections) are never scanned again
+                reply({"event": "frozen", "frozen": gc.get_freeze_count()})
             elif cmd["cmd"] == "stats":
                 t = os.times()
                 reply({"event": "stats", "cpu": t.user + t.system, "rss_kb": rss_kb()})
@@ -555,6 +568,16 @@ def cpu_busy() -> dict[int, float]:
     return busy
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc/PID/stat (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -577,6 +600,7 @@ class Driver:
         self.results: list[Result] = []
         self.nursery: trio.Nursery  # set by drive(): the Proc pumps run there
         self.setup: dict[str, dict[str, Any]] = {}  # per server: connect time, memory and idle CPU
+        self.procs: list[Proc] = []
         self.server_cpu_id: int | None = None
         self.client_cpu_id: int | None = None
         if not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
@@ -599,7 +623,9 @@ class Driver:
             cwd=str(NODE_DIR if argv[0] == "node" else ROOT),
         )
         logf.close()
-        return Proc(name, proc, log_path, self.nursery)
+        p = Proc(name, proc, log_path, self.nursery)
+        self.procs.append(p)
+        return p
 
     async def start_server(self, role: str, cfg: dict[str, Any]) -> tuple[Proc, dict[str, Any]]:
         p = await self.spawn(role, [sys.executable, __file__, "--role", role, json.dumps(cfg)], self.server_cpu_id)
@@ -636,6 +662,9 @@ class Driver:
             "idle_cpu_percent": round(100 * (idle["cpu"] - connected["cpu"]) / IDLE_SECONDS, 1),
             "calibration_us": info["calibration_us"],
         }
+        if self.a.gc_freeze:
+            await server.send({"cmd": "gc_freeze"})
+            setup["gc_frozen_objects"] = (await server.expect("frozen", 30))["frozen"]
         self.setup["gateway" if mode == "stomp" else "bare"] = setup
         self.say(f"  {self.a.clients} {mode} clients connected in {setup['connect_seconds']}s; server RSS "
                  f"{setup['rss_before_mb']} -> {setup['rss_connected_mb']} MB ({setup['kb_per_connection']} KB per "
@@ -658,7 +687,8 @@ class Driver:
         await server.send({"cmd": "end"})
         ended = await server.expect("ended", 30)
         r.server_cpu = ended["cpu"]
-        r.server = {k: ended[k] for k in ("rss_kb", "gc_full", "gc_full_max_ms", "gc_full_total_ms", "gc_objects")}
+        r.server = {k: ended[k] for k in ("rss_kb", "gc_full", "gc_full_max_ms", "gc_full_total_ms", "gc_objects",
+                                          "gc_top_types")}
         r.profile = ended["profile"]
         r.client_cpu = result["cpu"]
         r.driver_cpu = (d1.user + d1.system) - (d0.user + d0.system)
@@ -677,13 +707,16 @@ class Driver:
         return result, load
 
     async def wait_quiet(self) -> None:
-        """Wait (at most --quiet-wait seconds) until other processes leave the CPUs alone: busy < 15% of a core."""
+        """Wait (at most --quiet-wait seconds) until other processes leave the CPUs alone: busy < 15% of a core
+        (our own processes excluded: an idle gateway with many connections is not idle)."""
         deadline = trio.current_time() + self.a.quiet_wait
         waited = False
         while self.a.quiet_wait > 0:
-            c0 = cpu_busy()
+            pids = [os.getpid(), *(p.proc.pid for p in self.procs if p.proc.returncode is None)]
+            c0, own0 = cpu_busy(), sum(proc_cpu(pid) for pid in pids)
             await trio.sleep(1)
-            busy = sum(v - c0.get(cpu, 0.0) for cpu, v in cpu_busy().items())
+            own = sum(proc_cpu(pid) for pid in pids) - own0
+            busy = sum(v - c0.get(cpu, 0.0) for cpu, v in cpu_busy().items()) - own
             if busy < QUIET_BUSY:
                 if waited:
                     self.say("  (the machine is quiet again)")
@@ -968,16 +1001,25 @@ def table(results: list[Result], setup: dict[str, dict[str, Any]]) -> str:
     for r in results:
         sv = r.server
         lines.append(f"{LABELS[r.path]} at {fmt_rate(r.rate)}: server RSS {sv['rss_kb'] / 1024:.0f} MB after the phase, "
-                     f"{sv['gc_objects']:,} objects tracked by the GC, {sv['gc_full']} full collection(s) "
-                     f"(longest {sv['gc_full_max_ms']} ms)" + (f"; {r.note}" if r.note else ""))
+                     f"{sv['gc_objects']:,} objects tracked by the GC (most: "
+                     f"{', '.join(f'{k} {v:,}' for k, v in sv['gc_top_types'][:3])}), {sv['gc_full']} full "
+                     f"collection(s) (longest {sv['gc_full_max_ms']} ms)" + (f"; {r.note}" if r.note else ""))
     for name, st in setup.items():
         lines.append(f"{name}: {st['rss_before_mb']} -> {st['rss_connected_mb']} MB RSS with the clients connected "
                      f"({st['kb_per_connection']} KB per connection), idle CPU {st['idle_cpu_percent']}%, "
                      f"json.dumps(100 B) {st['calibration_us']} µs on the server core")
-    noisy = [r for r in results if r.other_cpu / max(r.wall, 1e-9) > 0.10]
+    def share(r: Result) -> float:  # what disturbs the server: others on its core (on any core when not pinned)
+        other = r.other_cpu if r.other_cpu_server_core is None else r.other_cpu_server_core
+        return other / max(r.wall, 1e-9)
+
+    noisy = [r for r in results if share(r) > 0.10]
     if noisy:
-        lines.append(f"WARNING: other processes used > 10% of a core during {len(noisy)} phase(s) "
+        lines.append(f"WARNING: other processes used > 10% of the server's core during {len(noisy)} phase(s) "
                      f"({', '.join(f'{r.path} at {fmt_rate(r.rate)}' for r in noisy)}): rerun on a quiet machine.")
+    busy_clients = [r for r in results if r.other_cpu / max(r.wall, 1e-9) > 0.10 and r not in noisy]
+    if busy_clients:
+        lines.append(f"note: other processes shared the clients' core during {len(busy_clients)} phase(s); that only "
+                     "matters if the clients could not keep up (cli CPU + others near 100%).")
     return "\n".join(lines)
 
 
@@ -1010,6 +1052,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="comfy path at max rate: progress events allowed in flight (default 1000)")
     p.add_argument("--quiet-wait", type=float, default=60.0,
                    help="before each phase, wait up to this many seconds for other processes to go quiet (default 60)")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="experiment: gc.freeze() in the server once the clients are connected (what GC pauses cost)")
     p.add_argument("--profile", action="store_true", help="cProfile the server process per phase (slows it ~2x)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the clients to CPU 1")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
