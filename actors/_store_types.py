@@ -107,7 +107,18 @@ class UnknownHold(LedgerError):
 
 
 class InvalidAmount(LedgerError, ValueError):
-    """An amount that is not an int >= 0 (a programming error upstream; refused, never stored)."""
+    """An amount that is not an int >= 0, or is outside +-MAX_AMOUNT (refused, never stored)."""
+
+
+class NegativeBalance(LedgerError):
+    """A grant that would leave the account's available credits below zero (allowed only when asked for)."""
+
+
+class LedgerFault(LedgerError):
+    """The store failed on this one operation (an SQLite error, a bug): refused, nothing changed, the ledger goes on."""
+
+
+MAX_AMOUNT = 2**53  # every amount and balance stays within +-2^53 (exact in a JavaScript number and in SQLite)
 
 
 class Store(Protocol):
@@ -119,9 +130,13 @@ class Store(Protocol):
 
     async def ping(self) -> bool: ...
     async def next_boot(self) -> int: ...
+    async def begin_run(self) -> bool: ...
+    async def end_run(self) -> None: ...
+    async def count_crash(self, limit: int) -> list[str]: ...
     # ledger
     async def account(self, user_id: str, initial: int) -> Account: ...
-    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None) -> Account: ...
+    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None,
+                    allow_negative: bool = False) -> Account: ...
     async def freeze(self, user_id: str, task_id: str, amount: int, initial: int, ttl: float) -> tuple[Account, bool]: ...
     async def resolve(self, task_id: str, outcome: str, amount: int | None = None,
                       note: str | None = None) -> tuple[Account, bool]: ...

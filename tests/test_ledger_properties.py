@@ -450,8 +450,9 @@ async def test_schema_migrates_forward_and_refuses_a_newer_one(tmp_path: Path) -
         assert (await store.account("u", 100)).balance == 42 and await store.audit() == []
         await store.freeze("u", "t", 2, 100, ttl=60)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal_task'").fetchone() is not None
+    assert db.execute("SELECT crashes FROM tasks").fetchall() == []  # version 3: the quarantine counter
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.commit()
     db.close()
@@ -516,7 +517,8 @@ async def test_concurrent_submits_never_overdraw(sim: Any, start_gateway: Any) -
     33 refused with 402; when they are done the balance is 22 - 21 and nothing is frozen."""
     from stomp_client import stomp_connect
 
-    g: GatewayUnderTest = await start_gateway([sim.url], initial_credits=22, price=3, max_queued_per_user=100)
+    g: GatewayUnderTest = await start_gateway([sim.url], initial_credits=22, price=3, max_queued_per_user=100,
+                                              submit_burst=100)
     await wait_backends_up(g)
     sim.pause()  # keep every accepted task frozen while the burst runs
     statuses: list[int] = []

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import signal
+import subprocess
 import sys
+from functools import partial
 from pathlib import Path
-from types import ModuleType
 
 import trio
 
 from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
-from actors.store import open_store, parse_store_spec
+from actors.validate import WorkflowLimits
+from actors.store import LedgerError, open_store, parse_store_spec
 
 from .auth import Authenticator, load_secret, valid_id
 from .config import DEFAULT_BIND, WebConfig
@@ -82,6 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reconnect-max-restarts", type=int, default=_int_env("GATEWAY_RECONNECT_MAX_RESTARTS", 5),
                    help="reconnects per minute before a backend is marked down and retried slowly "
                         "(env GATEWAY_RECONNECT_MAX_RESTARTS)")
+    s.add_argument("--max-sessions-per-user", type=int, default=_int_env("GATEWAY_MAX_SESSIONS_PER_USER", 64),
+                   help="sessions (clientIds) per user; beyond it the least recently used idle one is dropped "
+                        "(env GATEWAY_MAX_SESSIONS_PER_USER)")
+    s.add_argument("--max-replays-per-minute", type=int, default=_int_env("GATEWAY_MAX_REPLAYS_PER_MINUTE", 30),
+                   help="SUBSCRIBEs with last-seq per connection per minute (env GATEWAY_MAX_REPLAYS_PER_MINUTE)")
+    s.add_argument("--submit-rate", type=float, default=float(_env("GATEWAY_SUBMIT_RATE", "5")),
+                   help="submits per user per second (env GATEWAY_SUBMIT_RATE)")
+    s.add_argument("--submit-burst", type=int, default=_int_env("GATEWAY_SUBMIT_BURST", 20),
+                   help="submits per user at once before --submit-rate applies (env GATEWAY_SUBMIT_BURST)")
+    s.add_argument("--quarantine-after", type=int, default=_int_env("GATEWAY_QUARANTINE_AFTER", 2),
+                   help="unclean restarts a task may stay active across without progress before it is failed "
+                        "(internal, refunded) at start-up (env GATEWAY_QUARANTINE_AFTER)")
+    limits = WorkflowLimits()
+    for flag, attr, what in (
+        ("--max-json-depth", "max_depth", "nesting depth of a JSON body or workflow"),
+        ("--max-json-items", "max_items", "JSON values in one body"),
+        ("--max-workflow-nodes", "max_nodes", "nodes in one workflow"),
+        ("--max-key-length", "max_key_length", "characters of one JSON object key"),
+        ("--max-string-length", "max_string_length", "characters of one JSON string"),
+    ):
+        env = "GATEWAY_" + flag[2:].upper().replace("-", "_")
+        s.add_argument(flag, type=int, dest=attr, default=_int_env(env, getattr(limits, attr)),
+                       help=f"{what} (env {env})")
     s.add_argument("--simulate", action="store_true", help="also start the bundled ComfyUI simulator and use it")
     s.add_argument("--sim-step-ms", type=float, default=float(_env("GATEWAY_SIM_STEP_MS", "100")),
                    help="with --simulate: milliseconds per sampling step")
@@ -97,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("user", nargs="?", help="the user (not needed with --audit)")
     c.add_argument("--add", type=int, default=None, metavar="N",
                    help="add N credits (journaled as 'cli'; a running gateway pushes no balance message for it)")
+    c.add_argument("--allow-negative", action="store_true",
+                   help="with --add: allow leaving the account's available credits below zero")
     c.add_argument("--audit", action="store_true",
                    help="rebuild every balance from the journal and check the ledger (exit 1 on a discrepancy)")
     c.add_argument("--data", default=_env("GATEWAY_DATA", "data"))
@@ -105,14 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_simulator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fake_comfyui", SIMULATOR)
-    if spec is None or spec.loader is None or not SIMULATOR.exists():
+async def run_simulator(step_ms: float, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """The bundled ComfyUI simulator in its own process (nothing it does can stall the gateway); started reports
+    its URL. Cancelled (Ctrl-C, SIGTERM, the gateway stopping): SIGTERM to the child, then SIGKILL after 5 s."""
+    if not SIMULATOR.exists():
         raise SystemExit(f"--simulate needs {SIMULATOR} (run from a source checkout)")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fake_comfyui"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(SIMULATOR), "--port", "0", "--step-ms", str(step_ms)], stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        buf = b""
+        with trio.fail_after(30):
+            while b"listening on " not in buf or not buf.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(4096)
+                if not chunk:
+                    raise SystemExit(f"the simulator exited before listening: {buf.decode(errors='replace')}")
+                buf += chunk
+        url = buf.decode().split("listening on ", 1)[1].split()[0]
+        task_status.started(url)
+        code = await proc.wait()
+        log.error("the ComfyUI simulator (pid %d) exited with %d; the gateway goes on without it", proc.pid, code)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            with trio.move_on_after(5, shield=True):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -120,11 +166,8 @@ async def _serve(args: argparse.Namespace) -> None:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         if args.simulate:
-            sim_mod = load_simulator()
-            sim = sim_mod.FakeComfyUI(step_ms=args.sim_step_ms)
-            sim_port = await nursery.start(sim.serve)
-            urls = [f"http://127.0.0.1:{sim_port}"]
-            print(f"ComfyUI simulator on {urls[0]}", flush=True)
+            urls = [await nursery.start(partial(run_simulator, args.sim_step_ms))]
+            print(f"ComfyUI simulator on {urls[0]} (its own process)", flush=True)
         gw = GatewayConfig(
             comfyui_urls=tuple(urls), store_path=parse_store_spec(args.store, args.data),
             max_inflight=args.max_inflight, max_queued_per_user=args.max_queued_per_user,
@@ -133,12 +176,17 @@ async def _serve(args: argparse.Namespace) -> None:
             hold_ttl=max(2 * 3600.0, args.task_timeout * 2), public_url=args.public_url,
             comfy_policy=RestartPolicy(initial_delay=min(0.5, args.reconnect_max_delay),
                                        max_delay=args.reconnect_max_delay, max_restarts=args.reconnect_max_restarts),
+            max_sessions_per_user=args.max_sessions_per_user, submit_rate=args.submit_rate,
+            submit_burst=args.submit_burst, quarantine_after=args.quarantine_after,
         )
         web = WebConfig(
             bind=args.bind, auth=args.auth,
             allowed_origins=tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip()),
             simulate=args.simulate, max_frame_size=args.max_frame_size, max_body_size=args.max_body_size,
             max_connections_per_user=args.max_connections_per_user, permessage_deflate=args.permessage_deflate,
+            max_replays_per_minute=args.max_replays_per_minute,
+            limits=WorkflowLimits(max_depth=args.max_depth, max_items=args.max_items, max_nodes=args.max_nodes,
+                                  max_key_length=args.max_key_length, max_string_length=args.max_string_length),
         )
         secret = load_secret(args.data)
 
@@ -182,7 +230,11 @@ async def _credits(args: argparse.Namespace) -> int:
         if args.add is None:
             acc = await store.account(args.user, args.initial_credits)
         else:
-            acc = await store.grant(args.user, args.add, args.initial_credits, "cli")
+            try:
+                acc = await store.grant(args.user, args.add, args.initial_credits, "cli", args.allow_negative)
+            except LedgerError as exc:
+                print(f"credits: {exc}", file=sys.stderr)
+                return 2
         print(f"{acc.user_id}: balance {acc.balance}, frozen {acc.frozen}, available {acc.available}")
         return 0
 

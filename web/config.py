@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from actors.validate import WorkflowLimits
 
 DEFAULT_BIND = "127.0.0.1:8080"
 
@@ -24,6 +26,8 @@ class WebConfig:
     max_task_size: int = 64  # largest "size" of one task
     permessage_deflate: bool = False
     shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
+    limits: WorkflowLimits = field(default_factory=WorkflowLimits)  # JSON bodies and workflows, at the door
+    max_replays_per_minute: int = 30  # SUBSCRIBEs with last-seq per connection per minute ("too many replays")
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:

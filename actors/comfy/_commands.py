@@ -21,6 +21,7 @@ from ._messages import (
     ComfyCommand,
     ComfyReport,
     PromptAccepted,
+    PromptFailed,
     PromptLocated,
     PromptRejected,
     PromptSubmitUnknown,
@@ -77,15 +78,26 @@ class Commands:
         self.limiter = trio.CapacityLimiter(COMMAND_CONCURRENCY)
 
     async def handle(self, command: ComfyCommand) -> None:
-        match command:
-            case SubmitPrompt():
-                await self.reports.send(await self._submit(command))
-            case CancelPrompt(prompt_id):
-                await self._cancel(prompt_id)
-            case CheckPrompts(prompt_ids):
-                await self._check(prompt_ids)
-            case _:
-                log.warning("%s: ignored unknown command %r", self.name, command)
+        """Run one command. An exception fails only this command (crash isolation): a submit becomes a
+        ``PromptFailed`` report (the registry fails the task as ``internal`` and refunds it); the actor goes on."""
+        report: ComfyReport | None = None
+        try:
+            match command:
+                case SubmitPrompt():
+                    report = await self._submit(command)
+                case CancelPrompt(prompt_id):
+                    await self._cancel(prompt_id)
+                case CheckPrompts(prompt_ids):
+                    await self._check(prompt_ids)
+                case _:
+                    log.warning("%s: ignored unknown command %r", self.name, command)
+        except Exception as exc:  # trio.Cancelled is a BaseException: it passes
+            log.exception("%s: %s failed (task %s)", self.name, type(command).__name__,
+                          getattr(command, "task_id", "-"))
+            if isinstance(command, SubmitPrompt):
+                report = PromptFailed(self.name, command.task_id, command.prompt_id, f"{type(exc).__name__}: {exc}")
+        if report is not None:
+            await self.reports.send(report)
 
     async def _request(self, method: str, path: str, *, json_body: Any = None) -> httpx.Response:
         async with self.limiter:
