@@ -128,14 +128,25 @@ class SqliteStore:
 
         await self._run(q)
 
-    async def count_crash(self, limit: int) -> list[str]:
-        """After an unclean restart: every active task has stayed active across one more crash. Returns the ids of
-        those that did so ``limit`` times in a row without progress (a save), to be quarantined."""
+    async def mark_dispatched(self, task_id: str, boot: int) -> None:
+        """The task is being sent to ComfyUI by run ``boot`` (written before the POST: if the POST crashes the
+        process, the next start knows this task was in flight)."""
+
+        def q() -> None:
+            with _tx(self.db):
+                self.db.execute("UPDATE tasks SET dispatched_boot = ? WHERE task_id = ?", (boot, task_id))
+
+        await self._run(q)
+
+    async def count_crash(self, limit: int, crashed_boot: int) -> list[str]:
+        """After an unclean restart: each active task that was in flight in the run that crashed (``crashed_boot``
+        dispatched it, or it is inside ComfyUI) has been through one more crash. Returns the ids of those that were
+        so ``limit`` times in a row without progress (a save), to be quarantined."""
 
         def q() -> list[str]:
             with _tx(self.db):
-                self.db.execute("UPDATE tasks SET crashes = crashes + 1 "
-                                "WHERE state NOT IN ('succeeded', 'failed', 'cancelled')")
+                self.db.execute("UPDATE tasks SET crashes = crashes + 1 WHERE state NOT IN ('succeeded', 'failed', "
+                                "'cancelled') AND (state != 'queued' OR dispatched_boot = ?)", (crashed_boot,))
                 rows = self.db.execute("SELECT task_id FROM tasks WHERE crashes >= ? AND state NOT IN "
                                        "('succeeded', 'failed', 'cancelled') ORDER BY seq", (limit,)).fetchall()
                 return [r[0] for r in rows]

@@ -80,11 +80,13 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX holds_user ON holds(user_id, state);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
-    # 3: crash quarantine. tasks.crashes counts the unclean restarts a task stayed active across without being
-    #    saved (every save is progress and sets it back to 0); meta 'running' is 1 while a gateway runs on the
-    #    file and 0 after a clean stop, so a start that finds 1 knows the last run crashed
+    # 3: crash quarantine. tasks.dispatched_boot is the boot that last sent the task towards ComfyUI (written just
+    #    before the POST); tasks.crashes counts the unclean restarts it was in flight across (dispatched in, or
+    #    inside ComfyUI during, the run that crashed) without being saved (a save is progress: back to 0); meta
+    #    'running' is 1 while a gateway runs on the file and 0 after a clean stop
     3: """
     ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN dispatched_boot INTEGER;
     """,
 }
 

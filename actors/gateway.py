@@ -95,11 +95,12 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
 
     async with open_store(cfg.store_path) as store, httpx.AsyncClient(timeout=cfg.comfy_timeouts.http) as http:
         unclean = await store.begin_run()
+        boot = await store.next_boot()
         if unclean:
             log.warning("gateway: the previous run on %s did not stop cleanly (crashed or killed)", store.path)
         clean = False
         try:
-            await _run_actors(cfg, store, http, unclean, client_ids, task_status)
+            await _run_actors(cfg, store, http, unclean, boot, client_ids, task_status)
             clean = True
         except BaseException as exc:
             clean = _only_cancelled(exc)  # a shutdown, not a crash
@@ -117,7 +118,7 @@ def _only_cancelled(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
-async def _run_actors(cfg: GatewayConfig, store: SqliteStore, http: httpx.AsyncClient, unclean: bool,
+async def _run_actors(cfg: GatewayConfig, store: SqliteStore, http: httpx.AsyncClient, unclean: bool, boot: int,
                       client_ids: Mapping[str, str], task_status: trio.TaskStatus[Handles]) -> None:
     backend_urls = cfg.backend_urls
     reg_tx, reg_rx = trio.open_memory_channel[registry.RegistryMsg](REGISTRY_INBOX)
@@ -132,7 +133,7 @@ async def _run_actors(cfg: GatewayConfig, store: SqliteStore, http: httpx.AsyncC
 
     async with trio.open_nursery() as nursery:
         # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
-        seq_base = (await store.next_boot() - 1) * SEQ_EPOCH
+        seq_base = (boot - 1) * SEQ_EPOCH
         await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age,
                                     seq_base=seq_base, max_sessions_per_user=cfg.max_sessions_per_user))
         await nursery.start(partial(
@@ -148,7 +149,7 @@ async def _run_actors(cfg: GatewayConfig, store: SqliteStore, http: httpx.AsyncC
             backend_lost_after=cfg.backend_lost_after,
             public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
             submit_rate=cfg.submit_rate, submit_burst=cfg.submit_burst, quarantine_after=cfg.quarantine_after,
-            unclean_start=unclean,
+            unclean_start=unclean, boot=boot,
         )
         await nursery.start(partial(
             registry.run, reg_rx, reg_cfg, store=store, ledger=ledger_tx.clone(), scheduler=sched_tx.clone(),
@@ -158,7 +159,7 @@ async def _run_actors(cfg: GatewayConfig, store: SqliteStore, http: httpx.AsyncC
             await nursery.start(partial(
                 comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], reg_tx.clone(), http=http,
                 client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
-                counters=stats[name],
+                counters=stats[name], on_dispatch=partial(store.mark_dispatched, boot=boot),
             ))
         log.info("gateway: %d backend(s) %s, store %s", len(backend_urls), list(backend_urls.values()), store.path)
         task_status.started(Handles(

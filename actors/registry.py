@@ -7,8 +7,8 @@
 ``failed`` carries a reason: ``validation``, ``execution_error``, ``interrupted``, ``backend_lost``, ``timeout``,
 ``internal``. Crash isolation: an exception while the registry handles a message or timer of one task fails that task
 (``internal``, refunded, logged with the task id) and the actor goes on; a read-only request that fails gets an error
-answer. A task that was active across ``quarantine_after`` consecutive unclean restarts without being saved once
-(no progress) is quarantined at start-up: failed ``internal`` and refunded, so it can never crash-loop the process.
+answer. A task that was in flight (dispatched, or inside ComfyUI) across ``quarantine_after`` consecutive unclean restarts
+without being saved once (no progress) is quarantined at start-up: failed ``internal`` and refunded, so it can never crash-loop the process.
 The gateway chooses each task's prompt_id itself and persists it with the task before anything is sent to
 ComfyUI, so events that arrive before the POST /prompt answer, and a submit whose answer was lost, can be
 matched (reconciled) by prompt_id. Every transition is persisted before it is acted on. On a terminal state
@@ -100,6 +100,7 @@ class RegistryConfig:
     submit_burst: int = 20  # ... with this many at once; beyond: 429 too_many_submits
     quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
     unclean_start: bool = False  # the previous run on this store did not stop cleanly (set by run_gateway)
+    boot: int = 1  # this run's boot number on the store (the crashed run, if unclean, is boot - 1)
 
 
 # ---- requests from the web layer --------------------------------------------------------------------
@@ -309,7 +310,7 @@ class _Registry:
             self.backend_went_away(backend)
         quarantined = set()
         if self.cfg.unclean_start:
-            quarantined = set(await self.store.count_crash(self.cfg.quarantine_after))
+            quarantined = set(await self.store.count_crash(self.cfg.quarantine_after, self.cfg.boot - 1))
         for rec in await self.store.load_active_tasks():
             if rec.task_id in quarantined:
                 log.error("registry: task %s was active across %d unclean restarts without progress: quarantined "

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--submit-burst", type=int, default=_int_env("GATEWAY_SUBMIT_BURST", 20),
                    help="submits per user at once before --submit-rate applies (env GATEWAY_SUBMIT_BURST)")
     s.add_argument("--quarantine-after", type=int, default=_int_env("GATEWAY_QUARANTINE_AFTER", 2),
-                   help="unclean restarts a task may stay active across without progress before it is failed "
+                   help="consecutive crashed runs a task may be in flight in without progress before it is failed "
                         "(internal, refunded) at start-up (env GATEWAY_QUARANTINE_AFTER)")
     limits = WorkflowLimits()
     for flag, attr, what in (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import httpx
@@ -65,6 +65,7 @@ class Commands:
         client_id: str,
         timeout: float,
         on_accepted: Callable[[float], None] | None = None,
+        on_dispatch: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         """``on_accepted(sent_at)`` is told the trio time each accepted submit was sent (the connection then expects
         ComfyUI's ``status`` broadcast on its socket)."""
@@ -75,6 +76,7 @@ class Commands:
         self.client_id = client_id
         self.timeout = timeout
         self.on_accepted = on_accepted
+        self.on_dispatch = on_dispatch
         self.limiter = trio.CapacityLimiter(COMMAND_CONCURRENCY)
 
     async def handle(self, command: ComfyCommand) -> None:
@@ -84,6 +86,8 @@ class Commands:
         try:
             match command:
                 case SubmitPrompt():
+                    if self.on_dispatch is not None:
+                        await self.on_dispatch(command.task_id)
                     report = await self._submit(command)
                 case CancelPrompt(prompt_id):
                     await self._cancel(prompt_id)
