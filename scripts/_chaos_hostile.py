@@ -47,7 +47,8 @@ class HostileStats:
     poison_stomp_rejected: int = 0
     flood_sessions: int = 0
     flood_refused: int = 0
-    flood_cycles: int = 0
+    flood_submits: int = 0  # POSTs sent (a lost answer may still have made a task)
+    flood_cycles: int = 0  # accepted (then cancelled)
     storms: int = 0
     storms_cut: int = 0
     problems: list[str] = field(default_factory=list)
@@ -146,6 +147,7 @@ async def flooder(gw: GatewayProcess, http: httpx.AsyncClient, rng: random.Rando
         except STOMP_ERRORS:
             continue
         if i % 20 == 0:  # a submit/cancel cycle: every balance change goes to the user's sessions
+            stats.flood_submits += 1
             try:
                 r = await http.post(gw.url + "/api/tasks", headers=gw.headers(user), json={
                     "clientId": f"flood-{i}", "workflow": make_workflow("ok", seed=i)})

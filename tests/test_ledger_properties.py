@@ -184,11 +184,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- helpers
 
-    def call(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T | LedgerError:
+    def call(self, afn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T | LedgerError:
         async def go() -> T | LedgerError:
             try:
                 with trio.fail_after(10):
-                    return await afn(self.tx, *args)
+                    return await afn(self.tx, *args, **kw)
             except LedgerError as exc:
                 return exc
 
@@ -252,10 +252,14 @@ class LedgerMachine(RuleBasedStateMachine):
         kind = "settle" if outcome == "settled" else "release"
         self.check(got, expected, [hold.user] if did and hold else [], [(kind, task, hold.amount)] if did and hold else [])
 
-    @rule(user=st.sampled_from(USERS), amount=st.integers(-20, 40))
-    def grant(self, user: str, amount: int) -> None:
+    @rule(user=st.sampled_from(USERS), amount=st.integers(-20, 40), allow_negative=st.booleans())
+    def grant(self, user: str, amount: int, allow_negative: bool) -> None:
+        if self.model.balance[user] - self.model.frozen[user] + amount < 0 and not allow_negative:
+            got = self.call(ledger.grant, user, amount, "prop")  # would leave available below zero: refused
+            self.check(got, ledger.NegativeBalance, [], [])
+            return
         self.model.balance[user] += amount
-        got = self.call(ledger.grant, user, amount, "prop")
+        got = self.call(ledger.grant, user, amount, "prop", allow_negative=allow_negative)
         self.check(got, True, [user], [("grant", None, amount)])
 
     @rule(dt=st.floats(0, 150))
