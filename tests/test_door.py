@@ -98,6 +98,7 @@ async def test_poison_workflow_over_stomp_is_rejected_and_the_connection_lives(s
         await c.send_frame("SEND", {"destination": "/app/tasks"}, json.dumps({"workflow": workflow("txt2img")}))
         msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL)
         assert msgs[-1][1]["type"] == "completed"
+        await c.leave()
     assert (await g.balance("bob"))["balance"] == g.initial_credits - g.price
 
 

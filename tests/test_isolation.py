@@ -79,6 +79,7 @@ async def test_a_fault_for_one_task_fails_only_that_task(
         ends: dict[str, dict[str, Any]] = {}
         await c.collect_until(lambda m: m.get("type") in TERMINAL and bool(ends.setdefault(m["taskId"], m))
                               and len(ends) == 3, timeout=30)
+        await c.leave()
     good1, bad, good2 = (ends[i] for i in ids)
     assert good1["type"] == good2["type"] == "completed", (good1, good2)
     assert bad["type"] == "execution_error" and bad["reason"] == "internal" and bad["refunded"] is True, bad
@@ -132,6 +133,7 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
                                             json={"clientId": "c1", "workflow": seeded(5)})
                         assert r.status_code == 202, r.text
                         await c.collect_until(lambda m: m.get("type") == "completed", timeout=30)
+                        await c.leave()
                     view = (await http.get(f"{running.url}/api/tasks/{poison_id}", headers=headers)).json()
                     assert view["state"] == "failed" and view["reason"] == "internal", view
                     account = (await http.get(f"{running.url}/api/balance", headers=headers)).json()

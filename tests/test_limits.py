@@ -90,6 +90,7 @@ async def test_submits_per_second_are_limited_over_http_and_stomp(sim: Any, star
         await c.send_frame("SEND", {"destination": "/app/tasks"}, json.dumps(body))
         msgs = await c.collect_until(lambda m: m.get("type") == "rejected")
         assert msgs[-1][1]["error"] == "too_many_submits", msgs[-1]
+        await c.leave()
     assert (await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("hank"))).status_code == 202
 
 
@@ -102,6 +103,7 @@ async def test_a_session_flood_does_not_slow_another_user(sim: Any, start_gatewa
     for i in range(200):
         async with stomp_connect(g.ws_url, token=token, client_id=f"f{i}") as c:
             await c.subscribe()
+            await c.leave()
     for _ in range(10):  # each balance change is fanned out; cancels refund
         task = await g.submit("mallory", workflow("txt2img"), client_id="f0")
         await g.http.delete(f"{g.url}/api/tasks/{task['taskId']}", headers=g.auth("mallory"))
@@ -116,4 +118,5 @@ async def test_a_session_flood_does_not_slow_another_user(sim: Any, start_gatewa
             await g.submit("alice", workflow("txt2img"), client_id="a")
             await c.collect_until(lambda m: m.get("type") == "queued")
             latencies.append(time.monotonic() - t0)
+        await c.leave()  # unread messages would leave trio-websocket's reader stuck at close (60 s)
     assert max(latencies) < 0.25, latencies
