@@ -25,6 +25,7 @@ from ._metrics import Metrics
 from ._ws import ConnectionCounter, StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
+from .sockjs import install as install_sockjs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     metrics = Metrics(handles)
     counter = ConnectionCounter(cfg.max_connections_per_user)
     endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics)
-    app.extensions["gateway"] = {"handles": handles, "metrics": metrics, "endpoint": endpoint}
+    sockjs = install_sockjs(app, endpoint, cfg.sockjs, cfg.origin_allowed)
+    app.extensions["gateway"] = {"handles": handles, "metrics": metrics, "endpoint": endpoint, "sockjs": sockjs}
 
     def error(status: int, code: str, detail: str) -> Response:
         return Response(json.dumps({"error": code, "detail": detail}), status=status, content_type="application/json")
@@ -94,6 +96,8 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     @app.after_request
     async def _cors(resp: Response) -> Response:
         origin = request.headers.get("Origin")
+        if request.path == "/ws" or request.path.startswith("/ws/"):
+            return resp  # SockJS answers its own CORS (credentials: the origin echoed, never "*")
         if origin and cfg.origin_allowed(origin):
             resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in cfg.allowed_origins else origin
             resp.headers["Vary"] = "Origin"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .sockjs._protocol import SockJSConfig
 
 DEFAULT_BIND = "127.0.0.1:8080"
 
@@ -24,6 +26,8 @@ class WebConfig:
     max_task_size: int = 64  # largest "size" of one task
     permessage_deflate: bool = False
     shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
+    sockjs: SockJSConfig = field(default_factory=SockJSConfig)
+    image_url_ttl: float = 7 * 24 * 3600.0  # seconds a signed image URL stays valid
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:
