@@ -16,6 +16,7 @@ import httpx
 import trio
 
 from . import comfy, ledger, registry, scheduler, sessions
+from .image_urls import ImageUrls
 from .store import SqliteStore, open_store
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class GatewayConfig:
     comfy_timeouts: comfy.ComfyTimeouts = field(default_factory=comfy.ComfyTimeouts)
     replay_max: int = sessions.DEFAULT_REPLAY_MAX
     replay_age: float = sessions.DEFAULT_REPLAY_AGE
+    image_urls: ImageUrls | None = None  # signs the image URLs handed out (None: unsigned, header auth only)
 
     def __post_init__(self) -> None:
         if not self.comfyui_urls:
@@ -113,7 +115,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
             reg_cfg = registry.RegistryConfig(
                 price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
                 backend_lost_after=cfg.backend_lost_after,
-                public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
+                public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls, image_urls=cfg.image_urls,
             )
             await nursery.start(partial(
                 registry.run, reg_rx, reg_cfg, store=store, ledger=ledger_tx.clone(), scheduler=sched_tx.clone(),

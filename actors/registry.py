@@ -62,6 +62,7 @@ from .comfy import (
     PromptSubmitUnknown,
     Status,
 )
+from .image_urls import ImageUrls
 from .sessions import Broadcast, Publish
 from .store import ImageRef, InsufficientCredits, LedgerError, SqliteStore, TaskRecord, TERMINAL_STATES
 
@@ -89,6 +90,7 @@ class RegistryConfig:
     backend_lost_after: float = 5 * 60.0  # seconds a backend may stay unreachable before its tasks are backend_lost
     public_url: str = ""  # prefix of image URLs, e.g. "http://127.0.0.1:8080"
     backend_urls: Mapping[str, str] = field(default_factory=dict)
+    image_urls: ImageUrls | None = None  # signs image URLs (re-signed each time a view is made)
 
 
 # ---- requests from the web layer --------------------------------------------------------------------
@@ -143,9 +145,10 @@ class ListResults:
 
 @dataclass(frozen=True, slots=True)
 class ImageLocation:
-    """Where image ``n`` of the user's task lives: (backend base URL, ImageRef), or None."""
+    """Where image ``n`` of the user's task lives: (backend base URL, ImageRef), or None. ``user_id`` None: any
+    owner (the request carried a signed URL, which is the gateway's own word that it may see this image)."""
 
-    user_id: str
+    user_id: str | None
     task_id: str
     n: int
     reply: trio.MemorySendChannel[tuple[str, ImageRef] | None]
@@ -238,6 +241,8 @@ class _Registry:
     # -- helpers
 
     def url(self, task_id: str, n: int) -> str:
+        if self.cfg.image_urls is not None:
+            return self.cfg.image_urls.url(task_id, n)
         return f"{self.cfg.public_url}/api/images/{task_id}/{n}"
 
     def urls(self, rec: TaskRecord) -> list[str]:
@@ -390,10 +395,10 @@ class _Registry:
         nxt = recs[limit - 1].seq if len(recs) > limit else None
         return [self.view(r) | {"seq": r.seq} for r in recs[:limit]], nxt
 
-    async def image_location(self, user_id: str, task_id: str, n: int) -> tuple[str, ImageRef] | None:
+    async def image_location(self, user_id: str | None, task_id: str, n: int) -> tuple[str, ImageRef] | None:
         task = self.tasks.get(task_id)
         rec = task.rec if task is not None else await self.store.get_task(task_id)
-        if rec is None or rec.user_id != user_id or not 0 <= n < len(rec.images):
+        if rec is None or (user_id is not None and rec.user_id != user_id) or not 0 <= n < len(rec.images):
             return None
         img = rec.images[n]
         base = self.cfg.backend_urls.get(img.backend)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -167,25 +167,22 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
 
     @app.get("/api/images/<task_id>/<int:n>")
     async def image(task_id: str, n: int) -> Response:
-        who = principal()
-        where = await call(lambda r: registry.ImageLocation(who.user_id, task_id, n, r), "registry")
+        exp, sig = request.args.get("exp"), request.args.get("sig")
+        owner: str | None
+        if exp is not None or sig is not None:  # a signed URL (an <img src>): the signature is the permission
+            signer = handles.config.image_urls
+            verdict = signer.check(task_id, n, exp, sig) if signer is not None else "bad"
+            if verdict == "expired":
+                raise ApiError(403, "expired", "this image URL has expired; fetch the task again for a fresh one")
+            if verdict != "ok":
+                raise ApiError(403, "bad_signature", "this image URL's signature is not valid")
+            owner = None
+        else:
+            owner = principal().user_id
+        where = await call(lambda r: registry.ImageLocation(owner, task_id, n, r), "registry")
         if where is None:
             raise ApiError(404, "not_found", f"no image {n} for task {task_id}")
-        base, ref = where
-        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
-        try:  # no browser header (Origin, cookies, auth) is forwarded to ComfyUI
-            upstream = await handles.http.get(f"{base}/view", params=params)
-        except Exception as exc:  # httpx transport errors
-            log.warning("image %s/%d: ComfyUI unreachable: %r", task_id, n, exc)
-            raise ApiError(502, "backend_unavailable", "the ComfyUI backend holding this image is unreachable") from None
-        if upstream.status_code != 200:
-            raise ApiError(404 if upstream.status_code == 404 else 502, "not_found" if upstream.status_code == 404
-                           else "backend_error", f"ComfyUI answered {upstream.status_code} for this image")
-        if len(upstream.content) > MAX_IMAGE_BYTES:
-            raise ApiError(502, "too_large", "image too large")
-        resp = Response(upstream.content, content_type=upstream.headers.get("content-type", "application/octet-stream"))
-        resp.headers["Cache-Control"] = "private, max-age=3600"
-        return resp
+        return await stream_image(handles.http, where, f"{task_id}/{n}")
 
     # ---- accounts
 
@@ -260,6 +257,46 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
         return await endpoint.serve(websocket)
 
     return app
+
+
+class _ImageTooLarge(Exception):
+    """ComfyUI sent more than MAX_IMAGE_BYTES after the response began: the connection is dropped, not ended."""
+
+
+async def stream_image(http: Any, where: tuple[str, Any], what: str) -> Response:
+    """Relay an image from ComfyUI's /view as it arrives, its size checked as it goes (never held whole)."""
+    base, ref = where
+    params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+    try:  # no browser header (Origin, cookies, auth) is forwarded to ComfyUI
+        upstream = await http.send(http.build_request("GET", f"{base}/view", params=params), stream=True)
+    except Exception as exc:  # httpx transport errors
+        log.warning("image %s: ComfyUI unreachable: %r", what, exc)
+        raise ApiError(502, "backend_unavailable", "the ComfyUI backend holding this image is unreachable") from None
+    declared = upstream.headers.get("content-length")
+    if upstream.status_code != 200 or (declared and declared.isdigit() and int(declared) > MAX_IMAGE_BYTES):
+        await upstream.aclose()
+        if upstream.status_code == 200:
+            raise ApiError(502, "too_large", f"the image is larger than {MAX_IMAGE_BYTES} bytes")
+        raise ApiError(404 if upstream.status_code == 404 else 502, "not_found" if upstream.status_code == 404
+                       else "backend_error", f"ComfyUI answered {upstream.status_code} for this image")
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            total = 0
+            async for chunk in upstream.aiter_bytes():
+                total += len(chunk)
+                if total > MAX_IMAGE_BYTES:
+                    raise _ImageTooLarge(f"image {what}: ComfyUI sent more than {MAX_IMAGE_BYTES} bytes")
+                yield chunk
+        finally:
+            with trio.CancelScope(shield=True):
+                await upstream.aclose()
+
+    resp = Response(body(), content_type=upstream.headers.get("content-type", "application/octet-stream"))
+    if declared and declared.isdigit():
+        resp.headers["Content-Length"] = declared
+    resp.headers["Cache-Control"] = "private, max-age=3600"
+    return resp
 
 
 async def submit(handles: Handles, cfg: WebConfig, user_id: str, client_id: str, body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:

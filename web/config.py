@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .sockjs._protocol import SockJSConfig
@@ -28,6 +30,7 @@ class WebConfig:
     shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
     sockjs: SockJSConfig = field(default_factory=SockJSConfig)
     image_url_ttl: float = 7 * 24 * 3600.0  # seconds a signed image URL stays valid
+    wall_clock: Callable[[], float] = time.time  # for image URL expiry (tests inject their own)
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:
