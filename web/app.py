@@ -122,8 +122,9 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
         body = await json_body()
         client_id = body.get("clientId")
         who = principal(client_id if isinstance(client_id, str) else None)
-        if client_id is None:
-            client_id = who.client_id or "http"
+        if client_id is None:  # its messages would go to no STOMP session: refuse rather than lose them
+            raise ApiError(400, "bad_request", "clientId is required: the task's messages go to the STOMP "
+                                               "session with this clientId")
         if not valid_id(client_id):
             raise ApiError(400, "bad_request", "clientId must be a non-empty string without ':'")
         if who.client_id is not None and client_id != who.client_id:
@@ -151,19 +152,30 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             raise ApiError(409, "finished", f"task {task_id} has already finished")
         return {"taskId": task_id, "state": outcome}, 200 if outcome == "cancelled" else 202
 
-    @app.get("/api/results")
-    async def results() -> dict[str, Any]:
-        who = principal()
+    def page_args() -> tuple[int, int | None]:
         try:
             limit = min(max(int(request.args.get("limit", 20)), 1), 100)
             before = int(request.args["before"]) if "before" in request.args else None
         except ValueError:
             raise ApiError(400, "bad_request", "limit and before must be integers") from None
+        return limit, before
+
+    @app.get("/api/results")
+    async def results() -> dict[str, Any]:
+        who = principal()
+        limit, before = page_args()
         items, nxt = await call(lambda r: registry.ListResults(who.user_id, limit, before, r), "registry")
-        out: dict[str, Any] = {"results": items}
-        if nxt is not None:
-            out["next"] = nxt
-        return out
+        return {"results": items} | ({"next": nxt} if nxt is not None else {})
+
+    @app.get("/api/tasks")
+    async def list_tasks() -> dict[str, Any]:
+        who = principal()
+        which = request.args.get("state", "all")
+        if which not in ("active", "finished", "all"):
+            raise ApiError(400, "bad_request", f"state must be active, finished or all, not {which!r}")
+        limit, before = page_args()
+        items, nxt = await call(lambda r: registry.ListTasks(who.user_id, which, limit, before, r), "registry")
+        return {"tasks": items} | ({"next": nxt} if nxt is not None else {})
 
     @app.get("/api/images/<task_id>/<int:n>")
     async def image(task_id: str, n: int) -> Response:

@@ -20,9 +20,11 @@ from actors.store import open_store, parse_store_spec
 from .auth import Authenticator, load_secret, valid_id
 from .config import DEFAULT_BIND, WebConfig
 from .server import Running, serve_gateway
+from .sockjs import SockJSConfig
 
 log = logging.getLogger("comfy_gateway")
 
+DEFAULT_COMFYUI = "http://127.0.0.1:8188"
 SIMULATOR = Path(__file__).resolve().parent.parent / "scripts" / "fake_comfyui.py"
 
 
@@ -42,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the gateway", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--bind", default=_env("GATEWAY_BIND", DEFAULT_BIND), help="HOST:PORT to listen on (env GATEWAY_BIND)")
-    s.add_argument("--comfyui", action="append", default=None, metavar="URL",
-                   help="ComfyUI base URL; repeat for several backends (env COMFYUI_URL, comma-separated)")
+    s.add_argument("--comfyui", action="append", default=argparse.SUPPRESS, metavar="URL",
+                   help="ComfyUI base URL; repeat for several backends (env COMFYUI_URL, comma-separated; "
+                        f"default: {DEFAULT_COMFYUI})")
     s.add_argument("--store", default=_env("GATEWAY_STORE", ""),
                    help="sqlite:PATH (default DATA/gateway.db) or redis://... (env GATEWAY_STORE)")
     s.add_argument("--data", default=_env("GATEWAY_DATA", "data"), help="data directory (env GATEWAY_DATA)")
@@ -82,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reconnect-max-restarts", type=int, default=_int_env("GATEWAY_RECONNECT_MAX_RESTARTS", 5),
                    help="reconnects per minute before a backend is marked down and retried slowly "
                         "(env GATEWAY_RECONNECT_MAX_RESTARTS)")
+    s.add_argument("--image-url-ttl", type=float, default=float(_env("GATEWAY_IMAGE_URL_TTL", str(7 * 24 * 3600))),
+                   help="seconds a signed image URL stays valid (env GATEWAY_IMAGE_URL_TTL)")
+    s.add_argument("--sockjs-heartbeat", type=float, default=float(_env("GATEWAY_SOCKJS_HEARTBEAT", "25")),
+                   help="seconds between SockJS 'h' frames on an idle transport (env GATEWAY_SOCKJS_HEARTBEAT)")
+    s.add_argument("--sockjs-disconnect-delay", type=float,
+                   default=float(_env("GATEWAY_SOCKJS_DISCONNECT_DELAY", "5")),
+                   help="seconds an HTTP SockJS session lives with no receiving request "
+                        "(env GATEWAY_SOCKJS_DISCONNECT_DELAY)")
+    s.add_argument("--sockjs-stream-limit", type=int, default=_int_env("GATEWAY_SOCKJS_STREAM_LIMIT", 128 * 1024),
+                   help="bytes sent on one xhr-streaming/eventsource response before the client must reopen it "
+                        "(env GATEWAY_SOCKJS_STREAM_LIMIT)")
+    s.add_argument("--sockjs-max-sessions", type=int, default=_int_env("GATEWAY_SOCKJS_MAX_SESSIONS", 10_000),
+                   help="live HTTP SockJS sessions in this process (env GATEWAY_SOCKJS_MAX_SESSIONS)")
     s.add_argument("--simulate", action="store_true", help="also start the bundled ComfyUI simulator and use it")
     s.add_argument("--sim-step-ms", type=float, default=float(_env("GATEWAY_SIM_STEP_MS", "100")),
                    help="with --simulate: milliseconds per sampling step")
@@ -116,7 +132,8 @@ def load_simulator() -> ModuleType:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    urls = args.comfyui or [u.strip() for u in (_env("COMFYUI_URL", "http://127.0.0.1:8188") or "").split(",") if u.strip()]
+    urls = getattr(args, "comfyui", None) or [
+        u.strip() for u in (_env("COMFYUI_URL", DEFAULT_COMFYUI) or "").split(",") if u.strip()]
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         if args.simulate:
@@ -139,6 +156,9 @@ async def _serve(args: argparse.Namespace) -> None:
             allowed_origins=tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip()),
             simulate=args.simulate, max_frame_size=args.max_frame_size, max_body_size=args.max_body_size,
             max_connections_per_user=args.max_connections_per_user, permessage_deflate=args.permessage_deflate,
+            image_url_ttl=args.image_url_ttl,
+            sockjs=SockJSConfig(heartbeat=args.sockjs_heartbeat, disconnect_delay=args.sockjs_disconnect_delay,
+                                stream_limit=args.sockjs_stream_limit, max_sessions=args.sockjs_max_sessions),
         )
         secret = load_secret(args.data)
 
