@@ -220,9 +220,9 @@ class SockJSService:
         if sess is None:
             if len(self.sessions) >= self.cfg.max_sessions:
                 return self._error(503, "too_many_sessions", f"at most {self.cfg.max_sessions} SockJS sessions")
-            sess = self._open(session, transport)
+            sess = self.open_session(session, transport)
         if transport == "xhr":
-            frame = await self._poll(sess)
+            frame = await self.poll(sess)
             return self._response(p.frame_for("xhr", frame), ctype="application/javascript;charset=UTF-8")
         resp = self._response(self._stream(sess, transport), ctype="text/event-stream;charset=UTF-8"
                               if transport == "eventsource" else "application/javascript;charset=UTF-8")
@@ -247,7 +247,7 @@ class SockJSService:
 
     # -- HTTP sessions
 
-    def _open(self, key: str, transport: str) -> _HttpSession:
+    def open_session(self, key: str, transport: str) -> _HttpSession:
         sess = _HttpSession(key, self.cfg, transport)
         self.sessions[key] = sess
         self.nursery().start_soon(self._run_session, sess)
@@ -273,7 +273,7 @@ class SockJSService:
         sess.state.close(1000, "Normal closure")  # no-op after the endpoint's own close
         sess.wake()
 
-    async def _poll(self, sess: _HttpSession) -> str:
+    async def poll(self, sess: _HttpSession) -> str:
         now = trio.current_time()
         attached = sess.state.attach(now)
         if isinstance(attached, p.Refused):
