@@ -84,6 +84,10 @@ async def test_signed_urls_valid_tampered_expired_foreign(start_gateway: Any, si
     r = await g.http.get(moved)
     assert r.status_code == 403 and r.json()["error"] == "bad_signature"
 
+    # a request that names another user gets 404 even with a valid signature (the owner's header is fine)
+    r = await g.http.get(url, headers=g.auth("bob"))
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    assert (await g.http.get(url, headers=g.auth("alice"))).status_code == 200
     # header authentication keeps working: the owner gets it, anyone else gets 404
     bare = url.split("?")[0]
     assert (await g.http.get(bare, headers=g.auth("alice"))).status_code == 200

@@ -1,4 +1,7 @@
-"""The STOMP-over-WebSocket endpoint at /ws: one reader, one writer and one timer task per connection.
+"""The STOMP endpoint at /ws: one reader, one writer and one timer task per connection.
+
+A connection runs over a ``StompTransport`` (``web._transport``): a plain WebSocket (``serve``), or a SockJS
+session (``web.sockjs``, which calls ``run``); the rules below are the same for both.
 
 The protocol itself is the sans-IO ``web.stomp.StompConnection``; this module is only the trio loop around it:
 receive -> ``receive_data`` -> ``next_event`` -> dispatch, and a writer that drains the connection's

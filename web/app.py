@@ -180,7 +180,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     @app.get("/api/images/<task_id>/<int:n>")
     async def image(task_id: str, n: int) -> Response:
         exp, sig = request.args.get("exp"), request.args.get("sig")
-        owner: str | None
+        owner: str | None = None
         if exp is not None or sig is not None:  # a signed URL (an <img src>): the signature is the permission
             signer = handles.config.image_urls
             verdict = signer.check(task_id, n, exp, sig) if signer is not None else "bad"
@@ -188,9 +188,8 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
                 raise ApiError(403, "expired", "this image URL has expired; fetch the task again for a fresh one")
             if verdict != "ok":
                 raise ApiError(403, "bad_signature", "this image URL's signature is not valid")
-            owner = None
-        else:
-            owner = principal().user_id
+        if sig is None or request.headers.get("Authorization"):
+            owner = principal().user_id  # a request that names a user gets only that user's images
         where = await call(lambda r: registry.ImageLocation(owner, task_id, n, r), "registry")
         if where is None:
             raise ApiError(404, "not_found", f"no image {n} for task {task_id}")
