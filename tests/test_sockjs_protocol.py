@@ -134,6 +134,16 @@ def test_close_delivers_pending_then_close_frame_until_expiry() -> None:
     assert s.expires_at() == 8.0
 
 
+def test_close_with_discard_drops_what_is_pending() -> None:
+    s = SessionState(now=0.0)
+    s.attach(0.0)
+    s.detach(0.0)
+    s.push("x" * 1000)
+    s.close(1008, "slow consumer", discard=True)
+    assert s.pending_bytes == 0
+    assert s.attach(1.0) == Refused('c[1008,"slow consumer"]')
+
+
 def test_bad_timer_values_are_refused() -> None:
     with pytest.raises(ValueError, match="heartbeat"):
         SessionState(now=0.0, heartbeat=0)

@@ -75,6 +75,7 @@ async def test_client_that_stops_polling_holds_bounded_memory(nursery: trio.Nurs
     await trio.testing.wait_all_tasks_blocked()
     # the endpoint is blocked in send(): at most max_pending (+ one message) is held for the absent client
     assert (1 << 20) <= sess.state.pending_bytes < (1 << 20) + 100_000
+    assert not ep.ended.is_set()  # blocked, not failed: a poll now would get it all
     await ep.ended.wait()  # and the session goes away after disconnect_delay, freeing it all
     await trio.testing.wait_all_tasks_blocked()
     assert "s3" not in svc.sessions

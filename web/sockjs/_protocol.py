@@ -148,10 +148,13 @@ class SessionState:
         self.pending.append(message)
         self.pending_bytes += len(message)
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, *, discard: bool = False) -> None:
+        """Close after the pending messages, or (``discard``) at once, dropping them (a client that cannot keep up)."""
         if self.state is not State.CLOSED:
             self.state = State.CLOSED
             self.close_reason = (code, reason)
+        if discard:
+            self.pending, self.pending_bytes = [], 0
 
     # -- the receiving requests
 

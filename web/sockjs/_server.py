@@ -83,7 +83,7 @@ class _HttpSession:
         self.wake()
 
     async def _abort(self) -> None:
-        self.state.close(1008, "slow consumer")
+        self.state.close(1008, "slow consumer", discard=True)  # what it could not take is not kept for it
         self.scope.cancel()
         self.wake()
 
