@@ -25,7 +25,7 @@ const FILES = {
   '/lib/stomp.umd.min.js': [path.join(modules, '@stomp/stompjs/bundles/stomp.umd.min.js'), 'text/javascript'],
 };
 
-const out = { lib, transport, console: [], errors: [] };
+const out = { lib, transport, console: [], errors: [], requests: {} };
 const server = http.createServer((req, res) => {
   const file = FILES[new URL(req.url, 'http://x').pathname];
   if (!file) { res.writeHead(404); res.end(); return; }
@@ -44,6 +44,10 @@ try {
   // the SUBSCRIBE has reached the gateway when the request (or WebSocket frame) carrying it went out
   let subscribed;
   const subscribeSent = new Promise((resolve) => { subscribed = resolve; });
+  page.on('request', (req) => {  // SockJS requests per kind (xhr, xhr_send, xhr_streaming, info)
+    const m = req.url().match(/\/ws\/(?:[^/]+\/[^/]+\/)?([a-z_]+)(?:\?|$)/);
+    if (m) out.requests[m[1]] = (out.requests[m[1]] || 0) + 1;
+  });
   page.on('requestfinished', (req) => { if ((req.postData() || '').includes('SUBSCRIBE')) subscribed(); });
   page.on('websocket', (ws) => ws.on('framesent', (f) => { if (String(f.payload).includes('SUBSCRIBE')) subscribed(); }));
 

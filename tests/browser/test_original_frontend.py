@@ -20,6 +20,7 @@ import trio
 
 from conftest import GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
+from web.sockjs import SockJSConfig
 
 HERE = Path(__file__).resolve().parent
 NODE_DIR = HERE.parent / "node"
@@ -79,7 +80,9 @@ async def test_original_frontend_in_chromium(nursery: trio.Nursery, start_gatewa
     node = tools_or_fail()
     sim = FakeComfyUI(step_ms=40, seed=1)
     await nursery.start(sim.serve)
-    g: GatewayUnderTest = await start_gateway([sim.url])
+    # xhr-streaming: a 4 KiB response limit makes sockjs-client reopen its stream several times during the task
+    web = {"sockjs": SockJSConfig(stream_limit=4096)} if transport == "xhr-streaming" else None
+    g: GatewayUnderTest = await start_gateway([sim.url], web=web)
     await wait_backends_up(g)
     out = await run_page(node, g, tmp_path, lib, transport)
     where = out.pop("_where")
@@ -92,3 +95,7 @@ async def test_original_frontend_in_chromium(nursery: trio.Nursery, start_gatewa
     assert all(f"/api/images/{good_id}/" in i["src"] and "sig=" in i["src"] for i in out["images"]), where
     assert any(SIM_ERROR in e for e in out["shownErrors"]), where
     assert out["errors"] == [], where  # no uncaught exception in the page
+    if transport == "xhr-streaming":  # the stream was ended at 4 KiB and reopened, nothing lost meanwhile
+        assert out["requests"].get("xhr_streaming", 0) >= 2, (out["requests"], where)
+    if transport == "xhr-polling":
+        assert out["requests"].get("xhr", 0) >= 3 and out["requests"].get("xhr_send", 0) >= 2, where
