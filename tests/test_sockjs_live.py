@@ -160,11 +160,13 @@ async def test_abandoned_session_times_out_and_frees_its_stomp_slot(start_gatewa
     assert await poll(g.http, url) == "o\n"
     await send(g.http, url, connect)
     assert (await poll_stomp(g.http, url, "CONNECTED"))[0].startswith("CONNECTED")
+    assert "gateway_sockjs_sessions 1.0" in (await g.http.get(f"{g.url}/metrics")).text
     # the client stops polling: the session and its STOMP connection end after disconnect_delay, so the
     # one connection bob may have is free again for a new session
     with trio.fail_after(10):
         while (await g.http.post(f"{url}/xhr_send", content='["\\n"]')).status_code != 404:
             await trio.sleep(0.1)
+    assert "gateway_sockjs_sessions 0.0" in (await g.http.get(f"{g.url}/metrics")).text
     url2 = session_url(g)
     assert await poll(g.http, url2) == "o\n"
     await send(g.http, url2, connect)

@@ -72,7 +72,7 @@ async def run_page(node: str, g: GatewayUnderTest, tmp_path: Path, lib: str, tra
 
 
 @pytest.mark.parametrize("lib,transport", [
-    ("stompjs2", "websocket"), ("stompjs2", "xhr-streaming"), ("stompjs2", "xhr-polling"),
+    ("stompjs2", "websocket"), ("stompjs2", "xhr-streaming"), ("stompjs2", "xhr-polling"), ("stompjs2", "eventsource"),
     ("stomp7", "websocket"), ("stomp7", "xhr-streaming"), ("stomp7", "xhr-polling"), ("stomp7", "plain"),
 ])
 async def test_original_frontend_in_chromium(nursery: trio.Nursery, start_gateway: Any, tmp_path: Path,
