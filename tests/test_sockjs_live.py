@@ -140,18 +140,6 @@ async def test_xhr_send_errors(start_gateway: Any) -> None:
     assert (await g.http.get(f"{g.url}/ws/a./b/xhr")).status_code == 404
 
 
-async def test_second_receiver_is_refused(start_gateway: Any) -> None:
-    g = await start_gateway([NO_COMFY])
-    url = session_url(g)
-    assert await poll(g.http, url) == "o\n"
-    async with trio.open_nursery() as nursery:
-        first = nursery.start_soon  # the first poll waits (nothing to say yet)
-        first(poll, g.http, url)
-        await trio.sleep(0.3)  # real sockets: let the first poll reach the server and attach
-        assert await poll(g.http, url) == 'c[2010,"Another connection still open"]\n'
-        nursery.cancel_scope.cancel()
-
-
 async def test_abandoned_session_times_out_and_frees_its_stomp_slot(start_gateway: Any) -> None:
     g = await start_gateway([NO_COMFY], web={"sockjs": SockJSConfig(disconnect_delay=0.5), "max_connections_per_user": 1})
     connect = stomp("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "clientId": "c",

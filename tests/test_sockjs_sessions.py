@@ -55,6 +55,24 @@ async def test_poll_heartbeat_echo_and_timeout(nursery: trio.Nursery, autojump_c
     assert ep.cancelled and "s1" not in svc.sessions
 
 
+async def test_second_receiver_is_refused(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    ep = EchoEndpoint()
+    svc = service(ep, nursery, heartbeat=25.0)
+    sess = svc.open_session("s5", "xhr")
+    assert await svc.poll(sess) == "o"
+    got: list[str] = []
+
+    async def first_poll() -> None:
+        got.append(await svc.poll(sess))
+
+    nursery.start_soon(first_poll)
+    await trio.testing.wait_all_tasks_blocked()  # the first poll is attached and waiting
+    assert await svc.poll(sess) == 'c[2010,"Another connection still open"]'
+    await sess.inbox_send.send("still mine")  # the first poll still gets the session's messages
+    await trio.testing.wait_all_tasks_blocked()
+    assert got == ['a["STILL MINE"]']
+
+
 async def test_a_waiting_poll_keeps_the_session_alive(nursery: trio.Nursery,
                                                       autojump_clock: trio.testing.MockClock) -> None:
     ep = EchoEndpoint()
