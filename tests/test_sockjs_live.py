@@ -135,6 +135,9 @@ async def test_xhr_send_errors(start_gateway: Any) -> None:
     r = await g.http.post(f"{url}/xhr_send", content="")
     assert (r.status_code, r.text) == (500, "Payload expected.")
     assert (await g.http.post(f"{url}/xhr_send", content="[]")).status_code == 204
+    big = await g.http.post(f"{url}/xhr_send", content=b'["' + b"x" * (2 << 20) + b'"]', headers={"Origin": ORIGIN})
+    assert big.status_code == 413 and big.json()["error"] == "too_large"
+    assert big.headers["access-control-allow-origin"] == ORIGIN  # the page can read why
     assert (await g.http.get(f"{url}/websocket")).status_code == 400
     assert (await g.http.post(f"{url}/nope")).status_code == 404
     assert (await g.http.get(f"{g.url}/ws/a./b/xhr")).status_code == 404

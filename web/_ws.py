@@ -373,7 +373,8 @@ class StompEndpoint:
             ("version", conn.stomp.version or "1.2"), ("heart-beat", f"{send_ms},{expect_ms}"),
             ("server", SERVER_NAME), ("session", f"{conn.id}"), ("user-name", who.user_id),
         ))))
-        log.info("ws %d: %s/%s connected (STOMP %s)", conn.id, who.user_id, client_id, conn.stomp.version)
+        log.info("ws %d: %s/%s connected (STOMP %s over %s)", conn.id, who.user_id, client_id, conn.stomp.version,
+                 conn.transport)
 
     async def _subscribe(self, conn: _Conn, frame: Frame, receipt: str | None) -> None:
         assert conn.principal is not None and conn.client_id is not None

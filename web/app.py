@@ -98,7 +98,13 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     async def _cors(resp: Response) -> Response:
         origin = request.headers.get("Origin")
         if request.path == "/ws" or request.path.startswith("/ws/"):
-            return resp  # SockJS answers its own CORS (credentials: the origin echoed, never "*")
+            # SockJS sends credentials: the origin echoed, never "*" (its routes set this themselves; this covers
+            # answers made outside them, e.g. a 413 for an oversized xhr_send)
+            if origin and cfg.origin_allowed(origin) and "Access-Control-Allow-Origin" not in resp.headers:
+                resp.headers["Access-Control-Allow-Origin"] = origin
+                resp.headers["Access-Control-Allow-Credentials"] = "true"
+                resp.headers["Vary"] = "Origin"
+            return resp
         if origin and cfg.origin_allowed(origin):
             resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in cfg.allowed_origins else origin
             resp.headers["Vary"] = "Origin"
