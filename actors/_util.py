@@ -1,7 +1,7 @@
 """Small helpers every actor uses: one-shot replies and request/response over memory channels.
 
 An actor's inbox carries frozen messages. A request that needs an answer carries its own one-shot reply
-channel (buffer 1), so the actor never blocks on a slow requester (STYLE.md section 2).
+channel (buffer 1), so the actor never blocks on a slow requester (docs/STYLE.md section 2).
 """
 
 from __future__ import annotations

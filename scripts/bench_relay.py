@@ -55,9 +55,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import trio  # noqa: E402
 
 NODE_DIR = ROOT / "tests" / "node"
-WORKFLOW = next((p for p in (ROOT / "tests" / "data" / "workflows" / "txt2img.json",
-                              ROOT.parent / "shared" / "workflows" / "txt2img.json") if p.exists()),
-                ROOT / "tests" / "data" / "workflows" / "txt2img.json")
+WORKFLOW = ROOT / "tests" / "data" / "workflows" / "txt2img.json"
 SECRET = b"bench-relay-secret-0123456789abcdef"
 CLIENT_ID = "c1"
 PATHS = ("hub", "comfy", "bare")

@@ -1,6 +1,6 @@
 """ComfyUI WebSocket messages -> typed events, and ComfyUI's 400 bodies -> readable text. Sans-IO: no trio here.
 
-Text messages are JSON ``{"type": T, "data": D}`` (shared/comfyui-protocol.md section 2.5). Binary messages start
+Text messages are JSON ``{"type": T, "data": D}`` (docs/comfyui-protocol.md section 2.5). Binary messages start
 with a big-endian u32 event type (section 2.6, ComfyUI ``server.py`` ``encode_bytes`` / ``send_image``):
 
     1  PREVIEW_IMAGE                u32 format (1 JPEG, 2 PNG), image bytes            -> PreviewImage, no ids
