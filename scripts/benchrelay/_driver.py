@@ -176,26 +176,15 @@ class Driver:
 
     # -- the three paths
 
-    async def run_hub(self, rate: float, server: Proc, clients: Proc) -> Result:
+    async def run_injected(self, path: str, targets: dict[str, Any], rate: float, server: Proc,
+                           clients: Proc) -> Result:
+        """The hub and bare paths: the server process injects the messages itself (``targets``: to whom)."""
         a = self.a
-        r = Result("hub", rate, a.clients, a.size, a.clients * a.messages)
+        r = Result(path, rate, a.clients, a.size, a.clients * a.messages)
 
         async def load() -> dict[str, Any]:
-            await server.send({"cmd": "inject", "users": self.users, "count": r.expected, "rate": rate,
-                               "size": a.size, "seconds": a.seconds})
-            return await server.expect("injected", a.seconds + 30)
-
-        result, sent = await self.measure(r, server, clients, load)
-        self.finish_timed(r, result, sent)
-        return r
-
-    async def run_bare(self, rate: float, server: Proc, clients: Proc) -> Result:
-        a = self.a
-        r = Result("bare", rate, a.clients, a.size, a.clients * a.messages)
-
-        async def load() -> dict[str, Any]:
-            await server.send({"cmd": "inject", "clients": a.clients, "count": r.expected, "rate": rate,
-                               "size": a.size, "seconds": a.seconds})
+            await server.send({"cmd": "inject", **targets, "count": r.expected, "rate": rate, "size": a.size,
+                               "seconds": a.seconds})
             return await server.expect("injected", a.seconds + 30)
 
         result, sent = await self.measure(r, server, clients, load)
@@ -351,7 +340,7 @@ class Driver:
                 clients = await self.start_clients("bare", server, info)
                 try:
                     for rate in rates:
-                        self.report(await self.run_bare(rate, server, clients))
+                        self.report(await self.run_injected("bare", {"clients": self.a.clients}, rate, server, clients))
                 finally:
                     await clients.stop()
             finally:
@@ -374,7 +363,7 @@ class Driver:
                 try:
                     await self.wait_backends(sims)
                     for rate in rates if "hub" in paths else ():
-                        self.report(await self.run_hub(rate, server, clients))
+                        self.report(await self.run_injected("hub", {"users": self.users}, rate, server, clients))
                     for rate in rates if "comfy" in paths else ():  # last: a backlog would disturb the others
                         self.report(await self.run_comfy(rate, server, clients, sims, info["http"]))
                 finally:
