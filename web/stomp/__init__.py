@@ -7,17 +7,16 @@ path for MESSAGE frames. Errors: see ``_errors.py`` (Local = our misuse, Remote 
 
 from ._connection import ConnState, StompConnection, StompStatistics
 from ._errors import LocalProtocolError, RemoteProtocolError, StompProtocolError
-from ._frames import (
+from ._events import (
     CLIENT_COMMANDS,
     HEARTBEAT,
     NEED_DATA,
     SERVER_COMMANDS,
     SUPPORTED_VERSIONS,
     Frame,
-    encode_frame,
     make_error_frame,
-    negotiate_heartbeat,
 )
+from ._frames import encode_frame, negotiate_heartbeat
 
 __all__ = [
     "CLIENT_COMMANDS",

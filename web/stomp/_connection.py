@@ -21,23 +21,25 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._frames import (
+from ._events import (
     ALL_COMMANDS,
     CLIENT_COMMANDS,
     HEARTBEAT,
     NEED_DATA,
     SERVER_COMMANDS,
     UNESCAPED_COMMANDS,
+    Frame,
+    make_error_frame,
+    trusted_frame,
+)
+from ._frames import (
     UNESCAPES_11,
     UNESCAPES_12,
-    Frame,
     decode_headers,
     encodable,
     encode_frame,
     make_encodable,
-    make_error_frame,
     negotiate_version,
-    trusted_frame,
     version_error_frame,
 )
 
