@@ -15,8 +15,8 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in {str(Path(p).resolve()) for p in sys.path if p}:
     sys.path.append(str(Path(__file__).resolve().parent))  # loaded by path: make ``comfysim`` importable
 
-from comfysim import *  # noqa: E402, F403
-from comfysim import __all__, main  # noqa: E402, F401
+from comfysim import *  # noqa: F403
+from comfysim import __all__, main  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,13 +8,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # written in two pieces so that this file does not match itself
-OUTSIDE = re.compile(re.escape("../" + "shared") + "|" + r"(?<![\w/.-])shared/(DESIGN|CONTRACT|STYLE|STACK-NOTES|comfyui)")
+OUTSIDE = re.compile(
+    re.escape("../" + "shared") + "|" + r"(?<![\w/.-])shared/(DESIGN|CONTRACT|STYLE|STACK-NOTES|comfyui)"
+)
 
 
 def repository_files() -> list[Path]:
     """Tracked files and new ones not ignored: what a clone (or the next commit) holds."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         check=True, capture_output=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
     return [ROOT / name for name in out.split("\0") if name and (ROOT / name).is_file()]
 
 
@@ -27,8 +33,11 @@ def test_nothing_points_outside_the_repository() -> None:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue  # binary
-        hits += [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for n, line in enumerate(text.splitlines(), 1)
-                 if OUTSIDE.search(line)]
+        hits += [
+            f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+            for n, line in enumerate(text.splitlines(), 1)
+            if OUTSIDE.search(line)
+        ]
     assert hits == []
 
 

@@ -27,7 +27,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_readme_flag_table_is_the_generated_one() -> None:
     text = README.read_text(encoding="utf-8")
     assert settings.replace_readme_table(text) == text, "run: python -m web.settings --write README.md"
-    table = text[text.index(settings.README_BEGIN):text.index(settings.README_END)]
+    table = text[text.index(settings.README_BEGIN) : text.index(settings.README_END)]
     documented = set(re.findall(r"^\| `(--[a-z-]+)", table, re.M))
     assert documented == {s.flag for s in settings.SETTINGS}
 
@@ -55,17 +55,21 @@ def test_every_flag_reads_its_environment_variable(clean_env: pytest.MonkeyPatch
 
 
 def test_a_flag_beats_its_environment_variable_and_a_repeated_url_replaces_the_default(
-        clean_env: pytest.MonkeyPatch) -> None:
+    clean_env: pytest.MonkeyPatch,
+) -> None:
     clean_env.setenv("GATEWAY_MAX_INFLIGHT", "5")
     clean_env.setenv("COMFYUI_URL", "http://env:1")
-    args = build_parser().parse_args(["serve", "--max-inflight", "3", "--comfyui", "http://a:1", "--comfyui", "http://b:2"])
+    args = build_parser().parse_args(
+        ["serve", "--max-inflight", "3", "--comfyui", "http://a:1", "--comfyui", "http://b:2"]
+    )
     assert args.max_inflight == 3
     assert args.comfyui == ["http://a:1", "http://b:2"]
     assert build_parser().parse_args(["serve"]).comfyui == ["http://env:1"]
 
 
-def test_a_bad_environment_value_is_a_clear_usage_error(clean_env: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_environment_value_is_a_clear_usage_error(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     clean_env.setenv("GATEWAY_MAX_INFLIGHT", "many")
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["serve"])
@@ -73,8 +77,9 @@ def test_a_bad_environment_value_is_a_clear_usage_error(clean_env: pytest.Monkey
     assert "--max-inflight: invalid int value: 'many'" in capsys.readouterr().err
 
 
-def test_help_shows_every_default_and_environment_variable(clean_env: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_shows_every_default_and_environment_variable(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())

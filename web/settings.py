@@ -89,13 +89,19 @@ class Setting:
 class _ReplaceDefault(argparse.Action):
     """``append`` that starts from an empty list: a given flag replaces the default instead of adding to it."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         current = getattr(namespace, self.dest, None)
         items = [] if current is self.default or current is None else list(current)
         setattr(namespace, self.dest, [*items, values])
 
 
+# fmt: off
 SETTINGS: tuple[Setting, ...] = (
     Setting("--log-level", "GATEWAY_LOG_LEVEL", "str", "INFO", "logging level", "log level (`DEBUG`, `INFO`, "
             "`WARNING`, `ERROR`); it goes before the command", metavar="LEVEL", commands=("main",)),
@@ -162,6 +168,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--sim-step-ms", "GATEWAY_SIM_STEP_MS", "float", 100.0, "with --simulate: milliseconds per sampling step",
             "with `--simulate`: milliseconds per sampling step", metavar="MS"),
 )
+# fmt: on
 
 
 def by_name(flag: str) -> Setting:
@@ -175,8 +182,9 @@ def _plain(markdown: str) -> str:
     return markdown.replace("`", "").replace("%", "%%")
 
 
-def add_arguments(parser: argparse.ArgumentParser, command: str, *, environ: Mapping[str, str] | None = None,
-                  describe: bool = True) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, command: str, *, environ: Mapping[str, str] | None = None, describe: bool = True
+) -> None:
     """Add every row for ``command`` ("main", "serve", "token", "credits") to ``parser``, defaults from ``environ``."""
     env = os.environ if environ is None else environ
     for s in SETTINGS:

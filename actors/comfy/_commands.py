@@ -84,8 +84,8 @@ class Commands:
                 await self._cancel(prompt_id)
             case CheckPrompts(prompt_ids):
                 await self._check(prompt_ids)
-            case _:
-                log.warning("%s: ignored unknown command %r", self.name, command)
+            case _:  # only if a caller ignored the inbox's type
+                log.warning("%s: ignored unknown command %r", self.name, command)  # type: ignore[unreachable]
 
     async def _request(self, method: str, path: str, *, json_body: Any = None) -> httpx.Response:
         async with self.limiter:

@@ -47,7 +47,7 @@ class ComfyStats:
 class ComfyCounters:
     """Live counters of one comfy actor. Only the actor writes them; anyone may call ``statistics()`` (e.g. /metrics)."""
 
-    __slots__ = ("connected", "down", "attempts", "frames", "malformed", "unknown")
+    __slots__ = ("attempts", "connected", "down", "frames", "malformed", "unknown")
 
     def __init__(self) -> None:
         self.connected = False

@@ -224,7 +224,7 @@ class Connection:
             except Exception as exc:
                 raise ComfyDisconnected(link.lost or describe(exc)) from exc
 
-    async def _open_stream(self) -> trio.abc.Stream:
+    async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         if self.dial.ssl:
             return await trio.open_ssl_over_tcp_stream(
                 self.dial.host, self.dial.port, ssl_context=ssl.create_default_context(), https_compatible=True

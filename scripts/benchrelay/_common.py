@@ -37,8 +37,6 @@ IDLE_SECONDS = 3.0  # how long the server's idle CPU with N connections is measu
 CONNECT_BATCH = 50  # clients connecting at once (Hypercorn's listen backlog is 100)
 
 
-
-
 class Lines:
     """Newline-delimited JSON over a trio receive stream."""
 
@@ -60,7 +58,6 @@ class Lines:
             if not chunk:
                 raise EOFError(f"{self.name} ended")
             self.buf += chunk
-
 
 
 def rss_kb() -> int:
@@ -167,10 +164,19 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
                     text = buf.getvalue()
                     prof = None
                 t = os.times()
-                reply({"event": "ended", "cpu": t.user + t.system - cpu0, "profile": text, "rss_kb": rss_kb(),
-                       "gc_full": len(gc_pauses), "gc_full_max_ms": round(1000 * max(gc_pauses, default=0.0), 1),
-                       "gc_full_total_ms": round(1000 * sum(gc_pauses), 1), "gc_objects": len(gc.get_objects()),
-                       "gc_top_types": gc_top_types(8)})
+                reply(
+                    {
+                        "event": "ended",
+                        "cpu": t.user + t.system - cpu0,
+                        "profile": text,
+                        "rss_kb": rss_kb(),
+                        "gc_full": len(gc_pauses),
+                        "gc_full_max_ms": round(1000 * max(gc_pauses, default=0.0), 1),
+                        "gc_full_total_ms": round(1000 * sum(gc_pauses), 1),
+                        "gc_objects": len(gc.get_objects()),
+                        "gc_top_types": gc_top_types(8),
+                    }
+                )
             elif cmd["cmd"] == "gc_freeze":
                 gc.collect()
                 gc.freeze()  # the objects alive now (the connections) are never scanned again
@@ -186,5 +192,3 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
         pass
     finally:
         shutdown.set()
-
-

@@ -63,9 +63,12 @@ class Driver:
 
     async def spawn(self, name: str, argv: list[str], cpu: int | None) -> Proc:
         log_path = self.tmp / f"{name}.log"
-        logf = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+        logf = open(log_path, "wb")  # noqa: ASYNC230, SIM115 - a local log file, handed to the process
         proc = await trio.lowlevel.open_process(
-            pin(cpu) + argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf,
+            pin(cpu) + argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=logf,
             cwd=str(NODE_DIR if argv[0] == "node" else ROOT),
         )
         logf.close()
@@ -88,8 +91,7 @@ class Driver:
         cfg = {"mode": mode, "url": info["url"], "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
         cfg_path = self.tmp / f"clients-{mode}.json"
         cfg_path.write_text(json.dumps(cfg))
-        p = await self.spawn(f"clients-{mode}", ["node", str(CLIENTS_JS), str(cfg_path)],
-                             self.client_cpu_id)
+        p = await self.spawn(f"clients-{mode}", ["node", str(CLIENTS_JS), str(cfg_path)], self.client_cpu_id)
         try:
             ready = await p.expect("ready", 30 + self.a.clients / 20)
         except (EOFError, trio.TooSlowError, RuntimeError) as exc:
@@ -112,19 +114,29 @@ class Driver:
             await server.send({"cmd": "gc_freeze"})
             setup["gc_frozen_objects"] = (await server.expect("frozen", 30))["frozen"]
         self.setup["gateway" if mode == "stomp" else "bare"] = setup
-        self.say(f"  {self.a.clients} {mode} clients connected in {setup['connect_seconds']}s; server RSS "
-                 f"{setup['rss_before_mb']} -> {setup['rss_connected_mb']} MB ({setup['kb_per_connection']} KB per "
-                 f"connection), idle CPU {setup['idle_cpu_percent']}%; json.dumps(100 B) {info['calibration_us']} µs")
+        self.say(
+            f"  {self.a.clients} {mode} clients connected in {setup['connect_seconds']}s; server RSS "
+            f"{setup['rss_before_mb']} -> {setup['rss_connected_mb']} MB ({setup['kb_per_connection']} KB per "
+            f"connection), idle CPU {setup['idle_cpu_percent']}%; json.dumps(100 B) {info['calibration_us']} µs"
+        )
         return p
 
-    async def measure(self, r: Result, server: Proc, clients: Proc, run_load: Any, tick_ms: int = 0) -> tuple[dict[str, Any], Any]:
+    async def measure(
+        self, r: Result, server: Proc, clients: Proc, run_load: Any, tick_ms: int = 0
+    ) -> tuple[dict[str, Any], Any]:
         """begin (server CPU, profile) -> arm the clients -> run the load -> wait for the clients -> end."""
         await self.wait_quiet()
         await server.send({"cmd": "begin", "profile": self.a.profile})
         await server.expect("begun", 10)
         clients.ticks = 0
-        await clients.send({"cmd": "measure", "expect": r.expected, "tickMs": tick_ms,
-                            "deadlineMs": int(1000 * (self.a.seconds + DRAIN_GRACE))})
+        await clients.send(
+            {
+                "cmd": "measure",
+                "expect": r.expected,
+                "tickMs": tick_ms,
+                "deadlineMs": int(1000 * (self.a.seconds + DRAIN_GRACE)),
+            }
+        )
         await clients.expect("armed", 10)
         d0, c0 = os.times(), cpu_busy()
         load = await run_load()
@@ -133,8 +145,10 @@ class Driver:
         await server.send({"cmd": "end"})
         ended = await server.expect("ended", 30)
         r.server_cpu = ended["cpu"]
-        r.server = {k: ended[k] for k in ("rss_kb", "gc_full", "gc_full_max_ms", "gc_full_total_ms", "gc_objects",
-                                          "gc_top_types")}
+        r.server = {
+            k: ended[k]
+            for k in ("rss_kb", "gc_full", "gc_full_max_ms", "gc_full_total_ms", "gc_objects", "gc_top_types")
+        }
         r.profile = ended["profile"]
         r.client_cpu = result["cpu"]
         r.driver_cpu = (d1.user + d1.system) - (d0.user + d0.system)
@@ -176,15 +190,17 @@ class Driver:
 
     # -- the three paths
 
-    async def run_injected(self, path: str, targets: dict[str, Any], rate: float, server: Proc,
-                           clients: Proc) -> Result:
+    async def run_injected(
+        self, path: str, targets: dict[str, Any], rate: float, server: Proc, clients: Proc
+    ) -> Result:
         """The hub and bare paths: the server process injects the messages itself (``targets``: to whom)."""
         a = self.a
         r = Result(path, rate, a.clients, a.size, a.clients * a.messages)
 
         async def load() -> dict[str, Any]:
-            await server.send({"cmd": "inject", **targets, "count": r.expected, "rate": rate, "size": a.size,
-                               "seconds": a.seconds})
+            await server.send(
+                {"cmd": "inject", **targets, "count": r.expected, "rate": rate, "size": a.size, "seconds": a.seconds}
+            )
             return await server.expect("injected", a.seconds + 30)
 
         result, sent = await self.measure(r, server, clients, load)
@@ -229,8 +245,11 @@ class Driver:
 
                 async def one(i: int) -> None:
                     async with limit:
-                        resp = await http.post(f"{http_url}/api/tasks", json={"clientId": CLIENT_ID, "workflow": wf},
-                                               headers={"Authorization": f"Bearer {self.tokens[i]}"})
+                        resp = await http.post(
+                            f"{http_url}/api/tasks",
+                            json={"clientId": CLIENT_ID, "workflow": wf},
+                            headers={"Authorization": f"Bearer {self.tokens[i]}"},
+                        )
                         if resp.status_code != 202:
                             raise RuntimeError(f"submit for {self.users[i]}: {resp.status_code} {resp.text}")
                         tasks.append((self.tokens[i], resp.json()["taskId"]))
@@ -287,7 +306,8 @@ class Driver:
             r.throughput = r.delivered / max(1e-9, r.seconds)
             r.offered = r.sent / max(1e-9, max(emitted.values()) - first)
         r.note = f"{len(sims)} simulators, {steps}-step KSampler, " + (
-            f"step {step_ms:.2f} ms" if rate else f"closed loop: ≤ {a.window} progress events in flight")
+            f"step {step_ms:.2f} ms" if rate else f"closed loop: ≤ {a.window} progress events in flight"
+        )
         if idle[1]:
             r.note += f"; simulators idle {100 * idle[0] / idle[1]:.0f}% of the time while tasks waited in the gateway"
         if r.delivered < r.sent:
@@ -306,8 +326,11 @@ class Driver:
         if cancel:
             async with trio.open_nursery() as n:
                 for token, tid in tasks:
-                    n.start_soon(partial(http.delete, f"{http_url}/api/tasks/{tid}",
-                                         headers={"Authorization": f"Bearer {token}"}))
+                    n.start_soon(
+                        partial(
+                            http.delete, f"{http_url}/api/tasks/{tid}", headers={"Authorization": f"Bearer {token}"}
+                        )
+                    )
         with trio.move_on_after(COMFY_SETTLE) as scope:
             pending = list(tasks)
             while pending:
@@ -356,8 +379,9 @@ class Driver:
             for sim in sims:
                 await nursery.start(sim.serve)
             self.say(f"gateway (+ {nsims} ComfyUI simulators on the client CPU)")
-            server, info = await self.start_server("gateway", {"comfy_urls": [s.url for s in sims],
-                                                               "store": str(self.tmp / "gateway.db")})
+            server, info = await self.start_server(
+                "gateway", {"comfy_urls": [s.url for s in sims], "store": str(self.tmp / "gateway.db")}
+            )
             try:
                 clients = await self.start_clients("stomp", server, info)
                 try:
@@ -375,17 +399,17 @@ class Driver:
     async def wait_backends(self, sims: list[Any]) -> None:
         """The comfy actors are connected when every simulator has a registered socket."""
         with trio.move_on_after(20):
-            while not all(s._sockets for s in sims):
+            while not all(s._sockets for s in sims):  # noqa: ASYNC110 - the simulator has no event for it
                 await trio.sleep(0.1)
 
     def report(self, r: Result) -> None:
         self.results.append(r)
         lat = f"p50 {fmt_ms(r.p50)} p99 {fmt_ms(r.p99)} ms" if r.p50 is not None else "no latency"
-        self.say(f"  {r.path:5} rate {fmt_rate(r.rate):>5}: {r.delivered}/{r.expected} delivered, "
-                 f"{r.throughput:,.0f} msgs/s, {lat}, server CPU {r.server_cpu:.2f}s {r.note}")
+        self.say(
+            f"  {r.path:5} rate {fmt_rate(r.rate):>5}: {r.delivered}/{r.expected} delivered, "
+            f"{r.throughput:,.0f} msgs/s, {lat}, server CPU {r.server_cpu:.2f}s {r.note}"
+        )
         for e in r.errors[:5]:
             self.say(f"    client error: {e}")
         if r.profile:
             self.say(f"    server profile ({r.path}, rate {fmt_rate(r.rate)}), top by own time:\n{r.profile}")
-
-

@@ -154,5 +154,3 @@ def fill_latency(r: Result, lat: list[float]) -> None:
 
 def pin(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None else []
-
-

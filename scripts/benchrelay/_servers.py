@@ -21,21 +21,26 @@ async def gateway_server(cfg: dict[str, Any]) -> None:
     from actors.comfy import RestartPolicy
     from actors.gateway import GatewayConfig
     from actors.sessions import Publish
+    from web.app import create_app
     from web.config import WebConfig
 
     # serve_gateway keeps its Handles to itself: catch them on their way into create_app (the real server runs)
     handles: list[Any] = []
-    create_app = server_mod.create_app
 
     def capture(h: Any, *args: Any, **kw: Any) -> Any:
         handles.append(h)
         return create_app(h, *args, **kw)
 
-    server_mod.create_app = capture
+    vars(server_mod)["create_app"] = capture  # web.server calls it by this module-global name
     gw = GatewayConfig(
-        comfyui_urls=tuple(cfg["comfy_urls"]), store_path=cfg["store"], initial_credits=10**9, price=1,
-        max_queued_per_user=64, comfy_policy=RestartPolicy(initial_delay=0.05, max_delay=0.5, max_restarts=1000,
-                                                           window=60.0, healthy_after=5.0),
+        comfyui_urls=tuple(cfg["comfy_urls"]),
+        store_path=cfg["store"],
+        initial_credits=10**9,
+        price=1,
+        max_queued_per_user=64,
+        comfy_policy=RestartPolicy(
+            initial_delay=0.05, max_delay=0.5, max_restarts=1000, window=60.0, healthy_after=5.0
+        ),
     )
     web = WebConfig(bind="127.0.0.1:0")
     shutdown = trio.Event()
@@ -47,12 +52,24 @@ async def gateway_server(cfg: dict[str, Any]) -> None:
         async def send(user: str, body: dict[str, Any]) -> None:
             await hub.send(Publish(user, CLIENT_ID, body))
 
-        return await inject(send, partial(bench_body, size=size), cmd["users"], cmd["count"], cmd["rate"], cmd["seconds"])
+        return await inject(
+            send, partial(bench_body, size=size), cmd["users"], cmd["count"], cmd["rate"], cmd["seconds"]
+        )
 
     async with trio.open_nursery() as nursery:
         running = await nursery.start(partial(server_mod.serve_gateway, gw, web, secret=SECRET, shutdown=shutdown))
-        print(json.dumps({"event": "listening", "url": running.url.replace("http://", "ws://") + "/ws",
-                          "http": running.url, "pid": os.getpid(), "calibration_us": calibrate()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "listening",
+                    "url": running.url.replace("http://", "ws://") + "/ws",
+                    "http": running.url,
+                    "pid": os.getpid(),
+                    "calibration_us": calibrate(),
+                }
+            ),
+            flush=True,
+        )
         await control_loop(handle, shutdown)
 
 
@@ -66,6 +83,7 @@ async def bare_server(cfg: dict[str, Any]) -> None:
     from hypercorn.trio import serve
     from quart import websocket
     from quart_trio import QuartTrio
+
     from web.server import set_permessage_deflate
 
     set_permessage_deflate(False)  # as the gateway (the clients do not offer it anyway)
@@ -105,10 +123,17 @@ async def bare_server(cfg: dict[str, Any]) -> None:
     hc.graceful_timeout = 1
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, hc, shutdown_trigger=shutdown.wait))  # type: ignore[arg-type]
+        binds = await nursery.start(partial(serve, app, hc, shutdown_trigger=shutdown.wait))
         port = int(binds[0].rsplit(":", 1)[1])
-        print(json.dumps({"event": "listening", "url": f"ws://127.0.0.1:{port}/ws", "pid": os.getpid(),
-                          "calibration_us": calibrate()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "listening",
+                    "url": f"ws://127.0.0.1:{port}/ws",
+                    "pid": os.getpid(),
+                    "calibration_us": calibrate(),
+                }
+            ),
+            flush=True,
+        )
         await control_loop(handle, shutdown)
-
-

@@ -54,4 +54,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     trio.run(_run_until_signalled, sim, args.host, args.port)
     return 0
-

@@ -47,5 +47,3 @@ MODEL_FOLDERS: Final = (
 )  # fmt: skip
 SIM_ERROR_INPUT: Final = "sim_error"
 SIM_SLEEP_INPUT: Final = "sim_sleep_ms"
-
-

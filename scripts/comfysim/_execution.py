@@ -77,7 +77,6 @@ class _NodeFailure(Exception):
         self.inputs = dict(inputs)
 
 
-
 # --- execution of one prompt --------------------------------------------------------------------------
 
 
@@ -319,4 +318,3 @@ class _PromptRun:
                 for node_id in nodes
             },
         }
-

@@ -53,8 +53,6 @@ def _empty_response(status: int = 200) -> Response:
     return response
 
 
-
-
 class HttpApi:
     """ComfyUI's HTTP routes over one simulator's state."""
 
@@ -243,7 +241,9 @@ class HttpApi:
                     break
                 filename = f"{stem} ({counter}){extension}"
         self.sim._files[(kind, folder, filename)] = data
-        self.sim._file_counters = {key: value for key, value in self.sim._file_counters.items() if key[:2] != (kind, folder)}
+        self.sim._file_counters = {
+            key: value for key, value in self.sim._file_counters.items() if key[:2] != (kind, folder)
+        }
         return _json_response({"name": filename, "subfolder": subfolder, "type": kind})
 
     async def _get_system_stats(self) -> Response:

@@ -39,7 +39,6 @@ def _origin_forbidden(host: str | None, origin: str | None) -> bool:
     return loopback and bool(host_domain) and bool(origin_domain) and host_domain != origin_domain
 
 
-
 class _ListenerConfig(HypercornConfig):
     """Remembers the listening sockets hypercorn creates, so a killed server frees its port at once."""
 
@@ -60,5 +59,3 @@ class _ListenerConfig(HypercornConfig):
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-

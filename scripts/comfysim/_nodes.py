@@ -372,5 +372,3 @@ def object_info(class_type: str, spec: NodeSpec) -> dict[str, Any]:
         "category": spec.category,
         "output_node": spec.output_node,
     }
-
-

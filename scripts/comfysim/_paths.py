@@ -35,5 +35,3 @@ FileKey = tuple[str, str, str]  # (type, subfolder, filename)
 def _format_value(value: Any) -> Any:
     """How ComfyUI shows an input value in execution_error.current_inputs."""
     return value if value is None or isinstance(value, (int, float, bool, str)) else str(value)
-
-

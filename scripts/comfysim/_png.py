@@ -118,5 +118,3 @@ class SimLatent:
     height: int
     batch: int
     seed: int | None = None
-
-

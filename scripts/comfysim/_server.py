@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import hypercorn.trio
 import trio
@@ -33,6 +33,9 @@ from ._nodes import NODE_SPECS
 from ._paths import FileKey, _annotated_filepath, _safe_relative_path
 from ._validation import _is_link
 from ._websocket import AsgiReceive, AsgiSend, WebSocketEndpoint, _Socket, _text_frame
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 log = logging.getLogger("fake_comfyui")
 
@@ -135,7 +138,8 @@ class FakeComfyUI:
         self._wipe_temp_files()
         try:
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(hypercorn.trio.serve, self._asgi_app(), config, mode="asgi"))
+                app = cast("ASGIFramework", self._asgi_app())  # raw ASGI dicts here; hypercorn types them
+                binds = await nursery.start(partial(hypercorn.trio.serve, app, config, mode="asgi"))
                 self.host = host
                 self.port = int(binds[0].rsplit(":", 1)[1])
                 self.url = f"http://{_host_for_url(host)}:{self.port}"
@@ -175,7 +179,9 @@ class FakeComfyUI:
             if scope["type"] == "websocket" and scope["path"] in WEBSOCKET_PATHS:
                 await websocket.handle(scope, receive, send)
             else:
-                await quart_app(scope, receive, send)
+                await quart_app(
+                    cast("Scope", scope), cast("ASGIReceiveCallable", receive), cast("ASGISendCallable", send)
+                )
 
         return app
 
@@ -208,7 +214,7 @@ class FakeComfyUI:
 
     def _supports_preview_metadata(self, sid: Any) -> bool:
         flags = self._feature_flags.get(sid) if isinstance(sid, str) else None
-        return bool(flags) and flags.get("supports_preview_metadata") is True
+        return flags is not None and flags.get("supports_preview_metadata") is True
 
     # --- queue and worker ----------------------------------------------------------------------------
 
@@ -321,7 +327,6 @@ class FakeComfyUI:
         return first
 
 
-
 async def serve_fake_comfyui(
     sim: FakeComfyUI,
     *,
@@ -331,4 +336,3 @@ async def serve_fake_comfyui(
 ) -> None:
     """Same as ``sim.serve(...)``: for ``nursery.start(serve_fake_comfyui, sim)``."""
     await sim.serve(host=host, port=port, task_status=task_status)
-

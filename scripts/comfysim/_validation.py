@@ -303,5 +303,3 @@ def execution_order(prompt: Mapping[str, Any], outputs: Iterable[str], cached: I
         for target in blocking[node_id]:
             block_count[target] -= 1
     return order
-
-

@@ -112,12 +112,9 @@ def _text_binary_frame(node_id: str, text: str) -> bytes:
     return struct.pack(">II", BINARY_TEXT, len(node)) + node + text.encode()
 
 
-
 async def _reject_websocket(send: AsgiSend, status: int) -> None:
     await send({"type": "websocket.http.response.start", "status": status, "headers": [(b"content-length", b"0")]})
     await send({"type": "websocket.http.response.body", "body": b""})
-
-
 
 
 class WebSocketEndpoint:
@@ -207,4 +204,3 @@ class WebSocketEndpoint:
             log.warning("%r: cannot cut the TCP connection with this hypercorn; closing with 1011", conn)
             await send({"type": "websocket.close", "code": 1011})
         await trio.sleep_forever()  # until the reader sees the disconnect and ends the connection
-

@@ -329,6 +329,7 @@ class StompConnection:
         length = first.get("content-length")
         self._content_length = None if length is None else self._parse_content_length(length, body_start)
 
+        assert version is not None  # TRANSITIONS let nothing but CONNECT/STOMP in before a version is set
         for name in REQUIRED_HEADERS[version].get(command, ()):
             if name not in first:
                 raise self._remote(f"missing header {name!r} in {command}", f"{command} requires a {name!r} header")

@@ -54,7 +54,7 @@ class NEED_DATA(_Sentinel, metaclass=_Sentinel):  # noqa: N801 - a sentinel, nam
     """Returned by ``next_event()`` when the buffered bytes hold no complete event."""
 
 
-class HEARTBEAT(_Sentinel, metaclass=_Sentinel):  # noqa: N801
+class HEARTBEAT(_Sentinel, metaclass=_Sentinel):
     """Event: the client sent a bare EOL (a heart-beat) while connected."""
 
 
@@ -69,23 +69,24 @@ class Frame:
     def __post_init__(self) -> None:
         if self.command not in ALL_COMMANDS:
             raise ValueError(f"unknown STOMP command {self.command!r}")
-        headers = self.headers
+        headers: object = self.headers  # checked at run time: callers need not be type-checked
         if isinstance(headers, (str, bytes)) or not isinstance(headers, Iterable):
             raise TypeError(f"headers must be an iterable of (name, value) pairs, not {headers!r:.80}")
-        pairs = []
+        pairs: list[tuple[str, str]] = []
         changed = type(headers) is not tuple
-        for pair in headers:
+        for item in headers:
+            pair: object = item
             if type(pair) is not tuple:
                 if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable):
                     raise TypeError(f"header must be a (name, value) pair, not {pair!r:.80}")
                 pair = tuple(pair)
                 changed = True
-            if len(pair) != 2 or not isinstance(pair[0], str) or not isinstance(pair[1], str):
+            if not isinstance(pair, tuple) or len(pair) != 2 or not all(isinstance(part, str) for part in pair):
                 raise TypeError(f"header must be a (str, str) pair, not {pair!r:.80}")
-            pairs.append(pair)
+            pairs.append((pair[0], pair[1]))
         if changed:
             object.__setattr__(self, "headers", tuple(pairs))
-        body = self.body
+        body: object = self.body
         if type(body) is not bytes:
             if not isinstance(body, (bytearray, memoryview)):
                 raise TypeError(f"body must be bytes, not {type(body).__name__} {body!r:.60}")
