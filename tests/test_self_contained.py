@@ -13,14 +13,27 @@ OUTSIDE = re.compile(
 )
 
 
+SKIPPED_DIRS = {".git", ".venv", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis", "build", "data"}
+
+
 def repository_files() -> list[Path]:
-    """Tracked files and new ones not ignored: what a clone (or the next commit) holds."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout.decode()
+    """Tracked files and new ones not ignored: what a clone (or the next commit) holds. Outside a git checkout
+    (an unpacked archive): every file but the generated ones."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        ).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        return [
+            path
+            for path in ROOT.rglob("*")
+            if path.is_file()
+            and not SKIPPED_DIRS.intersection(path.relative_to(ROOT).parts[:-1])
+            and not any(part.endswith(".egg-info") for part in path.parts)
+        ]
     return [ROOT / name for name in out.split("\0") if name and (ROOT / name).is_file()]
 
 

@@ -5,7 +5,7 @@ The endpoint feeds WebSocket payloads to ``StompConnection.receive_data``, drain
 path for MESSAGE frames. Errors: see ``_errors.py`` (Local = our misuse, Remote = the client's fault).
 """
 
-from ._connection import ConnState, StompConnection, StompStatistics
+from ._connection import MAX_FRAME_SIZE, ConnState, StompConnection, StompStatistics
 from ._errors import LocalProtocolError, RemoteProtocolError, StompProtocolError
 from ._events import (
     CLIENT_COMMANDS,
@@ -21,6 +21,7 @@ from ._frames import encode_frame, negotiate_heartbeat
 __all__ = [
     "CLIENT_COMMANDS",
     "HEARTBEAT",
+    "MAX_FRAME_SIZE",
     "NEED_DATA",
     "SERVER_COMMANDS",
     "SUPPORTED_VERSIONS",
