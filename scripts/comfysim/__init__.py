@@ -24,9 +24,10 @@ Simulated rather than computed:
 Test controls: ``pause()``/``resume()``, ``drop_sockets()``, ``refuse_websockets``, ``step_ms``.
 Records: ``runs``, ``max_in_queue``, ``submitted``, ``interrupts``, ``gaps()``.
 
-Modules, one concern each: ``_constants``, ``_png`` (images), ``_nodes`` (node classes), ``_validation``
-(prompt validation, execution order), ``_execution`` (one prompt's run), ``_server`` (``FakeComfyUI``: state, queue,
-worker, files), ``_http`` and ``_websocket`` (the two faces), ``_net`` (origin checks, listener), ``_cli``.
+Modules, one concern each: ``_constants``; ``_png`` (images); ``_nodes`` (node classes); ``_validation`` (prompt
+validation, execution order); ``_records``; ``_state`` (``SimState``: queue, history, files, sockets); ``_execution``
+(one prompt's run); ``_socket`` (one socket, ComfyUI's frames); ``_http`` and ``_websocket`` (the two faces); ``_net``
+(origin checks, listener); ``_server`` (``FakeComfyUI``: serving and the worker); ``_cli``.
 
 CLI: ``python scripts/fake_comfyui.py --port P [--host H] [--step-ms MS] [--fail-rate F] [--seed S]
 [--no-previews] [--cache]``; prints ``fake ComfyUI listening on http://HOST:PORT`` once listening (``--port 0``
@@ -35,9 +36,9 @@ picks a free port and prints it) and runs until SIGINT/SIGTERM.
 
 from ._cli import main
 from ._constants import DEFAULT_STEP_MS, SAVED_IMAGE_MAX_SIDE_PX
-from ._execution import RunRecord
 from ._nodes import NODE_SPECS
 from ._png import PNG_SIGNATURE, encode_png, png_size
+from ._records import RunRecord
 from ._server import FakeComfyUI, serve_fake_comfyui
 from ._validation import execution_order, validate_prompt
 

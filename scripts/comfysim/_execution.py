@@ -1,4 +1,4 @@
-"""The execution of one prompt: the events it sends and its history entry; queue records."""
+"""The execution of one prompt: the events it sends, what a node may do (``_NodeContext``), its history entry."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import posixpath
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import trio
 
@@ -17,49 +16,14 @@ from ._constants import MS_PER_S, PREVIEW_SIDE_PX, SIM_ERROR_INPUT, SIM_SLEEP_IN
 from ._nodes import NODE_SPECS, PROGRESS_CLASSES, _seed_color
 from ._paths import _format_value, _safe_relative_path
 from ._png import SimImage, _split_rgb, encode_png, render_rgb
+from ._records import _CacheEntry, _QueueItem
+from ._socket import _preview_frame, _preview_with_metadata_frame, _text_binary_frame
+from ._state import SimState
 from ._validation import _full_type_name, _is_link, execution_order
-from ._websocket import _preview_frame, _preview_with_metadata_frame, _text_binary_frame
-
-if TYPE_CHECKING:
-    from ._server import FakeComfyUI
 
 log = logging.getLogger("fake_comfyui")
 
 # --- records and queue items --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RunRecord:
-    """One prompt the worker ran to a terminal event (times are ``trio.current_time()``)."""
-
-    prompt_id: str
-    client_id: str | None
-    started: float
-    ended: float
-    outcome: Literal["success", "error", "interrupted"]
-
-
-@dataclass(slots=True)
-class _QueueItem:
-    number: float
-    prompt_id: str
-    prompt: dict[str, Any]
-    extra_data: dict[str, Any]
-    outputs_to_execute: list[str]
-
-    @property
-    def client_id(self) -> Any:
-        return self.extra_data.get("client_id")
-
-    def as_list(self) -> list[Any]:
-        """The 5-element form of /queue and history entries."""
-        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs_to_execute]
-
-
-@dataclass(frozen=True, slots=True)
-class _CacheEntry:
-    outputs: tuple[Any, ...]
-    ui: dict[str, Any] | None
 
 
 class _Interrupted(Exception):
@@ -141,7 +105,7 @@ class _NodeContext:
 class _PromptRun:
     """The execution of one queue item: the events it sends and what goes into its history entry."""
 
-    def __init__(self, sim: FakeComfyUI, item: _QueueItem) -> None:
+    def __init__(self, sim: SimState, item: _QueueItem) -> None:
         self.sim = sim
         self.item = item
         self.prompt_id = item.prompt_id

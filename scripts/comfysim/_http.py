@@ -11,7 +11,7 @@ import posixpath
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -28,14 +28,12 @@ from ._constants import (
     MODEL_FOLDERS,
     SERVER_FEATURES,
 )
-from ._execution import _QueueItem
 from ._net import _origin_forbidden
 from ._nodes import NODE_SPECS, object_info
 from ._paths import _annotated_filepath, _safe_relative_path
+from ._records import _QueueItem
+from ._state import SimState
 from ._validation import _error, validate_prompt
-
-if TYPE_CHECKING:
-    from ._server import FakeComfyUI
 
 log = logging.getLogger("fake_comfyui")
 
@@ -56,7 +54,7 @@ def _empty_response(status: int = 200) -> Response:
 class HttpApi:
     """ComfyUI's HTTP routes over one simulator's state."""
 
-    def __init__(self, sim: FakeComfyUI) -> None:
+    def __init__(self, sim: SimState) -> None:
         self.sim = sim
 
     def build(self) -> QuartTrio:

@@ -5,15 +5,31 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from ._constants import DEFAULT_CHECKPOINT, SAVED_IMAGE_MAX_SIDE_PX
 from ._png import SimImage, SimLatent, SimMask, png_size
 
-if TYPE_CHECKING:
-    from ._execution import _NodeContext
+
+class NodeContext(Protocol):
+    """What a node implementation may do (``_execution._NodeContext`` is the one implementation)."""
+
+    node_id: str
+
+    @property
+    def temp_prefix(self) -> str: ...
+
+    async def run_steps(self, values: Sequence[int], total: int, preview: Callable[[int], bytes | None]) -> None: ...
+
+    async def sample(self, steps: int, seed: int) -> None: ...
+
+    def send_text(self, text: str) -> None: ...
+
+    def read_input_file(self, name: str) -> bytes | None: ...
+
+    def save_images(self, images: SimImage, filename_prefix: str, kind: str) -> list[dict[str, str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,20 +46,20 @@ def _seed_color(seed: int | None) -> int:
 # Each takes the node's context and its declared inputs (links already resolved) as keyword arguments.
 
 
-async def _run_checkpoint_loader(ctx: _NodeContext, *, ckpt_name: str) -> NodeResult:
+async def _run_checkpoint_loader(ctx: NodeContext, *, ckpt_name: str) -> NodeResult:
     return NodeResult((f"<MODEL {ckpt_name}>", f"<CLIP {ckpt_name}>", f"<VAE {ckpt_name}>"))
 
 
-async def _run_clip_text_encode(ctx: _NodeContext, *, text: str, clip: str) -> NodeResult:
+async def _run_clip_text_encode(ctx: NodeContext, *, text: str, clip: str) -> NodeResult:
     return NodeResult((f"<CONDITIONING {text[:40]!r}>",))
 
 
-async def _run_empty_latent(ctx: _NodeContext, *, width: int, height: int, batch_size: int) -> NodeResult:
+async def _run_empty_latent(ctx: NodeContext, *, width: int, height: int, batch_size: int) -> NodeResult:
     return NodeResult((SimLatent(width, height, batch_size),))
 
 
 async def _run_ksampler(
-    ctx: _NodeContext, *, model: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
+    ctx: NodeContext, *, model: str, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
     positive: str, negative: str, latent_image: SimLatent, denoise: float = 1.0,
 ) -> NodeResult:  # fmt: skip
     await ctx.sample(steps, seed)
@@ -51,7 +67,7 @@ async def _run_ksampler(
 
 
 async def _run_ksampler_advanced(
-    ctx: _NodeContext, *, model: str, add_noise: str, noise_seed: int, steps: int, cfg: float, sampler_name: str,
+    ctx: NodeContext, *, model: str, add_noise: str, noise_seed: int, steps: int, cfg: float, sampler_name: str,
     scheduler: str, positive: str, negative: str, latent_image: SimLatent, start_at_step: int, end_at_step: int,
     return_with_leftover_noise: str,
 ) -> NodeResult:  # fmt: skip
@@ -59,25 +75,25 @@ async def _run_ksampler_advanced(
     return NodeResult((replace(latent_image, seed=noise_seed),))
 
 
-async def _run_vae_decode(ctx: _NodeContext, *, samples: SimLatent, vae: str) -> NodeResult:
+async def _run_vae_decode(ctx: NodeContext, *, samples: SimLatent, vae: str) -> NodeResult:
     return NodeResult((SimImage(samples.width, samples.height, samples.batch, _seed_color(samples.seed)),))
 
 
-async def _run_save_image(ctx: _NodeContext, *, images: SimImage, filename_prefix: str = "ComfyUI") -> NodeResult:
+async def _run_save_image(ctx: NodeContext, *, images: SimImage, filename_prefix: str = "ComfyUI") -> NodeResult:
     return NodeResult((), {"images": ctx.save_images(images, filename_prefix, "output")})
 
 
-async def _run_preview_image(ctx: _NodeContext, *, images: SimImage) -> NodeResult:
+async def _run_preview_image(ctx: NodeContext, *, images: SimImage) -> NodeResult:
     return NodeResult((), {"images": ctx.save_images(images, ctx.temp_prefix, "temp")})
 
 
-async def _run_save_image_websocket(ctx: _NodeContext, *, images: SimImage) -> NodeResult:
+async def _run_save_image_websocket(ctx: NodeContext, *, images: SimImage) -> NodeResult:
     # websocket_image_save.py: one PNG frame per image, progress value 0..n-1 (never reaches max), no UI.
     await ctx.run_steps(range(images.batch), images.batch, lambda index: images.png(index))
     return NodeResult()
 
 
-async def _run_load_image(ctx: _NodeContext, *, image: str) -> NodeResult:
+async def _run_load_image(ctx: NodeContext, *, image: str) -> NodeResult:
     data = ctx.read_input_file(image)
     if data is None:
         raise FileNotFoundError(f"Invalid image file: {image}")
@@ -86,20 +102,20 @@ async def _run_load_image(ctx: _NodeContext, *, image: str) -> NodeResult:
     return NodeResult((SimImage(width, height, 1, color), SimMask(width, height, 1)))
 
 
-async def _run_empty_image(ctx: _NodeContext, *, width: int, height: int, batch_size: int, color: int) -> NodeResult:
+async def _run_empty_image(ctx: NodeContext, *, width: int, height: int, batch_size: int, color: int) -> NodeResult:
     return NodeResult((SimImage(width, height, batch_size, color),))
 
 
-async def _run_image_invert(ctx: _NodeContext, *, image: SimImage) -> NodeResult:
+async def _run_image_invert(ctx: NodeContext, *, image: SimImage) -> NodeResult:
     return NodeResult((replace(image, color=image.color ^ 0xFFFFFF),))
 
 
-async def _run_image_blur(ctx: _NodeContext, *, image: SimImage, blur_radius: int, sigma: float) -> NodeResult:
+async def _run_image_blur(ctx: NodeContext, *, image: SimImage, blur_radius: int, sigma: float) -> NodeResult:
     return NodeResult((replace(image, noise=image.noise / 2),))
 
 
 async def _run_image_scale(
-    ctx: _NodeContext, *, image: SimImage, upscale_method: str, width: int, height: int, crop: str
+    ctx: NodeContext, *, image: SimImage, upscale_method: str, width: int, height: int, crop: str
 ) -> NodeResult:
     if width == 0 and height == 0:
         width, height = image.width, image.height
@@ -110,16 +126,16 @@ async def _run_image_scale(
     return NodeResult((replace(image, width=width, height=height),))
 
 
-async def _run_image_add_noise(ctx: _NodeContext, *, image: SimImage, seed: int, strength: float) -> NodeResult:
+async def _run_image_add_noise(ctx: NodeContext, *, image: SimImage, seed: int, strength: float) -> NodeResult:
     return NodeResult((replace(image, noise_seed=seed, noise=strength),))
 
 
-async def _run_get_image_size(ctx: _NodeContext, *, image: SimImage) -> NodeResult:
+async def _run_get_image_size(ctx: NodeContext, *, image: SimImage) -> NodeResult:
     ctx.send_text(f"width: {image.width}, height: {image.height}\n batch size: {image.batch}")
     return NodeResult((image.width, image.height, image.batch))
 
 
-async def _run_preview_any(ctx: _NodeContext, *, source: Any = None) -> NodeResult:
+async def _run_preview_any(ctx: NodeContext, *, source: Any = None) -> NodeResult:
     # comfy_extras/nodes_preview_any.py
     if isinstance(source, str):
         value = source
@@ -135,18 +151,16 @@ async def _run_preview_any(ctx: _NodeContext, *, source: Any = None) -> NodeResu
     return NodeResult((), {"text": [value]})
 
 
-async def _run_primitive_string(ctx: _NodeContext, *, value: str) -> NodeResult:
+async def _run_primitive_string(ctx: NodeContext, *, value: str) -> NodeResult:
     return NodeResult((value,))
 
 
-async def _run_string_concatenate(
-    ctx: _NodeContext, *, string_a: str, string_b: str, delimiter: str = ""
-) -> NodeResult:
+async def _run_string_concatenate(ctx: NodeContext, *, string_a: str, string_b: str, delimiter: str = "") -> NodeResult:
     return NodeResult((f"{string_a}{delimiter}{string_b}",))
 
 
 async def _run_regex_replace(
-    ctx: _NodeContext, *, string: str, regex_pattern: str, replace: str, case_insensitive: bool = True,
+    ctx: NodeContext, *, string: str, regex_pattern: str, replace: str, case_insensitive: bool = True,
     multiline: bool = False, dotall: bool = False, count: int = 0,
 ) -> NodeResult:  # fmt: skip
     flags = (
