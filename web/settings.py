@@ -25,7 +25,7 @@ from actors.gateway import GatewayConfig
 
 from .config import WebConfig
 
-__all__ = ["SETTINGS", "Setting", "add_arguments", "by_name", "readme_table", "replace_readme_table"]
+__all__ = ["SETTINGS", "Setting", "add_arguments", "readme_table", "replace_readme_table"]
 
 Kind = Literal["str", "int", "float", "flag", "list"]
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -172,27 +172,18 @@ SETTINGS: tuple[Setting, ...] = (
 # fmt: on
 
 
-def by_name(flag: str) -> Setting:
-    for setting in SETTINGS:
-        if setting.flag == flag:
-            return setting
-    raise KeyError(flag)
-
-
 def _plain(markdown: str) -> str:
     return markdown.replace("`", "").replace("%", "%%")
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, command: str, *, environ: Mapping[str, str] | None = None, describe: bool = True
-) -> None:
+def add_arguments(parser: argparse.ArgumentParser, command: str, *, environ: Mapping[str, str] | None = None) -> None:
     """Add every row for ``command`` ("main", "serve", "token", "credits") to ``parser``, defaults from ``environ``."""
     env = os.environ if environ is None else environ
     for s in SETTINGS:
         if command not in s.commands:
             continue
         where = f"env {s.env}{', comma-separated' if s.kind == 'list' else ''}; " if s.env else ""
-        help_text = f"{_plain(s.help)} ({where}default: {_plain(s.shown_default())})" if describe else None
+        help_text = f"{_plain(s.help)} ({where}default: {_plain(s.shown_default())})"
         kwargs: dict[str, Any] = {"default": s.env_value(env), "help": help_text, "dest": s.dest}
         if s.kind == "flag":
             kwargs["action"] = "store_true"
