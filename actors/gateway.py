@@ -1,7 +1,7 @@
 """``run_gateway``: open the store, start every actor in one nursery, hand the web layer a ``Handles``.
 
 Cancelling the nursery stops everything; in-flight tasks stay recorded in the store and are reconciled on
-the next start. Inbox sizes are the backpressure budget (STYLE.md: small N for bursty inboxes).
+the next start. Inbox sizes are the backpressure budget (docs/STYLE.md: small N for bursty inboxes).
 """
 
 from __future__ import annotations

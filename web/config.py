@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from actors.validate import WorkflowLimits
 
+from .stomp import MAX_FRAME_SIZE
+
 DEFAULT_BIND = "127.0.0.1:8080"
 
 
@@ -15,7 +17,7 @@ class WebConfig:
     auth: str = "token"  # "token" | "open"
     allowed_origins: tuple[str, ...] = ("*",)
     simulate: bool = False  # serve /api/demo-token for the demo page
-    max_frame_size: int = 64 * 1024  # bytes of one inbound STOMP frame
+    max_frame_size: int = MAX_FRAME_SIZE  # bytes of one inbound STOMP frame (the codec's own default)
     max_body_size: int = 1 << 20  # bytes of one HTTP request body
     max_connections_per_user: int = 16
     max_subscriptions: int = 8  # per connection
