@@ -1,4 +1,4 @@
-"""The comfy actor: one per ComfyUI backend (see shared/DESIGN.md, "comfy").
+"""The comfy actor: one per ComfyUI backend (see docs/DESIGN.md, "comfy").
 
 Modules: ``_events`` (typed ComfyUI events), ``_messages`` (commands in, reports out), ``_protocol`` (sans-IO
 parsing of WebSocket messages and 400 bodies), ``_supervisor`` (restart with backoff), ``_config`` (BackendSpec,
@@ -19,13 +19,13 @@ from ._events import (
     TERMINAL_EVENTS,
     BinaryText,
     ComfyEvent,
+    Executed,
+    Executing,
     ExecutionCached,
     ExecutionError,
     ExecutionInterrupted,
     ExecutionStart,
     ExecutionSuccess,
-    Executed,
-    Executing,
     FeatureFlags,
     PreviewImage,
     Progress,
@@ -68,13 +68,13 @@ __all__ = [
     "ComfyReport",
     "ComfyStats",
     "ComfyTimeouts",
+    "Executed",
+    "Executing",
     "ExecutionCached",
     "ExecutionError",
     "ExecutionInterrupted",
     "ExecutionStart",
     "ExecutionSuccess",
-    "Executed",
-    "Executing",
     "FeatureFlags",
     "PreviewImage",
     "Progress",

@@ -2,7 +2,7 @@
 
 Each command runs in its own task (see ``_actor.run``). At most ``COMMAND_CONCURRENCY`` requests are in flight;
 a task sends its reports after giving its HTTP slot back, so a slow registry never holds a slot. Nothing here adds
-an ``Origin`` header (ComfyUI answers 403 to a foreign one, shared/comfyui-protocol.md section 2.1).
+an ``Origin`` header (ComfyUI answers 403 to a foreign one, docs/comfyui-protocol.md section 2.1).
 """
 
 from __future__ import annotations
