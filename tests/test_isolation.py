@@ -147,3 +147,30 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
                 crashes += 1
             assert crashed == (run < 2), run
     assert crashes == 2
+
+
+async def test_a_store_error_on_one_request_is_that_requests_5xx(
+    sim: Any, start_gateway: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g: GatewayUnderTest = await start_gateway([sim.url])
+    original_get, original_account = SqliteStore.get_task, SqliteStore.account
+
+    async def get_task(self: Any, task_id: str) -> Any:
+        if task_id == "broken":
+            raise sqlite3.DatabaseError("injected: database disk image is malformed")
+        return await original_get(self, task_id)
+
+    async def account(self: Any, user_id: str, initial: int) -> Any:
+        if user_id == "broken-user":
+            raise OverflowError("injected: Python int too large to convert to SQLite INTEGER")
+        return await original_account(self, user_id, initial)
+
+    monkeypatch.setattr(SqliteStore, "get_task", get_task)
+    monkeypatch.setattr(SqliteStore, "account", account)
+    r = await g.http.get(f"{g.url}/api/tasks/broken", headers=g.auth("alice"))
+    assert r.status_code == 503 and r.json()["error"] in ("unavailable", "busy"), r.text
+    r = await g.http.get(f"{g.url}/api/balance", headers=g.auth("broken-user"))
+    assert r.status_code == 500 and r.json()["error"] == "internal", r.text
+    done = await g.submit("alice", seeded(3))  # the registry and the ledger went on
+    r = await g.http.get(f"{g.url}/api/tasks/{done['taskId']}", headers=g.auth("alice"))
+    assert r.status_code == 200 and (await g.balance("alice"))["frozen"] in (0, g.price)

@@ -68,7 +68,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             try:
                 return await ask(target if target is not None else handles.registry, build, name=name)
             except ActorGone:
-                raise ApiError(503, "unavailable", f"the {name} is not running") from None
+                raise ApiError(503, "unavailable", f"the {name} could not answer this request") from None
         assert scope.cancelled_caught
         raise ApiError(503, "busy", f"the {name} did not answer within {ASK_TIMEOUT:.0f}s")
 
