@@ -27,7 +27,6 @@ for _p in (str(_HERE), str(_HERE.parent)):
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
-
 from _chaos_client import _frame, _parse  # noqa: E402
 from _chaos_hostile import percentile  # noqa: E402
 from _chaos_lib import GatewayProcess, SimHandle, make_workflow  # noqa: E402
@@ -41,7 +40,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def frames(ws: object, buf: list[bytes]):  # noqa: ANN201 - an async generator of parsed frames
+async def frames(ws: object, buf: list[bytes]):
     while True:
         frame, buf[0] = _parse(buf[0])
         if frame is not None:
@@ -83,6 +82,7 @@ async def main(args: argparse.Namespace) -> int:
                 await ws.send_message(_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages",
                                                            "receipt": "r"}))
                 queued: dict[str, float] = {}
+                news = [trio.Event()]
 
                 async def reader() -> None:
                     async for frame in frames(ws, [b""]):
@@ -90,6 +90,8 @@ async def main(args: argparse.Namespace) -> int:
                             body = json.loads(frame.body)
                             if body.get("type") == "queued":
                                 queued[body["taskId"]] = time.monotonic()
+                                news[0].set()
+                                news[0] = trio.Event()
 
                 async with trio.open_nursery() as inner:
                     inner.start_soon(reader)
@@ -101,7 +103,7 @@ async def main(args: argparse.Namespace) -> int:
                         task = r.json()["taskId"]
                         with trio.fail_after(30):
                             while task not in queued:
-                                await trio.sleep(0.001)  # polling a dict filled by the reader (a measurement loop)
+                                await news[0].wait()
                         latencies.append(queued[task] - t0)
                         n += 1
                         await trio.sleep(0.2)

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import copy
 import sqlite3
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from conftest import FAST_RECONNECT, TEST_SECRET, GatewayUnderTest, workflow
+from stomp_client import stomp_connect
+from test_e2e_skeleton import TERMINAL, subscribed
 
 from actors import registry
 from actors._sqlite_store import SqliteStore
 from actors.comfy import _commands
 from actors.gateway import GatewayConfig
-from conftest import FAST_RECONNECT, TEST_SECRET, GatewayUnderTest, workflow
-from stomp_client import stomp_connect
-from test_e2e_skeleton import TERMINAL, subscribed
 from web.config import WebConfig
 from web.server import Running, serve_gateway
 
@@ -114,9 +115,8 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
             crashed = False
             try:
                 async with trio.open_nursery() as nursery:
-                    running: Running = await nursery.start(
-                        lambda task_status: serve_gateway(gw, WebConfig(bind="127.0.0.1:0"), secret=TEST_SECRET,
-                                                          shutdown=shutdown, task_status=task_status))
+                    running: Running = await nursery.start(partial(
+                        serve_gateway, gw, WebConfig(bind="127.0.0.1:0"), secret=TEST_SECRET, shutdown=shutdown))
                     headers = {"Authorization": f"Bearer {running.auth.issue('alice')}"}
                     if run == 0:
                         r = await http.post(f"{running.url}/api/tasks", headers=headers,
