@@ -12,7 +12,7 @@ import sqlite3
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS: dict[int, str] = {
     # version -> SQL that brings the previous version to this one. Append only; never edit a shipped one.
@@ -79,6 +79,12 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX journal_task ON journal(task_id) WHERE task_id IS NOT NULL;
     CREATE INDEX holds_user ON holds(user_id, state);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    """,
+    # 3: a task built from a workflow template keeps the template's name and its resolved parameters (JSON);
+    #    both NULL for a raw workflow
+    3: """
+    ALTER TABLE tasks ADD COLUMN template TEXT;
+    ALTER TABLE tasks ADD COLUMN params TEXT;
     """,
 }
 

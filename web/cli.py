@@ -17,8 +17,9 @@ from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
 from actors.store import open_store, parse_store_spec
 
+from ._templates import parse_allowed_nodes
 from .auth import Authenticator, load_secret, valid_id
-from .config import DEFAULT_BIND, WebConfig
+from .config import DEFAULT_BIND, RAW_WORKFLOW_POLICIES, WebConfig
 from .server import Running, serve_gateway
 
 log = logging.getLogger("comfy_gateway")
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reconnect-max-restarts", type=int, default=_int_env("GATEWAY_RECONNECT_MAX_RESTARTS", 5),
                    help="reconnects per minute before a backend is marked down and retried slowly "
                         "(env GATEWAY_RECONNECT_MAX_RESTARTS)")
+    s.add_argument("--templates", default=_env("GATEWAY_TEMPLATES", ""), metavar="DIR",
+                   help="directory of workflow templates, one JSON file each; SIGHUP reloads it (env "
+                        "GATEWAY_TEMPLATES; default: the bundled templates)")
+    s.add_argument("--raw-workflows", choices=RAW_WORKFLOW_POLICIES, default=_env("GATEWAY_RAW_WORKFLOWS", "all"),
+                   help="who may submit a raw workflow instead of a template: all, admin (admin tokens only) or "
+                        "none (env GATEWAY_RAW_WORKFLOWS)")
+    s.add_argument("--allowed-nodes", default=_env("GATEWAY_ALLOWED_NODES", ""), metavar="LIST|@FILE",
+                   help="node classes a raw workflow may use, comma-separated or @FILE with one per line; "
+                        "default: any (env GATEWAY_ALLOWED_NODES)")
     s.add_argument("--simulate", action="store_true", help="also start the bundled ComfyUI simulator and use it")
     s.add_argument("--sim-step-ms", type=float, default=float(_env("GATEWAY_SIM_STEP_MS", "100")),
                    help="with --simulate: milliseconds per sampling step")
@@ -115,7 +125,36 @@ def load_simulator() -> ModuleType:
     return mod
 
 
+def _web_policy(args: argparse.Namespace) -> dict[str, object]:
+    """The template and raw-workflow settings, checked before anything starts (SystemExit with the reason)."""
+    if args.raw_workflows not in RAW_WORKFLOW_POLICIES:  # from the environment, which argparse does not check
+        raise SystemExit(f"--raw-workflows must be one of {', '.join(RAW_WORKFLOW_POLICIES)}, not "
+                         f"{args.raw_workflows!r}")
+    if args.templates and not Path(args.templates).is_dir():
+        raise SystemExit(f"--templates {args.templates}: not a directory")
+    try:
+        allowed = parse_allowed_nodes(args.allowed_nodes)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return {"templates_dir": args.templates, "raw_workflows": args.raw_workflows, "allowed_nodes": allowed}
+
+
+async def _reload_on_sighup(running: Running) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if running.templates is None:
+                continue
+            try:
+                catalog = await running.templates.reload()
+            except OSError as exc:
+                log.error("SIGHUP: cannot read the templates directory (%s); the templates loaded before stay", exc)
+                continue
+            log.info("SIGHUP: templates reloaded: %s%s", ", ".join(catalog.templates) or "none",
+                     f" ({len(catalog.errors)} file(s) refused)" if catalog.errors else "")
+
+
 async def _serve(args: argparse.Namespace) -> None:
+    policy = _web_policy(args)
     urls = args.comfyui or [u.strip() for u in (_env("COMFYUI_URL", "http://127.0.0.1:8188") or "").split(",") if u.strip()]
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -139,6 +178,7 @@ async def _serve(args: argparse.Namespace) -> None:
             allowed_origins=tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip()),
             simulate=args.simulate, max_frame_size=args.max_frame_size, max_body_size=args.max_body_size,
             max_connections_per_user=args.max_connections_per_user, permessage_deflate=args.permessage_deflate,
+            **policy,  # type: ignore[arg-type]
         )
         secret = load_secret(args.data)
 
@@ -159,6 +199,7 @@ async def _serve(args: argparse.Namespace) -> None:
                 gateway_done.set()
 
         running: Running = await nursery.start(run_gateway)
+        nursery.start_soon(_reload_on_sighup, running)
         print(f"comfy-gateway serving on {running.url}", flush=True)
         if args.simulate:
             print(f"open {running.url}/ in a browser (demo user 'demo', token issued by the page itself)", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_BIND = "127.0.0.1:8080"
+RAW_WORKFLOW_POLICIES = ("all", "admin", "none")  # --raw-workflows: who may submit a graph that is not a template
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,14 @@ class WebConfig:
     max_task_size: int = 64  # largest "size" of one task
     permessage_deflate: bool = False
     shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
+    templates_dir: str = ""  # directory of workflow templates ("" = the bundled ones)
+    raw_workflows: str = "all"  # one of RAW_WORKFLOW_POLICIES
+    allowed_nodes: frozenset[str] | None = None  # node classes a raw workflow may use (None: any)
+
+    def __post_init__(self) -> None:
+        if self.raw_workflows not in RAW_WORKFLOW_POLICIES:
+            raise ValueError(f"raw_workflows must be one of {', '.join(RAW_WORKFLOW_POLICIES)}, "
+                             f"not {self.raw_workflows!r}")
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:
