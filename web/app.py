@@ -44,7 +44,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
                templates: TemplateLibrary | None = None) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_size
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep key order: a template's parameters are its form's
     metrics = Metrics(handles)
     counter = ConnectionCounter(cfg.max_connections_per_user)
     library = templates if templates is not None else TemplateLibrary(cfg.templates_dir)

@@ -86,7 +86,7 @@ def _check(node: ast.expr, text: str, whole: Mapping[str, bool], names: set[str]
         raise CostError(f"{text!r} is nested deeper than {MAX_RULE_DEPTH}")
     piece = ast.get_source_segment(text, node) or type(node).__name__
     match node:
-        case ast.Constant(value=bool()) | ast.Constant(value=complex()):
+        case ast.Constant(value=value) if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CostError(f"{piece!r} is not a number")
         case ast.Constant(value=int()):
             return True

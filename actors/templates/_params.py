@@ -176,6 +176,8 @@ class Param:
             raise ParamSpecError("type", "image parameters are not supported by this gateway")
         if kind not in PARAM_TYPES:
             raise ParamSpecError("type", f"must be one of {', '.join(PARAM_TYPES)}, not {_show(kind)}")
+        if name == SEED and kind != "integer":
+            raise ParamSpecError("type", "seed must be an integer (it is drawn at random when left out)")
         fields: dict[str, Any] = {"name": name, "type": kind, "bind": _bindings(raw.get("bind"), workflow)}
         for key in ("title", "description"):
             if key in raw:
@@ -204,8 +206,6 @@ class Param:
         if kind == "enum":
             fields["values"] = _enum_values(raw.get("values"))
         if name == SEED:
-            if kind != "integer":
-                raise ParamSpecError("type", "seed must be an integer (it is drawn at random when left out)")
             if "default" in raw:
                 raise ParamSpecError("default", "seed takes no default: a missing seed is drawn at random")
             if fields.get("min", 0) < 0:
