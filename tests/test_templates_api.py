@@ -22,6 +22,7 @@ from actors.templates import BUNDLED_DIR, load_directory
 from conftest import TEST_SECRET, GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
+from test_e2e_skeleton import _read_line_with
 from web._templates import TemplateLibrary, parse_allowed_nodes, prepare_task
 from web.config import WebConfig
 
@@ -262,17 +263,7 @@ async def test_sighup_reloads_the_templates(tmp_path: Path) -> None:
 
     async def line_with(needle: bytes) -> str:
         with trio.fail_after(20):
-            while True:
-                end = buf.find(b"\n")
-                while end >= 0:
-                    line = bytes(buf[:end])
-                    del buf[:end + 1]
-                    if needle in line:
-                        return line.decode()
-                    end = buf.find(b"\n")
-                chunk = await proc.stdout.receive_some(4096)
-                assert chunk, f"the gateway exited before printing {needle!r}"
-                buf.extend(chunk)
+            return (await _read_line_with(proc.stdout, needle, buf)).decode()
 
     try:
         url = (await line_with(b"comfy-gateway serving on ")).rsplit(" ", 1)[1]
