@@ -137,6 +137,21 @@ def test_bad_parameters_are_refused_by_name(tmp_path: Path, params: dict[str, An
         assert f"{name}: {got[name]}" in str(caught.value)
 
 
+def test_huge_and_many_values_get_an_answer_of_bounded_size(tmp_path: Path) -> None:
+    t = template(tmp_path)
+    with pytest.raises(ParamError) as caught:
+        t.resolve({"text": "x", "cfg": 10**400, "steps": -(10**400)}, random.Random(0))
+    assert [name for name, _ in caught.value.problems] == ["steps", "cfg"]
+    assert "is above the maximum 20" in str(caught.value) and len(str(caught.value)) < 300
+    bad_number = every_type()
+    bad_number["params"]["cfg"]["max"] = 10**400
+    assert "params.cfg.max: must be a number within" in str(refusal(tmp_path, bad_number))
+    with pytest.raises(ParamError) as caught:
+        t.resolve({"text": "x"} | {f"p{n}": n for n in range(1000)}, random.Random(0))
+    assert len(caught.value.problems) == 1000 and str(caught.value).endswith("; and 990 more")
+    assert len(str(caught.value)) < 2000
+
+
 def test_params_must_be_an_object(tmp_path: Path) -> None:
     with pytest.raises(ParamError, match="params: must be a JSON object"):
         template(tmp_path).resolve(["text"], random.Random(0))

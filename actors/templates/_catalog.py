@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # shipped as package data
 MAX_FILE_BYTES = 1 << 20  # bytes of one template file
 TEMPLATE_FIELDS = frozenset({"name", "title", "description", "workflow", "params", "cost"})
+MAX_PROBLEMS_SHOWN = 10  # parameter problems named in one refusal (the rest are counted)
 TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -51,7 +52,9 @@ class ParamError(ValueError):
     """Submitted parameters refused: ``problems`` is [(parameter name, reason)], every one found."""
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{name}: {reason}" for name, reason in problems))
+        shown = "; ".join(f"{name}: {reason}" for name, reason in problems[:MAX_PROBLEMS_SHOWN])
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        super().__init__(shown + (f"; and {more} more" if more > 0 else ""))
         self.problems = problems
 
     @property

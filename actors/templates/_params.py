@@ -66,7 +66,8 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+    # an int is never turned into a float here: math.isfinite(10**400) raises OverflowError
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +140,9 @@ class Param:
         if self.type == "number" and not _is_number(value):
             return f"must be a finite number, not {_kind(value)} {_show(value)}"
         if value < self.low:  # type: ignore[operator]
-            return f"{value} is below the minimum {self.low}"
+            return f"{_show(value)} is below the minimum {self.low}"
         if value > self.high:  # type: ignore[operator]
-            return f"{value} is above the maximum {self.high}"
+            return f"{_show(value)} is above the maximum {self.high}"
         return None
 
     def schema(self) -> dict[str, Any]:
