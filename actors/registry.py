@@ -357,10 +357,10 @@ class _Registry:
         job = sched.Job(task_id, rec.user_id, rec.prompt_id, rec.workflow)
         position = await ask(self.scheduler, lambda r: sched.Enqueue(job, r), name="scheduler")
         log.info("registry: task %s of %s queued at %d (cost %d)", task_id, msg.user_id, position, cost)
-        queued: dict[str, Any] = {"type": "queued", "taskId": task_id, "position": position, "cost": cost}
+        announce: dict[str, Any] = {"type": "queued", "taskId": task_id, "position": position, "cost": cost}
         if rec.template is not None:
-            queued |= {"template": rec.template, "params": rec.params}
-        await self.publish(task.rec, queued)
+            announce |= {"template": rec.template, "params": rec.params}
+        await self.publish(task.rec, announce)
         await self.broadcast_status()
         return Accepted(task_id, position, cost)
 

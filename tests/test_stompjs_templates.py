@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-
 from conftest import GatewayUnderTest, wait_backends_up
 from fake_comfyui import FakeComfyUI
 from test_stompjs import NODE_DIR, node_or_fail

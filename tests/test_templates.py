@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_comfyui import NODE_SPECS
 
 from actors._store_schema import _MIGRATIONS
 from actors.store import TaskRecord, open_store
@@ -25,7 +26,6 @@ from actors.templates import (
     load_directory,
     load_file,
 )
-from fake_comfyui import NODE_SPECS
 
 GRAPH = {
     "1": {"class_type": "PrimitiveString", "inputs": {"value": ""}},

@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import trio
-
-from actors.templates import BUNDLED_DIR, load_directory
 from conftest import TEST_SECRET, GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
 from test_e2e_skeleton import _read_line_with
+
+from actors.templates import BUNDLED_DIR, load_directory
 from web._templates import TemplateLibrary, parse_allowed_nodes, prepare_task
 from web.config import WebConfig
 
@@ -120,8 +120,8 @@ async def test_bad_parameters_are_refused_by_name_and_nothing_is_frozen(
     g: GatewayUnderTest = await start_gateway([sim.url])
     cases = [
         ({"template": "txt2img", "params": {"prompt": "x", "steps": 500, "bogus": 1, "width": "512"}}, "bad_params",
-         ["bogus: unknown parameter", "steps: 500 is above the maximum 100", 'width: must be an integer, not '
-          'string "512"']),
+         ["bogus: unknown parameter", "steps: 500 is above the maximum 100",
+          'width: must be an integer, not string "512"']),
         ({"template": "txt2img", "params": {"steps": 20}}, "bad_params", ["prompt: is required"]),
         ({"template": "txt2img", "params": {"prompt": "x", "sampler": "nope"}}, "bad_params", ["sampler: must be one of"]),
         ({"template": "txt2img", "params": {"prompt": "x", "seed": -1}}, "bad_params", ["seed: -1 is below the minimum 0"]),
@@ -245,7 +245,8 @@ async def test_every_bundled_template_runs_on_the_simulator(sim: FakeComfyUI, st
             required = {n: "a test" if p.type == "string" else p.low for n, p in t.params.items() if p.required}
             r = await post_task(g, "alice", {"template": t.name, "params": required})
             assert r.status_code == 202, (t.name, r.text)
-            msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL and m["taskId"] == r.json()["taskId"])
+            task_id = r.json()["taskId"]
+            msgs = await c.collect_until(lambda m, t=task_id: m.get("type") in TERMINAL and m["taskId"] == t)
             assert msgs[-1][1]["type"] == "completed", (t.name, msgs[-1])
 
 

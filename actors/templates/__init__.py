@@ -18,10 +18,35 @@ from ._catalog import (
     load_file,
 )
 from ._cost import MAX_COST, CostError, CostRule
-from ._params import DEFAULT_MAX_LENGTH, MAX_SAFE_INTEGER, PARAM_TYPES, SEED, Binding, Param, ParamSpecError
+from ._params import (
+    DEFAULT_MAX_LENGTH,
+    MAX_SAFE_INTEGER,
+    PARAM_TYPES,
+    SEED,
+    Binding,
+    Param,
+    ParamSpecError,
+)
 
 __all__ = [
-    "BUNDLED_DIR", "Binding", "Catalog", "CostError", "CostRule", "DEFAULT_MAX_LENGTH", "LoadError", "MAX_COST",
-    "MAX_SAFE_INTEGER", "PARAM_TYPES", "Param", "ParamError", "ParamSpecError", "Resolved", "SEED", "Template",
-    "TemplateError", "check_graph", "load_directory", "load_file",
+    "BUNDLED_DIR",
+    "DEFAULT_MAX_LENGTH",
+    "MAX_COST",
+    "MAX_SAFE_INTEGER",
+    "PARAM_TYPES",
+    "SEED",
+    "Binding",
+    "Catalog",
+    "CostError",
+    "CostRule",
+    "LoadError",
+    "Param",
+    "ParamError",
+    "ParamSpecError",
+    "Resolved",
+    "Template",
+    "TemplateError",
+    "check_graph",
+    "load_directory",
+    "load_file",
 ]

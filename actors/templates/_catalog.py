@@ -98,8 +98,8 @@ class Template:
         problems: list[tuple[str, str]] = []
         for name in submitted:
             if name not in self.params:
-                problems.append((str(name)[:64], f"unknown parameter (template {self.name} takes "
-                                                 f"{', '.join(self.params) or 'none'})"))
+                takes = ", ".join(self.params) or "none"
+                problems.append((str(name)[:64], f"unknown parameter (template {self.name} takes {takes})"))
         values: dict[str, Any] = {}
         for name, param in self.params.items():
             value = submitted.get(name)
@@ -271,7 +271,7 @@ def check_graph(workflow: object) -> tuple[str, str] | None:
         if not isinstance(inputs, dict):
             return f".{node_id}.inputs", "must be an object"
         for input_name, value in inputs.items():
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
-                if value[0] not in workflow:
-                    return f".{node_id}.inputs.{input_name}", f"links to node {value[0]!r}, which is not in the workflow"
+            link = isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+            if link and value[0] not in workflow:
+                return f".{node_id}.inputs.{input_name}", f"links to node {value[0]!r}, which is not in the workflow"
     return None

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
-__all__ = ["CostError", "CostRule", "MAX_COST", "MAX_RULE_LENGTH"]
+__all__ = ["MAX_COST", "MAX_RULE_LENGTH", "CostError", "CostRule"]
 
 MAX_COST = 2**53  # credits; every amount in the ledger stays a safe integer for JSON clients
 MAX_RULE_LENGTH = 1000  # characters of one rule

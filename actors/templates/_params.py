@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Binding", "Param", "ParamSpecError", "PARAM_TYPES", "SEED", "MAX_SAFE_INTEGER", "DEFAULT_MAX_LENGTH"]
+__all__ = ["DEFAULT_MAX_LENGTH", "MAX_SAFE_INTEGER", "PARAM_TYPES", "SEED", "Binding", "Param", "ParamSpecError"]
 
 PARAM_TYPES = ("string", "integer", "number", "boolean", "enum")
 FIELDS = frozenset({"type", "default", "min", "max", "maxLength", "values", "bind", "title", "description"})
