@@ -105,6 +105,9 @@ def test_missing_optionals_take_their_defaults_and_a_missing_seed_is_drawn(tmp_p
     # null means "not given" (what an empty form field sends)
     assert t.resolve({"text": "x", "seed": None, "steps": None}, random.Random(1)).params["steps"] == 20
     assert t.resolve({"text": "x", "seed": 15}, random.Random(1)).params["seed"] == 15
+    # a form sends an enum's choice as text: "4" is the choice 4, bound as the number
+    r = t.resolve({"text": "x", "count": "4"}, random.Random(1))
+    assert r.params["count"] == 4 and r.workflow["4"]["inputs"]["batch_size"] == 4 and r.cost == 4
 
 
 @pytest.mark.parametrize(("params", "expected"), [

@@ -102,7 +102,7 @@ class Template:
                 problems.append((str(name)[:64], f"unknown parameter (template {self.name} takes {takes})"))
         values: dict[str, Any] = {}
         for name, param in self.params.items():
-            value = submitted.get(name)
+            value = param.canonical(submitted.get(name))
             if value is not None:
                 reason = param.problem(value)
                 if reason is not None:

@@ -116,6 +116,15 @@ class Param:
     def high(self) -> int | float:
         return self.max if self.max is not None else MAX_SAFE_INTEGER
 
+    def canonical(self, value: object) -> object:
+        """The value as the template spells it: an HTML form sends every choice as text, so an enum of numbers or
+        booleans also takes a choice's JSON text ("2" for 2, "true" for true). Other values are kept as given."""
+        if self.type == "enum" and isinstance(value, str):
+            for v in self.values:
+                if not isinstance(v, str) and _show(v) == value:
+                    return v
+        return value
+
     def problem(self, value: object) -> str | None:
         """Why ``value`` is not acceptable for this parameter (a readable reason), or None."""
         if self.type == "string":
