@@ -309,6 +309,7 @@ def test_raw_workflow_policy_and_allowed_nodes_file(tmp_path: Path) -> None:
     for bad in (",", f"@{tmp_path / 'missing.txt'}"):
         with pytest.raises(ValueError, match="--allowed-nodes"):
             parse_allowed_nodes(bad)
+    assert getattr(prepare_task(raw | {"template": None}, library, WebConfig(), admin=False), "size", None) == 1
     got = prepare_task(raw, library, WebConfig(allowed_nodes=frozenset({"KSampler"})), admin=True)
     assert getattr(got, "error", None) == "node_not_allowed"  # the allow-list holds for admins too
     assert getattr(got, "detail", "").startswith("nodes 4 (CheckpointLoaderSimple), 6 (CLIPTextEncode), 7 (CLIP")

@@ -98,7 +98,7 @@ class TaskRequest:
 def prepare_task(body: Mapping[str, Any], library: TemplateLibrary, cfg: WebConfig, *,
                  admin: bool) -> TaskRequest | registry.Refused:
     """Check a POST /api/tasks or SEND /app/tasks body and turn it into a TaskRequest, or say why not."""
-    if "template" in body:
+    if body.get("template") is not None:  # "template": null is a raw workflow, as if it were left out
         return _from_template(body, library)
     if not raw_workflows_allowed(cfg.raw_workflows, admin):
         who = "anyone" if cfg.raw_workflows == "none" else "users"
