@@ -12,7 +12,7 @@ import sqlite3
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: dict[int, str] = {
     # version -> SQL that brings the previous version to this one. Append only; never edit a shipped one.
@@ -80,9 +80,17 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX holds_user ON holds(user_id, state);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
-    # 3: a task built from a workflow template keeps the template's name and its resolved parameters (JSON);
-    #    both NULL for a raw workflow
+    # 3: crash quarantine. tasks.dispatched_boot is the boot that last sent the task towards ComfyUI (written just
+    #    before the POST); tasks.crashes counts the unclean restarts it was in flight across (dispatched in, or
+    #    inside ComfyUI during, the run that crashed) without being saved (a save is progress: back to 0); meta
+    #    'running' is 1 while a gateway runs on the file and 0 after a clean stop
     3: """
+    ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN dispatched_boot INTEGER;
+    """,
+    # 4: a task built from a workflow template keeps the template's name and its resolved parameters (JSON);
+    #    both NULL for a raw workflow
+    4: """
     ALTER TABLE tasks ADD COLUMN template TEXT;
     ALTER TABLE tasks ADD COLUMN params TEXT;
     """,

@@ -26,9 +26,24 @@ async def test_stompjs_runs_template_tasks_over_stomp_and_http(
     await wait_backends_up(g)
     stomp_params = {"prompt": "a lighthouse at dawn", "steps": 21, "batch_size": 2}  # seed drawn; 2 × 2 credits
     http_params = {"prompt": "a cat", "seed": 1234, "sampler": "ddim", "cfg": 4.5}  # 1 × 1 credit
-    cmd = [node, str(SCRIPT), "--ws", g.ws_url, "--http", g.url, "--token", g.token("alice"), "--client-id", "sj-1",
-           "--template", "txt2img", "--stomp-params", json.dumps(stomp_params),
-           "--http-params", json.dumps(http_params)]
+    cmd = [
+        node,
+        str(SCRIPT),
+        "--ws",
+        g.ws_url,
+        "--http",
+        g.url,
+        "--token",
+        g.token("alice"),
+        "--client-id",
+        "sj-1",
+        "--template",
+        "txt2img",
+        "--stomp-params",
+        json.dumps(stomp_params),
+        "--http-params",
+        json.dumps(http_params),
+    ]
     with trio.fail_after(NODE_TIMEOUT):
         proc = await trio.run_process(cmd, cwd=NODE_DIR, capture_stdout=True, capture_stderr=True, check=False)
     stdout, stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
@@ -47,7 +62,11 @@ async def test_stompjs_runs_template_tasks_over_stomp_and_http(
         assert {k: queued["params"][k] for k in given} == given, where
         task = out["tasks"][queued["taskId"]]
         assert (task["state"], task["template"], task["params"], task["cost"]) == (
-            "succeeded", "txt2img", queued["params"], cost), where
+            "succeeded",
+            "txt2img",
+            queued["params"],
+            cost,
+        ), where
         [result] = [r for r in out["results"]["results"] if r["taskId"] == queued["taskId"]]
         assert (result["template"], result["params"]) == ("txt2img", queued["params"]), where
     assert isinstance(stomp["queued"]["params"]["seed"], int)  # drawn, and reported

@@ -78,13 +78,24 @@ async def test_a_template_task_is_priced_by_its_rule_runs_and_carries_its_parame
         assert queued["template"] == "txt2img" and queued["cost"] == 4
         drawn = queued["params"]["seed"]
         assert isinstance(drawn, int) and 0 <= drawn < 2**53
-        assert queued["params"] == {"prompt": "a lighthouse", "negative": "blurry, low quality", "seed": drawn,
-                                    "steps": 30, "cfg": 7.5, "sampler": "euler", "width": 256, "height": 256,
-                                    "batch_size": 2}
+        assert queued["params"] == {
+            "prompt": "a lighthouse",
+            "negative": "blurry, low quality",
+            "seed": drawn,
+            "steps": 30,
+            "cfg": 7.5,
+            "sampler": "euler",
+            "width": 256,
+            "height": 256,
+            "batch_size": 2,
+        }
         assert msgs[-1][1]["type"] == "completed"
         # over STOMP: the seed given, the defaults for the rest: 1 × ceil(20 / 20) = 1 credit
-        await c.send_frame("SEND", {"destination": "/app/tasks", "content-type": "application/json"}, json.dumps(
-            {"clientId": "c1", "template": "txt2img", "params": {"prompt": "a cat", "seed": 42}}))
+        await c.send_frame(
+            "SEND",
+            {"destination": "/app/tasks", "content-type": "application/json"},
+            json.dumps({"clientId": "c1", "template": "txt2img", "params": {"prompt": "a cat", "seed": 42}}),
+        )
         msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL)
         stomp_queued = next(m for _, m in msgs if m["type"] == "queued")
         stomp_id = stomp_queued["taskId"]
@@ -99,8 +110,12 @@ async def test_a_template_task_is_priced_by_its_rule_runs_and_carries_its_parame
     assert (await g.balance("alice"))["balance"] == g.initial_credits - 4 - 1 - g.price
     # the task view and the results history carry the template and the resolved parameters
     view = (await g.http.get(f"{g.url}/api/tasks/{http_id}", headers=g.auth("alice"))).json()
-    assert (view["state"], view["template"], view["params"], view["cost"]) == ("succeeded", "txt2img",
-                                                                                queued["params"], 4)
+    assert (view["state"], view["template"], view["params"], view["cost"]) == (
+        "succeeded",
+        "txt2img",
+        queued["params"],
+        4,
+    )
     results = (await g.http.get(f"{g.url}/api/results", headers=g.auth("alice"))).json()["results"]
     by_id = {t["taskId"]: t for t in results}
     assert by_id[stomp_id]["template"] == "txt2img" and by_id[stomp_id]["params"] == stomp_queued["params"]
@@ -119,16 +134,33 @@ async def test_bad_parameters_are_refused_by_name_and_nothing_is_frozen(
 ) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url])
     cases = [
-        ({"template": "txt2img", "params": {"prompt": "x", "steps": 500, "bogus": 1, "width": "512"}}, "bad_params",
-         ["bogus: unknown parameter", "steps: 500 is above the maximum 100",
-          'width: must be an integer, not string "512"']),
+        (
+            {"template": "txt2img", "params": {"prompt": "x", "steps": 500, "bogus": 1, "width": "512"}},
+            "bad_params",
+            [
+                "bogus: unknown parameter",
+                "steps: 500 is above the maximum 100",
+                'width: must be an integer, not string "512"',
+            ],
+        ),
         ({"template": "txt2img", "params": {"steps": 20}}, "bad_params", ["prompt: is required"]),
-        ({"template": "txt2img", "params": {"prompt": "x", "sampler": "nope"}}, "bad_params", ["sampler: must be one of"]),
-        ({"template": "txt2img", "params": {"prompt": "x", "seed": -1}}, "bad_params", ["seed: -1 is below the minimum 0"]),
+        (
+            {"template": "txt2img", "params": {"prompt": "x", "sampler": "nope"}},
+            "bad_params",
+            ["sampler: must be one of"],
+        ),
+        (
+            {"template": "txt2img", "params": {"prompt": "x", "seed": -1}},
+            "bad_params",
+            ["seed: -1 is below the minimum 0"],
+        ),
         ({"template": "txt2img", "params": "prompt=x"}, "bad_params", ["params: must be a JSON object"]),
         ({"template": "nope"}, "unknown_template", ["no template 'nope'", "txt2img"]),
-        ({"template": "txt2img", "params": {"prompt": "x"}, "workflow": workflow("txt2img")}, "bad_request",
-         ["'workflow' does not go with 'template'"]),
+        (
+            {"template": "txt2img", "params": {"prompt": "x"}, "workflow": workflow("txt2img")},
+            "bad_request",
+            ["'workflow' does not go with 'template'"],
+        ),
         ({"template": "txt2img", "params": {"prompt": "x"}, "size": 2}, "bad_request", ["'size' does not go"]),
     ]
     async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as c:
@@ -148,8 +180,9 @@ async def test_bad_parameters_are_refused_by_name_and_nothing_is_frozen(
 async def test_raw_workflows_for_admins_only(sim: FakeComfyUI, start_gateway: Any, tmp_path: Path) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url], web={"raw_workflows": "admin"})
     user = (await g.http.get(f"{g.url}/api/templates", headers=g.auth("alice"))).json()
-    admin = (await g.http.get(f"{g.url}/api/templates", headers={
-        "Authorization": f"Bearer {g.token('root', admin=True)}"})).json()
+    admin = (
+        await g.http.get(f"{g.url}/api/templates", headers={"Authorization": f"Bearer {g.token('root', admin=True)}"})
+    ).json()
     assert user["rawWorkflows"] is False and admin["rawWorkflows"] is True
     assert user["templates"] == admin["templates"]
 
@@ -174,7 +207,8 @@ async def test_allowed_nodes_refuse_a_raw_workflow_naming_the_node(
 ) -> None:
     standard = {n["class_type"] for n in workflow("txt2img").values()}
     g: GatewayUnderTest = await start_gateway(
-        [sim.url], web={"allowed_nodes": frozenset(standard - {"SaveImage"} | {"PreviewImage"})})
+        [sim.url], web={"allowed_nodes": frozenset(standard - {"SaveImage"} | {"PreviewImage"})}
+    )
     r = await post_task(g, "alice", {"workflow": workflow("txt2img")})
     assert r.status_code == 400 and r.json()["error"] == "node_not_allowed", r.text
     assert r.json()["detail"].startswith("node 9 (SaveImage) not in --allowed-nodes")
@@ -193,8 +227,13 @@ async def test_allowed_nodes_refuse_a_raw_workflow_naming_the_node(
 
 
 def cheap_template(cost: str = "1") -> dict[str, Any]:
-    return {"name": "cheap", "title": "Cheap", "workflow": workflow("txt2img"), "cost": cost,
-            "params": {"prompt": {"type": "string", "default": "a cat", "bind": ["6.inputs.text"]}}}
+    return {
+        "name": "cheap",
+        "title": "Cheap",
+        "workflow": workflow("txt2img"),
+        "cost": cost,
+        "params": {"prompt": {"type": "string", "default": "a cat", "bind": ["6.inputs.text"]}},
+    }
 
 
 async def test_admin_reload_picks_up_a_change_and_reports_broken_files(
@@ -257,8 +296,23 @@ async def test_sighup_reloads_the_templates(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env |= {"PYTHONUNBUFFERED": "1", "GATEWAY_SECRET": TEST_SECRET.decode(), "GATEWAY_TEMPLATES": str(folder)}
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "web.cli", "serve", "--bind", "127.0.0.1:0", "--data", str(tmp_path / "data"),
-         "--comfyui", "http://127.0.0.1:9"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "web.cli",
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--data",
+            str(tmp_path / "data"),
+            "--comfyui",
+            "http://127.0.0.1:9",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     assert proc.stdout is not None
     buf = bytearray()
 
@@ -294,8 +348,13 @@ async def test_sighup_reloads_the_templates(tmp_path: Path) -> None:
 def test_raw_workflow_policy_and_allowed_nodes_file(tmp_path: Path) -> None:
     library = TemplateLibrary()
     raw = {"workflow": workflow("txt2img")}
-    for policy, admin, status in [("all", False, None), ("admin", False, 403), ("admin", True, None),
-                                  ("none", True, 403), ("none", False, 403)]:
+    for policy, admin, status in [
+        ("all", False, None),
+        ("admin", False, 403),
+        ("admin", True, None),
+        ("none", True, 403),
+        ("none", False, 403),
+    ]:
         got = prepare_task(raw, library, WebConfig(raw_workflows=policy), admin=admin)
         assert getattr(got, "status", None) == status, (policy, admin, got)
     with pytest.raises(ValueError, match="raw_workflows must be one of"):

@@ -23,6 +23,7 @@ import trio
 
 from actors import registry
 from actors.templates import BUNDLED_DIR, Catalog, ParamError, load_directory
+from actors.validate import validate_workflow
 
 from .config import WebConfig
 
@@ -80,8 +81,9 @@ def parse_allowed_nodes(spec: str) -> frozenset[str] | None:
 
 def unlisted_nodes(workflow: Mapping[str, Any], allowed: frozenset[str]) -> list[str]:
     """``"ID (Class)"`` for every node whose class is not in ``allowed``, in workflow order."""
-    return [f"{node_id} ({node['class_type']})" for node_id, node in workflow.items()
-            if node["class_type"] not in allowed]
+    return [
+        f"{node_id} ({node['class_type']})" for node_id, node in workflow.items() if node["class_type"] not in allowed
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,27 +97,35 @@ class TaskRequest:
     params: Mapping[str, Any] | None = None
 
 
-def prepare_task(body: Mapping[str, Any], library: TemplateLibrary, cfg: WebConfig, *,
-                 admin: bool) -> TaskRequest | registry.Refused:
+def prepare_task(
+    body: Mapping[str, Any], library: TemplateLibrary, cfg: WebConfig, *, admin: bool
+) -> TaskRequest | registry.Refused:
     """Check a POST /api/tasks or SEND /app/tasks body and turn it into a TaskRequest, or say why not."""
     if body.get("template") is not None:  # "template": null is a raw workflow, as if it were left out
         return _from_template(body, library)
     if not raw_workflows_allowed(cfg.raw_workflows, admin):
         who = "anyone" if cfg.raw_workflows == "none" else "users"
-        return registry.Refused(403, "raw_workflow_forbidden",
-                                f"this gateway does not run raw workflows for {who} (--raw-workflows "
-                                f"{cfg.raw_workflows}); submit a template: GET /api/templates lists them")
+        return registry.Refused(
+            403,
+            "raw_workflow_forbidden",
+            f"this gateway does not run raw workflows for {who} (--raw-workflows "
+            f"{cfg.raw_workflows}); submit a template: GET /api/templates lists them",
+        )
     workflow = body.get("workflow")
-    reason = registry.validate_workflow(workflow)
-    if reason is not None:
-        return registry.Refused(400, "bad_workflow", reason)
+    problem = validate_workflow(workflow, cfg.limits)  # the door: forwardable to ComfyUI byte for byte
+    if problem is not None:
+        return registry.Refused(400, problem.code, problem.detail)
     assert isinstance(workflow, dict)
     if cfg.allowed_nodes is not None:
         unlisted = unlisted_nodes(workflow, cfg.allowed_nodes)
         if unlisted:
-            return registry.Refused(400, "node_not_allowed", f"node{'s' if len(unlisted) > 1 else ''} "
-                                    f"{', '.join(unlisted[:10])}{' …' if len(unlisted) > 10 else ''} not in "
-                                    f"--allowed-nodes on this gateway")
+            return registry.Refused(
+                400,
+                "node_not_allowed",
+                f"node{'s' if len(unlisted) > 1 else ''} "
+                f"{', '.join(unlisted[:10])}{' …' if len(unlisted) > 10 else ''} not in "
+                f"--allowed-nodes on this gateway",
+            )
     size = body.get("size", 1)
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= cfg.max_task_size:
         return registry.Refused(400, "bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")
@@ -125,15 +135,22 @@ def prepare_task(body: Mapping[str, Any], library: TemplateLibrary, cfg: WebConf
 def _from_template(body: Mapping[str, Any], library: TemplateLibrary) -> TaskRequest | registry.Refused:
     for key in ("workflow", "size"):
         if key in body:
-            return registry.Refused(400, "bad_request", f"{key!r} does not go with 'template': a template builds "
-                                    "the workflow and prices the task from its parameters")
+            return registry.Refused(
+                400,
+                "bad_request",
+                f"{key!r} does not go with 'template': a template builds "
+                "the workflow and prices the task from its parameters",
+            )
     catalog = library.current
     name = body["template"]
     template = catalog.get(name)
     if template is None:
         shown = repr(name)[:80] if isinstance(name, str) else f"a {type(name).__name__}"
-        return registry.Refused(400, "unknown_template", f"no template {shown}; this gateway has "
-                                f"{', '.join(catalog.templates) or 'none'} (GET /api/templates)")
+        return registry.Refused(
+            400,
+            "unknown_template",
+            f"no template {shown}; this gateway has {', '.join(catalog.templates) or 'none'} (GET /api/templates)",
+        )
     try:
         resolved = template.resolve(body.get("params"), library.rng)
     except ParamError as exc:

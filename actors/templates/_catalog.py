@@ -27,8 +27,16 @@ from ._cost import CostError, CostRule
 from ._params import Param, ParamSpecError
 
 __all__ = [
-    "BUNDLED_DIR", "Catalog", "LoadError", "ParamError", "Resolved", "Template", "TemplateError", "check_graph",
-    "load_directory", "load_file",
+    "BUNDLED_DIR",
+    "Catalog",
+    "LoadError",
+    "ParamError",
+    "Resolved",
+    "Template",
+    "TemplateError",
+    "check_graph",
+    "load_directory",
+    "load_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,8 +91,13 @@ class Template:
     file: str
 
     def schema(self) -> dict[str, Any]:
-        return {"name": self.name, "title": self.title, "description": self.description,
-                "params": {name: p.schema() for name, p in self.params.items()}, "cost": self.cost.text}
+        return {
+            "name": self.name,
+            "title": self.title,
+            "description": self.description,
+            "params": {name: p.schema() for name, p in self.params.items()},
+            "cost": self.cost.text,
+        }
 
     def node_classes(self) -> set[str]:
         return {node["class_type"] for node in self.workflow.values()}
@@ -169,8 +182,13 @@ def load_directory(directory: str | Path) -> Catalog:
             errors.append(LoadError(exc.file, exc.field, str(exc)))
             continue
         templates[t.name] = t
-    log.info("templates: %d loaded from %s (%s)%s", len(templates), root, ", ".join(templates) or "none",
-             f", {len(errors)} refused" if errors else "")
+    log.info(
+        "templates: %d loaded from %s (%s)%s",
+        len(templates),
+        root,
+        ", ".join(templates) or "none",
+        f", {len(errors)} refused" if errors else "",
+    )
     return Catalog(str(root), templates, tuple(errors))
 
 
@@ -199,8 +217,9 @@ def load_file(path: Path) -> Template:
             raise TemplateError(file, key, f"unknown field (known: {', '.join(sorted(TEMPLATE_FIELDS))})")
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not TEMPLATE_NAME.fullmatch(name):
-        raise TemplateError(file, "name", "must be 1 to 64 letters, digits, '_', '-' or '.', starting with a letter "
-                                          "or digit")
+        raise TemplateError(
+            file, "name", "must be 1 to 64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
     for key in ("title", "description"):
         if not isinstance(raw.get(key, ""), str):
             raise TemplateError(file, key, "must be a string")
@@ -221,12 +240,13 @@ def load_file(path: Path) -> Template:
             raise TemplateError(file, f"params.{pname}" + (f".{exc.field}" if exc.field else ""), str(exc)) from None
         for b in param.bind:
             if (b.node, b.input) in bound:
-                raise TemplateError(file, f"params.{pname}.bind", f"{b.path!r} is already bound by "
-                                                                  f"{bound[(b.node, b.input)]!r}")
+                raise TemplateError(
+                    file, f"params.{pname}.bind", f"{b.path!r} is already bound by {bound[(b.node, b.input)]!r}"
+                )
             bound[(b.node, b.input)] = pname
         params[pname] = param
     if "cost" not in raw:
-        raise TemplateError(file, "cost", "is missing: every template needs a cost rule (e.g. \"1\")")
+        raise TemplateError(file, "cost", 'is missing: every template needs a cost rule (e.g. "1")')
     whole = {n: w for n, p in params.items() if (w := p.whole) is not None}
     try:
         rule = CostRule.parse(raw["cost"], whole)
@@ -238,8 +258,15 @@ def load_file(path: Path) -> Template:
             rule.evaluate(sample)  # refuses e.g. "1 / 0", or a negative price at the defaults
         except CostError as exc:
             raise TemplateError(file, "cost", f"{exc} (checked with {sample})") from None
-    return Template(name=name, title=raw.get("title") or name, description=raw.get("description", ""),
-                    workflow=copy.deepcopy(workflow), params=params, cost=rule, file=file)
+    return Template(
+        name=name,
+        title=raw.get("title") or name,
+        description=raw.get("description", ""),
+        workflow=copy.deepcopy(workflow),
+        params=params,
+        cost=rule,
+        file=file,
+    )
 
 
 def _sample(p: Param) -> Any:

@@ -75,8 +75,9 @@ class CostRule:
         cost = int(value)
         if not 0 <= cost <= MAX_COST:
             shown = cost if abs(cost) < 10**20 else ("a huge negative number" if cost < 0 else "more than 2^53")
-            raise CostError(f"the cost rule {self.text!r} gives {shown} for these parameters; a cost must be "
-                            f"from 0 to {MAX_COST}")
+            raise CostError(
+                f"the cost rule {self.text!r} gives {shown} for these parameters; a cost must be from 0 to {MAX_COST}"
+            )
         return cost
 
 
@@ -118,8 +119,10 @@ def _check(node: ast.expr, text: str, whole: Mapping[str, bool], names: set[str]
         case ast.Call():
             raise CostError(f"{piece!r}: only ceil, floor, min and max may be called")
         case _:
-            raise CostError(f"{piece!r} is not allowed (numbers, parameter names, + - * /, ceil, floor, min, max "
-                            "and parentheses are)")
+            raise CostError(
+                f"{piece!r} is not allowed (numbers, parameter names, + - * /, ceil, floor, min, max "
+                "and parentheses are)"
+            )
 
 
 def _number(value: object) -> Number:
@@ -133,12 +136,16 @@ def _number(value: object) -> Number:
 
 
 _BINARY: Mapping[type[ast.operator], Callable[[Number, Number], Number]] = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
     ast.Div: lambda a, b: a / b,
 }
 _CALLS: Mapping[str, Callable[[list[Number]], Number]] = {
-    "ceil": lambda a: Fraction(math.ceil(a[0])), "floor": lambda a: Fraction(math.floor(a[0])),
-    "min": min, "max": max,
+    "ceil": lambda a: Fraction(math.ceil(a[0])),
+    "floor": lambda a: Fraction(math.floor(a[0])),
+    "min": min,
+    "max": max,
 }
 
 

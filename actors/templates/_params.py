@@ -57,8 +57,15 @@ def _show(value: object) -> str:
 
 
 def _kind(value: object) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _is_int(value: object) -> bool:
@@ -174,8 +181,11 @@ class Param:
     def parse(cls, name: str, raw: object, workflow: Mapping[str, Any]) -> Param:
         """Read one entry of a template's ``params`` against the template's workflow; ParamSpecError if wrong."""
         if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED:
-            raise ParamSpecError("", "a parameter name must be a letter or _ then letters, digits or _ (at most 64), "
-                                 "and not ceil, floor, min or max")
+            raise ParamSpecError(
+                "",
+                "a parameter name must be a letter or _ then letters, digits or _ (at most 64), "
+                "and not ceil, floor, min or max",
+            )
         if not isinstance(raw, dict):
             raise ParamSpecError("", f"must be an object, not {_kind(raw)}")
         for key in raw:
@@ -208,8 +218,11 @@ class Param:
                 bound = raw[key]
                 ok = _is_int(bound) if kind == "integer" else _is_number(bound)
                 if not ok or abs(bound) > MAX_SAFE_INTEGER:
-                    raise ParamSpecError(key, f"must be {'an integer' if kind == 'integer' else 'a number'} within "
-                                         f"±{MAX_SAFE_INTEGER}, not {_show(bound)}")
+                    raise ParamSpecError(
+                        key,
+                        f"must be {'an integer' if kind == 'integer' else 'a number'} within "
+                        f"±{MAX_SAFE_INTEGER}, not {_show(bound)}",
+                    )
                 fields[key] = bound
         if "min" in fields and "max" in fields and fields["min"] > fields["max"]:
             raise ParamSpecError("min", f"{fields['min']} is above max {fields['max']}")
@@ -269,8 +282,9 @@ def _bindings(bind: object, workflow: Mapping[str, Any]) -> tuple[Binding, ...]:
             raise ParamSpecError("bind", f"{path!r}: the workflow has no node {node!r}")
         inputs = target.get("inputs")
         if not isinstance(inputs, dict) or input_name not in inputs:
-            raise ParamSpecError("bind", f"{path!r}: node {node!r} ({target.get('class_type')}) has no input "
-                                 f"{input_name!r}")
+            raise ParamSpecError(
+                "bind", f"{path!r}: node {node!r} ({target.get('class_type')}) has no input {input_name!r}"
+            )
         if isinstance(inputs[input_name], list):
             raise ParamSpecError("bind", f"{path!r} is a link to another node; a parameter can only replace a value")
         binding = Binding(node, input_name)
