@@ -372,3 +372,12 @@ def test_raw_workflow_policy_and_allowed_nodes_file(tmp_path: Path) -> None:
     got = prepare_task(raw, library, WebConfig(allowed_nodes=frozenset({"KSampler"})), admin=True)
     assert getattr(got, "error", None) == "node_not_allowed"  # the allow-list holds for admins too
     assert getattr(got, "detail", "").startswith("nodes 4 (CheckpointLoaderSimple), 6 (CLIPTextEncode), 7 (CLIP")
+
+
+def test_serve_refuses_a_missing_templates_directory_or_allowed_nodes_file(tmp_path: Path) -> None:
+    from web.cli import main
+
+    with pytest.raises(SystemExit, match=r"--templates .*missing: not a directory"):
+        main(["serve", "--templates", str(tmp_path / "missing"), "--data", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--allowed-nodes @.*nodes\.txt: cannot read it"):
+        main(["serve", "--allowed-nodes", f"@{tmp_path / 'nodes.txt'}", "--data", str(tmp_path)])

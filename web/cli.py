@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request to ComfyUI is noise
     if args.command == "serve":
+        _template_policy(args)  # a bad --templates or --allowed-nodes stops here, before anything starts
         try:
             trio.run(_serve, args)
         except KeyboardInterrupt:
