@@ -92,34 +92,14 @@ def refusal(tmp_path: Path, body: Any) -> TemplateError:
 
 def test_each_type_binds_into_its_inputs(tmp_path: Path) -> None:
     t = template(tmp_path)
-    r = t.resolve(
-        {
-            "text": "hello",
-            "seed": 12,
-            "steps": 45,
-            "cfg": 12.5,
-            "sampler": "ddim",
-            "fold": True,
-            "size": 768,
-            "count": 4,
-        },
-        random.Random(0),
-    )
+    given = {"text": "hello", "seed": 12, "steps": 45, "cfg": 12.5, "sampler": "ddim", "fold": True, "size": 768}
+    r = t.resolve(given | {"count": 4}, random.Random(0))
     wf = r.workflow
     assert wf["1"]["inputs"]["value"] == "hello"
     assert wf["2"]["inputs"] == {"seed": 12, "steps": 45, "cfg": 12.5, "sampler_name": "ddim", "model": ["1", 0]}
     assert wf["3"]["inputs"] == {"string": ["1", 0], "case_insensitive": True, "count": 0}
     assert wf["4"]["inputs"] == {"width": 768, "height": 768, "batch_size": 4}  # one parameter, two inputs
-    assert r.params == {
-        "text": "hello",
-        "seed": 12,
-        "steps": 45,
-        "cfg": 12.5,
-        "sampler": "ddim",
-        "fold": True,
-        "size": 768,
-        "count": 4,
-    }
+    assert r.params == given | {"count": 4}
     assert r.cost == 4 * 3 + 2 and r.template == "all-types"
     assert t.workflow["4"]["inputs"]["width"] == 512  # the template itself is untouched
 
