@@ -132,7 +132,7 @@ async def test_a_template_task_is_priced_by_its_rule_runs_and_carries_its_parame
 async def test_bad_parameters_are_refused_by_name_and_nothing_is_frozen(
     sim: FakeComfyUI, start_gateway: Any, tmp_path: Path
 ) -> None:
-    g: GatewayUnderTest = await start_gateway([sim.url])
+    g: GatewayUnderTest = await start_gateway([sim.url], initial_credits=3)
     cases = [
         (
             {"template": "txt2img", "params": {"prompt": "x", "steps": 500, "bogus": 1, "width": "512"}},
@@ -162,18 +162,25 @@ async def test_bad_parameters_are_refused_by_name_and_nothing_is_frozen(
             ["'workflow' does not go with 'template'"],
         ),
         ({"template": "txt2img", "params": {"prompt": "x"}, "size": 2}, "bad_request", ["'size' does not go"]),
+        # well formed, but the rule's price (4 × ceil(20 / 20) = 4) is more than the 3 credits alice has
+        (
+            {"template": "txt2img", "params": {"prompt": "x", "batch_size": 4}},
+            "insufficient_credits",
+            ["3 credits available, 4 needed"],
+        ),
     ]
     async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as c:
         await subscribed(c)
         for body, code, phrases in cases:
             r = await post_task(g, "alice", body)
-            assert r.status_code == 400 and r.json()["error"] == code, r.text
+            assert r.status_code == (402 if code == "insufficient_credits" else 400), r.text
+            assert r.json()["error"] == code, r.text
             for phrase in phrases:
                 assert phrase in r.json()["detail"], (phrase, r.json())
             await c.send_frame("SEND", {"destination": "/app/tasks"}, json.dumps({"clientId": "c1", **body}))
             _, msg = await c.next_message()
             assert msg == {"type": "rejected", "error": code, "detail": r.json()["detail"]}
-    assert await g.balance("alice") == {"userId": "alice", "balance": 100, "frozen": 0, "available": 100}
+    assert await g.balance("alice") == {"userId": "alice", "balance": 3, "frozen": 0, "available": 3}
     assert freezes(tmp_path) == 0
 
 
