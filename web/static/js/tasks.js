@@ -41,6 +41,7 @@ function setState(t, state, forwardOnly) {
   if (!(state in RANK) || state === t.state || isFinished(t)) return;
   if (forwardOnly && RANK[state] < RANK[t.state]) return;
   t.state = state;
+  t.where = null; // said for the old state
   if (state !== "queued" && state !== "submitted") t.position = null;
   if (isFinished(t)) { t.cancelling = false; t.preview = null; }
 }
@@ -55,7 +56,7 @@ function setParams(t, m) {
 }
 
 const LIVE = {
-  queued(t, m) { setState(t, "queued"); t.position = m.position ?? null; t.where = m.where || "gateway"; },
+  queued(t, m) { setState(t, "queued"); t.position = m.position ?? null; t.where = m.where ?? null; },
   started(t) { setState(t, "running"); },
   progress(t, m) {
     setState(t, "running");
@@ -94,7 +95,7 @@ export function applySnapshot(r) {
   setState(t, r.state, true);
   if (!isFinished(t)) {
     t.position = r.position ?? null;
-    if (r.where) t.where = r.where;
+    t.where = r.where ?? null;
   }
   if (r.cost != null) t.cost = r.cost;
   if (r.clientId) t.clientId = r.clientId;
