@@ -59,12 +59,7 @@ async def test_page_shows_progress_previews_and_the_image_then_the_finished_task
 async def test_page_shows_a_failure_with_its_error_and_the_refund(
         nursery: trio.Nursery, start_gateway: Any, tmp_path: Path) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=5)
-    wf = workflow("txt2img")
-    sampler = next(n for n in wf.values() if n["class_type"] == "KSampler")
-    sampler["inputs"]["sim_error"] = "the GPU caught fire"
-    path = tmp_path / "failing.json"
-    path.write_text(json.dumps(wf))
-    out = await run_scenario("page_tasks.mjs", "failure", g.url, workflow=path)
+    out = await run_scenario("page_tasks.mjs", "failure", g.url, workflow=failing_workflow(tmp_path))
     failed = out["failed"]
     assert failed["state"] == "failed" and failed["badge"] == "Failed" and not failed["cancelVisible"], failed
     assert "the GPU caught fire" in failed["error"], failed
@@ -107,3 +102,99 @@ async def test_page_says_where_each_task_waits_and_cancels_waiting_and_running_o
     assert sorted(states) == ["cancelled", "cancelled", "succeeded", "succeeded"], states
     assert (await g.balance(DEMO))["available"] == g.initial_credits - 2 * g.price
     assert page_errors(out) == []
+
+
+def failing_workflow(tmp_path: Path, text: str = "the GPU caught fire") -> Path:
+    wf = workflow("txt2img")
+    next(n for n in wf.values() if n["class_type"] == "KSampler")["inputs"]["sim_error"] = text
+    path = tmp_path / "failing.json"
+    path.write_text(json.dumps(wf))
+    return path
+
+
+async def test_a_second_tab_shows_the_first_tabs_task(nursery: trio.Nursery, start_gateway: Any) -> None:
+    g = await page_gateway(nursery, start_gateway, step_ms=60)
+    out = await run_scenario("page_layout.mjs", "tabs", g.url)
+    seen = out["seen"]
+    assert seen[-1]["state"] == "succeeded" and seen[-1]["images"][0]["width"] > 0, seen[-1]
+    assert seen[-1]["otherTab"] and not out["firstTab"]["otherTab"]  # marked as another tab's, there only
+    assert page_errors(out) == []
+
+
+async def test_at_390_px_nothing_overlaps(nursery: trio.Nursery, start_gateway: Any, tmp_path: Path) -> None:
+    g = await page_gateway(nursery, start_gateway, step_ms=40)
+    out = await run_scenario("page_layout.mjs", "mobile", g.url, workflow=failing_workflow(tmp_path))
+    for moment in ("midRun", "done"):
+        layout = out[moment]
+        names = [b["name"] for b in layout["boxes"]]
+        assert {".topbar[0]", ".compose[0]", ".tasks > h2[0]", ".card[0]"} <= set(names), names
+        assert layout["hits"] == [], f"{moment}: overlapping boxes {layout['hits']}"
+        assert layout["scrollWidth"] <= layout["viewport"] == 390, f"{moment}: the page is wider than the screen"
+    assert len([b for b in out["done"]["boxes"] if b["name"].startswith(".card")]) == 2
+    assert out["outsideTheirCard"] == [], "parts of a card stick out of it"
+    ok, bad = out["views"]
+    assert ok["state"] == "succeeded" and bad["state"] == "failed" and bad["refund"]
+    assert page_errors(out) == []
+
+
+async def test_the_page_says_when_no_comfyui_backend_is_up(start_gateway: Any) -> None:
+    with trio.socket.socket() as s:  # a port nothing listens on
+        await s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    g: GatewayUnderTest = await start_gateway([dead], web={"simulate": True})
+    out = await run_scenario("page_layout.mjs", "nobackend", g.url)
+    assert "No ComfyUI backend is up" in out["banner"], out
+    assert "0/1" in out["chip"], out["chip"]
+    assert out["card"]["status"] == "In the gateway queue · #1" and out["card"]["cancelVisible"], out["card"]
+    assert out["layout"]["hits"] == [], out["layout"]["hits"]
+    assert page_errors(out) == []
+
+
+TEMPLATES = {
+    "rawWorkflows": True,
+    "templates": [{
+        "name": "txt2img", "title": "Text to image", "description": "Describe a picture", "cost": "ceil(steps / 20)",
+        "params": {
+            "prompt": {"type": "string", "maxLength": 2000, "required": True, "default": ""},
+            "negative": {"type": "string", "maxLength": 2000, "default": "blurry"},
+            "seed": {"type": "integer", "min": 0, "max": 2**48},
+            "steps": {"type": "integer", "min": 1, "max": 100, "default": 20},
+            "cfg": {"type": "number", "min": 1, "max": 30, "default": 7.5},
+            "width": {"type": "integer", "min": 64, "max": 2048, "default": 512},
+            "sampler": {"type": "enum", "values": ["euler", "dpmpp_2m"], "default": "euler"},
+            "hires": {"type": "boolean", "default": False},
+        },
+    }],
+}
+
+
+async def test_the_form_is_built_from_the_templates_and_sends_a_template_task(
+        nursery: trio.Nursery, start_gateway: Any, tmp_path: Path) -> None:
+    g = await page_gateway(nursery, start_gateway, step_ms=5)
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps(TEMPLATES))
+    out = await run_scenario("page_layout.mjs", "templates", g.url, templates=path)
+    fields = {f["name"]: f for f in out["fields"]}
+    assert list(fields) == ["prompt", "negative", "seed", "steps", "cfg", "width", "sampler", "hires"]
+    assert fields["prompt"]["tag"] == "textarea" and fields["negative"]["tag"] == "textarea"
+    assert fields["steps"] == {**fields["steps"], "type": "number", "min": "1", "max": "100", "value": "20"}
+    assert fields["seed"]["value"] == "" and fields["seed"]["placeholder"] == "random"
+    assert fields["sampler"]["tag"] == "select" and fields["sampler"]["options"] == ["euler", "dpmpp_2m"]
+    assert fields["hires"]["type"] == "checkbox" and fields["hires"]["value"] is False
+    assert out["toggle"] == {"visible": True, "rawHidden": True}  # raw JSON only behind "Advanced"
+    body = out["body"]
+    assert body is not None, "no SEND /app/tasks frame"
+    assert body["template"] == "txt2img" and body["clientId"].startswith("web-")
+    # the seed left empty is not sent (the gateway draws it); every other field is, typed
+    assert body["params"] == {"prompt": "a red fox in the snow", "negative": "blurry", "steps": 7, "cfg": 7.5,
+                              "width": 512, "sampler": "dpmpp_2m", "hires": True}
+    assert out["answer"] == "Queued." or out["answer"].startswith("Not accepted: "), out["answer"]
+    assert out["noRaw"] == {"visible": False, "rawHidden": True}
+    assert page_errors(out) == []
+
+
+async def test_the_page_says_how_to_get_its_stomp_library_when_it_is_missing(
+        nursery: trio.Nursery, start_gateway: Any) -> None:
+    g = await page_gateway(nursery, start_gateway, step_ms=5)
+    out = await run_scenario("page_layout.mjs", "nolibrary", g.url)
+    assert "npm" in out["banner"] and "scripts/run" in out["banner"] and out["conn"] == "no-library", out

@@ -113,17 +113,30 @@ function randomizeSeeds(workflow) {
   }
 }
 
-// The task body for SEND /app/tasks (or POST /api/tasks); throws an Error with a readable message.
+// What a raw workflow is about, for its card: the sampler's positive prompt text and its seed.
+function describeWorkflow(workflow) {
+  const sampler = Object.values(workflow).find((n) => n && /KSampler/.test(n.class_type || ""));
+  const ref = sampler && sampler.inputs && sampler.inputs.positive;
+  const text = Array.isArray(ref) && workflow[ref[0]] && workflow[ref[0]].inputs ? workflow[ref[0]].inputs.text : null;
+  const out = {};
+  if (typeof text === "string") out.prompt = text;
+  if (sampler && sampler.inputs) for (const k of ["seed", "steps"]) if (typeof sampler.inputs[k] === "number") out[k] = sampler.inputs[k];
+  return out;
+}
+
+// {body, summary}: the task body for SEND /app/tasks (or POST /api/tasks) and what the card shows until the
+// gateway reports the parameters; throws an Error with a readable message.
 export function taskBody(clientId) {
   if (form.raw) {
     const workflow = parseWorkflow($("workflow").value);
     const size = Number($("size").value);
     if (!Number.isInteger(size) || size < 1) throw new Error("Size must be a whole number of 1 or more.");
     if ($("newSeed").checked) randomizeSeeds(workflow);
-    return { clientId, workflow, size };
+    return { body: { clientId, workflow, size }, summary: describeWorkflow(workflow) };
   }
   const template = form.templates.find((t) => t.name === $("templatePick").value) || form.templates[0];
-  return { clientId, template: template.name, params: templateParams(template) };
+  const params = templateParams(template);
+  return { body: { clientId, template: template.name, params }, summary: params };
 }
 
 export function formMessage(text, kind = "") {

@@ -10,10 +10,10 @@ import { balanceTicket, showBalance, showConnection, showStatus } from "./header
 import { bindLightbox } from "./images.js";
 import { connected, reconnectNow, send, startLink, stompAvailable } from "./link.js";
 import { refreshTasks, rememberOpen } from "./sync.js";
-import { applyMessage, applySnapshot, clearTasks, isTaskMessage, markCancelling, onTask } from "./tasks.js";
+import { applyMessage, applySnapshot, clearTasks, isTaskMessage, markCancelling, onTask, rememberParams } from "./tasks.js";
 
 const refreshSoon = debounce(() => refreshTasks(), 250);
-let pendingSubmit = false;
+let pendingSubmit = null; // the summary of the task sent with SEND /app/tasks, until `queued` or `rejected`
 
 async function loadBalance() {
   const ticket = balanceTicket();
@@ -27,7 +27,12 @@ async function loadBalance() {
 
 function onMessage(m) {
   if (isTaskMessage(m)) {
-    if (m.type === "queued" && pendingSubmit) { pendingSubmit = false; formMessage("Queued.", "ok"); $("submitBtn").disabled = false; }
+    if (m.type === "queued" && pendingSubmit) {
+      const params = m.params || pendingSubmit;
+      rememberParams(m.taskId, params);
+      m = { ...m, params };
+      settle("Queued.", "ok");
+    }
     if (applyMessage(m)) refreshSoon(); // a task this page did not know: another tab's, or missed
     if (m.type === "queued") refreshSoon(); // positions of the others may have moved
     return;
@@ -35,29 +40,32 @@ function onMessage(m) {
   switch (m.type) {
     case "balance": showBalance(m, true); refreshSoon(); break; // credits move when any tab submits
     case "status": showStatus(m); refreshSoon(); break;
-    case "rejected":
-      pendingSubmit = false;
-      $("submitBtn").disabled = false;
-      formMessage(`Not accepted: ${m.detail || m.error}`, "error");
-      break;
+    case "rejected": settle(`Not accepted: ${m.detail || m.error}`, "error"); break;
     case "resync": refreshTasks(); loadBalance(); break;
     default: break;
   }
 }
 
+function settle(text, kind) {
+  pendingSubmit = null;
+  $("submitBtn").disabled = false;
+  formMessage(text, kind);
+}
+
 async function submit() {
-  let body;
-  try { body = taskBody(auth.clientId); } catch (err) { formMessage(err.message, "error"); return; }
+  let body, summary;
+  try { ({ body, summary } = taskBody(auth.clientId)); } catch (err) { formMessage(err.message, "error"); return; }
   formMessage("Submitting…");
   if (connected() && send("/app/tasks", body)) { // the answer comes as `queued` or `rejected`
-    pendingSubmit = true;
+    pendingSubmit = summary;
     $("submitBtn").disabled = true;
-    setTimeout(() => { if (pendingSubmit) { pendingSubmit = false; $("submitBtn").disabled = false; } }, 10000);
+    setTimeout(() => { if (pendingSubmit === summary) settle("No answer from the gateway yet: check the task list.", "error"); }, 10000);
     return;
   }
   try {
     const data = await api("POST", "/api/tasks", body);
-    applySnapshot({ ...data, clientId: auth.clientId });
+    rememberParams(data.taskId, summary);
+    applySnapshot({ ...data, clientId: auth.clientId, params: data.params || summary });
     formMessage("Queued.", "ok");
   } catch (err) {
     formMessage(describeError(err), "error");

@@ -21,12 +21,27 @@ export function whereOf(t) {
   return t.state === "submitted" ? "comfyui" : "gateway";
 }
 
+// What this browser submitted (a raw workflow's prompt and seed), so its cards can say it after a reload.
+const NOTES_KEY = "cg.notes";
+const MAX_NOTES = 200;
+function notes() {
+  try { return JSON.parse(localStorage.getItem(NOTES_KEY) || "{}") || {}; } catch (_) { return {}; }
+}
+export function rememberParams(taskId, params) {
+  const all = notes();
+  all[taskId] = params;
+  const keys = Object.keys(all);
+  for (const k of keys.slice(0, Math.max(0, keys.length - MAX_NOTES))) delete all[k];
+  try { localStorage.setItem(NOTES_KEY, JSON.stringify(all)); } catch (_) { /* quota */ }
+}
+
 function get(taskId, createdAt) {
   let t = tasks.get(taskId);
   if (!t) {
     t = { id: taskId, state: "queued", where: null, position: null, cost: null, urls: [], error: "", reason: "",
           node: "", refunded: null, cancelling: false, progress: null, preview: null, template: null, params: null,
-          clientId: null, createdAt: toMillis(createdAt) || Date.now(), fresh: true };
+          clientId: null, createdAt: toMillis(createdAt) || Date.now() };
+    t.params = notes()[taskId] || null;
     tasks.set(taskId, t);
   } else if (toMillis(createdAt)) {
     t.createdAt = toMillis(createdAt);
