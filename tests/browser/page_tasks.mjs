@@ -2,6 +2,7 @@
 //   flow     submit, progress, previews, the image, the lightbox, then a reload shows it finished
 //   failure  a raw workflow with `sim_error`: the error and the refund, also after a reload
 //   reload   a reload mid-task resumes (last-seq) and the task finishes on the same card
+//   drop     the WebSocket is cut mid-task: the page reconnects by itself and resumes with last-seq
 //   queue    four tasks: where each waits, distinct positions, cancel a waiting and a running one
 import { availableCredits, card, cardView, connected, runScenario, sample, submit, useRawWorkflow, waitState,
          openPage } from './browser_lib.mjs';
@@ -59,6 +60,34 @@ const scenarios = {
     const after = await sample(page, id, (v) => v.state === 'succeeded' && v.images.some((i) => i.width > 0));
     await ctx.shot(page, 'after-reload');
     return { taskId: id, before, after, cards: await page.$$eval('.card', (cs) => cs.length) };
+  },
+
+  async drop(ctx) {
+    const context = await ctx.browser.newContext({ viewport: { width: 1280, height: 900 } });
+    const sockets = [];
+    const subscribes = [];
+    // every page WebSocket goes through the test, which can cut it like a network failure would
+    await context.routeWebSocket(/\/ws$/, (ws) => {
+      const server = ws.connectToServer();
+      ws.onMessage((m) => {
+        if (typeof m === 'string' && m.startsWith('SUBSCRIBE\n') && m.includes('/user/topic/messages')) subscribes.push(m);
+        server.send(m);
+      });
+      server.onMessage((m) => ws.send(m));
+      sockets.push({ ws, server });
+    });
+    const page = await openPage(ctx, { context });
+    const id = await submit(page);
+    const before = await sample(page, id, (v) => v.progress >= 20 || v.state === 'succeeded');
+    const { ws, server } = sockets[sockets.length - 1];
+    await ws.close({ code: 4000, reason: 'network drop (test)' });
+    await server.close();
+    await page.waitForSelector('#connChip:not([data-state=connected])');
+    const conn = await page.getAttribute('#connChip', 'data-state');
+    await ctx.shot(page, 'dropped');
+    const after = await sample(page, id, (v) => v.state === 'succeeded' && v.images.some((i) => i.width > 0));
+    await ctx.shot(page, 'resumed');
+    return { taskId: id, before, after, conn, sockets: sockets.length, subscribes };
   },
 
   async queue(ctx) {

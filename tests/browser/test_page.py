@@ -198,3 +198,21 @@ async def test_the_page_says_how_to_get_its_stomp_library_when_it_is_missing(
     g = await page_gateway(nursery, start_gateway, step_ms=5)
     out = await run_scenario("page_layout.mjs", "nolibrary", g.url)
     assert "npm" in out["banner"] and "scripts/run" in out["banner"] and out["conn"] == "no-library", out
+
+
+async def test_page_cut_off_mid_task_reconnects_and_resumes_with_last_seq(
+        nursery: trio.Nursery, start_gateway: Any) -> None:
+    g = await page_gateway(nursery, start_gateway, step_ms=100)
+    out = await run_scenario("page_tasks.mjs", "drop", g.url)
+    before, after = out["before"], out["after"]
+    assert before[-1]["state"] == "running", before[-1]
+    assert out["conn"] == "reconnecting", out["conn"]  # the page said it lost the link
+    assert out["sockets"] == 2, "the page did not open a new WebSocket by itself"
+    first, second = out["subscribes"]
+    assert "last-seq:" not in first
+    last_seq = int(second.split("last-seq:")[1].split("\n")[0])
+    assert last_seq > 0, second
+    progress = [v["progress"] for v in before + after if v["state"] == "running"]
+    assert progress == sorted(progress), f"progress went backwards across the drop: {progress}"
+    assert after[-1]["state"] == "succeeded" and after[-1]["images"][0]["width"] > 0, after[-1]
+    assert page_errors(out) == []
