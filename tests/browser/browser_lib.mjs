@@ -67,9 +67,12 @@ export const card = (page, id) => page.locator(`.card[data-task-id="${id}"]`);
 
 export const cardIds = (page) => page.$$eval('.card', (cs) => cs.map((c) => c.dataset.taskId));
 
-// Press Generate and return the id of the card that appears for the new task.
-export async function submit(page) {
+// Press Generate and return the id of the card that appears for the new task. A template form gets a prompt
+// when its prompt box is empty (the raw editor needs nothing).
+export async function submit(page, prompt = 'a lighthouse on a cliff at dawn, oil painting') {
   const before = new Set(await cardIds(page));
+  const box = page.locator('[data-param=prompt]');
+  if (await box.isVisible() && !(await box.inputValue())) await box.fill(prompt);
   await page.click('#submitBtn');
   const handle = await page.waitForFunction((known) => {
     const fresh = [...document.querySelectorAll('.card')].find((c) => !known.includes(c.dataset.taskId));

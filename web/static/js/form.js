@@ -55,7 +55,11 @@ function templateParams(template) {
     else if (spec.type === "integer" || spec.type === "number") {
       if (input.value.trim() === "") continue;
       params[name] = Number(input.value);
-    } else if (input.value !== "" || spec.required) params[name] = input.value;
+    } else if (input.value.trim() !== "") params[name] = input.value;
+    else if (spec.required) {
+      input.focus();
+      throw new Error(`${label(name, spec)} is required.`);
+    }
   }
   return params;
 }
