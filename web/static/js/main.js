@@ -10,9 +10,12 @@ import { balanceTicket, showBalance, showConnection, showStatus } from "./header
 import { bindLightbox } from "./images.js";
 import { connected, reconnectNow, send, startLink, stompAvailable } from "./link.js";
 import { refreshTasks, rememberOpen } from "./sync.js";
-import { applyMessage, applySnapshot, clearTasks, isTaskMessage, markCancelling, onTask, rememberParams } from "./tasks.js";
+import { applyMessage, applySnapshot, clearTasks, isTaskMessage, markCancelling, onTask, rememberParams,
+         unfinished } from "./tasks.js";
 
 const refreshSoon = debounce(() => refreshTasks(), 250);
+const refreshActiveSoon = debounce(() => refreshTasks("active"), 250);
+const waiting = () => unfinished().some((t) => t.state === "queued" || t.state === "submitted");
 let pendingSubmit = null; // the summary of the task sent with SEND /app/tasks, until `queued` or `rejected`
 
 async function loadBalance() {
@@ -34,12 +37,12 @@ function onMessage(m) {
       settle("Queued.", "ok");
     }
     if (applyMessage(m)) refreshSoon(); // a task this page did not know: another tab's, or missed
-    if (m.type === "queued") refreshSoon(); // positions of the others may have moved
+    if (m.type === "queued") refreshActiveSoon(); // positions of the others may have moved
     return;
   }
   switch (m.type) {
     case "balance": showBalance(m, true); refreshSoon(); break; // credits move when any tab submits
-    case "status": showStatus(m); refreshSoon(); break;
+    case "status": showStatus(m); if (waiting()) refreshActiveSoon(); break; // the queue moved
     case "rejected": settle(`Not accepted: ${m.detail || m.error}`, "error"); break;
     case "resync": refreshTasks(); loadBalance(); break;
     default: break;

@@ -9,6 +9,7 @@ const LIST_LIMIT = 50;
 let listMissing = false;
 let running = null;
 let again = false;
+let wanted = "active"; // what the next run lists: "all" after load/resync, "active" for position updates
 
 const openKey = () => `cg.open.${auth.userId}.${auth.clientId}`;
 
@@ -30,11 +31,11 @@ async function fetchOne(taskId) {
   }
 }
 
-async function once() {
+async function once(which) {
   let listed = null;
   if (!listMissing) {
     try {
-      listed = (await api("GET", `/api/tasks?state=all&limit=${LIST_LIMIT}`)).tasks || [];
+      listed = (await api("GET", `/api/tasks?state=${which}&limit=${LIST_LIMIT}`)).tasks || [];
     } catch (err) {
       if (err.status === 404 || err.status === 405) listMissing = true;
       else if (err.status !== 401) console.warn("task list:", err.message);
@@ -53,13 +54,17 @@ async function once() {
   if (positionsCollide()) again = true;
 }
 
-export function refreshTasks() {
+// which: "all" (after load, resync, an unknown task) or "active" (positions and states of unfinished tasks).
+export function refreshTasks(which = "all") {
+  if (which === "all") wanted = "all";
   if (running) { again = true; return running; }
   running = (async () => {
     try {
       for (let run = 0; run < 3; run++) { // a collision in fresh data itself must not loop forever
         again = false;
-        await once();
+        const now = wanted;
+        wanted = "active";
+        await once(now);
         if (!again) break;
       }
     } finally {
