@@ -26,18 +26,20 @@ VENDOR = ROOT / "web" / "static" / "vendor" / "stomp.umd.min.js"
 SCENARIO_TIMEOUT = 90  # seconds for one scenario script, Chromium start included
 
 
-def browser_tools() -> str:
-    """The ``node`` executable once every piece a browser test needs is there; otherwise the test fails."""
+def browser_tools(packages: tuple[str, ...] = ("playwright-core",), page: bool = True) -> str:
+    """The ``node`` executable once every piece a browser test needs is there (Chromium, the tests/node
+    ``packages``, and for ``page`` the page's vendored stompjs); otherwise the test fails."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("`node` is not on PATH: the browser tests need Node.js >= 18 (then run scripts/test).", pytrace=False)
-    if not (NODE_DIR / "node_modules" / "playwright-core" / "package.json").is_file():
-        pytest.fail("tests/node/node_modules lacks playwright-core: run scripts/test (it runs `npm ci` in tests/node).",
-                    pytrace=False)
+    missing = [p for p in packages if not (NODE_DIR / "node_modules" / p / "package.json").is_file()]
+    if missing:
+        pytest.fail(f"tests/node/node_modules lacks {', '.join(missing)}: run scripts/test (it runs `npm ci` in "
+                    "tests/node).", pytrace=False)
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium (`apt-get install chromium`; "
                     "scripts/test does it).", pytrace=False)
-    if not VENDOR.is_file():
+    if page and not VENDOR.is_file():
         pytest.fail(f"{VENDOR.relative_to(ROOT)} is missing: scripts/test (or scripts/run) copies it from npm.",
                     pytrace=False)
     return node
