@@ -10,8 +10,8 @@ import { balanceTicket, showBalance, showConnection, showStatus } from "./header
 import { bindLightbox } from "./images.js";
 import { connected, reconnectNow, send, startLink, stompAvailable } from "./link.js";
 import { refreshTasks, rememberOpen } from "./sync.js";
-import { applyMessage, applySnapshot, clearTasks, isTaskMessage, markCancelling, onTask, rememberParams,
-         unfinished } from "./tasks.js";
+import { applyMessage, applySnapshot, clearTasks, isTaskMessage, markCancelling, onTask, positionsCollide,
+         rememberParams, unfinished } from "./tasks.js";
 
 const refreshSoon = debounce(() => refreshTasks(), 250);
 const refreshActiveSoon = debounce(() => refreshTasks("active"), 250);
@@ -37,7 +37,7 @@ function onMessage(m) {
       settle("Queued.", "ok");
     }
     if (applyMessage(m)) refreshSoon(); // a task this page did not know: another tab's, or missed
-    if (m.type === "queued") refreshActiveSoon(); // positions of the others may have moved
+    if (m.type === "queued") { positionsCollide(); refreshActiveSoon(); } // the others' positions may have moved
     return;
   }
   switch (m.type) {
