@@ -67,6 +67,9 @@ const scenarios = {
       name: e.dataset.param, tag: e.tagName.toLowerCase(), type: e.type, min: e.min, max: e.max, value: e.type === 'checkbox' ? e.checked : e.value,
       options: e.tagName === 'SELECT' ? [...e.options].map((o) => o.value) : undefined, placeholder: e.placeholder })));
     const toggle = { visible: await page.isVisible('#advancedToggle'), rawHidden: await page.isHidden('#rawSection') };
+    const costs = [await page.textContent('#templateCost')];
+    await page.fill('[data-param=steps]', '41');
+    costs.push(await page.textContent('#templateCost'));
     await page.fill('[data-param=prompt]', 'a red fox in the snow');
     await page.fill('[data-param=steps]', '7');
     await page.selectOption('[data-param=sampler]', 'dpmpp_2m');
@@ -83,7 +86,7 @@ const scenarios = {
     await page.reload();
     await page.waitForSelector('[data-param=prompt]');
     const noRaw = { visible: await page.isVisible('#advancedToggle'), rawHidden: await page.isHidden('#rawSection') };
-    return { fields, toggle, body, answer, noRaw };
+    return { fields, toggle, body, answer, noRaw, costs };
   },
 
   async nolibrary(ctx) {

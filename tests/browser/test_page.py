@@ -181,6 +181,7 @@ async def test_the_form_is_built_from_the_templates_and_sends_a_template_task(
     assert fields["seed"]["value"] == "" and fields["seed"]["placeholder"] == "random"
     assert fields["sampler"]["tag"] == "select" and fields["sampler"]["options"] == ["euler", "dpmpp_2m"]
     assert fields["hires"]["type"] == "checkbox" and fields["hires"]["value"] is False
+    assert out["costs"] == ["Cost: 1 credit", "Cost: 3 credits"]  # the rule over the form's values, live
     assert out["toggle"] == {"visible": True, "rawHidden": True}  # raw JSON only behind "Advanced"
     body = out["body"]
     assert body is not None, "no SEND /app/tasks frame"

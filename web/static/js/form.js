@@ -3,6 +3,7 @@
 // templates endpoint gets the raw editor with the standard txt2img workflow.
 
 import { api, ApiError } from "./api.js";
+import { costOf } from "./cost.js";
 import { $, el, store } from "./dom.js";
 
 const LONG_TEXT = new Set(["prompt", "negative", "negative_prompt", "text"]);
@@ -42,11 +43,24 @@ function buildFields(template) {
   $("templateFields").replaceChildren(...text.map(([n, s]) => field(n, s)),
                                       el("div", { class: "field-grid" }, ...rest.map(([n, s]) => field(n, s))));
   $("templateHint").textContent = template.description || "";
-  $("templateCost").textContent = template.cost ? `Cost: ${template.cost} credits` : "";
+  showCost();
+}
+
+const currentTemplate = () => form.templates.find((t) => t.name === $("templatePick").value) || form.templates[0];
+
+// "Cost: 2 credits", from the template's rule over the values filled in (defaults for the empty ones).
+function showCost() {
+  const template = currentTemplate();
+  if (form.raw || !template || !template.cost) { $("templateCost").textContent = ""; return; }
+  const values = {};
+  for (const [name, spec] of Object.entries(template.params || {})) if (spec.default !== undefined) values[name] = spec.default;
+  Object.assign(values, templateParams(template, false));
+  const n = costOf(template.cost, values);
+  $("templateCost").textContent = n == null ? `Cost: ${template.cost}` : `Cost: ${n} credit${n === 1 ? "" : "s"}`;
 }
 
 // The parameters the user filled in; an empty number (the seed) is left out so the gateway draws it.
-function templateParams(template) {
+function templateParams(template, strict = true) {
   const params = {};
   for (const [name, spec] of Object.entries(template.params || {})) {
     const input = document.querySelector(`[data-param="${CSS.escape(name)}"]`);
@@ -56,7 +70,7 @@ function templateParams(template) {
       if (input.value.trim() === "") continue;
       params[name] = Number(input.value);
     } else if (input.value.trim() !== "") params[name] = input.value;
-    else if (spec.required) {
+    else if (spec.required && strict) {
       input.focus();
       throw new Error(`${label(name, spec)} is required.`);
     }
@@ -70,6 +84,7 @@ function setRaw(on) {
   $("rawSection").hidden = !form.raw;
   $("advancedToggle").setAttribute("aria-pressed", String(form.raw));
   $("advancedToggle").textContent = form.raw ? "Use the form" : "Advanced: raw workflow";
+  showCost();
 }
 
 async function loadDefaultWorkflow() {
@@ -138,7 +153,7 @@ export function taskBody(clientId) {
     if ($("newSeed").checked) randomizeSeeds(workflow);
     return { body: { clientId, workflow, size }, summary: describeWorkflow(workflow) };
   }
-  const template = form.templates.find((t) => t.name === $("templatePick").value) || form.templates[0];
+  const template = currentTemplate();
   const params = templateParams(template);
   return { body: { clientId, template: template.name, params }, summary: params };
 }
@@ -151,7 +166,8 @@ export function formMessage(text, kind = "") {
 export function bindForm(submit) {
   $("taskForm").addEventListener("submit", (event) => { event.preventDefault(); submit(); });
   $("advancedToggle").addEventListener("click", () => setRaw(!form.raw));
-  $("templatePick").addEventListener("change", () => buildFields(form.templates.find((t) => t.name === $("templatePick").value)));
+  $("templatePick").addEventListener("change", () => buildFields(currentTemplate()));
+  $("templateFields").addEventListener("input", showCost);
   $("workflow").addEventListener("input", () => store.set(localStorage, "cg.workflow", $("workflow").value));
   $("resetWorkflow").addEventListener("click", () => {
     $("workflow").value = form.defaultWorkflow;
