@@ -58,8 +58,11 @@ export async function openPage(ctx, { width = 1280, height = 900, context = null
   const page = ctx.watch(await c.newPage(), tag);
   await page.goto(ctx.args.url + '/');
   await connected(page);
+  await page.waitForSelector('#taskForm[data-mode]'); // the form is built (from the templates, or raw)
   return page;
 }
+
+export const formMode = (page) => page.getAttribute('#taskForm', 'data-mode');
 
 export const connected = (page) => page.waitForSelector('#connChip[data-state=connected]', { timeout: 15000 });
 

@@ -4,14 +4,16 @@
 //   reload   a reload mid-task resumes (last-seq) and the task finishes on the same card
 //   drop     the WebSocket is cut mid-task: the page reconnects by itself and resumes with last-seq
 //   queue    four tasks: where each waits, distinct positions, cancel a waiting and a running one
-import { availableCredits, card, cardView, connected, runScenario, sample, submit, useRawWorkflow, waitState,
-         openPage } from './browser_lib.mjs';
+import { availableCredits, card, cardView, connected, formMode, openPage, runScenario, sample, submit, useRawWorkflow,
+         waitState } from './browser_lib.mjs';
 import { readFileSync } from 'node:fs';
 
 const scenarios = {
   async flow(ctx) {
     const page = await openPage(ctx);
     const credits = await availableCredits(page);
+    const mode = await formMode(page);
+    await ctx.shot(page, 'form');
     const id = await submit(page);
     const views = await sample(page, id, (v) => v.state === 'succeeded' && v.images.length > 0 && v.images.every((i) => i.width > 0));
     await ctx.shot(page, 'done');
@@ -31,7 +33,7 @@ const scenarios = {
       .some((i) => i.naturalWidth > 0), id);
     const reloaded = await cardView(page, id);
     await ctx.shot(page, 'reloaded');
-    return { taskId: id, credits, views, lightbox, reloaded, creditsAfter: await availableCredits(page) };
+    return { taskId: id, mode, credits, views, lightbox, reloaded, creditsAfter: await availableCredits(page) };
   },
 
   async failure(ctx) {

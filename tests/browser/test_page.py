@@ -36,6 +36,9 @@ async def test_page_shows_progress_previews_and_the_image_then_the_finished_task
         nursery: trio.Nursery, start_gateway: Any) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=60)
     out = await run_scenario("page_tasks.mjs", "flow", g.url)
+    templates = await g.http.get(f"{g.url}/api/templates", headers=g.auth(DEMO))
+    # the form is the templates' when the gateway has some, else the raw editor with the standard workflow
+    assert out["mode"] == ("template" if templates.status_code == 200 and templates.json()["templates"] else "raw")
     views: list[dict[str, Any]] = out["views"]
     running = [v for v in views if v["state"] == "running"]
     assert any(0 < v["progress"] < 100 for v in running), f"no progress between 0 and 100 seen: {views}"

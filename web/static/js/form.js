@@ -102,6 +102,7 @@ export async function loadForm() {
     data = await api("GET", "/api/templates");
   } catch (err) {
     if (!(err instanceof ApiError) || ![404, 405].includes(err.status)) console.warn("templates:", err.message);
+    if (err instanceof ApiError && err.status === 401) return; // the token panel asks for another token
   }
   form.templates = (data && Array.isArray(data.templates)) ? data.templates : [];
   const rawAllowed = !data || data.rawWorkflows !== false;
@@ -113,6 +114,7 @@ export async function loadForm() {
   $("rawOnlyHint").hidden = !form.rawOnly;
   setRaw(form.rawOnly);
   $("submitBtn").disabled = !rawAllowed && form.rawOnly;
+  $("taskForm").dataset.mode = form.rawOnly ? "raw" : "template";
   if (!rawAllowed && form.rawOnly) formMessage("This gateway offers no templates and allows no raw workflows.", "error");
 }
 

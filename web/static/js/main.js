@@ -91,6 +91,7 @@ function begin(credentials) {
   setAuth(credentials);
   clearTasks();
   clearCards();
+  loadForm(); // after the credentials: the templates (and whether raw workflows are allowed) depend on the user
   startLink({
     message: onMessage,
     state: (state, detail) => {
@@ -111,14 +112,12 @@ async function init() {
   onUnauthorized((err) => showTokenPanel("The gateway refused the token: " + err.message));
   window.addEventListener("online", reconnectNow);
   document.addEventListener("visibilitychange", () => { if (!document.hidden) reconnectNow(); });
-  const formReady = loadForm();
   if (!stompAvailable()) {
     showConnection("no-library", "web/static/vendor/stomp.umd.min.js is missing");
     $("noLibrary").hidden = false;
     return;
   }
   const credentials = await initialCredentials();
-  await formReady;
   if (credentials) begin(credentials);
   else { showConnection("no-token"); showTokenPanel(""); }
 }
