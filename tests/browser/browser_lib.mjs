@@ -106,6 +106,7 @@ export function cardView(page, id) {
     const visible = (sel) => { const e = c.querySelector(sel); return Boolean(e && !e.hidden && e.offsetParent !== null); };
     return {
       state: c.dataset.state, where: c.dataset.where, badge: c.querySelector('.badge').textContent,
+      title: c.querySelector('.card-title').textContent, details: c.querySelector('.card-details').textContent,
       status: c.querySelector('.card-status').textContent, progress: Number(c.querySelector('.bar').getAttribute('aria-valuenow')),
       previews: c.querySelectorAll('img.preview').length, error: visible('.card-error') ? c.querySelector('.card-error').textContent : '',
       refund: visible('.card-refund') ? c.querySelector('.card-refund').textContent : '', cancelVisible: visible('.cancel'),

@@ -26,10 +26,14 @@ async def page_gateway(nursery: trio.Nursery, start_gateway: Any, step_ms: int, 
     return g
 
 
-async def task_state(g: GatewayUnderTest, task_id: str) -> str:
+async def task_view(g: GatewayUnderTest, task_id: str) -> dict[str, Any]:
     r = await g.http.get(f"{g.url}/api/tasks/{task_id}", headers=g.auth(DEMO))
     assert r.status_code == 200, r.text
-    return str(r.json()["state"])
+    return dict(r.json())
+
+
+async def task_state(g: GatewayUnderTest, task_id: str) -> str:
+    return str((await task_view(g, task_id))["state"])
 
 
 async def test_page_shows_progress_previews_and_the_image_then_the_finished_task_after_a_reload(
@@ -50,12 +54,14 @@ async def test_page_shows_progress_previews_and_the_image_then_the_finished_task
     assert final["badge"] == "Done" and final["status"] == "Finished · 1 image" and not final["cancelVisible"]
     assert final["images"] and all(i["width"] > 0 for i in final["images"]), final
     assert out["lightbox"]["width"] > 0 and out["lightbox"]["download"].endswith(".png"), out["lightbox"]
-    assert out["creditsAfter"] == out["credits"] - g.price  # settled
+    task = await task_view(g, out["taskId"])
+    assert out["creditsAfter"] == out["credits"] - task["cost"]  # settled
+    assert final["refund"] == "" and f"{task['cost']} credit" in final["details"]
     # after a reload, the finished task is shown finished, with its image, and no cancel button
     again = out["reloaded"]
     assert again["state"] == "succeeded" and again["badge"] == "Done" and not again["cancelVisible"], again
     assert again["images"] and again["images"][0]["width"] > 0, again
-    assert await task_state(g, out["taskId"]) == "succeeded"
+    assert task["state"] == "succeeded"
     assert page_errors(out) == []
 
 
@@ -66,7 +72,8 @@ async def test_page_shows_a_failure_with_its_error_and_the_refund(
     failed = out["failed"]
     assert failed["state"] == "failed" and failed["badge"] == "Failed" and not failed["cancelVisible"], failed
     assert "the GPU caught fire" in failed["error"], failed
-    assert failed["refund"] == f"{g.price} credits returned", failed
+    cost = (await task_view(g, out["taskId"]))["cost"]
+    assert failed["refund"] == f"{cost} credit{'' if cost == 1 else 's'} returned", failed
     assert out["creditsAfter"] == out["credits"]  # the page shows the credits back
     reloaded = out["reloaded"]
     assert reloaded["state"] == "failed" and "the GPU caught fire" in reloaded["error"] and reloaded["refund"], reloaded
@@ -101,9 +108,10 @@ async def test_page_says_where_each_task_waits_and_cancels_waiting_and_running_o
     for v in out["cancelled"].values():
         assert v["state"] == "cancelled" and v["badge"] == "Cancelled" and v["refund"], v
         assert not v["cancelVisible"]
-    states = [await task_state(g, t) for t in out["ids"]]
-    assert sorted(states) == ["cancelled", "cancelled", "succeeded", "succeeded"], states
-    assert (await g.balance(DEMO))["available"] == g.initial_credits - 2 * g.price
+    tasks = [await task_view(g, t) for t in out["ids"]]
+    assert sorted(t["state"] for t in tasks) == ["cancelled", "cancelled", "succeeded", "succeeded"], tasks
+    spent = sum(t["cost"] for t in tasks if t["state"] == "succeeded")
+    assert (await g.balance(DEMO))["available"] == g.initial_credits - spent  # the cancelled ones refunded
     assert page_errors(out) == []
 
 

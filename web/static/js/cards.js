@@ -117,9 +117,8 @@ export function render(t) {
   c.error.textContent = t.state === "failed" ? (t.error || "The task failed.") + (t.node ? ` (${t.node})` : "") : "";
   c.error.hidden = !c.error.textContent;
   const refunded = (t.state === "failed" || t.state === "cancelled") && t.refunded != null && t.refunded !== false;
-  c.refund.textContent = refunded
-    ? (typeof t.refunded === "number" ? `${t.refunded} credits returned` : `${t.cost ?? "All"} credit${t.cost === 1 ? "" : "s"} returned`)
-    : "";
+  const back = typeof t.refunded === "number" ? t.refunded : t.cost;
+  c.refund.textContent = !refunded ? "" : back == null ? "Credits returned" : `${back} credit${back === 1 ? "" : "s"} returned`;
   c.refund.hidden = !refunded;
   c.cancel.hidden = finished;
   c.cancel.disabled = t.cancelling;
