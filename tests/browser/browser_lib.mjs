@@ -59,6 +59,7 @@ export async function openPage(ctx, { width = 1280, height = 900, context = null
   await page.goto(ctx.args.url + '/');
   await connected(page);
   await page.waitForSelector('#taskForm[data-mode]'); // the form is built (from the templates, or raw)
+  await page.waitForFunction(() => /^\d+$/.test(document.querySelector('#available').textContent)); // credits shown
   return page;
 }
 
