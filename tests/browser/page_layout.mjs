@@ -63,6 +63,7 @@ const scenarios = {
     }));
     await page.goto(ctx.args.url + '/');
     await page.waitForSelector('#connChip[data-state=connected]');
+    await page.waitForSelector('#taskForm[data-mode=template]');
     const fields = await page.$$eval('[data-param]', (els) => els.map((e) => ({
       name: e.dataset.param, tag: e.tagName.toLowerCase(), type: e.type, min: e.min, max: e.max, value: e.type === 'checkbox' ? e.checked : e.value,
       options: e.tagName === 'SELECT' ? [...e.options].map((o) => o.value) : undefined, placeholder: e.placeholder })));
