@@ -3,6 +3,7 @@
 //   mobile      390 px wide: header, form, list and cards never overlap, nothing wider than the screen
 //   nobackend   no ComfyUI backend is up: the page says so, a task waits in the gateway queue
 //   templates   the form built from GET /api/templates (served by the test), and what it SENDs
+//   older       "Show older" pages through GET /api/tasks with its `next` cursor (served by the test)
 //   nolibrary   the vendored stompjs is missing: the page says how to get it
 import { cardView, openPage, overlaps, runScenario, sample, submit, useRawWorkflow, waitState } from './browser_lib.mjs';
 import { readFileSync } from 'node:fs';
@@ -88,6 +89,28 @@ const scenarios = {
     await page.waitForSelector('[data-param=prompt]');
     const noRaw = { visible: await page.isVisible('#advancedToggle'), rawHidden: await page.isHidden('#rawSection') };
     return { fields, toggle, body, answer, noRaw, costs };
+  },
+
+  async older(ctx) {
+    const context = await ctx.browser.newContext({ viewport: { width: 1280, height: 900 } });
+    const task = (n, day) => ({ taskId: `t-old-${n}`, state: n === 3 ? 'failed' : 'succeeded', cost: 1, urls: [],
+      createdAt: `2026-11-${day}T10:00:00Z`, updatedAt: `2026-11-${day}T10:00:05Z`, clientId: 'elsewhere',
+      params: { prompt: `old picture ${n}` }, error: n === 3 ? 'out of memory' : undefined });
+    const asked = [];
+    await context.route((url) => url.pathname === '/api/tasks', (route) => {
+      const q = new URL(route.request().url()).searchParams;
+      asked.push(Object.fromEntries(q));
+      if (q.get('before') === 'cursor-1') return route.fulfill({ json: { tasks: [task(3, 10)] } });
+      return route.fulfill({ json: q.get('state') === 'all' ? { tasks: [task(1, 20), task(2, 19)], next: 'cursor-1' } : { tasks: [] } });
+    });
+    const page = await openPage(ctx, { context });
+    await page.waitForSelector('#loadOlder', { state: 'visible' });
+    const before = await page.$$eval('.card', (cs) => cs.map((c) => c.dataset.taskId));
+    await page.click('#loadOlder');
+    await page.waitForSelector('.card[data-task-id="t-old-3"]');
+    const after = await page.$$eval('.card', (cs) => cs.map((c) => c.dataset.taskId));
+    await ctx.shot(page, 'list');
+    return { before, after, buttonHidden: await page.isHidden('#loadOlder'), asked, failed: await cardView(page, 't-old-3') };
   },
 
   async nolibrary(ctx) {

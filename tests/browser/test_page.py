@@ -208,6 +208,17 @@ async def test_the_form_is_built_from_the_templates_and_sends_a_template_task(
     assert page_errors(out) == []
 
 
+async def test_show_older_pages_through_the_task_list(nursery: trio.Nursery, start_gateway: Any) -> None:
+    g = await page_gateway(nursery, start_gateway, step_ms=5)
+    out = await run_scenario("page_layout.mjs", "older", g.url)
+    assert out["before"] == ["t-old-1", "t-old-2"]  # newest first
+    assert out["after"] == ["t-old-1", "t-old-2", "t-old-3"] and out["buttonHidden"], out
+    assert {"state": "all", "limit": "50", "before": "cursor-1"} in out["asked"], out["asked"]
+    failed = out["failed"]
+    assert failed["state"] == "failed" and failed["error"] == "out of memory" and failed["otherTab"], failed
+    assert failed["refund"] == "1 credit returned" and failed["title"] == "old picture 3", failed
+
+
 async def test_the_page_says_how_to_get_its_stomp_library_when_it_is_missing(
         nursery: trio.Nursery, start_gateway: Any) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=5)

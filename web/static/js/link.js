@@ -14,6 +14,7 @@ let client = null;
 let lastSeq = 0; // highest seq seen on USER_QUEUE, kept per tab so a reload resumes
 let firstAfterSubscribe = false;
 let handlers = null;
+let everConnected = false;
 
 const seqKey = () => `cg.seq.${auth.userId}.${auth.clientId}`;
 
@@ -25,6 +26,7 @@ export function startLink(h) {
   stopLink();
   handlers = h;
   lastSeq = Number(store.get(sessionStorage, seqKey())) || 0;
+  everConnected = false;
   const { Client, ReconnectionTimeMode } = globalThis.StompJs;
   const c = new Client({
     brokerURL: WS_URL,
@@ -44,11 +46,12 @@ export function startLink(h) {
     const headers = { clientId: auth.clientId };
     if (auth.token) headers.Authorization = "Bearer " + auth.token;
     c.connectHeaders = headers;
-    h.state("connecting", "");
+    h.state(everConnected ? "reconnecting" : "connecting", "");
   };
   c.onConnect = (frame) => {
     const resume = lastSeq > 0 ? { "last-seq": String(lastSeq) } : {};
     firstAfterSubscribe = true;
+    everConnected = true;
     c.subscribe(USER_QUEUE, onPersonal, { id: "sub-0", ...resume });
     c.subscribe(BROADCASTS, (m) => deliver(m.body), { id: "sub-1" });
     h.state("connected", `${frame.headers.server || "STOMP"} as ${frame.headers["user-name"] || auth.userId}`);

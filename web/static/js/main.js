@@ -9,7 +9,7 @@ import { bindForm, formMessage, loadForm, taskBody } from "./form.js";
 import { balanceTicket, showBalance, showConnection, showStatus } from "./header.js";
 import { bindLightbox } from "./images.js";
 import { connected, reconnectNow, send, startLink, stompAvailable } from "./link.js";
-import { refreshTasks, rememberOpen } from "./sync.js";
+import { loadOlder, refreshTasks, rememberOpen } from "./sync.js";
 import { applyMessage, applySnapshot, clearTasks, isTaskMessage, markCancelling, onTask, positionsCollide,
          rememberParams, unfinished } from "./tasks.js";
 
@@ -108,6 +108,7 @@ async function init() {
   bindForm(submit);
   bindTokenPanel(begin);
   onCancel(cancel);
+  $("loadOlder").addEventListener("click", loadOlder);
   onTask((t) => { render(t); rememberOpen(); });
   onUnauthorized((err) => showTokenPanel("The gateway refused the token: " + err.message));
   window.addEventListener("online", reconnectNow);

@@ -2,7 +2,7 @@
 // /api/results plus one GET per unfinished task on a gateway without the list endpoint. Runs are coalesced.
 
 import { api, auth } from "./api.js";
-import { store } from "./dom.js";
+import { $, store } from "./dom.js";
 import { applySnapshot, positionsCollide, tasks, unfinished } from "./tasks.js";
 
 const LIST_LIMIT = 50;
@@ -10,6 +10,7 @@ let listMissing = false;
 let running = null;
 let again = false;
 let wanted = "active"; // what the next run lists: "all" after load/resync, "active" for position updates
+let older = null; // the list's `next` cursor: more (older) tasks exist
 
 const openKey = () => `cg.open.${auth.userId}.${auth.clientId}`;
 
@@ -35,7 +36,9 @@ async function once(which) {
   let listed = null;
   if (!listMissing) {
     try {
-      listed = (await api("GET", `/api/tasks?state=${which}&limit=${LIST_LIMIT}`)).tasks || [];
+      const data = await api("GET", `/api/tasks?state=${which}&limit=${LIST_LIMIT}`);
+      listed = data.tasks || [];
+      if (which === "all") showOlder(data.next);
     } catch (err) {
       if (err.status === 404 || err.status === 405) listMissing = true;
       else if (err.status !== 401) console.warn("task list:", err.message);
@@ -52,6 +55,23 @@ async function once(which) {
   const missing = new Set([...unfinished().map((t) => t.id), ...rememberedOpen()].filter((id) => !seen.has(id)));
   await Promise.all([...missing].map(fetchOne));
   if (positionsCollide()) again = true;
+}
+
+function showOlder(next) {
+  older = next ?? null;
+  $("loadOlder").hidden = older == null;
+}
+
+// The next page of older tasks (the "Show older" button).
+export async function loadOlder() {
+  if (older == null) return;
+  try {
+    const data = await api("GET", `/api/tasks?state=all&limit=${LIST_LIMIT}&before=${encodeURIComponent(older)}`);
+    for (const r of data.tasks || []) applySnapshot(r);
+    showOlder(data.next);
+  } catch (err) {
+    console.warn("older tasks:", err.message);
+  }
 }
 
 // which: "all" (after load, resync, an unknown task) or "active" (positions and states of unfinished tasks).
