@@ -1,7 +1,7 @@
 """``run_gateway``: open the store, start every actor in one nursery, hand the web layer a ``Handles``.
 
 Cancelling the nursery stops everything; in-flight tasks stay recorded in the store and are reconciled on
-the next start. Inbox sizes are the backpressure budget (STYLE.md: small N for bursty inboxes).
+the next start. Inbox sizes are the backpressure budget (docs/STYLE.md: small N for bursty inboxes).
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class GatewayConfig:
     comfy_timeouts: comfy.ComfyTimeouts = field(default_factory=comfy.ComfyTimeouts)
     replay_max: int = sessions.DEFAULT_REPLAY_MAX
     replay_age: float = sessions.DEFAULT_REPLAY_AGE
+    max_sessions_per_user: int = sessions.DEFAULT_MAX_SESSIONS_PER_USER
+    submit_rate: float = 5.0  # submits per user per second (token bucket) ...
+    submit_burst: int = 20  # ... this many at once
+    quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
 
     def __post_init__(self) -> None:
         if not self.comfyui_urls:
@@ -57,6 +61,9 @@ class GatewayConfig:
             raise ValueError("hold_ttl must be longer than task_timeout")
         if self.backend_lost_after <= 0 or self.task_timeout <= 0:
             raise ValueError("backend_lost_after and task_timeout must be > 0")
+        if self.submit_rate <= 0 or self.submit_burst < 1 or self.quarantine_after < 1 \
+                or self.max_sessions_per_user < 1:
+            raise ValueError("submit_rate, submit_burst, quarantine_after and max_sessions_per_user must be >= 1")
 
     @property
     def backend_urls(self) -> dict[str, str]:
@@ -87,46 +94,75 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
     client_ids = {name: f"comfy-gateway-{run_id}-{name}" for name in backend_urls}
 
     async with open_store(cfg.store_path) as store, httpx.AsyncClient(timeout=cfg.comfy_timeouts.http) as http:
-        reg_tx, reg_rx = trio.open_memory_channel[registry.RegistryMsg](REGISTRY_INBOX)
-        sched_tx, sched_rx = trio.open_memory_channel[scheduler.SchedulerMsg](SCHEDULER_INBOX)
-        ledger_tx, ledger_rx = trio.open_memory_channel[ledger.LedgerMsg](LEDGER_INBOX)
-        hub_tx, hub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
-        comfy_tx: dict[str, trio.MemorySendChannel[comfy.ComfyCommand]] = {}
-        comfy_rx: dict[str, trio.MemoryReceiveChannel[comfy.ComfyCommand]] = {}
-        for name in backend_urls:
-            comfy_tx[name], comfy_rx[name] = trio.open_memory_channel[comfy.ComfyCommand](COMFY_INBOX)
-        stats = {name: comfy.ComfyCounters() for name in backend_urls}
+        unclean = await store.begin_run()
+        boot = await store.next_boot()
+        if unclean:
+            log.warning("gateway: the previous run on %s did not stop cleanly (crashed or killed)", store.path)
+        clean = False
+        try:
+            await _run_actors(cfg, store, http, unclean, boot, client_ids, task_status)
+            clean = True
+        except BaseException as exc:
+            clean = _only_cancelled(exc)  # a shutdown, not a crash
+            raise
+        finally:
+            if clean:
+                with trio.move_on_after(5, shield=True):
+                    await store.end_run()
 
-        async with trio.open_nursery() as nursery:
-            # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
-            seq_base = (await store.next_boot() - 1) * SEQ_EPOCH
-            await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age,
-                                        seq_base=seq_base))
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return rest is None
+    return isinstance(exc, trio.Cancelled)
+
+
+async def _run_actors(cfg: GatewayConfig, store: SqliteStore, http: httpx.AsyncClient, unclean: bool, boot: int,
+                      client_ids: Mapping[str, str], task_status: trio.TaskStatus[Handles]) -> None:
+    backend_urls = cfg.backend_urls
+    reg_tx, reg_rx = trio.open_memory_channel[registry.RegistryMsg](REGISTRY_INBOX)
+    sched_tx, sched_rx = trio.open_memory_channel[scheduler.SchedulerMsg](SCHEDULER_INBOX)
+    ledger_tx, ledger_rx = trio.open_memory_channel[ledger.LedgerMsg](LEDGER_INBOX)
+    hub_tx, hub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
+    comfy_tx: dict[str, trio.MemorySendChannel[comfy.ComfyCommand]] = {}
+    comfy_rx: dict[str, trio.MemoryReceiveChannel[comfy.ComfyCommand]] = {}
+    for name in backend_urls:
+        comfy_tx[name], comfy_rx[name] = trio.open_memory_channel[comfy.ComfyCommand](COMFY_INBOX)
+    stats = {name: comfy.ComfyCounters() for name in backend_urls}
+
+    async with trio.open_nursery() as nursery:
+        # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
+        seq_base = (boot - 1) * SEQ_EPOCH
+        await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age,
+                                    seq_base=seq_base, max_sessions_per_user=cfg.max_sessions_per_user))
+        await nursery.start(partial(
+            ledger.run, ledger_rx, store=store, sessions=hub_tx.clone(),
+            initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
+        ))
+        await nursery.start(partial(
+            scheduler.run, sched_rx, backends={n: c.clone() for n, c in comfy_tx.items()},
+            max_inflight=cfg.max_inflight, max_inflight_per_user=cfg.max_inflight_per_user,
+        ))
+        reg_cfg = registry.RegistryConfig(
+            price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
+            backend_lost_after=cfg.backend_lost_after,
+            public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
+            submit_rate=cfg.submit_rate, submit_burst=cfg.submit_burst, quarantine_after=cfg.quarantine_after,
+            unclean_start=unclean, boot=boot,
+        )
+        await nursery.start(partial(
+            registry.run, reg_rx, reg_cfg, store=store, ledger=ledger_tx.clone(), scheduler=sched_tx.clone(),
+            comfy={n: c.clone() for n, c in comfy_tx.items()}, sessions=hub_tx.clone(),
+        ))
+        for name, url in backend_urls.items():
             await nursery.start(partial(
-                ledger.run, ledger_rx, store=store, sessions=hub_tx.clone(),
-                initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
+                comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], reg_tx.clone(), http=http,
+                client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
+                counters=stats[name], on_dispatch=partial(store.mark_dispatched, boot=boot),
             ))
-            await nursery.start(partial(
-                scheduler.run, sched_rx, backends={n: c.clone() for n, c in comfy_tx.items()},
-                max_inflight=cfg.max_inflight, max_inflight_per_user=cfg.max_inflight_per_user,
-            ))
-            reg_cfg = registry.RegistryConfig(
-                price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
-                backend_lost_after=cfg.backend_lost_after,
-                public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
-            )
-            await nursery.start(partial(
-                registry.run, reg_rx, reg_cfg, store=store, ledger=ledger_tx.clone(), scheduler=sched_tx.clone(),
-                comfy={n: c.clone() for n, c in comfy_tx.items()}, sessions=hub_tx.clone(),
-            ))
-            for name, url in backend_urls.items():
-                await nursery.start(partial(
-                    comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], reg_tx.clone(), http=http,
-                    client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
-                    counters=stats[name],
-                ))
-            log.info("gateway: %d backend(s) %s, store %s", len(backend_urls), list(backend_urls.values()), store.path)
-            task_status.started(Handles(
-                config=cfg, registry=reg_tx, ledger=ledger_tx, scheduler=sched_tx, sessions=hub_tx, store=store,
-                http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids,
-            ))
+        log.info("gateway: %d backend(s) %s, store %s", len(backend_urls), list(backend_urls.values()), store.path)
+        task_status.started(Handles(
+            config=cfg, registry=reg_tx, ledger=ledger_tx, scheduler=sched_tx, sessions=hub_tx, store=store,
+            http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids,
+        ))

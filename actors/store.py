@@ -8,13 +8,13 @@ same async methods (ledger primitives atomically, as Lua scripts), so actors nev
 Modules: ``_store_types`` (records, errors, the ``Store`` interface), ``_sqlite_store`` (``SqliteStore``),
 ``_store_schema`` (schema version and forward migrations), ``_store_audit`` (journal and task/hold audits).
 
-Tables (schema version 2; ``_store_schema.migrate`` brings any older file forward on open, a transaction a step):
+Tables (schema version 3; ``_store_schema.migrate`` brings any older file forward on open, a transaction a step):
     accounts(user_id, balance, frozen)                   -- the ledger's accounts; available = balance - frozen
     holds(task_id, user_id, amount, state, ...)          -- two-phase holds: pending -> settled | released
     journal(id, ts, user_id, kind, task_id, amount, ...) -- append-only; balances can be rebuilt from it
-    tasks(task_id, ..., state, reason, backend, ...)     -- the registry's task records
+    tasks(task_id, ..., state, reason, backend, crashes) -- the registry's task records (crashes: quarantine)
     images(task_id, n, ...)                              -- each task's output images (for /api/images)
-    meta(key, value)                                     -- counters, e.g. 'boot' (``next_boot``)
+    meta(key, value)                                     -- 'boot' (``next_boot``), 'running' (``begin_run``)
 
 Ledger primitives are single transactions and idempotent by task id (see ``actors/ledger.py``). ``Store`` is the
 interface (a ``Protocol``): ``SqliteStore`` implements it, a Redis store will implement the same methods.
@@ -41,8 +41,11 @@ from ._store_types import (
     ImageRef,
     InsufficientCredits,
     InvalidAmount,
+    MAX_AMOUNT,
     JournalEntry,
     LedgerError,
+    LedgerFault,
+    NegativeBalance,
     Store,
     SweptHold,
     TaskRecord,
@@ -51,7 +54,8 @@ from ._store_types import (
 
 __all__ = [
     "ACTIVE_STATES", "SCHEMA_VERSION", "TERMINAL_STATES", "Account", "Hold", "HoldConflict", "ImageRef",
-    "InsufficientCredits", "InvalidAmount", "JournalEntry", "LedgerError", "SqliteStore", "Store", "SweptHold",
+    "InsufficientCredits", "InvalidAmount", "JournalEntry", "LedgerError", "LedgerFault", "MAX_AMOUNT",
+    "NegativeBalance", "SqliteStore", "Store", "SweptHold",
     "TaskRecord", "UnknownHold", "_MIGRATIONS", "open_store", "parse_store_spec",
 ]
 
