@@ -31,17 +31,25 @@ def browser_tools(packages: tuple[str, ...] = ("playwright-core",), page: bool =
     ``packages``, and for ``page`` the page's vendored stompjs); otherwise the test fails."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail("`node` is not on PATH: the browser tests need Node.js >= 18 (then run scripts/test).", pytrace=False)
+        pytest.fail(
+            "`node` is not on PATH: the browser tests need Node.js >= 18 (then run scripts/test).", pytrace=False
+        )
     missing = [p for p in packages if not (NODE_DIR / "node_modules" / p / "package.json").is_file()]
     if missing:
-        pytest.fail(f"tests/node/node_modules lacks {', '.join(missing)}: run scripts/test (it runs `npm ci` in "
-                    "tests/node).", pytrace=False)
+        pytest.fail(
+            f"tests/node/node_modules lacks {', '.join(missing)}: run scripts/test (it runs `npm ci` in tests/node).",
+            pytrace=False,
+        )
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium (`apt-get install chromium`; "
-                    "scripts/test does it).", pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser tests need Debian's chromium (`apt-get install chromium`; "
+            "scripts/test does it).",
+            pytrace=False,
+        )
     if page and not VENDOR.is_file():
-        pytest.fail(f"{VENDOR.relative_to(ROOT)} is missing: scripts/test (or scripts/run) copies it from npm.",
-                    pytrace=False)
+        pytest.fail(
+            f"{VENDOR.relative_to(ROOT)} is missing: scripts/test (or scripts/run) copies it from npm.", pytrace=False
+        )
     return node
 
 
@@ -60,7 +68,8 @@ async def run_scenario(script: str, scenario: str, url: str, **args: Any) -> dic
     assert lines, f"{script} {scenario} printed nothing (exit {proc.returncode}){where}"
     out: dict[str, Any] = json.loads(lines[-1])
     assert proc.returncode == 0 and "error" not in out, (
-        f"{script} {scenario} failed (screenshots in {ARTIFACTS}): {out.get('error')}\nbrowser log: {out.get('logs')}")
+        f"{script} {scenario} failed (screenshots in {ARTIFACTS}): {out.get('error')}\nbrowser log: {out.get('logs')}"
+    )
     return out
 
 

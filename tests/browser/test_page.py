@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-
 from _harness import page_errors, run_scenario
 from conftest import GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
@@ -37,7 +36,8 @@ async def task_state(g: GatewayUnderTest, task_id: str) -> str:
 
 
 async def test_page_shows_progress_previews_and_the_image_then_the_finished_task_after_a_reload(
-        nursery: trio.Nursery, start_gateway: Any) -> None:
+    nursery: trio.Nursery, start_gateway: Any
+) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=60)
     out = await run_scenario("page_tasks.mjs", "flow", g.url)
     templates = await g.http.get(f"{g.url}/api/templates", headers=g.auth(DEMO))
@@ -66,7 +66,8 @@ async def test_page_shows_progress_previews_and_the_image_then_the_finished_task
 
 
 async def test_page_shows_a_failure_with_its_error_and_the_refund(
-        nursery: trio.Nursery, start_gateway: Any, tmp_path: Path) -> None:
+    nursery: trio.Nursery, start_gateway: Any, tmp_path: Path
+) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=5)
     out = await run_scenario("page_tasks.mjs", "failure", g.url, workflow=failing_workflow(tmp_path))
     failed = out["failed"]
@@ -96,7 +97,8 @@ async def test_page_reloaded_mid_task_resumes_on_the_same_card(nursery: trio.Nur
 
 
 async def test_page_says_where_each_task_waits_and_cancels_waiting_and_running_ones(
-        nursery: trio.Nursery, start_gateway: Any) -> None:
+    nursery: trio.Nursery, start_gateway: Any
+) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=150, max_inflight=2)
     out = await run_scenario("page_tasks.mjs", "queue", g.url)
     waiting = out["waiting"]
@@ -166,24 +168,30 @@ async def test_the_page_says_when_no_comfyui_backend_is_up(start_gateway: Any) -
 
 TEMPLATES = {
     "rawWorkflows": True,
-    "templates": [{
-        "name": "txt2img", "title": "Text to image", "description": "Describe a picture", "cost": "ceil(steps / 20)",
-        "params": {
-            "prompt": {"type": "string", "maxLength": 2000, "required": True, "default": ""},
-            "negative": {"type": "string", "maxLength": 2000, "default": "blurry"},
-            "seed": {"type": "integer", "min": 0, "max": 2**48},
-            "steps": {"type": "integer", "min": 1, "max": 100, "default": 20},
-            "cfg": {"type": "number", "min": 1, "max": 30, "default": 7.5},
-            "width": {"type": "integer", "min": 64, "max": 2048, "default": 512},
-            "sampler": {"type": "enum", "values": ["euler", "dpmpp_2m"], "default": "euler"},
-            "hires": {"type": "boolean", "default": False},
-        },
-    }],
+    "templates": [
+        {
+            "name": "txt2img",
+            "title": "Text to image",
+            "description": "Describe a picture",
+            "cost": "ceil(steps / 20)",
+            "params": {
+                "prompt": {"type": "string", "maxLength": 2000, "required": True, "default": ""},
+                "negative": {"type": "string", "maxLength": 2000, "default": "blurry"},
+                "seed": {"type": "integer", "min": 0, "max": 2**48},
+                "steps": {"type": "integer", "min": 1, "max": 100, "default": 20},
+                "cfg": {"type": "number", "min": 1, "max": 30, "default": 7.5},
+                "width": {"type": "integer", "min": 64, "max": 2048, "default": 512},
+                "sampler": {"type": "enum", "values": ["euler", "dpmpp_2m"], "default": "euler"},
+                "hires": {"type": "boolean", "default": False},
+            },
+        }
+    ],
 }
 
 
 async def test_the_form_is_built_from_the_templates_and_sends_a_template_task(
-        nursery: trio.Nursery, start_gateway: Any, tmp_path: Path) -> None:
+    nursery: trio.Nursery, start_gateway: Any, tmp_path: Path
+) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=5)
     path = tmp_path / "templates.json"
     path.write_text(json.dumps(TEMPLATES))
@@ -201,8 +209,15 @@ async def test_the_form_is_built_from_the_templates_and_sends_a_template_task(
     assert body is not None, "no SEND /app/tasks frame"
     assert body["template"] == "txt2img" and body["clientId"].startswith("web-")
     # the seed left empty is not sent (the gateway draws it); every other field is, typed
-    assert body["params"] == {"prompt": "a red fox in the snow", "negative": "blurry", "steps": 7, "cfg": 7.5,
-                              "width": 512, "sampler": "dpmpp_2m", "hires": True}
+    assert body["params"] == {
+        "prompt": "a red fox in the snow",
+        "negative": "blurry",
+        "steps": 7,
+        "cfg": 7.5,
+        "width": 512,
+        "sampler": "dpmpp_2m",
+        "hires": True,
+    }
     assert out["answer"] == "Queued." or out["answer"].startswith("Not accepted: "), out["answer"]
     assert out["noRaw"] == {"visible": False, "rawHidden": True}
     assert page_errors(out) == []
@@ -220,14 +235,16 @@ async def test_show_older_pages_through_the_task_list(nursery: trio.Nursery, sta
 
 
 async def test_the_page_says_how_to_get_its_stomp_library_when_it_is_missing(
-        nursery: trio.Nursery, start_gateway: Any) -> None:
+    nursery: trio.Nursery, start_gateway: Any
+) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=5)
     out = await run_scenario("page_layout.mjs", "nolibrary", g.url)
     assert "npm" in out["banner"] and "scripts/run" in out["banner"] and out["conn"] == "no-library", out
 
 
 async def test_page_cut_off_mid_task_reconnects_and_resumes_with_last_seq(
-        nursery: trio.Nursery, start_gateway: Any) -> None:
+    nursery: trio.Nursery, start_gateway: Any
+) -> None:
     g = await page_gateway(nursery, start_gateway, step_ms=100)
     out = await run_scenario("page_tasks.mjs", "drop", g.url)
     before, after = out["before"], out["after"]
