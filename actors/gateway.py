@@ -16,6 +16,7 @@ import httpx
 import trio
 
 from . import comfy, ledger, registry, scheduler, sessions
+from .image_urls import ImageUrls
 from .store import SqliteStore, open_store
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class GatewayConfig:
     submit_rate: float = 5.0  # submits per user per second (token bucket) ...
     submit_burst: int = 20  # ... this many at once
     quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
+    image_urls: ImageUrls | None = None  # signs the image URLs handed out (None: unsigned, header auth only)
 
     def __post_init__(self) -> None:
         if not self.comfyui_urls:
@@ -147,7 +149,7 @@ async def _run_actors(cfg: GatewayConfig, store: SqliteStore, http: httpx.AsyncC
         reg_cfg = registry.RegistryConfig(
             price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
             backend_lost_after=cfg.backend_lost_after,
-            public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
+            public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls, image_urls=cfg.image_urls,
             submit_rate=cfg.submit_rate, submit_burst=cfg.submit_burst, quarantine_after=cfg.quarantine_after,
             unclean_start=unclean, boot=boot,
         )

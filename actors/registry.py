@@ -67,6 +67,7 @@ from .comfy import (
     PromptSubmitUnknown,
     Status,
 )
+from .image_urls import ImageUrls
 from .sessions import Broadcast, Publish
 from .store import ImageRef, InsufficientCredits, LedgerError, SqliteStore, TaskRecord, TERMINAL_STATES
 
@@ -101,6 +102,7 @@ class RegistryConfig:
     quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
     unclean_start: bool = False  # the previous run on this store did not stop cleanly (set by run_gateway)
     boot: int = 1  # this run's boot number on the store (the crashed run, if unclean, is boot - 1)
+    image_urls: ImageUrls | None = None  # signs image URLs (re-signed each time a view is made)
 
 
 # ---- requests from the web layer --------------------------------------------------------------------
@@ -154,10 +156,22 @@ class ListResults:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageLocation:
-    """Where image ``n`` of the user's task lives: (backend base URL, ImageRef), or None."""
+class ListTasks:
+    """The user's tasks, newest first: ``which`` is "active" (queued, submitted, running), "finished" or "all"."""
 
     user_id: str
+    which: str
+    limit: int
+    before: int | None
+    reply: trio.MemorySendChannel[tuple[list[dict[str, Any]], int | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLocation:
+    """Where image ``n`` of the user's task lives: (backend base URL, ImageRef), or None. ``user_id`` None: any
+    owner (the request carried a signed URL, which is the gateway's own word that it may see this image)."""
+
+    user_id: str | None
     task_id: str
     n: int
     reply: trio.MemorySendChannel[tuple[str, ImageRef] | None]
@@ -175,7 +189,7 @@ class GetStats:
     reply: trio.MemorySendChannel[RegistryStats]
 
 
-RegistryMsg = Submit | GetTask | Cancel | ListResults | ImageLocation | GetStats | ComfyReport
+RegistryMsg = Submit | GetTask | Cancel | ListResults | ListTasks | ImageLocation | GetStats | ComfyReport
 
 
 def _iso(ts: float) -> str:
@@ -238,6 +252,8 @@ class _Registry:
     # -- helpers
 
     def url(self, task_id: str, n: int) -> str:
+        if self.cfg.image_urls is not None:
+            return self.cfg.image_urls.url(task_id, n)
         return f"{self.cfg.public_url}/api/images/{task_id}/{n}"
 
     def urls(self, rec: TaskRecord) -> list[str]:
@@ -261,6 +277,8 @@ class _Registry:
             v["error"] = rec.error.get("error")
         if position is not None:
             v["position"] = position
+        if rec.state in ACTIVE_STATES:  # where it waits: our queue, or inside ComfyUI
+            v["where"] = "gateway" if rec.state == "queued" else "comfyui"
         return v
 
     def after(self, delay: float, kind: str, key: str) -> None:
@@ -420,10 +438,30 @@ class _Registry:
         nxt = recs[limit - 1].seq if len(recs) > limit else None
         return [self.view(r) | {"seq": r.seq} for r in recs[:limit]], nxt
 
-    async def image_location(self, user_id: str, task_id: str, n: int) -> tuple[str, ImageRef] | None:
+    async def list_tasks(self, user_id: str, which: str, limit: int,
+                         before: int | None) -> tuple[list[dict[str, Any]], int | None]:
+        """Live tasks come from memory, finished ones from the store; merged newest first (by task seq)."""
+        recs: list[TaskRecord] = []
+        if which in ("active", "all"):
+            recs += [t.rec for t in self.tasks.values()
+                     if t.rec.user_id == user_id and (before is None or t.rec.seq < before)]
+        if which in ("finished", "all"):
+            recs += await self.store.list_results(user_id, limit + 1, before)
+        unique = {r.task_id: r for r in reversed(recs)}  # a task just finishing may be in both: memory wins
+        recs = sorted(unique.values(), key=lambda r: r.seq, reverse=True)
+        page = recs[:limit]
+        views = []
+        for rec in page:
+            position = None
+            if rec.state == "queued":
+                position = await ask(self.scheduler, lambda r, t=rec.task_id: sched.GetPosition(t, r), name="scheduler")
+            views.append(self.view(rec, position) | {"seq": rec.seq})
+        return views, (page[-1].seq if len(recs) > limit else None)
+
+    async def image_location(self, user_id: str | None, task_id: str, n: int) -> tuple[str, ImageRef] | None:
         task = self.tasks.get(task_id)
         rec = task.rec if task is not None else await self.store.get_task(task_id)
-        if rec is None or rec.user_id != user_id or not 0 <= n < len(rec.images):
+        if rec is None or (user_id is not None and rec.user_id != user_id) or not 0 <= n < len(rec.images):
             return None
         img = rec.images[n]
         base = self.cfg.backend_urls.get(img.backend)
@@ -934,6 +972,8 @@ async def handle(reg: _Registry, msg: RegistryMsg) -> None:
             reply_once(reply, await reg.cancel(user_id, task_id))
         case ListResults(user_id, limit, before, reply):
             reply_once(reply, await reg.list_results(user_id, limit, before))
+        case ListTasks(user_id, which, limit, before, reply):
+            reply_once(reply, await reg.list_tasks(user_id, which, limit, before))
         case ImageLocation(user_id, task_id, n, reply):
             reply_once(reply, await reg.image_location(user_id, task_id, n))
         case GetStats(reply):

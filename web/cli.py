@@ -21,6 +21,7 @@ from . import settings
 from .auth import Authenticator, load_secret, valid_id
 from .config import WebConfig
 from .server import Running, serve_gateway
+from .sockjs import SockJSConfig
 
 log = logging.getLogger("comfy_gateway")
 
@@ -73,7 +74,9 @@ def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -
         allowed_origins=tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip()),
         simulate=args.simulate, max_frame_size=args.max_frame_size, max_body_size=args.max_body_size,
         max_connections_per_user=args.max_connections_per_user, permessage_deflate=args.permessage_deflate,
-        max_replays_per_minute=args.max_replays_per_minute,
+        max_replays_per_minute=args.max_replays_per_minute, image_url_ttl=args.image_url_ttl,
+        sockjs=SockJSConfig(heartbeat=args.sockjs_heartbeat, disconnect_delay=args.sockjs_disconnect_delay,
+                            stream_limit=args.sockjs_stream_limit, max_sessions=args.sockjs_max_sessions),
         limits=WorkflowLimits(max_depth=args.max_json_depth, max_items=args.max_json_items,
                               max_nodes=args.max_workflow_nodes, max_key_length=args.max_key_length,
                               max_string_length=args.max_string_length),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from actors.image_urls import DEFAULT_TTL as DEFAULT_IMAGE_URL_TTL
 from actors.validate import WorkflowLimits
 
+from .sockjs._protocol import SockJSConfig
 from .stomp import MAX_FRAME_SIZE
 
 DEFAULT_BIND = "127.0.0.1:8080"
@@ -30,6 +34,9 @@ class WebConfig:
     shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
     limits: WorkflowLimits = field(default_factory=WorkflowLimits)  # JSON bodies and workflows, at the door
     max_replays_per_minute: int = 30  # SUBSCRIBEs with last-seq per connection per minute ("too many replays")
+    sockjs: SockJSConfig = field(default_factory=SockJSConfig)
+    image_url_ttl: float = DEFAULT_IMAGE_URL_TTL  # seconds a signed image URL stays valid
+    wall_clock: Callable[[], float] = time.time  # for image URL expiry (tests inject their own)
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:

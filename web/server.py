@@ -19,6 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from actors.gateway import GatewayConfig, run_gateway
+from actors.image_urls import ImageUrls
 
 from . import _ws_close
 from .app import create_app
@@ -78,6 +79,7 @@ async def serve_gateway(
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     if not gw.public_url:
         gw = replace(gw, public_url=url)
+    gw = replace(gw, image_urls=ImageUrls(gw.public_url.rstrip("/"), secret, web.image_url_ttl, web.wall_clock))
     auth = Authenticator(secret, mode=web.auth)
     if auth.open:
         log.warning("AUTH MODE 'open': clients are trusted to name themselves (clientId = user). Development only!")

@@ -53,6 +53,8 @@ async def test_page_shows_progress_previews_and_the_image_then_the_finished_task
     final = views[-1]
     assert final["badge"] == "Done" and final["status"] == "Finished · 1 image" and not final["cancelVisible"]
     assert final["images"] and all(i["width"] > 0 for i in final["images"]), final
+    # the signed URL as given works in a plain <img src>: no fetch with a header, no blob: copy
+    assert all("sig=" in i["src"] and i["src"].startswith(g.url) for i in final["images"]), final["images"]
     assert out["lightbox"]["width"] > 0 and out["lightbox"]["download"].endswith(".png"), out["lightbox"]
     task = await task_view(g, out["taskId"])
     assert out["creditsAfter"] == out["credits"] - task["cost"]  # settled
@@ -130,9 +132,8 @@ async def test_a_second_tab_shows_the_first_tabs_task(nursery: trio.Nursery, sta
     out = await run_scenario("page_layout.mjs", "tabs", g.url)
     seen = out["seen"]
     assert seen[-1]["state"] == "succeeded" and seen[-1]["images"][0]["width"] > 0, seen[-1]
-    listing = await g.http.get(f"{g.url}/api/tasks?state=all", headers=g.auth(DEMO))
-    if listing.status_code == 200:  # with the task list, the second tab sees the task while it runs, too
-        assert any(v["state"] in ("queued", "submitted", "running") for v in seen), [v["state"] for v in seen]
+    # GET /api/tasks lists it in the second tab while it runs, not only once it is finished
+    assert any(v["state"] in ("queued", "submitted", "running") for v in seen), [v["state"] for v in seen]
     assert seen[-1]["otherTab"] and not out["firstTab"]["otherTab"]  # marked as another tab's, there only
     assert page_errors(out) == []
 
