@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
+
 from web.sockjs import SockJSConfig
 
 HERE = Path(__file__).resolve().parent
@@ -34,15 +34,18 @@ DRIVER_TIMEOUT = 90  # seconds for the whole browser run (the driver's own waits
 def tools_or_fail() -> str:
     node = shutil.which("node")
     if node is None:
-        pytest.fail("`node` is not on PATH: the browser tests need Node.js >= 18 (scripts/test expects it).",
-                    pytrace=False)
+        pytest.fail(
+            "`node` is not on PATH: the browser tests need Node.js >= 18 (scripts/test expects it).", pytrace=False
+        )
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/test (it installs Debian's chromium with apt-get).",
-                    pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing: run scripts/test (it installs Debian's chromium with apt-get).", pytrace=False
+        )
     missing = [p for p in NODE_PACKAGES if not (NODE_DIR / "node_modules" / p / "package.json").is_file()]
     if missing:
-        pytest.fail(f"tests/node/node_modules lacks {', '.join(missing)}: run scripts/test (npm install).",
-                    pytrace=False)
+        pytest.fail(
+            f"tests/node/node_modules lacks {', '.join(missing)}: run scripts/test (npm install).", pytrace=False
+        )
     return node
 
 
@@ -71,12 +74,22 @@ async def run_page(node: str, g: GatewayUnderTest, tmp_path: Path, lib: str, tra
     return out
 
 
-@pytest.mark.parametrize("lib,transport", [
-    ("stompjs2", "websocket"), ("stompjs2", "xhr-streaming"), ("stompjs2", "xhr-polling"), ("stompjs2", "eventsource"),
-    ("stomp7", "websocket"), ("stomp7", "xhr-streaming"), ("stomp7", "xhr-polling"), ("stomp7", "plain"),
-])
-async def test_original_frontend_in_chromium(nursery: trio.Nursery, start_gateway: Any, tmp_path: Path,
-                                             lib: str, transport: str) -> None:
+@pytest.mark.parametrize(
+    ("lib", "transport"),
+    [
+        ("stompjs2", "websocket"),
+        ("stompjs2", "xhr-streaming"),
+        ("stompjs2", "xhr-polling"),
+        ("stompjs2", "eventsource"),
+        ("stomp7", "websocket"),
+        ("stomp7", "xhr-streaming"),
+        ("stomp7", "xhr-polling"),
+        ("stomp7", "plain"),
+    ],
+)
+async def test_original_frontend_in_chromium(
+    nursery: trio.Nursery, start_gateway: Any, tmp_path: Path, lib: str, transport: str
+) -> None:
     node = tools_or_fail()
     sim = FakeComfyUI(step_ms=40, seed=1)
     await nursery.start(sim.serve)
