@@ -124,11 +124,17 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Submit:
+    """A new task. A raw workflow costs ``size × price``; one built from a template comes with its ``cost`` (the
+    template's rule, already evaluated), the template's name and the resolved parameters, all kept with the task."""
+
     user_id: str
     client_id: str
     workflow: Mapping[str, Any]
     size: int
     reply: trio.MemorySendChannel[Accepted | Refused]
+    cost: int | None = None
+    template: str | None = None
+    params: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +277,9 @@ class _Registry:
             "updatedAt": _iso(rec.updated_at),
             "clientId": rec.client_id,
         }
+        if rec.template is not None:
+            v["template"] = rec.template
+            v["params"] = rec.params
         if rec.reason:
             v["reason"] = rec.reason
         if rec.error:
@@ -374,7 +383,7 @@ class _Registry:
             return Refused(429, "too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})")
         self.seq += 1
         task_id = self.submitting = uuid.uuid4().hex
-        cost = msg.size * self.cfg.price
+        cost = msg.cost if msg.cost is not None else msg.size * self.cfg.price
         try:
             await ledger_api.freeze(self.ledger, msg.user_id, task_id, cost)
         except InsufficientCredits as exc:
@@ -388,6 +397,7 @@ class _Registry:
             task_id=task_id, seq=self.seq, user_id=msg.user_id, client_id=msg.client_id,
             prompt_id=str(uuid.uuid4()), state="queued", size=msg.size, cost=cost,
             workflow=dict(msg.workflow), created_at=now, updated_at=now,
+            template=msg.template, params=dict(msg.params) if msg.params is not None else None,
         )
         await self.store.save_task(rec)
         task = self.tasks[task_id] = _Task(rec)
@@ -395,7 +405,10 @@ class _Registry:
         job = sched.Job(task_id, rec.user_id, rec.prompt_id, rec.workflow)
         position = await ask(self.scheduler, lambda r: sched.Enqueue(job, r), name="scheduler")
         log.info("registry: task %s of %s queued at %d (cost %d)", task_id, msg.user_id, position, cost)
-        await self.publish(task.rec, {"type": "queued", "taskId": task_id, "position": position, "cost": cost})
+        announce: dict[str, Any] = {"type": "queued", "taskId": task_id, "position": position, "cost": cost}
+        if rec.template is not None:
+            announce |= {"template": rec.template, "params": rec.params}
+        await self.publish(task.rec, announce)
         await self.broadcast_status()
         return Accepted(task_id, position, cost)
 

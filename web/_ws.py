@@ -47,6 +47,7 @@ from actors.sessions import (
     SlowConsumer,
 )
 
+from ._templates import TemplateLibrary
 from ._transport import StompTransport, TransportClosed, WebSocketTransport
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
@@ -136,9 +137,10 @@ def pick_subprotocol(offered: list[str]) -> str | None:
 class StompEndpoint:
     def __init__(
         self, handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
-        counter: ConnectionCounter, metrics: Any,
+        counter: ConnectionCounter, metrics: Any, templates: TemplateLibrary,
     ) -> None:
         self.h = handles
+        self.templates = templates
         self.cfg = cfg
         self.auth = auth
         self.shutdown = shutdown
@@ -492,7 +494,7 @@ class StompEndpoint:
             if body.get("clientId") not in (None, client):
                 await self._reject(user, client, "forbidden", "clientId in the body does not match this connection")
                 return
-            result = await submit(self.h, self.cfg, user, client, body)
+            result = await submit(self.h, self.cfg, self.templates, conn.principal, client, body)
             if isinstance(result, registry.Refused):
                 await self._reject(user, client, result.error, result.detail)
         else:

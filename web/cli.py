@@ -9,15 +9,17 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
-from actors.validate import WorkflowLimits
 from actors.store import LedgerError, open_store, parse_store_spec
+from actors.validate import WorkflowLimits
 
 from . import settings
+from ._templates import parse_allowed_nodes
 from .auth import Authenticator, load_secret, valid_id
 from .config import WebConfig
 from .server import Running, serve_gateway
@@ -80,8 +82,34 @@ def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -
         limits=WorkflowLimits(max_depth=args.max_json_depth, max_items=args.max_json_items,
                               max_nodes=args.max_workflow_nodes, max_key_length=args.max_key_length,
                               max_string_length=args.max_string_length),
+        **_template_policy(args),
     )
     return gw, web
+
+
+def _template_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """--templates, --raw-workflows, --allowed-nodes, checked before anything starts (SystemExit with the reason)."""
+    if args.templates and not Path(args.templates).is_dir():
+        raise SystemExit(f"--templates {args.templates}: not a directory")
+    try:
+        allowed = parse_allowed_nodes(args.allowed_nodes)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return {"templates_dir": args.templates, "raw_workflows": args.raw_workflows, "allowed_nodes": allowed}
+
+
+async def _reload_on_sighup(running: Running) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if running.templates is None:
+                continue
+            try:
+                catalog = await running.templates.reload()
+            except OSError as exc:
+                log.error("SIGHUP: cannot read the templates directory (%s); the templates loaded before stay", exc)
+                continue
+            log.info("SIGHUP: templates reloaded: %s%s", ", ".join(catalog.templates) or "none",
+                     f" ({len(catalog.errors)} file(s) refused)" if catalog.errors else "")
 
 
 async def run_simulator(step_ms: float, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,6 +169,7 @@ async def _serve(args: argparse.Namespace) -> None:
                 gateway_done.set()
 
         running: Running = await nursery.start(run_gateway)
+        nursery.start_soon(_reload_on_sighup, running)
         print(f"comfy-gateway serving on {running.url}", flush=True)
         if args.simulate:
             print(f"open {running.url}/ in a browser (demo user 'demo', token issued by the page itself)", flush=True)
@@ -179,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request to ComfyUI is noise
     if args.command == "serve":
+        _template_policy(args)  # a bad --templates or --allowed-nodes stops here, before anything starts
         try:
             trio.run(_serve, args)
         except KeyboardInterrupt:

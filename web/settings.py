@@ -24,7 +24,7 @@ from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
 from actors.validate import WorkflowLimits
 
-from .config import WebConfig
+from .config import RAW_WORKFLOW_POLICIES, WebConfig
 from .sockjs._protocol import SockJSConfig
 
 __all__ = ["SETTINGS", "Setting", "add_arguments", "readme_table", "replace_readme_table"]
@@ -209,6 +209,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--sockjs-max-sessions", "GATEWAY_SOCKJS_MAX_SESSIONS", "int", _field(SockJSConfig, "max_sessions"),
             "live HTTP SockJS sessions per process", "live HTTP SockJS sessions per process (503 beyond)",
             metavar="N"),
+    Setting("--templates", "GATEWAY_TEMPLATES", "str", _field(WebConfig, "templates_dir"),
+            "directory of workflow templates, one JSON file each; SIGHUP reloads it",
+            "directory of [workflow templates](#workflow-templates), one JSON file each; `SIGHUP` reloads it",
+            metavar="DIR", shown="the bundled templates"),
+    Setting("--raw-workflows", "GATEWAY_RAW_WORKFLOWS", "str", _field(WebConfig, "raw_workflows"),
+            "who may submit a raw workflow instead of a template: all, admin (admin tokens) or none",
+            "who may submit a raw workflow instead of a template (others: 403 / `rejected`); see "
+            "[In production](#in-production)", choices=RAW_WORKFLOW_POLICIES),
+    Setting("--allowed-nodes", "GATEWAY_ALLOWED_NODES", "str", "",
+            "node classes a raw workflow may use: comma-separated, or @FILE with one per line",
+            "node classes a raw workflow may use, comma-separated, or `@FILE` with one per line (`#` comments); "
+            "others: 400 / `rejected` naming the node", metavar="LIST", shown="any node"),
     Setting("--simulate", None, "flag", _field(WebConfig, "simulate"),
             "also start the bundled ComfyUI simulator, in its own process, and use it",
             "also start the bundled ComfyUI simulator, in its own process, and use it"),

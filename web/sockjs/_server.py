@@ -31,9 +31,8 @@ from typing import Any
 import trio
 from quart import Response, request, websocket
 
-import web.sockjs._protocol as p
-
 from .._transport import TransportClosed, transport_closer
+from . import _protocol as p
 from ._protocol import SockJSConfig
 
 log = logging.getLogger(__name__)
