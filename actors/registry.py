@@ -419,7 +419,7 @@ class _Registry:
             return None
         position = None
         if rec.state == "queued":
-            position = await ask(self.scheduler, lambda r: sched.GetPosition(task_id, r), name="scheduler")
+            position = await self.position(task_id)
         return self.view(rec, position)
 
     async def cancel(self, user_id: str, task_id: str) -> str:
@@ -465,11 +465,12 @@ class _Registry:
         page = recs[:limit]
         views = []
         for rec in page:
-            position = None
-            if rec.state == "queued":
-                position = await ask(self.scheduler, lambda r, t=rec.task_id: sched.GetPosition(t, r), name="scheduler")
+            position = await self.position(rec.task_id) if rec.state == "queued" else None
             views.append(self.view(rec, position) | {"seq": rec.seq})
         return views, (page[-1].seq if len(recs) > limit else None)
+
+    async def position(self, task_id: str) -> int | None:
+        return await ask(self.scheduler, lambda r: sched.GetPosition(task_id, r), name="scheduler")
 
     async def image_location(self, user_id: str | None, task_id: str, n: int) -> tuple[str, ImageRef] | None:
         task = self.tasks.get(task_id)
