@@ -26,6 +26,8 @@ from _chaos_client import _frame, _parse
 from _chaos_lib import GatewayProcess, make_workflow
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from web.stomp import MAX_FRAME_SIZE
+
 LONE_VALUE = b'{"clientId": "%s", "workflow": {"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800"}}}}'
 LONE_KEY = b'{"clientId": "%s", "workflow": {"3": {"class_type": "KSampler", "inputs": {"\\udc00": 1}}}}'
 LONE_NODE = b'{"clientId": "%s", "workflow": {"\\ud83d": {"class_type": "KSampler", "inputs": {}}}}'
@@ -116,7 +118,10 @@ async def _poison_stomp(gw: GatewayProcess, user: str, rng: random.Random, stats
                 stats.poison_stomp_rejected += 1
                 return
             if frame.command == "ERROR":
-                stats.problems.append(f"poison over STOMP got ERROR {frame.headers}")
+                if frame.headers.get("message") == "frame too large" and len(body) > MAX_FRAME_SIZE:
+                    stats.poison_stomp_rejected += 1  # refused whole at the frame limit (the chaos gateway's default)
+                else:
+                    stats.problems.append(f"poison over STOMP got ERROR {frame.headers}")
                 return
     except STOMP_ERRORS:
         return
