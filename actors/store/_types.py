@@ -1,4 +1,4 @@
-"""The store's records, its errors and the ``Store`` interface (see ``actors/store.py``)."""
+"""The store's records, its errors and the ``Store`` interface (see ``actors/store/__init__.py``)."""
 
 from __future__ import annotations
 

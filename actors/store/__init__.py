@@ -5,10 +5,10 @@ they run in a worker thread (``trio.to_thread``) behind the store's own ``Capaci
 no lock contention, and the default thread limiter stays free for others. A Redis store will implement the
 same async methods (ledger primitives atomically, as Lua scripts), so actors never know which one runs.
 
-Modules: ``_store_types`` (records, errors, the ``Store`` interface), ``_sqlite_store`` (``SqliteStore``),
-``_store_schema`` (schema version and forward migrations), ``_store_audit`` (journal and task/hold audits).
+Modules: ``_types`` (records, errors, the ``Store`` interface), ``_sqlite`` (``SqliteStore``),
+``_schema`` (schema version and forward migrations), ``_audit`` (journal and task/hold audits).
 
-Tables (schema version 2; ``_store_schema.migrate`` brings any older file forward on open, a transaction a step):
+Tables (schema version 2; ``_schema.migrate`` brings any older file forward on open, a transaction a step):
     accounts(user_id, balance, frozen)                   -- the ledger's accounts; available = balance - frozen
     holds(task_id, user_id, amount, state, ...)          -- two-phase holds: pending -> settled | released
     journal(id, ts, user_id, kind, task_id, amount, ...) -- append-only; balances can be rebuilt from it
@@ -30,9 +30,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from ._sqlite_store import SqliteStore
-from ._store_schema import _MIGRATIONS, SCHEMA_VERSION
-from ._store_types import (
+from ._sqlite import SqliteStore
+from ._schema import _MIGRATIONS, SCHEMA_VERSION
+from ._types import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     Account,

@@ -1,6 +1,6 @@
-"""``SqliteStore``: the default store, one SQLite file in WAL mode (see ``actors/store.py`` for the tables).
+"""``SqliteStore``: the default store, one SQLite file in WAL mode (see ``actors/store/__init__.py`` for the tables).
 
-All SQL but the audits (``_store_audit.py``) lives here. Every public method is async and runs one blocking
+All SQL but the audits (``_audit.py``) lives here. Every public method is async and runs one blocking
 transaction in a worker thread behind the store's own ``CapacityLimiter(1)``: one writer, no lock contention.
 """
 
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._store_audit import audit_ledger, audit_tasks
-from ._store_schema import migrate
-from ._store_types import (
+from ._audit import audit_ledger, audit_tasks
+from ._schema import migrate
+from ._types import (
     ACTIVE_STATES,
     Account,
     Hold,
@@ -255,12 +255,12 @@ class SqliteStore:
         return await self._run(q)
 
     async def audit(self) -> list[str]:
-        """Rebuild every balance from the journal and check the ledger (``_store_audit.audit_ledger``): one line
+        """Rebuild every balance from the journal and check the ledger (``_audit.audit_ledger``): one line
         per problem, [] when consistent."""
         return await self._run(lambda: audit_ledger(self.db))
 
     async def audit_tasks(self) -> list[str]:
-        """Tasks against their holds, for a quiescent store (``_store_audit.audit_tasks``)."""
+        """Tasks against their holds, for a quiescent store (``_audit.audit_tasks``)."""
         return await self._run(lambda: audit_tasks(self.db))
 
     # -- tasks
