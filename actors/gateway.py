@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from . import comfy, ledger, registry, scheduler, sessions
-from .store import SqliteStore, open_store
+from .store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Handles:
     ledger: trio.MemorySendChannel[ledger.LedgerMsg]
     scheduler: trio.MemorySendChannel[scheduler.SchedulerMsg]
     sessions: trio.MemorySendChannel[sessions.HubMsg]
-    store: SqliteStore
+    store: Store
     http: httpx.AsyncClient
     backend_urls: Mapping[str, str]
     comfy_stats: Mapping[str, comfy.ComfyCounters]

@@ -63,7 +63,7 @@ from .comfy import (
     Status,
 )
 from .sessions import Broadcast, Publish
-from .store import ImageRef, InsufficientCredits, LedgerError, SqliteStore, TaskRecord, TERMINAL_STATES
+from .store import ImageRef, InsufficientCredits, LedgerError, Store, TaskRecord, TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class _Registry:
         self,
         cfg: RegistryConfig,
         *,
-        store: SqliteStore,
+        store: Store,
         ledger: trio.MemorySendChannel[ledger_api.LedgerMsg],
         scheduler: trio.MemorySendChannel[sched.SchedulerMsg],
         comfy: Mapping[str, trio.MemorySendChannel[ComfyCommand]],
@@ -791,7 +791,7 @@ async def run(
     inbox: trio.MemoryReceiveChannel[RegistryMsg],
     cfg: RegistryConfig,
     *,
-    store: SqliteStore,
+    store: Store,
     ledger: trio.MemorySendChannel[ledger_api.LedgerMsg],
     scheduler: trio.MemorySendChannel[sched.SchedulerMsg],
     comfy: Mapping[str, trio.MemorySendChannel[ComfyCommand]],

@@ -110,9 +110,19 @@ class InvalidAmount(LedgerError, ValueError):
     """An amount that is not an int >= 0 (a programming error upstream; refused, never stored)."""
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached or refused us (Redis down, a wrong password): the reason is in the message."""
+
+
+class LeaseLost(Exception):
+    """A write carried a stale fencing token: another process took the core lease, so this one may no longer
+    change a task or a balance (Redis store only; nothing was changed). Not a ``LedgerError``: the actor that
+    meets it stops, and the lease keeper stops the core actors."""
+
+
 class Store(Protocol):
-    """What actors persist through. ``SqliteStore`` implements it; a Redis store will implement the same methods
-    (each ledger primitive one atomic Lua script). Every method is one transaction; ledger refusals raise a
+    """What actors persist through. ``SqliteStore`` and ``RedisStore`` implement it (in Redis each ledger
+    primitive is one atomic Lua script). Every method is one transaction; ledger refusals raise a
     ``LedgerError`` subclass and change nothing."""
 
     path: str
