@@ -2,6 +2,12 @@
 
 Cancelling the nursery stops everything; in-flight tasks stay recorded in the store and are reconciled on
 the next start. Inbox sizes are the backpressure budget (STYLE.md: small N for bursty inboxes).
+
+The sessions hub lives as long as the process. The *core* actors (ledger, scheduler, registry, comfy) run in a
+term: on SQLite one term for the whole run; on Redis a term per tenure of the core lease (``actors/lease.py``),
+so a process that loses the lease stops them and one that takes it starts them afresh, reloading and
+reconciling exactly as a restart does. The web layer sends to stable front inboxes; each term forwards them to
+its own fresh actor inboxes, so nothing a previous term left in a channel reaches the next one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import httpx
 import trio
 
 from . import comfy, ledger, registry, scheduler, sessions
-from .store import Store, open_store
+from .lease import DEFAULT_LEASE_TTL, LeaseState, hold_core
+from .store import RedisStore, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ class GatewayConfig:
     comfy_timeouts: comfy.ComfyTimeouts = field(default_factory=comfy.ComfyTimeouts)
     replay_max: int = sessions.DEFAULT_REPLAY_MAX
     replay_age: float = sessions.DEFAULT_REPLAY_AGE
+    lease_ttl: float = DEFAULT_LEASE_TTL  # Redis store: seconds the core lease lasts unless renewed
 
     def __post_init__(self) -> None:
         if not self.comfyui_urls:
@@ -57,6 +65,8 @@ class GatewayConfig:
             raise ValueError("hold_ttl must be longer than task_timeout")
         if self.backend_lost_after <= 0 or self.task_timeout <= 0:
             raise ValueError("backend_lost_after and task_timeout must be > 0")
+        if self.lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be > 0, not {self.lease_ttl}")
 
     @property
     def backend_urls(self) -> dict[str, str]:
@@ -77,6 +87,7 @@ class Handles:
     backend_urls: Mapping[str, str]
     comfy_stats: Mapping[str, comfy.ComfyCounters]
     client_ids: Mapping[str, str]
+    lease: LeaseState  # this process's role (core or edge) and the lease holder
 
 
 async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handles] = trio.TASK_STATUS_IGNORED) -> None:
@@ -87,46 +98,74 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
     client_ids = {name: f"comfy-gateway-{run_id}-{name}" for name in backend_urls}
 
     async with open_store(cfg.store_path) as store, httpx.AsyncClient(timeout=cfg.comfy_timeouts.http) as http:
+        # the front inboxes the web layer sends to; each core term forwards them to its own actors
         reg_tx, reg_rx = trio.open_memory_channel[registry.RegistryMsg](REGISTRY_INBOX)
         sched_tx, sched_rx = trio.open_memory_channel[scheduler.SchedulerMsg](SCHEDULER_INBOX)
         ledger_tx, ledger_rx = trio.open_memory_channel[ledger.LedgerMsg](LEDGER_INBOX)
         hub_tx, hub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
-        comfy_tx: dict[str, trio.MemorySendChannel[comfy.ComfyCommand]] = {}
-        comfy_rx: dict[str, trio.MemoryReceiveChannel[comfy.ComfyCommand]] = {}
-        for name in backend_urls:
-            comfy_tx[name], comfy_rx[name] = trio.open_memory_channel[comfy.ComfyCommand](COMFY_INBOX)
         stats = {name: comfy.ComfyCounters() for name in backend_urls}
+        lease = LeaseState(holder_id=f"{run_id}")
+
+        async def run_core(task_status: trio.TaskStatus[None]) -> None:
+            """One term of the core actors, on fresh inboxes fed from the front ones."""
+            t_reg_tx, t_reg_rx = trio.open_memory_channel[registry.RegistryMsg](REGISTRY_INBOX)
+            t_sched_tx, t_sched_rx = trio.open_memory_channel[scheduler.SchedulerMsg](SCHEDULER_INBOX)
+            t_ledger_tx, t_ledger_rx = trio.open_memory_channel[ledger.LedgerMsg](LEDGER_INBOX)
+            comfy_tx: dict[str, trio.MemorySendChannel[comfy.ComfyCommand]] = {}
+            comfy_rx: dict[str, trio.MemoryReceiveChannel[comfy.ComfyCommand]] = {}
+            for name in backend_urls:
+                comfy_tx[name], comfy_rx[name] = trio.open_memory_channel[comfy.ComfyCommand](COMFY_INBOX)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(
+                    ledger.run, t_ledger_rx, store=store, sessions=hub_tx.clone(),
+                    initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
+                ))
+                await nursery.start(partial(
+                    scheduler.run, t_sched_rx, backends={n: c.clone() for n, c in comfy_tx.items()},
+                    max_inflight=cfg.max_inflight, max_inflight_per_user=cfg.max_inflight_per_user,
+                ))
+                reg_cfg = registry.RegistryConfig(
+                    price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
+                    backend_lost_after=cfg.backend_lost_after,
+                    public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
+                )
+                await nursery.start(partial(
+                    registry.run, t_reg_rx, reg_cfg, store=store, ledger=t_ledger_tx.clone(),
+                    scheduler=t_sched_tx.clone(), comfy={n: c.clone() for n, c in comfy_tx.items()},
+                    sessions=hub_tx.clone(),
+                ))
+                for name, url in backend_urls.items():
+                    await nursery.start(partial(
+                        comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], t_reg_tx.clone(), http=http,
+                        client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
+                        counters=stats[name],
+                    ))
+                for front, inbox in ((reg_rx, t_reg_tx), (sched_rx, t_sched_tx), (ledger_rx, t_ledger_tx)):
+                    nursery.start_soon(_forward, front.clone(), inbox)
+                task_status.started()
 
         async with trio.open_nursery() as nursery:
             # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
             seq_base = (await store.next_boot() - 1) * SEQ_EPOCH
             await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age,
                                         seq_base=seq_base))
-            await nursery.start(partial(
-                ledger.run, ledger_rx, store=store, sessions=hub_tx.clone(),
-                initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
-            ))
-            await nursery.start(partial(
-                scheduler.run, sched_rx, backends={n: c.clone() for n, c in comfy_tx.items()},
-                max_inflight=cfg.max_inflight, max_inflight_per_user=cfg.max_inflight_per_user,
-            ))
-            reg_cfg = registry.RegistryConfig(
-                price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
-                backend_lost_after=cfg.backend_lost_after,
-                public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
-            )
-            await nursery.start(partial(
-                registry.run, reg_rx, reg_cfg, store=store, ledger=ledger_tx.clone(), scheduler=sched_tx.clone(),
-                comfy={n: c.clone() for n, c in comfy_tx.items()}, sessions=hub_tx.clone(),
-            ))
-            for name, url in backend_urls.items():
-                await nursery.start(partial(
-                    comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], reg_tx.clone(), http=http,
-                    client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
-                    counters=stats[name],
-                ))
-            log.info("gateway: %d backend(s) %s, store %s", len(backend_urls), list(backend_urls.values()), store.path)
+            if isinstance(store, RedisStore):
+                await nursery.start(partial(hold_core, store, lease, run_core, ttl=cfg.lease_ttl))
+            else:
+                lease.role, lease.holder, lease.terms = "core", lease.holder_id, 1
+                lease.resigned.set()  # no lease to give back: the actors stop with the process
+                await nursery.start(run_core)
+            log.info("gateway: %d backend(s) %s, store %s, %s", len(backend_urls), list(backend_urls.values()),
+                     store.path, lease.role)
             task_status.started(Handles(
                 config=cfg, registry=reg_tx, ledger=ledger_tx, scheduler=sched_tx, sessions=hub_tx, store=store,
-                http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids,
+                http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids, lease=lease,
             ))
+
+
+async def _forward(front: trio.MemoryReceiveChannel[object], inbox: trio.MemorySendChannel[object]) -> None:
+    """Hand the web layer's requests to this term's actor (the term's end cancels it; a request taken but not
+    delivered then has its reply channel closed, so its asker gets ``ActorGone``, a 503)."""
+    with front, inbox:
+        async for msg in front:
+            await inbox.send(msg)

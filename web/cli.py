@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=_env("GATEWAY_STORE", ""),
                    help="sqlite:PATH (default DATA/gateway.db) or redis://... (env GATEWAY_STORE)")
     s.add_argument("--data", default=_env("GATEWAY_DATA", "data"), help="data directory (env GATEWAY_DATA)")
+    s.add_argument("--lease-ttl", type=float, default=float(_env("GATEWAY_LEASE_TTL", "5")),
+                   help="Redis store: seconds the core lease lasts unless renewed; another process takes over "
+                        "within about this long after the core dies (env GATEWAY_LEASE_TTL)")
     s.add_argument("--auth", choices=("token", "open"), default=_env("GATEWAY_AUTH", "token"),
                    help="'open' trusts the clientId as the user: development only (env GATEWAY_AUTH)")
     s.add_argument("--max-inflight", type=int, default=_int_env("GATEWAY_MAX_INFLIGHT", 2),
@@ -130,6 +133,7 @@ async def _serve(args: argparse.Namespace) -> None:
             max_inflight=args.max_inflight, max_queued_per_user=args.max_queued_per_user,
             max_inflight_per_user=args.max_inflight_per_user, backend_lost_after=args.backend_lost_after,
             initial_credits=args.initial_credits, price=args.price, task_timeout=args.task_timeout,
+            lease_ttl=args.lease_ttl,
             hold_ttl=max(2 * 3600.0, args.task_timeout * 2), public_url=args.public_url,
             comfy_policy=RestartPolicy(initial_delay=min(0.5, args.reconnect_max_delay),
                                        max_delay=args.reconnect_max_delay, max_restarts=args.reconnect_max_restarts),
@@ -192,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request to ComfyUI is noise
+    logging.getLogger("coredis").setLevel(logging.WARNING)  # "Retry attempt" lines when a script is first loaded
     if args.command == "serve":
         try:
             trio.run(_serve, args)
