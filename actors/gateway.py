@@ -21,7 +21,7 @@ from functools import partial
 import httpx
 import trio
 
-from . import comfy, ledger, registry, scheduler, sessions
+from . import bridge, comfy, ledger, registry, scheduler, sessions
 from .lease import DEFAULT_LEASE_TTL, LeaseState, hold_core
 from .store import RedisStore, Store, open_store
 
@@ -105,6 +105,9 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
         hub_tx, hub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
         stats = {name: comfy.ComfyCounters() for name in backend_urls}
         lease = LeaseState(holder_id=f"{run_id}")
+        shared = isinstance(store, RedisStore)  # Redis: session messages go through it, for every process
+        # where the core actors' messages for the sessions go: this process's hub, or Redis (publish_to_redis)
+        pub_tx, pub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX) if shared else (hub_tx, hub_rx)
 
         async def run_core(task_status: trio.TaskStatus[None]) -> None:
             """One term of the core actors, on fresh inboxes fed from the front ones."""
@@ -117,7 +120,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 comfy_tx[name], comfy_rx[name] = trio.open_memory_channel[comfy.ComfyCommand](COMFY_INBOX)
             async with trio.open_nursery() as nursery:
                 await nursery.start(partial(
-                    ledger.run, t_ledger_rx, store=store, sessions=hub_tx.clone(),
+                    ledger.run, t_ledger_rx, store=store, sessions=pub_tx.clone(),
                     initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
                 ))
                 await nursery.start(partial(
@@ -132,7 +135,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 await nursery.start(partial(
                     registry.run, t_reg_rx, reg_cfg, store=store, ledger=t_ledger_tx.clone(),
                     scheduler=t_sched_tx.clone(), comfy={n: c.clone() for n, c in comfy_tx.items()},
-                    sessions=hub_tx.clone(),
+                    sessions=pub_tx.clone(),
                 ))
                 for name, url in backend_urls.items():
                     await nursery.start(partial(
@@ -140,18 +143,36 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                         client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
                         counters=stats[name],
                     ))
+                if isinstance(store, RedisStore):  # the edges' requests
+                    await nursery.start(partial(bridge.serve_edges, store,
+                                                {"registry": t_reg_tx.clone(), "ledger": t_ledger_tx.clone()}))
                 for front, inbox in ((reg_rx, t_reg_tx), (sched_rx, t_sched_tx), (ledger_rx, t_ledger_tx)):
                     nursery.start_soon(_forward, front.clone(), inbox)
                 task_status.started()
 
+        async def run_edge(task_status: trio.TaskStatus[None]) -> None:
+            """While another process is the core: the web layer's requests go to it through Redis."""
+            assert isinstance(store, RedisStore)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(bridge.ask_core, store, lease.holder_id,
+                                            {"registry": reg_rx.clone(), "ledger": ledger_rx.clone()}))
+                nursery.start_soon(_refuse, sched_rx.clone())  # scheduler statistics exist only on the core
+                task_status.started()
+
         async with trio.open_nursery() as nursery:
-            # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
-            seq_base = (await store.next_boot() - 1) * SEQ_EPOCH
-            await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max, replay_age=cfg.replay_age,
-                                        seq_base=seq_base))
             if isinstance(store, RedisStore):
-                await nursery.start(partial(hold_core, store, lease, run_core, ttl=cfg.lease_ttl))
+                # seqs are numbered in Redis, per session and for good, so they need no per-run base
+                real_tx, real_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
+                await nursery.start(partial(sessions.run, real_rx, replay_max=cfg.replay_max,
+                                            replay_age=cfg.replay_age))
+                await nursery.start(partial(bridge.feed_hub, store, hub_rx, hub_tx.clone(), real_tx))
+                await nursery.start(partial(bridge.publish_to_redis, store, pub_rx, replay_max=cfg.replay_max))
+                await nursery.start(partial(hold_core, store, lease, run_core, run_edge, ttl=cfg.lease_ttl))
             else:
+                # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
+                seq_base = (await store.next_boot() - 1) * SEQ_EPOCH
+                await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max,
+                                            replay_age=cfg.replay_age, seq_base=seq_base))
                 lease.role, lease.holder, lease.terms = "core", lease.holder_id, 1
                 lease.resigned.set()  # no lease to give back: the actors stop with the process
                 await nursery.start(run_core)
@@ -161,6 +182,15 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 config=cfg, registry=reg_tx, ledger=ledger_tx, scheduler=sched_tx, sessions=hub_tx, store=store,
                 http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids, lease=lease,
             ))
+
+
+async def _refuse(front: trio.MemoryReceiveChannel[object]) -> None:
+    """Answer nothing: each request's reply channel is closed, so its asker gets ``ActorGone`` at once."""
+    with front:
+        async for msg in front:
+            reply = getattr(msg, "reply", None)
+            if reply is not None:
+                reply.close()
 
 
 async def _forward(front: trio.MemoryReceiveChannel[object], inbox: trio.MemorySendChannel[object]) -> None:

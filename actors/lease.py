@@ -4,7 +4,8 @@
 run the core (``run_core``) while renewing it every ``ttl / 3``, and stop the core as soon as the lease is lost:
 a renewal that finds another holder, no successful renewal for ``ttl`` seconds (Redis unreachable: by then the
 lease may have lapsed and another process may hold it), or a write refused for a stale token (``LeaseLost``,
-e.g. after this process was paused past its lease). Then it tries again, as an edge, every ``ttl / 3``.
+e.g. after this process was paused past its lease). Then it runs as an edge (``run_edge``: its requests go to
+the core through Redis) and tries again every ``ttl / 3``.
 
 The store carries the token (``store.fence``) and every core write sends it; the scripts refuse a stale one, so
 a deposed core that wakes up (SIGSTOP/SIGCONT, a long GC pause) cannot change a task or a balance even in the
@@ -70,12 +71,13 @@ async def hold_core(
     store: RedisStore,
     state: LeaseState,
     run_core: Callable[[trio.TaskStatus[None]], Awaitable[None]],
+    run_edge: Callable[[trio.TaskStatus[None]], Awaitable[None]],
     *,
     ttl: float = DEFAULT_LEASE_TTL,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run ``run_core`` whenever this process holds the lease. Reports started after the first attempt (as core
-    once the core has started, or as an edge when another process holds the lease)."""
+    """Run ``run_core`` whenever this process holds the lease, ``run_edge`` whenever it does not. Reports started
+    after the first attempt (as core once the core has started, or as an edge once the edge has)."""
     started = False
 
     def report_started() -> None:
@@ -87,10 +89,17 @@ async def hold_core(
     while not state.resign_asked.is_set():
         token = await _acquire(store, state, ttl)
         if token == 0:
-            report_started()
-            with trio.move_on_after(ttl / 3):
-                await state.resign_asked.wait()
-            continue
+            async with trio.open_nursery() as edge:
+                await edge.start(run_edge)
+                report_started()
+                while token == 0 and not state.resign_asked.is_set():
+                    with trio.move_on_after(ttl / 3):
+                        await state.resign_asked.wait()
+                    if not state.resign_asked.is_set():
+                        token = await _acquire(store, state, ttl)
+                edge.cancel_scope.cancel()
+            if token == 0:
+                continue
         store.fence = str(token)
         state.role, state.holder, state.token = "core", state.holder_id, token
         state.terms += 1

@@ -115,6 +115,7 @@ class Submit:
     workflow: Mapping[str, Any]
     size: int
     reply: trio.MemorySendChannel[Accepted | Refused]
+    task_id: str | None = None  # chosen by the asker (an edge's request id): repeating it returns that task
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,11 +324,20 @@ class _Registry:
     # -- requests
 
     async def submit(self, msg: Submit) -> Accepted | Refused:
+        if msg.task_id is not None:  # a repeated request (its answer was lost): the same task, once
+            known = self.tasks.get(msg.task_id)
+            rec = known.rec if known is not None else await self.store.get_task(msg.task_id)
+            if rec is not None and rec.user_id == msg.user_id:
+                position = 0
+                if rec.state == "queued":
+                    position = await ask(self.scheduler, lambda r: sched.GetPosition(rec.task_id, r),
+                                         name="scheduler")
+                return Accepted(rec.task_id, position or 0, rec.cost)
         queued = sum(1 for t in self.tasks.values() if t.rec.user_id == msg.user_id and t.rec.state == "queued")
         if queued >= self.cfg.max_queued_per_user:
             return Refused(429, "too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})")
         self.seq += 1
-        task_id = uuid.uuid4().hex
+        task_id = msg.task_id or uuid.uuid4().hex
         cost = msg.size * self.cfg.price
         try:
             await ledger_api.freeze(self.ledger, msg.user_id, task_id, cost)

@@ -171,6 +171,7 @@ class Publish:
     user_id: str
     client_id: str | None
     body: Mapping[str, Any]
+    seq: int | None = None  # numbered already (Redis mode: by the store, for every process alike); else here
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,7 @@ HubMsg = Publish | Broadcast | Attach | Detach | AttachBroadcast | DetachBroadca
 @dataclass(frozen=True, slots=True)
 class _Deliver:
     body: Mapping[str, Any]
+    seq: int | None = None
 
 
 _SessionMsg = _Deliver | Attach | Detach
@@ -254,7 +256,11 @@ async def _run_session(
     with inbox:
         async for msg in inbox:
             match msg:
-                case _Deliver(body):
+                case _Deliver(body, given):
+                    if given is not None:  # numbered upstream: skip what this session has already
+                        if given <= seq:
+                            continue
+                        seq = given - 1
                     seq += 1
                     out = _outgoing(USER_DESTINATION, seq, body)
                     replay.append(out)
@@ -350,8 +356,8 @@ async def run(
                     case Publish(user_id, None, body):
                         for cid in by_user.get(user_id, ()):
                             await sessions[(user_id, cid)].inbox.send(_Deliver(body))
-                    case Publish(user_id, client_id, body):
-                        await session(nursery, user_id, client_id).inbox.send(_Deliver(body))
+                    case Publish(user_id, client_id, body, seq):
+                        await session(nursery, user_id, client_id).inbox.send(_Deliver(body, seq))
                     case Broadcast(body):
                         broadcast_seq += 1
                         out = _outgoing(BROADCAST_DESTINATION, broadcast_seq, body)

@@ -271,9 +271,6 @@ async def submit(handles: Handles, cfg: WebConfig, user_id: str, client_id: str,
     size = body.get("size", 1)
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= cfg.max_task_size:
         return registry.Refused(400, "bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")
-    if handles.lease.role != "core":
-        return registry.Refused(503, "not_core", f"this process is not the core (the lease is held by "
-                                                 f"{handles.lease.holder or 'nobody'}); try again")
     try:
         with trio.fail_after(ASK_TIMEOUT):
             return await ask(handles.registry, lambda r: registry.Submit(user_id, client_id, workflow, size, r),
