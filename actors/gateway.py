@@ -168,6 +168,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 await nursery.start(partial(bridge.feed_hub, store, hub_rx, hub_tx.clone(), real_tx))
                 await nursery.start(partial(bridge.publish_to_redis, store, pub_rx, replay_max=cfg.replay_max))
                 await nursery.start(partial(hold_core, store, lease, run_core, run_edge, ttl=cfg.lease_ttl))
+                await nursery.start(partial(bridge.announce, store, lease, cfg.public_url, every=cfg.lease_ttl / 3))
             else:
                 # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
                 seq_base = (await store.next_boot() - 1) * SEQ_EPOCH

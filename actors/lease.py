@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
+from coredis.exceptions import RedisError
 
 from .store import LeaseLost, RedisStore, StoreUnavailable
 
@@ -52,13 +53,15 @@ class LeaseState:
             await self.resigned.wait()
 
 
-def _lost_lease(exc: BaseException) -> bool:
-    """True when ``exc`` (maybe a group from the core's nursery) says our writes were refused for a stale
-    token; a cancellation in it means something else is going on, so it is not swallowed."""
-    if isinstance(exc, LeaseLost):
+def _store_ended_term(exc: BaseException) -> bool:
+    """True when ``exc`` (maybe a group from the core's nursery) says the store ended this term: our writes were
+    refused for a stale token, or Redis could not be reached (the core steps down and takes the lease again once
+    Redis answers, reloading as a restart does). A cancellation in it means something else is going on."""
+    kinds = (LeaseLost, RedisError, OSError, StoreUnavailable)
+    if isinstance(exc, kinds):
         return True
     if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(LeaseLost) is not None and exc.subgroup(trio.Cancelled) is None
+        return exc.subgroup(kinds) is not None and exc.subgroup(trio.Cancelled) is None
     return False
 
 
@@ -111,10 +114,12 @@ async def hold_core(
                 await term.start(run_core)
                 report_started()
         except BaseException as exc:
-            if not _lost_lease(exc):
+            if not _store_ended_term(exc):
                 raise
-            log.warning("lease: a write was refused for a stale fencing token: %s is no longer the core",
-                        state.holder_id)
+            stale = isinstance(exc, BaseExceptionGroup) and exc.subgroup(LeaseLost) is not None
+            log.warning("lease: %s steps down: %s", state.holder_id,
+                        "a write was refused for a stale fencing token" if stale or isinstance(exc, LeaseLost)
+                        else f"the store failed ({exc!r:.300})")
         # the token stays in store.fence: anything still in flight from the old term is refused
         state.role, state.token, state.holder = "edge", 0, None
         if not state.resign_asked.is_set():

@@ -1,4 +1,4 @@
-"""``comfy-gateway``: serve, token, credits. Every serve flag also reads an environment variable."""
+"""``comfy-gateway``: serve, token, credits, status. Every serve flag also reads an environment variable."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -15,7 +16,8 @@ import trio
 
 from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
-from actors.store import open_store, parse_store_spec
+from actors import bridge
+from actors.store import RedisStore, is_redis, open_store, parse_store_spec
 
 from .auth import Authenticator, load_secret, valid_id
 from .config import DEFAULT_BIND, WebConfig
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default=_env("GATEWAY_DATA", "data"))
     c.add_argument("--store", default=_env("GATEWAY_STORE", ""))
     c.add_argument("--initial-credits", type=int, default=_int_env("GATEWAY_INITIAL_CREDITS", 100))
+
+    st = sub.add_parser("status", help="the processes sharing a Redis store: their roles, and the lease holder")
+    st.add_argument("--store", default=_env("GATEWAY_STORE", ""), help="redis://... (env GATEWAY_STORE)")
+    st.add_argument("--data", default=_env("GATEWAY_DATA", "data"))
     return p
 
 
@@ -191,6 +197,25 @@ async def _credits(args: argparse.Namespace) -> int:
         return 0
 
 
+async def _status(args: argparse.Namespace) -> int:
+    spec = parse_store_spec(args.store, args.data)
+    if not is_redis(spec):
+        print(f"store {spec}: one process (SQLite), which is always the core; see its /healthz")
+        return 0
+    async with open_store(spec) as store:
+        assert isinstance(store, RedisStore)
+        procs = await bridge.processes(store)
+        holder = await store.lease_holder()
+        fence = await store.client.get(store.prefix + "fence")
+        print(f"store {store.path}: lease held by {holder or 'nobody'} (fencing token {fence or 0}), "
+              f"{len(procs)} live process(es)")
+        now = time.time()
+        for p in procs:
+            print(f"  {p['id']}  {p['role']:<4}  {p['url']}  pid {p['pid']} on {p['host']}  up {now - p['since']:.0f}s"
+                  f"  seen {now - p['seen']:.1f}s ago")
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "credits":
         return trio.run(_credits, args)
+    if args.command == "status":
+        return trio.run(_status, args)
     return 2
 
 

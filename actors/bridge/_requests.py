@@ -22,11 +22,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
-from coredis.exceptions import StreamDuplicateConsumerGroupError
+from coredis.exceptions import RedisError, StreamDuplicateConsumerGroupError
 from coredis.tokens import PureToken
 
 from .._util import ActorGone, ask
 from ..store import RedisStore
+from ._stream import read_after
 from ._wire import WireError, decode_answer, decode_request, encode_answer, encode_request
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,12 @@ async def ask_core(
     async def read_answers() -> None:
         last = "0-0"  # this edge's stream is new (its id is per process): nothing to skip
         while True:
-            got = await client.xread({answers: last}, count=BATCH, block=BLOCK_MS)
+            entries = await read_after(store, answers, last)
             now = trio.current_time()
             for rid, (since, _) in list(waiting.items()):
                 if now - since > PENDING_MAX_AGE:
                     waiting.pop(rid)[1].close()
-            for entry in (got or {}).get(answers, ()):
+            for entry in entries:
                 last = entry.identifier
                 f = entry.field_values
                 pending = waiting.pop(f["rid"], None)
@@ -91,8 +92,12 @@ async def ask_core(
                     continue
                 rid = uuid.uuid4().hex
                 waiting[rid] = (trio.current_time(), msg.reply)
-                await client.xadd(store.prefix + "req", {"rid": rid, "edge": edge_id, "body": body,
-                                                         "deadline": repr(wall_clock() + REQUEST_DEADLINE)})
+                try:
+                    await client.xadd(store.prefix + "req", {"rid": rid, "edge": edge_id, "body": body,
+                                                             "deadline": repr(wall_clock() + REQUEST_DEADLINE)})
+                except (RedisError, OSError) as exc:  # Redis is away: the asker gets ActorGone (503) now
+                    log.warning("bridge: cannot hand a request to the core: %s", exc)
+                    waiting.pop(rid)[1].close()
 
     try:
         async with trio.open_nursery() as nursery:

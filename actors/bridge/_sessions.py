@@ -26,14 +26,12 @@ from coredis.exceptions import RedisError
 
 from ..sessions import Attach, Broadcast, Detach, HubMsg, Publish, encode_body
 from ..store import RedisStore
+from ._stream import BATCH, RETRY_DELAY, read_after
 
 log = logging.getLogger(__name__)
 
 EVENTS_MAXLEN = 10_000  # messages the events stream keeps (what a slow process may still catch up on)
 SESSION_KEY_TTL = 24 * 3600  # seconds a session's stream and the user's session set outlive their last message
-BATCH = 256
-BLOCK_MS = 1000
-RETRY_DELAY = 0.5  # seconds between attempts while Redis is unreachable
 
 PUBLISH = r"""
 local P = KEYS[1]
@@ -125,13 +123,7 @@ async def feed_hub(
         last = start
         with live:
             while True:
-                try:
-                    got = await client.xread({events: last}, count=BATCH, block=BLOCK_MS)
-                except (RedisError, OSError) as exc:
-                    log.warning("bridge: reading events failed, retrying: %s", exc)
-                    await trio.sleep(RETRY_DELAY)
-                    continue
-                for entry in (got or {}).get(events, ()):
+                for entry in await read_after(store, events, last):
                     last = entry.identifier
                     f = entry.field_values
                     body = json.loads(f["b"])
