@@ -1,21 +1,34 @@
 """Small helpers every actor uses: one-shot replies and request/response over memory channels.
 
 An actor's inbox carries frozen messages. A request that needs an answer carries its own one-shot reply
-channel (buffer 1), so the actor never blocks on a slow requester (STYLE.md section 2).
+channel (buffer 1), so the actor never blocks on a slow requester (docs/STYLE.md section 2).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
+
+__all__ = ["ActorGone", "Request", "ask", "reply_once"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-M = TypeVar("M")
+R_contra = TypeVar("R_contra", contravariant=True)
+
+
+class Request(Protocol[R_contra]):
+    """A message that carries its own reply channel, as a ``reply`` field: what ``ask`` sends.
+
+    ``ask`` reads the answer's type from that field, so ``await ask(ch, lambda r: GetTask(task_id, r))`` is typed
+    as whatever ``GetTask.reply`` carries. A field typed ``MemorySendChannel[X] | None`` (an optional reply) fits.
+    """
+
+    @property
+    def reply(self) -> trio.MemorySendChannel[R_contra] | None: ...
 
 
 class ActorGone(Exception):
@@ -38,12 +51,17 @@ def reply_once(reply: trio.MemorySendChannel[T], value: T) -> None:
 
 
 async def ask(
-    inbox: trio.MemorySendChannel[M],
-    build: Callable[[trio.MemorySendChannel[T]], M],
+    inbox: trio.MemorySendChannel[Any],
+    build: Callable[[trio.MemorySendChannel[T]], Request[T]],
     *,
     name: str = "actor",
 ) -> T:
-    """Send ``build(reply)`` to an actor and wait for its answer. The caller owns the timeout."""
+    """Send ``build(reply)`` to an actor and wait for its answer, typed by the message's ``reply`` field.
+
+    ``build`` is the message class itself when the reply channel is its only field (``ask(ch, Audit)``), else a
+    lambda (``ask(ch, lambda r: Freeze(user, task, amount, r))``). The caller owns the timeout. That the inbox
+    accepts the message is checked by the actor (each inbox's type is a union of its message classes).
+    """
     reply_send, reply_recv = trio.open_memory_channel[T](1)
     with reply_recv:
         try:

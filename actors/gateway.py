@@ -1,13 +1,16 @@
 """``run_gateway``: open the store, start every actor in one nursery, hand the web layer a ``Handles``.
 
 Cancelling the nursery stops everything; in-flight tasks stay recorded in the store and are reconciled on
-the next start. Inbox sizes are the backpressure budget (STYLE.md: small N for bursty inboxes).
+the next start. Inbox sizes are the backpressure budget (docs/STYLE.md: small N for bursty inboxes).
 
 The sessions hub lives as long as the process. The *core* actors (ledger, scheduler, registry, comfy) run in a
 term: on SQLite one term for the whole run; on Redis a term per tenure of the core lease (``actors/lease.py``),
 so a process that loses the lease stops them and one that takes it starts them afresh, reloading and
 reconciling exactly as a restart does. The web layer sends to stable front inboxes; each term forwards them to
 its own fresh actor inboxes, so nothing a previous term left in a channel reaches the next one.
+
+A term is a *run* for crash accounting (``Store.begin_run``/``end_run``, the boot number, quarantine): on SQLite
+the process, on Redis one tenure of the lease, so a core killed mid-term counts as a crash for the next core.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ class GatewayConfig:
     comfy_timeouts: comfy.ComfyTimeouts = field(default_factory=comfy.ComfyTimeouts)
     replay_max: int = sessions.DEFAULT_REPLAY_MAX
     replay_age: float = sessions.DEFAULT_REPLAY_AGE
+    max_sessions_per_user: int = sessions.DEFAULT_MAX_SESSIONS_PER_USER
+    submit_rate: float = 5.0  # submits per user per second (token bucket) ...
+    submit_burst: int = 20  # ... this many at once
+    quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
     lease_ttl: float = DEFAULT_LEASE_TTL  # Redis store: seconds the core lease lasts unless renewed
 
     def __post_init__(self) -> None:
@@ -65,6 +72,9 @@ class GatewayConfig:
             raise ValueError("hold_ttl must be longer than task_timeout")
         if self.backend_lost_after <= 0 or self.task_timeout <= 0:
             raise ValueError("backend_lost_after and task_timeout must be > 0")
+        if self.submit_rate <= 0 or self.submit_burst < 1 or self.quarantine_after < 1 \
+                or self.max_sessions_per_user < 1:
+            raise ValueError("submit_rate, submit_burst, quarantine_after and max_sessions_per_user must be >= 1")
         if self.lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, not {self.lease_ttl}")
 
@@ -109,8 +119,27 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
         # where the core actors' messages for the sessions go: this process's hub, or Redis (publish_to_redis)
         pub_tx, pub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX) if shared else (hub_tx, hub_rx)
 
+        first_run: list[tuple[bool, int]] = []  # SQLite: the process's run, begun before the hub starts
+
         async def run_core(task_status: trio.TaskStatus[None]) -> None:
             """One term of the core actors, on fresh inboxes fed from the front ones."""
+            unclean, boot = first_run.pop() if first_run else await _begin_run(store)
+            clean = False
+            try:
+                await _core_term(unclean, boot, task_status)
+                clean = True
+            except BaseException as exc:
+                clean = _only_cancelled(exc)  # a shutdown or a lost lease, not a crash
+                raise
+            finally:
+                if clean:
+                    with trio.move_on_after(5, shield=True):
+                        try:
+                            await store.end_run()
+                        except Exception as exc:  # Redis away: the next core counts this term as a crash
+                            log.warning("gateway: could not record a clean end of the run: %r", exc)
+
+        async def _core_term(unclean: bool, boot: int, task_status: trio.TaskStatus[None]) -> None:
             t_reg_tx, t_reg_rx = trio.open_memory_channel[registry.RegistryMsg](REGISTRY_INBOX)
             t_sched_tx, t_sched_rx = trio.open_memory_channel[scheduler.SchedulerMsg](SCHEDULER_INBOX)
             t_ledger_tx, t_ledger_rx = trio.open_memory_channel[ledger.LedgerMsg](LEDGER_INBOX)
@@ -131,6 +160,8 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                     price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
                     backend_lost_after=cfg.backend_lost_after,
                     public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
+                    submit_rate=cfg.submit_rate, submit_burst=cfg.submit_burst, quarantine_after=cfg.quarantine_after,
+                    unclean_start=unclean, boot=boot,
                 )
                 await nursery.start(partial(
                     registry.run, t_reg_rx, reg_cfg, store=store, ledger=t_ledger_tx.clone(),
@@ -141,7 +172,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                     await nursery.start(partial(
                         comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], t_reg_tx.clone(), http=http,
                         client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
-                        counters=stats[name],
+                        counters=stats[name], on_dispatch=partial(store.mark_dispatched, boot=boot),
                     ))
                 if isinstance(store, RedisStore):  # the edges' requests
                     await nursery.start(partial(bridge.serve_edges, store,
@@ -164,16 +195,18 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 # seqs are numbered in Redis, per session and for good, so they need no per-run base
                 real_tx, real_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
                 await nursery.start(partial(sessions.run, real_rx, replay_max=cfg.replay_max,
-                                            replay_age=cfg.replay_age))
+                                            replay_age=cfg.replay_age, max_sessions_per_user=cfg.max_sessions_per_user))
                 await nursery.start(partial(bridge.feed_hub, store, hub_rx, hub_tx.clone(), real_tx))
                 await nursery.start(partial(bridge.publish_to_redis, store, pub_rx, replay_max=cfg.replay_max))
                 await nursery.start(partial(hold_core, store, lease, run_core, run_edge, ttl=cfg.lease_ttl))
                 await nursery.start(partial(bridge.announce, store, lease, cfg.public_url, every=cfg.lease_ttl / 3))
             else:
+                first_run.append(await _begin_run(store))
                 # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
-                seq_base = (await store.next_boot() - 1) * SEQ_EPOCH
+                seq_base = (first_run[0][1] - 1) * SEQ_EPOCH
                 await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max,
-                                            replay_age=cfg.replay_age, seq_base=seq_base))
+                                            replay_age=cfg.replay_age, seq_base=seq_base,
+                                            max_sessions_per_user=cfg.max_sessions_per_user))
                 lease.role, lease.holder, lease.terms = "core", lease.holder_id, 1
                 lease.resigned.set()  # no lease to give back: the actors stop with the process
                 await nursery.start(run_core)
@@ -183,6 +216,22 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 config=cfg, registry=reg_tx, ledger=ledger_tx, scheduler=sched_tx, sessions=hub_tx, store=store,
                 http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids, lease=lease,
             ))
+
+
+async def _begin_run(store: Store) -> tuple[bool, int]:
+    """(whether the previous run crashed, this run's boot number)."""
+    unclean = await store.begin_run()
+    boot = await store.next_boot()
+    if unclean:
+        log.warning("gateway: the previous run on %s did not stop cleanly (crashed or killed)", store.path)
+    return unclean, boot
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return rest is None
+    return isinstance(exc, trio.Cancelled)
 
 
 async def _refuse(front: trio.MemoryReceiveChannel[object]) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import trio
 from coredis.exceptions import RedisError
 
-from .store import LeaseLost, RedisStore, StoreUnavailable
+from .store import CoreStepDown, LeaseLost, RedisStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _store_ended_term(exc: BaseException) -> bool:
     """True when ``exc`` (maybe a group from the core's nursery) says the store ended this term: our writes were
     refused for a stale token, or Redis could not be reached (the core steps down and takes the lease again once
     Redis answers, reloading as a restart does). A cancellation in it means something else is going on."""
-    kinds = (LeaseLost, RedisError, OSError, StoreUnavailable)
+    kinds = (CoreStepDown, RedisError, OSError)
     if isinstance(exc, kinds):
         return True
     if isinstance(exc, BaseExceptionGroup):

@@ -27,13 +27,24 @@ import trio
 
 from ._util import ask, reply_once
 from .sessions import Publish
-from .store import Account, HoldConflict, InsufficientCredits, LedgerError, Store, SweptHold, UnknownHold
+from .store import (
+    Account,
+    HoldConflict,
+    InsufficientCredits,
+    InvalidAmount,
+    LedgerError,
+    LedgerFault,
+    NegativeBalance,
+    Store,
+    SweptHold,
+    UnknownHold,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Account", "Freeze", "Resolve", "Grant", "GetAccount", "Audit", "Sweep", "LedgerMsg", "LedgerError",
-    "InsufficientCredits", "HoldConflict", "UnknownHold", "run", "freeze", "settle", "release", "grant",
+    "InsufficientCredits", "HoldConflict", "UnknownHold", "InvalidAmount", "LedgerFault", "NegativeBalance", "run", "freeze", "settle", "release", "grant",
     "get_account", "audit", "sweep",
 ]
 
@@ -64,6 +75,7 @@ class Grant:
     amount: int
     note: str | None
     reply: trio.MemorySendChannel[Account | LedgerError]
+    allow_negative: bool = False  # may leave ``available`` below zero (the admin asked for it explicitly)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +132,56 @@ async def run(
             await changed(s.account)
         return swept
 
+    async def handle(msg: LedgerMsg) -> None:
+        match msg:
+            case Freeze(user_id, task_id, amount, reply):
+                try:
+                    acc, did = await store.freeze(user_id, task_id, amount, initial_credits, hold_ttl)
+                except LedgerError as exc:
+                    reply_once(reply, exc)
+                else:
+                    reply_once(reply, acc)
+                    if did:
+                        await changed(acc)
+            case Resolve(task_id, outcome, amount, reply):
+                try:
+                    acc, did = await store.resolve(task_id, outcome, amount)
+                except LedgerError as exc:
+                    log.warning("ledger: %s of task %s refused: %s", outcome, task_id, exc)
+                    if reply is not None:
+                        reply_once(reply, exc)
+                else:
+                    if reply is not None:
+                        reply_once(reply, acc)
+                    if did:
+                        await changed(acc)
+            case Grant(user_id, amount, note, reply, allow_negative):
+                try:
+                    acc = await store.grant(user_id, amount, initial_credits, note, allow_negative)
+                except LedgerError as exc:  # not an int, out of range, or negative: refused, nothing stored
+                    reply_once(reply, exc)
+                else:
+                    log.info("ledger: granted %d to %s (%s) -> %d", amount, user_id, note, acc.balance)
+                    reply_once(reply, acc)
+                    await changed(acc)
+            case GetAccount(user_id, reply):
+                reply_once(reply, await store.account(user_id, initial_credits))
+            case Audit(reply):
+                reply_once(reply, await store.audit())
+            case Sweep(reply):
+                reply_once(reply, await sweep(wall_clock()))
+
     await sweep(None)  # crash recovery, before anyone can freeze (the registry starts after us)
     task_status.started()
     next_expiry = trio.current_time()
     with inbox:
         while True:
             if trio.current_time() >= next_expiry:
-                await sweep(wall_clock())
                 next_expiry = trio.current_time() + expiry_interval
+                try:
+                    await sweep(wall_clock())
+                except Exception:  # a store error: try again at the next interval
+                    log.exception("ledger: sweeping expired holds failed")
             msg = None
             with trio.move_on_at(next_expiry):
                 try:
@@ -136,43 +190,16 @@ async def run(
                     return
             if msg is None:
                 continue
-            match msg:
-                case Freeze(user_id, task_id, amount, reply):
-                    try:
-                        acc, did = await store.freeze(user_id, task_id, amount, initial_credits, hold_ttl)
-                    except LedgerError as exc:
-                        reply_once(reply, exc)
-                    else:
-                        reply_once(reply, acc)
-                        if did:
-                            await changed(acc)
-                case Resolve(task_id, outcome, amount, reply):
-                    try:
-                        acc, did = await store.resolve(task_id, outcome, amount)
-                    except LedgerError as exc:
-                        log.warning("ledger: %s of task %s refused: %s", outcome, task_id, exc)
-                        if reply is not None:
-                            reply_once(reply, exc)
-                    else:
-                        if reply is not None:
-                            reply_once(reply, acc)
-                        if did:
-                            await changed(acc)
-                case Grant(user_id, amount, note, reply):
-                    try:
-                        acc = await store.grant(user_id, amount, initial_credits, note)
-                    except LedgerError as exc:  # not an int: refused, nothing stored
-                        reply_once(reply, exc)
-                    else:
-                        log.info("ledger: granted %d to %s (%s) -> %d", amount, user_id, note, acc.balance)
-                        reply_once(reply, acc)
-                        await changed(acc)
-                case GetAccount(user_id, reply):
-                    reply_once(reply, await store.account(user_id, initial_credits))
-                case Audit(reply):
-                    reply_once(reply, await store.audit())
-                case Sweep(reply):
-                    reply_once(reply, await sweep(wall_clock()))
+            try:
+                await handle(msg)
+            except Exception as exc:  # crash isolation: a store error fails this one request, the ledger goes on
+                log.exception("ledger: %s failed (task %s, user %s)", type(msg).__name__,
+                              getattr(msg, "task_id", "-"), getattr(msg, "user_id", "-"))
+                reply = getattr(msg, "reply", None)
+                if reply is not None and isinstance(msg, (Freeze, Resolve, Grant, GetAccount)):
+                    reply_once(reply, LedgerFault(f"the ledger failed: {type(exc).__name__}"))
+                elif reply is not None:
+                    reply.close()  # the asker gets ActorGone-like EndOfChannel, never a hang
 
 
 # ---- client side: what other actors and the web layer call ------------------------------------------
@@ -197,8 +224,9 @@ async def release(ledger: trio.MemorySendChannel[LedgerMsg], task_id: str, amoun
     return await _ask_ledger(ledger, lambda r: Resolve(task_id, "released", amount, r))
 
 
-async def grant(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str, amount: int, note: str | None = None) -> Account:
-    return await _ask_ledger(ledger, lambda r: Grant(user_id, amount, note, r))
+async def grant(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str, amount: int, note: str | None = None,
+                *, allow_negative: bool = False) -> Account:
+    return await _ask_ledger(ledger, lambda r: Grant(user_id, amount, note, r, allow_negative))
 
 
 async def get_account(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str) -> Account:

@@ -4,7 +4,11 @@
        |                     |                             |--error/interrupt/lost/timeout--> failed(reason)
        '--cancel--> cancelled '--cancel (delete+interrupt)--'--> cancelled
 
-``failed`` carries a reason: ``validation``, ``execution_error``, ``interrupted``, ``backend_lost``, ``timeout``.
+``failed`` carries a reason: ``validation``, ``execution_error``, ``interrupted``, ``backend_lost``, ``timeout``,
+``internal``. Crash isolation: an exception while the registry handles a message or timer of one task fails that task
+(``internal``, refunded, logged with the task id) and the actor goes on; a read-only request that fails gets an error
+answer. A task that was in flight (dispatched, or inside ComfyUI) across ``quarantine_after`` consecutive unclean restarts
+without being saved once (no progress) is quarantined at start-up: failed ``internal`` and refunded, so it can never crash-loop the process.
 The gateway chooses each task's prompt_id itself and persists it with the task before anything is sent to
 ComfyUI, so events that arrive before the POST /prompt answer, and a submit whose answer was lost, can be
 matched (reconciled) by prompt_id. Every transition is persisted before it is acted on. On a terminal state
@@ -57,6 +61,7 @@ from .comfy import (
     PreviewImage,
     Progress,
     PromptAccepted,
+    PromptFailed,
     PromptLocated,
     PromptRejected,
     PromptSubmitUnknown,
@@ -79,6 +84,8 @@ CROSS_CHECK_INTERVAL = 1.0  # seconds: at most one queue_remaining-triggered rec
 CROSS_CHECK_SETTLE = 2.0
 MAX_ABANDONED = 1000  # prompt ids per backend to delete/interrupt when it returns (bounded memory)
 TIMEOUT_ERROR = "the task exceeded its time limit and was interrupted"
+INTERNAL_ERROR = "the gateway failed while handling this task (internal error); credits returned"
+MAX_BUCKETS = 10_000  # per-user submit buckets kept before full ones are forgotten
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,11 @@ class RegistryConfig:
     backend_lost_after: float = 5 * 60.0  # seconds a backend may stay unreachable before its tasks are backend_lost
     public_url: str = ""  # prefix of image URLs, e.g. "http://127.0.0.1:8080"
     backend_urls: Mapping[str, str] = field(default_factory=dict)
+    submit_rate: float = 5.0  # submits per user per second (token bucket) ...
+    submit_burst: int = 20  # ... with this many at once; beyond: 429 too_many_submits
+    quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
+    unclean_start: bool = False  # the previous run on this store did not stop cleanly (set by run_gateway)
+    boot: int = 1  # this run's boot number on the store (the crashed run, if unclean, is boot - 1)
 
 
 # ---- requests from the web layer --------------------------------------------------------------------
@@ -167,20 +179,6 @@ class GetStats:
 RegistryMsg = Submit | GetTask | Cancel | ListResults | ImageLocation | GetStats | ComfyReport
 
 
-def validate_workflow(workflow: object) -> str | None:
-    """A readable reason why ``workflow`` is not an API-format ComfyUI prompt, or None if it looks like one."""
-    if not isinstance(workflow, dict) or not workflow:
-        return "workflow must be a non-empty JSON object of nodes (ComfyUI API format)"
-    for node_id, node in workflow.items():
-        if not isinstance(node, dict):
-            return f"node {node_id!r} must be an object"
-        if not isinstance(node.get("class_type"), str) or not node["class_type"]:
-            return f"node {node_id!r} has no class_type"
-        if not isinstance(node.get("inputs", {}), dict):
-            return f"node {node_id!r}: inputs must be an object"
-    return None
-
-
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -235,6 +233,8 @@ class _Registry:
         self.timer_due: dict[tuple[str, str], float] = {}  # (kind, key) -> the one live due time
         self._timer_ids = 0
         self.last_status: tuple[int, int, int, int] | None = None
+        self.buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, trio time) for the submit rate
+        self.submitting: str | None = None  # the task id a Submit being handled has created (crash isolation)
 
     # -- helpers
 
@@ -309,7 +309,18 @@ class _Registry:
         self.seq = await self.store.max_task_seq()
         for backend in self.comfy:  # not connected yet: each backend has backend_lost_after to come up
             self.backend_went_away(backend)
+        quarantined = set()
+        if self.cfg.unclean_start:
+            quarantined = set(await self.store.count_crash(self.cfg.quarantine_after, self.cfg.boot - 1))
         for rec in await self.store.load_active_tasks():
+            if rec.task_id in quarantined:
+                log.error("registry: task %s was active across %d unclean restarts without progress: quarantined "
+                          "(failed internal, refunded)", rec.task_id, self.cfg.quarantine_after)
+                task = self.tasks[rec.task_id] = _Task(rec)
+                self.by_prompt[rec.prompt_id] = rec.task_id
+                await self.finish(task, "failed", "internal", {"error": "the task was in flight across repeated "
+                                                               "gateway crashes and was quarantined; credits returned"})
+                continue
             task = _Task(rec, gap=rec.state in INFLIGHT_STATES)  # nobody listened while we were down
             self.tasks[rec.task_id] = task
             self.by_prompt[rec.prompt_id] = rec.task_id
@@ -323,6 +334,20 @@ class _Registry:
 
     # -- requests
 
+    def take_submit_token(self, user_id: str) -> bool:
+        """The per-user token bucket: ``submit_burst`` at once, refilled at ``submit_rate`` per second."""
+        now = trio.current_time()
+        rate, burst = self.cfg.submit_rate, float(self.cfg.submit_burst)
+        tokens, since = self.buckets.get(user_id, (burst, now))
+        tokens = min(burst, tokens + (now - since) * rate)
+        if tokens < 1.0:
+            self.buckets[user_id] = (tokens, now)
+            return False
+        if user_id not in self.buckets and len(self.buckets) >= MAX_BUCKETS:  # forget users whose bucket is full
+            self.buckets = {u: (t, at) for u, (t, at) in self.buckets.items() if t + (now - at) * rate < burst}
+        self.buckets[user_id] = (tokens - 1.0, now)
+        return True
+
     async def submit(self, msg: Submit) -> Accepted | Refused:
         if msg.task_id is not None:  # a repeated request (its answer was lost): the same task, once
             known = self.tasks.get(msg.task_id)
@@ -333,16 +358,21 @@ class _Registry:
                     position = await ask(self.scheduler, lambda r: sched.GetPosition(rec.task_id, r),
                                          name="scheduler")
                 return Accepted(rec.task_id, position or 0, rec.cost)
+        if not self.take_submit_token(msg.user_id):
+            return Refused(429, "too_many_submits", f"more than {self.cfg.submit_rate:g} submits per second "
+                                                    f"(burst {self.cfg.submit_burst}); slow down")
         queued = sum(1 for t in self.tasks.values() if t.rec.user_id == msg.user_id and t.rec.state == "queued")
         if queued >= self.cfg.max_queued_per_user:
             return Refused(429, "too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})")
         self.seq += 1
-        task_id = msg.task_id or uuid.uuid4().hex
+        task_id = self.submitting = msg.task_id or uuid.uuid4().hex
         cost = msg.size * self.cfg.price
         try:
             await ledger_api.freeze(self.ledger, msg.user_id, task_id, cost)
         except InsufficientCredits as exc:
             return Refused(402, "insufficient_credits", str(exc))
+        except ledger_api.LedgerFault as exc:  # nothing frozen: the ledger failed on this request
+            return Refused(500, "internal", str(exc))
         except LedgerError as exc:  # pragma: no cover - a fresh task id cannot conflict
             return Refused(409, "ledger_conflict", str(exc))
         now = self.now()
@@ -472,6 +502,17 @@ class _Registry:
             else:
                 await ledger_api.release(self.ledger, task.id, rec.cost)
                 refunded = True
+        except ledger_api.LedgerFault as exc:  # the ledger failed on this hold: never charge what we cannot record
+            log.error("registry: task %s: the ledger failed to resolve its hold: %s", task.id, exc)
+            if state == "succeeded":
+                state, reason, error = "failed", "internal", {"error": INTERNAL_ERROR}
+                rec = replace(rec, state=state, reason=reason, error=error, updated_at=self.now())
+                await self.store.save_task(rec)
+                try:
+                    await ledger_api.release(self.ledger, task.id, rec.cost)
+                    refunded = True
+                except LedgerError as again:  # the hold stays pending; the ledger's sweep releases it later
+                    log.error("registry: task %s: releasing its hold failed too: %s", task.id, again)
         except LedgerError as exc:  # e.g. the hold expired and was released already
             log.error("registry: task %s: ledger refused to resolve its hold: %s", task.id, exc)
             refunded = state != "succeeded"
@@ -501,6 +542,56 @@ class _Registry:
             await self.finish(task, "succeeded", None)
         else:
             await self.finish(task, "failed", "backend_lost", {"error": detail})
+
+    async def fail_internal(self, task_id: str, exc: BaseException) -> None:
+        """Crash isolation: handling this task raised ``exc``. Fail it (``internal``, refunded); if even that fails,
+        forget it here and leave its record to the next start-up (reloaded, then quarantined if it keeps crashing)."""
+        log.error("registry: task %s failed internally: %r", task_id, exc, exc_info=exc)
+        task = self.tasks.get(task_id)
+        try:
+            if task is not None:
+                await self.finish(task, "failed", "internal", {"error": INTERNAL_ERROR})
+            else:  # a Submit that froze credits but never stored its task: give them back
+                await ledger_api.release(self.ledger, task_id)
+        except LedgerError:
+            pass  # no hold (the freeze failed) or already resolved
+        except Exception as again:
+            log.error("registry: task %s: failing it failed too (%r): dropped until the next start", task_id, again)
+            if task is not None:
+                self.tasks.pop(task_id, None)
+                self.by_prompt.pop(task.rec.prompt_id, None)
+                self.unverified.pop(task.rec.prompt_id, None)
+                await self.scheduler.send(sched.Release(task_id))
+
+    def task_of(self, msg: object) -> str | None:
+        """The task a message (or timer key) is about, for crash isolation; None when it is about no one task."""
+        if isinstance(msg, Submit):
+            return self.submitting
+        if isinstance(msg, Cancel | PromptAccepted | PromptRejected | PromptSubmitUnknown | PromptFailed):
+            return msg.task_id
+        if isinstance(msg, PromptLocated):
+            task = self.task_for_prompt(msg.prompt_id)
+        elif isinstance(msg, BackendEvent):
+            task = self.task_for_prompt(getattr(msg.event, "prompt_id", None))
+        elif isinstance(msg, str):
+            task = self.tasks.get(msg)
+        else:
+            return None
+        return task.id if task is not None else None
+
+    async def contain(self, msg: object, exc: Exception) -> None:
+        """An exception while handling ``msg``: fail only the task it is about; answer a request with an error."""
+        task_id = self.task_of(msg)
+        self.submitting = None
+        if task_id is not None and not isinstance(msg, (GetTask, ListResults, ImageLocation)):
+            await self.fail_internal(task_id, exc)
+        else:
+            log.error("registry: %s failed: %r", type(msg).__name__, exc, exc_info=exc)
+        reply = getattr(msg, "reply", None)
+        if isinstance(msg, Submit):
+            reply_once(msg.reply, Refused(500, "internal", "the gateway failed on this submit; nothing was charged"))
+        elif reply is not None:
+            reply.close()  # the asker sees the registry's answer missing (ActorGone): a 503 for that request
 
     def abandon(self, task: _Task) -> None:
         """Remember an unreachable backend's prompt we gave up on, to delete/interrupt it if the backend returns."""
@@ -698,6 +789,12 @@ class _Registry:
                         await self.finish(task, "cancelled", None)
                     else:
                         await self.finish(task, "failed", "validation", {"error": detail, "status": status})
+            case PromptFailed(backend, task_id, prompt_id, error):
+                if (task := self.tasks.get(task_id)) is not None:
+                    log.error("registry: task %s: submitting it to %s failed inside the gateway: %s", task_id, backend,
+                              error)
+                    await self.comfy[backend].send(CancelPrompt(prompt_id))  # in case it got there after all
+                    await self.finish(task, "failed", "internal", {"error": INTERNAL_ERROR})
             case PromptSubmitUnknown(backend, task_id, prompt_id, error):
                 if (task := self.tasks.get(task_id)) is not None:
                     log.warning("registry: submit of %s to %s unknown (%s): reconciling", task_id, backend, error)
@@ -825,20 +922,31 @@ async def run(
             if msg is None:
                 timer = reg.pop_timer()
                 if timer is not None:
-                    await reg.on_timer(*timer)
+                    try:
+                        await reg.on_timer(*timer)
+                    except Exception as exc:  # crash isolation: fail only the task the timer is about
+                        await reg.contain(timer[1], exc)
                 continue
-            match msg:
-                case Submit():
-                    reply_once(msg.reply, await reg.submit(msg))
-                case GetTask(user_id, task_id, reply):
-                    reply_once(reply, await reg.get_task(user_id, task_id))
-                case Cancel(user_id, task_id, reply):
-                    reply_once(reply, await reg.cancel(user_id, task_id))
-                case ListResults(user_id, limit, before, reply):
-                    reply_once(reply, await reg.list_results(user_id, limit, before))
-                case ImageLocation(user_id, task_id, n, reply):
-                    reply_once(reply, await reg.image_location(user_id, task_id, n))
-                case GetStats(reply):
-                    reply_once(reply, reg.stats())
-                case _:
-                    await reg.on_report(msg)
+            try:
+                await handle(reg, msg)
+            except Exception as exc:  # crash isolation (trio.Cancelled is a BaseException and passes)
+                await reg.contain(msg, exc)
+
+
+async def handle(reg: _Registry, msg: RegistryMsg) -> None:
+    match msg:
+        case Submit():
+            reply_once(msg.reply, await reg.submit(msg))
+            reg.submitting = None
+        case GetTask(user_id, task_id, reply):
+            reply_once(reply, await reg.get_task(user_id, task_id))
+        case Cancel(user_id, task_id, reply):
+            reply_once(reply, await reg.cancel(user_id, task_id))
+        case ListResults(user_id, limit, before, reply):
+            reply_once(reply, await reg.list_results(user_id, limit, before))
+        case ImageLocation(user_id, task_id, n, reply):
+            reply_once(reply, await reg.image_location(user_id, task_id, n))
+        case GetStats(reply):
+            reply_once(reply, reg.stats())
+        case _:
+            await reg.on_report(msg)

@@ -7,13 +7,17 @@ fills without ever blocking and the connection's writer drains. When the outbox 
 are coalesced (the latest per task wins) or dropped and counted; every other message type is never dropped: a connection that cannot take one is marked "slow consumer" and closed by its writer, and the
 client resumes from its last seq.
 
+Per user, at most ``max_sessions_per_user`` sessions exist: a new one drops the least recently used session that
+has no connection, and a ``Connect`` is refused when every one is connected. A message for all of a user's sessions
+(``balance``) goes only to the sessions with a live connection, so its cost is O(live connections), not O(sessions
+ever made); a session without one gets the user's latest such message when a connection next attaches to it.
+
 The hub never waits on a session for long (a session only ever does non-blocking puts), and sessions never
 send to anyone, so the flow ledger/registry -> hub -> session -> outbox has no cycle.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Mapping
@@ -23,142 +27,26 @@ from typing import Any
 
 import trio
 
+from ._outbox import DROPPABLE_TYPES, Outbox, Outgoing, SlowConsumer, encode_body
 from ._util import reply_once
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "BROADCAST_DESTINATION", "DEFAULT_MAX_SESSIONS_PER_USER", "DEFAULT_REPLAY_AGE", "DEFAULT_REPLAY_MAX",
+    "DROPPABLE_TYPES", "USER_DESTINATION", "Attach", "AttachBroadcast", "Broadcast", "Connect", "Detach",
+    "DetachBroadcast", "Disconnect", "GetStats", "HubMsg", "HubStats", "Outbox", "Outgoing", "Publish",
+    "SlowConsumer", "encode_body", "run",
+]
+
 USER_DESTINATION = "/user/topic/messages"
 BROADCAST_DESTINATION = "/topic/messages"
-
-# message types a full outbox may coalesce or drop (latest per task wins); all others are never dropped
-DROPPABLE_TYPES = frozenset({"progress", "preview", "status"})
 
 DEFAULT_REPLAY_MAX = 300  # messages kept per session for replay
 DEFAULT_REPLAY_AGE = 300.0  # seconds a message stays replayable
 DEFAULT_IDLE_TTL = 300.0  # seconds a session without connections is kept (for replay after a reconnect)
-DEFAULT_OUTBOX_BYTES = 1 << 20  # 1 MiB of queued frames per connection
-DEFAULT_OUTBOX_DELAY = 10.0  # seconds the oldest queued frame may wait before the client is "slow"
+DEFAULT_MAX_SESSIONS_PER_USER = 64  # beyond it the least recently used session with no connection is dropped
 SESSION_INBOX = 64
-
-
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One message ready for a connection's writer. ``seq`` is the session's number (0 for broadcasts)."""
-
-    destination: str
-    seq: int
-    body: bytes
-    type: str
-    coalesce_key: tuple[str, str] | None = None
-    created: float = 0.0
-
-
-class SlowConsumer(Exception):
-    """The connection could not keep up: an undroppable message did not fit, or frames waited too long."""
-
-
-class Outbox:
-    """A connection's outbound queue: bounded in bytes, coalescing, never blocking the producer.
-
-    Producers (its session, the hub) call ``put_nowait``; the connection's writer calls ``get_batch``.
-    """
-
-    def __init__(self, *, max_bytes: int = DEFAULT_OUTBOX_BYTES, max_delay: float = DEFAULT_OUTBOX_DELAY) -> None:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be > 0, not {max_bytes!r}")
-        self.max_bytes = max_bytes
-        self.max_delay = max_delay
-        self._items: deque[list[Outgoing | None]] = deque()  # one-element lists; None = coalesced away
-        self._by_key: dict[tuple[str, str], list[Outgoing | None]] = {}
-        self._bytes = 0
-        self._since: float | None = None  # when the oldest waiting item was queued
-        self._wake = trio.Event()
-        self.failed: str | None = None
-        self.delivered = 0
-        self.dropped = 0
-        self.coalesced = 0
-
-    def __repr__(self) -> str:
-        return f"<Outbox {len(self._items)} items, {self._bytes} bytes, dropped={self.dropped} failed={self.failed!r}>"
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def queued_bytes(self) -> int:
-        return self._bytes
-
-    def put_nowait(self, out: Outgoing) -> None:
-        """Queue ``out``. Only when the outbox is over budget are droppable messages coalesced (the older one of
-        the same task and type leaves the queue, this one goes last, so seqs stay in order) or dropped."""
-        if self.failed is not None:
-            return
-        size = len(out.body)
-        if self._bytes + size > self.max_bytes:
-            if out.type not in DROPPABLE_TYPES:
-                self._evict_droppable(size)
-                if self._bytes + size > self.max_bytes:
-                    self.fail(f"slow consumer: more than {self.max_bytes} bytes waiting")
-                    return
-            slot = self._by_key.get(out.coalesce_key) if out.coalesce_key is not None else None
-            if slot is not None and slot[0] is not None:
-                self._bytes -= len(slot[0].body)
-                slot[0] = None  # latest wins: the older one is skipped by get_batch
-                self.coalesced += 1
-            if self._bytes + size > self.max_bytes:
-                self.dropped += 1
-                return
-        slot = [out]
-        self._items.append(slot)
-        if out.coalesce_key is not None:
-            self._by_key[out.coalesce_key] = slot
-        self._bytes += size
-        if self._since is None:
-            self._since = trio.current_time()
-        self._wake.set()
-
-    def _evict_droppable(self, size: int) -> None:
-        """Make room for an undroppable message by dropping waiting progress/previews, oldest first."""
-        for slot in self._items:
-            if self._bytes + size <= self.max_bytes:
-                return
-            item = slot[0]
-            if item is not None and item.type in DROPPABLE_TYPES:
-                self._bytes -= len(item.body)
-                slot[0] = None
-                self.dropped += 1
-
-    def fail(self, reason: str) -> None:
-        """Give up on this connection (the writer raises SlowConsumer with ``reason``)."""
-        if self.failed is None:
-            self.failed = reason
-            self._items.clear()
-            self._by_key.clear()
-            self._bytes = 0
-        self._wake.set()
-
-    def overdue(self) -> bool:
-        """True when the oldest waiting frame has waited longer than ``max_delay``."""
-        return self._since is not None and trio.current_time() - self._since > self.max_delay
-
-    async def get_batch(self) -> list[Outgoing]:
-        """Wait for at least one item and take every waiting item. Raises SlowConsumer once failed."""
-        while not self._items and self.failed is None:
-            await self._wake.wait()
-            self._wake = trio.Event()
-        if self.failed is not None:
-            raise SlowConsumer(self.failed)
-        batch = [slot[0] for slot in self._items if slot[0] is not None]
-        self._items.clear()
-        self._by_key.clear()
-        self._bytes = 0
-        self._since = None
-        self.delivered += len(batch)
-        return batch
 
 
 # ---- messages ----------------------------------------------------------------------------------
@@ -193,6 +81,24 @@ class Attach:
 
 
 @dataclass(frozen=True, slots=True)
+class Connect:
+    """A STOMP connection for (user, clientId) opens: make room for its session. Replies False when the user
+    already has ``max_sessions_per_user`` sessions and every one is connected (the CONNECT is refused)."""
+
+    user_id: str
+    client_id: str
+    reply: trio.MemorySendChannel[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The connection that sent ``Connect`` (and was accepted) closed."""
+
+    user_id: str
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Detach:
     user_id: str
     client_id: str
@@ -221,7 +127,7 @@ class GetStats:
     reply: trio.MemorySendChannel[HubStats]
 
 
-HubMsg = Publish | Broadcast | Attach | Detach | AttachBroadcast | DetachBroadcast | GetStats
+HubMsg = Publish | Broadcast | Attach | Detach | Connect | Disconnect | AttachBroadcast | DetachBroadcast | GetStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,8 +199,14 @@ async def _run_session(
 @dataclass(slots=True)
 class _SessionEntry:
     inbox: trio.MemorySendChannel[_SessionMsg]
-    connections: int = 0
+    connections: int = 0  # attached outboxes
+    connected: int = 0  # accepted Connects not yet Disconnected
     idle_since: float = 0.0
+    user_version: int = 0  # the last user-wide message (Publish to client_id None) this session has
+
+    @property
+    def live(self) -> bool:
+        return self.connections > 0 or self.connected > 0
 
 
 async def run(
@@ -304,38 +216,81 @@ async def run(
     replay_age: float = DEFAULT_REPLAY_AGE,
     idle_ttl: float = DEFAULT_IDLE_TTL,
     seq_base: int = 0,
+    max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The hub: routes messages to session actors (created on first use) and broadcasts to subscribers.
     ``seq_base``: where every session's seq starts (see ``_run_session``)."""
     sessions: dict[tuple[str, str], _SessionEntry] = {}
-    by_user: dict[str, set[str]] = {}
+    by_user: dict[str, dict[str, None]] = {}  # user -> its clientIds, least recently used first
+    live_by_user: dict[str, set[str]] = {}  # user -> clientIds of its sessions with a live connection
+    user_latest: dict[str, tuple[int, Mapping[str, Any]]] = {}  # user -> (version, latest user-wide message)
     broadcast: list[Outbox] = []
     broadcast_seq = 0
     latest_status: Outgoing | None = None  # a new subscriber gets the current status at once
 
-    def session(nursery: trio.Nursery, user_id: str, client_id: str) -> _SessionEntry:
+    def drop(key: tuple[str, str]) -> None:
+        entry = sessions.pop(key)
+        entry.inbox.close()  # the session actor ends when its inbox closes
+        cids = by_user[key[0]]
+        cids.pop(key[1], None)
+        if not cids:
+            del by_user[key[0]]
+            user_latest.pop(key[0], None)
+
+    def touch(user_id: str, client_id: str) -> None:
+        cids = by_user[user_id]
+        cids.pop(client_id, None)
+        cids[client_id] = None  # most recently used last
+
+    def set_live(user_id: str, client_id: str, entry: _SessionEntry) -> None:
+        if entry.live:
+            live_by_user.setdefault(user_id, set()).add(client_id)
+        elif (live := live_by_user.get(user_id)) is not None:
+            live.discard(client_id)
+            if not live:
+                del live_by_user[user_id]
+            entry.idle_since = trio.current_time()
+
+    def session(nursery: trio.Nursery, user_id: str, client_id: str, *, force: bool = True) -> _SessionEntry | None:
+        """The session, created on first use. Over the per-user limit, the least recently used session with no
+        live connection makes room; when all are live, None (or, with ``force``, the limit is passed: a task's
+        own messages are never dropped, and live sessions are bounded by connections per user anyway)."""
         key = (user_id, client_id)
         entry = sessions.get(key)
         if entry is None:
+            cids = by_user.get(user_id, {})
+            if len(cids) >= max_sessions_per_user:
+                victim = next((c for c in cids if not sessions[(user_id, c)].live), None)
+                if victim is not None:
+                    log.info("sessions: %s has %d sessions: dropping idle %s", user_id, len(cids), victim)
+                    drop((user_id, victim))
+                elif not force:
+                    return None
             send, recv = trio.open_memory_channel[_SessionMsg](SESSION_INBOX)
             nursery.start_soon(
                 partial(_run_session, f"{user_id}/{client_id}", recv, replay_max=replay_max, replay_age=replay_age,
                         seq_base=seq_base)
             )
-            entry = sessions[key] = _SessionEntry(send, idle_since=trio.current_time())
-            by_user.setdefault(user_id, set()).add(client_id)
+            version = user_latest[user_id][0] if user_id in user_latest else 0
+            entry = sessions[key] = _SessionEntry(send, idle_since=trio.current_time(), user_version=version)
+            by_user.setdefault(user_id, {})[client_id] = None
+        else:
+            touch(user_id, client_id)
         return entry
+
+    async def catch_up(user_id: str, entry: _SessionEntry) -> None:
+        """A session that missed user-wide messages while it had no connection gets the latest one now."""
+        latest = user_latest.get(user_id)
+        if latest is not None and entry.user_version < latest[0]:
+            entry.user_version = latest[0]
+            await entry.inbox.send(_Deliver(latest[1]))
 
     def sweep() -> None:
         now = trio.current_time()
         for key, entry in list(sessions.items()):
-            if entry.connections == 0 and now - entry.idle_since > idle_ttl:
-                entry.inbox.close()  # the session actor ends when its inbox closes
-                del sessions[key]
-                by_user[key[0]].discard(key[1])
-                if not by_user[key[0]]:
-                    del by_user[key[0]]
+            if not entry.live and now - entry.idle_since > idle_ttl:
+                drop(key)
 
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -354,10 +309,17 @@ async def run(
                     continue
                 match msg:
                     case Publish(user_id, None, body):
-                        for cid in by_user.get(user_id, ()):
-                            await sessions[(user_id, cid)].inbox.send(_Deliver(body))
+                        if user_id in by_user:
+                            version = user_latest[user_id][0] + 1 if user_id in user_latest else 1
+                            user_latest[user_id] = (version, body)
+                            for cid in live_by_user.get(user_id, ()):
+                                entry = sessions[(user_id, cid)]
+                                entry.user_version = version
+                                await entry.inbox.send(_Deliver(body))
                     case Publish(user_id, client_id, body, seq):
-                        await session(nursery, user_id, client_id).inbox.send(_Deliver(body, seq))
+                        entry = session(nursery, user_id, client_id)
+                        assert entry is not None
+                        await entry.inbox.send(_Deliver(body, seq))
                     case Broadcast(body):
                         broadcast_seq += 1
                         out = _outgoing(BROADCAST_DESTINATION, broadcast_seq, body)
@@ -365,15 +327,29 @@ async def run(
                             latest_status = out
                         for ob in broadcast:
                             ob.put_nowait(out)
+                    case Connect(user_id, client_id, reply):
+                        entry = session(nursery, user_id, client_id, force=False)
+                        if entry is not None:
+                            entry.connected += 1
+                            set_live(user_id, client_id, entry)
+                        reply_once(reply, entry is not None)
+                    case Disconnect(user_id, client_id):
+                        entry = sessions.get((user_id, client_id))
+                        if entry is not None and entry.connected > 0:
+                            entry.connected -= 1
+                            set_live(user_id, client_id, entry)
                     case Attach(user_id, client_id):
                         entry = session(nursery, user_id, client_id)
+                        assert entry is not None
+                        await catch_up(user_id, entry)
                         entry.connections += 1
+                        set_live(user_id, client_id, entry)
                         await entry.inbox.send(msg)
                     case Detach(user_id, client_id):
                         entry = sessions.get((user_id, client_id))
                         if entry is not None:
                             entry.connections -= 1
-                            entry.idle_since = trio.current_time()
+                            set_live(user_id, client_id, entry)
                             await entry.inbox.send(msg)
                     case AttachBroadcast(outbox):
                         broadcast.append(outbox)

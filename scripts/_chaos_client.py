@@ -14,16 +14,26 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-if TYPE_CHECKING:
-    from _chaos_lib import GatewayProcess
-
 log = logging.getLogger("chaos")
+
+
+class Gateway(Protocol):
+    """What a client needs of the gateway under test (``_chaos_lib.GatewayProcess`` is one)."""
+
+    url: str
+    ws_url: str
+
+    async def wait_up(self) -> None: ...
+
+    def issue(self, user: str) -> str: ...
+
+    def headers(self, user: str) -> dict[str, str]: ...
 
 
 @dataclass
@@ -81,7 +91,7 @@ class ResumingClient:
 
     user: str
     client_id: str
-    gateway: GatewayProcess
+    gateway: Gateway
     http: httpx.AsyncClient
     pause: Callable[[], float] = lambda: 0.05  # seconds before a reconnect (seeded by the caller)
     seen: list[Seen] = field(default_factory=list)

@@ -39,6 +39,7 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 from _chaos_audit import Grant, Report, settle_and_audit  # noqa: E402
+from _chaos_hostile import HostileStats, flooder, now, percentile, poisoner, queued_latency, stormer  # noqa: E402
 from _chaos_lib import GatewayProcess, ResumingClient, SimHandle, make_workflow  # noqa: E402
 
 log = logging.getLogger("chaos")
@@ -66,6 +67,12 @@ class ChaosConfig:
     max_inflight: int = 2
     settle_timeout: float = 120.0
     workdir: str = ""
+    hostile: bool = True  # poisoner, session flooder and replay stormer alongside the well-behaved users
+    poison_rounds: int = 0  # 0: tasks // 5
+    flood_sessions: int = 0  # 0: tasks * 2 (the per-user session limit is 64)
+    storm_rounds: int = 0  # 0: tasks // 50, at least 2
+    max_replays: int = 10  # the gateway's --max-replays-per-minute in this run
+    latency_bound: float = 0.25  # seconds: p95 of well-behaved users' POST -> queued
 
     def credits(self) -> int:
         if self.initial_credits:
@@ -130,6 +137,9 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
     grants: list[Grant] = []
     accepted: dict[str, list[str]] = {}
     progress = [0]
+    hostile = HostileStats()
+    submits: list[tuple[str, str, float]] = []  # well-behaved users' accepted submits: (user, taskId, wall time)
+    restarts: list[tuple[float, float]] = []  # wall-clock windows of gateway kills and restarts
     progressed = [trio.Event()]
     started = time.monotonic()
     report = Report()
@@ -141,7 +151,8 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log",
             args=("--initial-credits", str(credits), "--price", "1", "--max-inflight", str(cfg.max_inflight),
                   "--max-queued-per-user", str(cfg.tasks + 1), "--reconnect-max-delay", "0.5",
-                  "--reconnect-max-restarts", "100000"),
+                  "--reconnect-max-restarts", "100000", "--submit-rate", "100", "--submit-burst", "100",
+                  "--max-replays-per-minute", str(cfg.max_replays)),
         )
         await gw.start(nursery)
         users = sorted({u for u, *_ in plan.tasks})
@@ -170,6 +181,7 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                     continue
                 await trio.sleep(pause)  # seeded pacing of the load (not a wait for an outcome)
                 stats.submitted += 1
+                t0 = now()
                 r = await request("POST", "/api/tasks", user, body={
                     "clientId": clients[user].client_id, "workflow": make_workflow(kind, steps=cfg.steps, seed=i),
                     "size": size})
@@ -178,6 +190,7 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                 elif r.status_code == 202:
                     stats.accepted += 1
                     accepted.setdefault(user, []).append(r.json()["taskId"])
+                    submits.append((user, r.json()["taskId"], t0))
                 else:
                     stats.refused[r.status_code] = stats.refused.get(r.status_code, 0) + 1
                     if r.status_code not in (402, 429, 503):
@@ -193,9 +206,11 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                 stats.events[kind] = stats.events.get(kind, 0) + 1
                 log.info("chaos: after %d submissions: %s %s", progress[0], kind, p)
                 if kind == "gateway_kill":
+                    killed = now()
                     await gw.kill()
                     await trio.sleep(p["down"])  # seeded downtime
                     await gw.start(nursery)
+                    restarts.append((killed, now()))
                 elif kind == "sim_kill":
                     await sims.kill()
                     await trio.sleep(p["down"])
@@ -221,13 +236,32 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             for user in users:
                 load.start_soon(submitter, user)
             load.start_soon(faults)
+            if cfg.hostile:
+                hrng = random.Random(cfg.seed * 104729 + 3)
+                load.start_soon(poisoner, gw, http, hrng, cfg.poison_rounds or cfg.tasks // 5, hostile)
+                load.start_soon(flooder, gw, http, hrng, cfg.flood_sessions or cfg.tasks * 2, hostile)
+                load.start_soon(stormer, gw, cfg.storm_rounds or max(2, cfg.tasks // 50), cfg.max_replays, hostile)
         loaded = time.monotonic()
         await settle_and_audit(gateway=gw, sims=sims, clients=clients, http=http, initial_credits=credits,
                                grants=grants, settle_timeout=cfg.settle_timeout, report=report)
+        latencies = queued_latency(submits, {u: c.seen for u, c in clients.items()}, restarts)
         for c in clients.values():
             c.stopping = True
             c.drop()
         nursery.cancel_scope.cancel()
+    for problem in hostile.problems:
+        report.add(f"hostile: {problem}")
+    if cfg.hostile:
+        if hostile.poison_http_refused == 0 or hostile.storms_cut == 0:
+            report.add(f"hostile users were not refused as expected: {hostile.as_dict()}")
+        p95 = percentile(latencies, 0.95)
+        if not latencies or p95 > cfg.latency_bound:
+            report.add(f"well-behaved users' queued latency p95 {p95:.3f}s over {len(latencies)} submits "
+                       f"(bound {cfg.latency_bound}s)")
+        report.stats["hostile"] = hostile.as_dict()
+        report.stats["queued_latency_ms"] = {
+            "n": len(latencies), "p50": round(1000 * percentile(latencies, 0.5), 1),
+            "p95": round(1000 * percentile(latencies, 0.95), 1), "max": round(1000 * max(latencies, default=0), 1)}
 
     report.stats.update({
         "seed": cfg.seed, "users": len(users), "initial_credits": credits, "submitted": stats.submitted,
@@ -257,6 +291,9 @@ def _parse(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]:
     p.add_argument("--mean-gap", type=float, default=d.mean_gap)
     p.add_argument("--settle-timeout", type=float, default=d.settle_timeout)
     p.add_argument("--workdir", default="", help="where the data directory and logs go (default: a new temp dir)")
+    p.add_argument("--no-hostile", action="store_true", help="no poisoner, session flooder or replay stormer")
+    p.add_argument("--latency-bound", type=float, default=d.latency_bound,
+                   help="seconds: p95 of well-behaved users' POST -> queued (checked with hostile users)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
@@ -269,7 +306,8 @@ def _parse(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]:
         client_drops=a.client_drops if a.client_drops is not None else max(4, n // 20),
         grants=a.grants if a.grants is not None else max(3, n // 30),
         forget_share=a.forget_share, initial_credits=a.initial_credits, step_ms=a.step_ms, steps=a.steps,
-        mean_gap=a.mean_gap, settle_timeout=a.settle_timeout, workdir=a.workdir,
+        mean_gap=a.mean_gap, settle_timeout=a.settle_timeout, workdir=a.workdir, hostile=not a.no_hostile,
+        latency_bound=a.latency_bound,
     )
     return cfg, a
 

@@ -19,7 +19,7 @@ from web.config import WebConfig
 from web.server import Running, serve_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"  # copies of ../shared's transcripts and workflows (see tests/data/README.md)
+DATA = ROOT / "tests" / "data"  # ComfyUI transcripts and workflows (see tests/data/README.md)
 TRANSCRIPTS = DATA / "comfyui-transcripts"
 WORKFLOWS = DATA / "workflows"
 TEST_SECRET = b"test-secret-0123456789-abcdefghijklmnop"

@@ -52,7 +52,7 @@ from actors.comfy import (
     run,
 )
 
-from conftest import TRANSCRIPTS, WORKFLOWS  # tests/data copies of ../shared
+from conftest import TRANSCRIPTS, WORKFLOWS  # the recordings and workflows in tests/data
 CLIENT_ID = "gw-7f3a"
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 POLICY = RestartPolicy(initial_delay=0.5, max_delay=30.0, max_restarts=5, window=60.0, healthy_after=30.0)

@@ -31,7 +31,7 @@ from actors.comfy import (
     parse_comfy_message,
 )
 
-from conftest import TRANSCRIPTS  # noqa: E402  (tests/data copies of ../shared)
+from conftest import TRANSCRIPTS  # noqa: E402  (the recordings and workflows in tests/data)
 MODELLED = {
     "status": Status,
     "feature_flags": FeatureFlags,

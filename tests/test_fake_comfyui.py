@@ -1,4 +1,4 @@
-"""Tests of ``scripts/fake_comfyui.py`` against the transcripts of a real ComfyUI 0.3.64 (shared/comfyui-transcripts).
+"""Tests of ``scripts/fake_comfyui.py`` against the transcripts of a real ComfyUI 0.3.64 (tests/data/comfyui-transcripts).
 
 Real sockets on 127.0.0.1, port 0, with trio-websocket and httpx clients. Tests that run prompts run under
 ``MockClock(autojump_threshold=0)``: sampler steps cost no real time and timings are exact. (pytest-trio only
@@ -34,7 +34,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 import fake_comfyui
 from fake_comfyui import FakeComfyUI
 
-from conftest import TRANSCRIPTS as TRANSCRIPTS_DIR, WORKFLOWS  # tests/data: copies of ../shared
+from conftest import TRANSCRIPTS as TRANSCRIPTS_DIR, WORKFLOWS  # tests/data: recordings and workflows
 
 STEP_MS = 50.0
 STEP_S = STEP_MS / 1000

@@ -195,11 +195,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- helpers
 
-    def call(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T | LedgerError:
+    def call(self, afn: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T | LedgerError:
         async def go() -> T | LedgerError:
             try:
                 with trio.fail_after(10):
-                    return await afn(self.tx, *args)
+                    return await afn(self.tx, *args, **kw)
             except LedgerError as exc:
                 return exc
 
@@ -263,10 +263,14 @@ class LedgerMachine(RuleBasedStateMachine):
         kind = "settle" if outcome == "settled" else "release"
         self.check(got, expected, [hold.user] if did and hold else [], [(kind, task, hold.amount)] if did and hold else [])
 
-    @rule(user=st.sampled_from(USERS), amount=st.integers(-20, 40))
-    def grant(self, user: str, amount: int) -> None:
+    @rule(user=st.sampled_from(USERS), amount=st.integers(-20, 40), allow_negative=st.booleans())
+    def grant(self, user: str, amount: int, allow_negative: bool) -> None:
+        if self.model.balance[user] - self.model.frozen[user] + amount < 0 and not allow_negative:
+            got = self.call(ledger.grant, user, amount, "prop")  # would leave available below zero: refused
+            self.check(got, ledger.NegativeBalance, [], [])
+            return
         self.model.balance[user] += amount
-        got = self.call(ledger.grant, user, amount, "prop")
+        got = self.call(ledger.grant, user, amount, "prop", allow_negative=allow_negative)
         self.check(got, True, [user], [("grant", None, amount)])
 
     @rule(dt=st.floats(0, 150))
@@ -462,8 +466,9 @@ async def test_schema_migrates_forward_and_refuses_a_newer_one(tmp_path: Path) -
         assert (await store.account("u", 100)).balance == 42 and await store.audit() == []
         await store.freeze("u", "t", 2, 100, ttl=60)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal_task'").fetchone() is not None
+    assert db.execute("SELECT crashes FROM tasks").fetchall() == []  # version 3: the quarantine counter
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.commit()
     db.close()
@@ -528,7 +533,8 @@ async def test_concurrent_submits_never_overdraw(sim: Any, start_gateway: Any) -
     33 refused with 402; when they are done the balance is 22 - 21 and nothing is frozen."""
     from stomp_client import stomp_connect
 
-    g: GatewayUnderTest = await start_gateway([sim.url], initial_credits=22, price=3, max_queued_per_user=100)
+    g: GatewayUnderTest = await start_gateway([sim.url], initial_credits=22, price=3, max_queued_per_user=100,
+                                              submit_burst=100)
     await wait_backends_up(g)
     sim.pause()  # keep every accepted task frozen while the burst runs
     statuses: list[int] = []

@@ -1,6 +1,6 @@
 """Tests for the sans-IO STOMP codec (web/stomp). Plain sync pytest plus hypothesis.
 
-The recorded stompjs frames come from shared/STACK-NOTES.md section 5.1. Every wire string is fed whole,
+The recorded stompjs frames come from docs/STACK-NOTES.md section 5.1. Every wire string is fed whole,
 in fixed-size steps and split at every single position (h11/tests/test_io.py style), and must give the
 same events. The hypothesis properties at the bottom are shared with scripts/fuzz_stomp.py, which runs
 them with far more examples: ``check_round_trip``/``check_fuzz`` plus the strategies ``sessions()``,

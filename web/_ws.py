@@ -17,7 +17,7 @@ TCP connection is cut underneath it (``_transport.transport_closer``).
 from __future__ import annotations
 
 import itertools
-import json
+from collections import deque
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,13 +28,16 @@ import trio
 from actors import registry
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
+from actors.validate import decode_json
 from actors.sessions import (
     BROADCAST_DESTINATION,
     USER_DESTINATION,
     Attach,
     AttachBroadcast,
+    Connect,
     Detach,
     DetachBroadcast,
+    Disconnect,
     Outbox,
     Outgoing,
     Publish,
@@ -53,6 +56,7 @@ SERVER_NAME = "comfy-gateway/0.1"
 MAX_TICK = 0.5  # seconds between the timer task's checks of the outbox (its other deadlines are exact)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
 DETACH_TIMEOUT = 2.0  # seconds the cleanup of a closed connection waits for the sessions hub
+REPLAY_WINDOW = 60.0  # seconds over which --max-replays-per-minute counts a connection's replays
 RAW = "raw"  # Outgoing.type of an already-encoded control frame
 END = "end"  # Outgoing.type of the marker after a connection's last frame (its ERROR or RECEIPT)
 _END = Outgoing("", 0, b"", END)
@@ -111,6 +115,8 @@ class _Conn:
     close_after_flush: _Close | None = None
     abort: Callable[[], Awaitable[None]] | None = None  # cuts the TCP connection (for a stuck writer)
     released: bool = False  # session detached and per-user slot given back
+    session_held: bool = False  # the hub accepted our Connect: a Disconnect is owed
+    replays: deque[float] = field(default_factory=deque)  # trio times of this connection's last-seq replays
 
     def raw(self, data: bytes) -> None:
         self.outbox.put_nowait(Outgoing("", 0, data, RAW))
@@ -233,6 +239,11 @@ class StompEndpoint:
                     conn.busy = True  # while we wait on an actor we read nothing: not the client's silence
                     try:
                         await self._handle(conn, event)
+                    except (_Close, RemoteProtocolError):
+                        raise
+                    except Exception:  # a bug must cost this frame an ERROR, never the process or a silent close
+                        log.exception("ws %d: %s frame failed", conn.id, event.command)
+                        self._error(conn, "internal error", f"the gateway failed to handle {event.command}", 1011)
                     finally:
                         conn.busy = False
                         conn.last_rx = trio.current_time()
@@ -352,6 +363,17 @@ class StompEndpoint:
             return
         conn.principal, conn.client_id = who, client_id
         try:
+            with trio.fail_after(DETACH_TIMEOUT * 5):
+                conn.session_held = await ask(self.h.sessions, lambda r: Connect(who.user_id, client_id, r),
+                                              name="sessions")
+        except (trio.TooSlowError, ActorGone):
+            self._error(conn, "unavailable", "the gateway is busy; reconnect later", 1013)
+            return
+        if not conn.session_held:
+            self._error(conn, "too many sessions", f"every one of your {self.h.config.max_sessions_per_user} "
+                        "sessions has a live connection; close one or reuse a clientId", 1008)
+            return
+        try:
             send_ms, expect_ms = negotiate_heartbeat(frame.get("heart-beat"), self.cfg.heartbeat_ms)
         except RemoteProtocolError as exc:
             self._fail(conn, exc.error_frame, 1002)
@@ -386,9 +408,22 @@ class StompEndpoint:
             except ValueError:
                 self._error(conn, "bad last-seq", f"last-seq must be an integer, not {last_seq!r}", 1002, receipt)
                 return
+            if since is not None and not self._replay_allowed(conn):
+                self._error(conn, "too many replays", f"at most {self.cfg.max_replays_per_minute} subscriptions with "
+                            "last-seq per connection per minute", 1008, receipt)
+                return
             await self.h.sessions.send(Attach(conn.principal.user_id, conn.client_id, conn.outbox, since))
         else:
             await self.h.sessions.send(AttachBroadcast(conn.outbox))
+
+    def _replay_allowed(self, conn: _Conn) -> bool:
+        now = trio.current_time()
+        while conn.replays and now - conn.replays[0] >= REPLAY_WINDOW:
+            conn.replays.popleft()
+        if len(conn.replays) >= self.cfg.max_replays_per_minute:
+            return False
+        conn.replays.append(now)
+        return True
 
     async def _unsubscribe(self, conn: _Conn, sub_id: str) -> None:
         for dest, (sid, _) in list(conn.subs.items()):
@@ -414,6 +449,12 @@ class StompEndpoint:
             except (trio.BrokenResourceError, trio.ClosedResourceError):  # the hub is gone: gateway shutting down
                 log.debug("ws %d: sessions hub gone; %s not detached", conn.id, dest)
             del conn.subs[dest]  # only now: a Detach cancelled before delivery is sent again by the next call
+        if conn.session_held and conn.client_id is not None:
+            try:
+                await self.h.sessions.send(Disconnect(conn.principal.user_id, conn.client_id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("ws %d: sessions hub gone; not disconnected", conn.id)
+            conn.session_held = False
         conn.released = True
         self.counter.release(conn.principal.user_id)
 
@@ -425,10 +466,10 @@ class StompEndpoint:
             self._error(conn, "unknown destination", f"cannot send to {dest!r}; use /app/tasks or /app/cancel",
                         1008, receipt)
             return
-        try:
-            body = json.loads(frame.body.decode("utf-8")) if frame.body else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = None
+        body, problem = decode_json(frame.body, self.cfg.limits) if frame.body else ({}, None)
+        if problem is not None:
+            await self._reject(user, client, problem.code, problem.detail)
+            return
         if not isinstance(body, dict):
             await self._reject(user, client, "bad_json", "the body must be a JSON object")
             return

@@ -20,6 +20,8 @@ from werkzeug.exceptions import HTTPException
 from actors import ledger, registry, scheduler, sessions
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
+from actors.store import MAX_AMOUNT
+from actors.validate import decode_json, validate_workflow
 
 from ._metrics import Metrics
 from ._ws import ConnectionCounter, StompEndpoint
@@ -67,13 +69,27 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
         assert scope.cancelled_caught
         raise ApiError(503, "busy", f"the {name} did not answer within {ASK_TIMEOUT:.0f}s")
 
-    async def json_body() -> dict[str, Any]:
+    async def ledger_call(call: Any) -> Any:
+        """Ask the ledger; its refusals and failures become this request's 4xx/5xx."""
         try:
-            body = await request.get_json(force=True, silent=False)
-        except HTTPException as exc:
-            if exc.code == 413:
-                raise
-            raise ApiError(400, "bad_json", "the body must be a JSON object") from None
+            with trio.fail_after(ASK_TIMEOUT):
+                return await call()
+        except (trio.TooSlowError, ActorGone):
+            raise ApiError(503, "unavailable", "the ledger did not answer") from None
+        except ledger.LedgerFault as exc:
+            raise ApiError(500, "internal", str(exc)) from None
+        except (ledger.InvalidAmount, ledger.NegativeBalance) as exc:
+            raise ApiError(400, "bad_amount", str(exc)) from None
+        except ledger.LedgerError as exc:
+            raise ApiError(409, "ledger_conflict", str(exc)) from None
+
+    async def json_body() -> dict[str, Any]:
+        # our own strict decoder, not request.get_json: invalid UTF-8, NaN, lone surrogates and deep nesting are
+        # a 400 naming the problem (Quart's raised 500 on some of them)
+        data = await request.get_data(cache=False)
+        body, problem = decode_json(data, cfg.limits)
+        if problem is not None:
+            raise ApiError(400, problem.code, problem.detail)
         if not isinstance(body, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object")
         return body
@@ -81,6 +97,11 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
         return error(exc.status, exc.error, exc.detail)
+
+    @app.errorhandler(Exception)
+    async def _internal_error(exc: Exception) -> Response:  # a bug or a store error: this request fails, not the process
+        log.error("%s %s failed", request.method, request.path, exc_info=exc)
+        return error(500, "internal", f"the gateway failed on this request ({type(exc).__name__})")
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -188,11 +209,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     @app.get("/api/balance")
     async def balance() -> dict[str, Any]:
         who = principal()
-        try:
-            with trio.fail_after(ASK_TIMEOUT):
-                acc = await ledger.get_account(handles.ledger, who.user_id)
-        except (trio.TooSlowError, ActorGone):
-            raise ApiError(503, "unavailable", "the ledger did not answer") from None
+        acc = await ledger_call(lambda: ledger.get_account(handles.ledger, who.user_id))
         return acc.as_json()
 
     @app.post("/api/admin/credits")
@@ -201,11 +218,15 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
         if not who.admin:
             raise ApiError(403, "forbidden", "an admin token is required")
         body = await json_body()
-        user_id, amount = body.get("userId"), body.get("amount")
-        if not valid_id(user_id) or not isinstance(amount, int) or isinstance(amount, bool):
-            raise ApiError(400, "bad_request", "body must be {\"userId\": str, \"amount\": int}")
-        with trio.fail_after(ASK_TIMEOUT):
-            acc = await ledger.grant(handles.ledger, user_id, amount, f"admin {who.user_id}")
+        user_id, amount, allow_negative = body.get("userId"), body.get("amount"), body.get("allowNegative", False)
+        if not valid_id(user_id) or not isinstance(amount, int) or isinstance(amount, bool) \
+                or not isinstance(allow_negative, bool):
+            raise ApiError(400, "bad_request",
+                           "body must be {\"userId\": str, \"amount\": int, \"allowNegative\"?: bool}")
+        if abs(amount) > MAX_AMOUNT:
+            raise ApiError(400, "bad_amount", f"amount must be within +-2^53 ({MAX_AMOUNT}), not {amount}")
+        acc = await ledger_call(lambda: ledger.grant(handles.ledger, user_id, amount, f"admin {who.user_id}",
+                                                     allow_negative=allow_negative))
         return acc.as_json()
 
     @app.get("/api/demo-token")
@@ -265,9 +286,9 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
 async def submit(handles: Handles, cfg: WebConfig, user_id: str, client_id: str, body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:
     """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry."""
     workflow = body.get("workflow")
-    reason = registry.validate_workflow(workflow)
-    if reason is not None:
-        return registry.Refused(400, "bad_workflow", reason)
+    problem = validate_workflow(workflow, cfg.limits)
+    if problem is not None:
+        return registry.Refused(400, problem.code, problem.detail)
     size = body.get("size", 1)
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= cfg.max_task_size:
         return registry.Refused(400, "bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from actors.validate import WorkflowLimits
+
+from .stomp import MAX_FRAME_SIZE
 
 DEFAULT_BIND = "127.0.0.1:8080"
 
@@ -13,7 +17,7 @@ class WebConfig:
     auth: str = "token"  # "token" | "open"
     allowed_origins: tuple[str, ...] = ("*",)
     simulate: bool = False  # serve /api/demo-token for the demo page
-    max_frame_size: int = 64 * 1024  # bytes of one inbound STOMP frame
+    max_frame_size: int = MAX_FRAME_SIZE  # bytes of one inbound STOMP frame (the codec's own default)
     max_body_size: int = 1 << 20  # bytes of one HTTP request body
     max_connections_per_user: int = 16
     max_subscriptions: int = 8  # per connection
@@ -24,6 +28,8 @@ class WebConfig:
     max_task_size: int = 64  # largest "size" of one task
     permessage_deflate: bool = False
     shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
+    limits: WorkflowLimits = field(default_factory=WorkflowLimits)  # JSON bodies and workflows, at the door
+    max_replays_per_minute: int = 30  # SUBSCRIBEs with last-seq per connection per minute ("too many replays")
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:

@@ -20,6 +20,7 @@ from hypercorn.trio import serve
 
 from actors.gateway import GatewayConfig, run_gateway
 
+from . import _ws_close
 from .app import create_app
 from .auth import Authenticator
 from .config import WebConfig
@@ -81,6 +82,7 @@ async def serve_gateway(
     if auth.open:
         log.warning("AUTH MODE 'open': clients are trusted to name themselves (clientId = user). Development only!")
     set_permessage_deflate(web.permessage_deflate)
+    _ws_close.install()  # malformed frames close with 1002/1007 (RFC 6455), not a dropped TCP connection
     hc = HypercornConfig()
     hc.bind = [f"fd://{sock.detach()}"]
     hc.accesslog = None

@@ -12,7 +12,7 @@ Two halves share one nursery and nothing but the report channel:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import trio
@@ -39,6 +39,7 @@ async def run(
     timeouts: ComfyTimeouts = ComfyTimeouts(),
     jitter: Callable[[float], float] = full_jitter,
     counters: ComfyCounters | None = None,
+    on_dispatch: Callable[[str], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the actor for one backend until ``inbox`` is closed; then close the socket and return.
@@ -46,14 +47,16 @@ async def run(
     ``reports`` is owned by the actor and closed when it returns: give each actor its own ``clone()``. ``http`` is
     shared and not closed here. ``counters``, if given, is kept up to date by the actor: read it with
     ``counters.statistics()``. Started means "running", not "connected": ``BackendUp`` tells when the socket is up.
-    Commands in flight when the inbox closes are cancelled.
+    Commands in flight when the inbox closes are cancelled. ``on_dispatch(task_id)``, if given, is awaited before each
+    submit is sent (the gateway records the task as in flight in this run, for the crash quarantine).
     """
     if counters is None:
         counters = ComfyCounters()
     base = spec.url.rstrip("/")
     dial = Dial.from_url(spec.url, client_id)
     connection = Connection(spec.name, base, dial, reports, http, timeouts, counters)
-    commands = Commands(spec.name, base, reports, http, client_id, timeouts.http, on_accepted=connection.note_submitted)
+    commands = Commands(spec.name, base, reports, http, client_id, timeouts.http, on_accepted=connection.note_submitted,
+                        on_dispatch=on_dispatch)
     with reports, inbox:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.keep_connected, policy, jitter)

@@ -2,14 +2,14 @@
 
 Each command runs in its own task (see ``_actor.run``). At most ``COMMAND_CONCURRENCY`` requests are in flight;
 a task sends its reports after giving its HTTP slot back, so a slow registry never holds a slot. Nothing here adds
-an ``Origin`` header (ComfyUI answers 403 to a foreign one, shared/comfyui-protocol.md section 2.1).
+an ``Origin`` header (ComfyUI answers 403 to a foreign one, docs/comfyui-protocol.md section 2.1).
 """
 
 from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import httpx
@@ -21,6 +21,7 @@ from ._messages import (
     ComfyCommand,
     ComfyReport,
     PromptAccepted,
+    PromptFailed,
     PromptLocated,
     PromptRejected,
     PromptSubmitUnknown,
@@ -64,6 +65,7 @@ class Commands:
         client_id: str,
         timeout: float,
         on_accepted: Callable[[float], None] | None = None,
+        on_dispatch: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         """``on_accepted(sent_at)`` is told the trio time each accepted submit was sent (the connection then expects
         ComfyUI's ``status`` broadcast on its socket)."""
@@ -74,18 +76,32 @@ class Commands:
         self.client_id = client_id
         self.timeout = timeout
         self.on_accepted = on_accepted
+        self.on_dispatch = on_dispatch
         self.limiter = trio.CapacityLimiter(COMMAND_CONCURRENCY)
 
     async def handle(self, command: ComfyCommand) -> None:
-        match command:
-            case SubmitPrompt():
-                await self.reports.send(await self._submit(command))
-            case CancelPrompt(prompt_id):
-                await self._cancel(prompt_id)
-            case CheckPrompts(prompt_ids):
-                await self._check(prompt_ids)
-            case _:
-                log.warning("%s: ignored unknown command %r", self.name, command)
+        """Run one command. An exception fails only this command (crash isolation): a submit becomes a
+        ``PromptFailed`` report (the registry fails the task as ``internal`` and refunds it); the actor goes on."""
+        report: ComfyReport | None = None
+        try:
+            match command:
+                case SubmitPrompt():
+                    if self.on_dispatch is not None:
+                        await self.on_dispatch(command.task_id)
+                    report = await self._submit(command)
+                case CancelPrompt(prompt_id):
+                    await self._cancel(prompt_id)
+                case CheckPrompts(prompt_ids):
+                    await self._check(prompt_ids)
+                case _:
+                    log.warning("%s: ignored unknown command %r", self.name, command)
+        except Exception as exc:  # trio.Cancelled is a BaseException: it passes
+            log.exception("%s: %s failed (task %s)", self.name, type(command).__name__,
+                          getattr(command, "task_id", "-"))
+            if isinstance(command, SubmitPrompt):
+                report = PromptFailed(self.name, command.task_id, command.prompt_id, f"{type(exc).__name__}: {exc}")
+        if report is not None:
+            await self.reports.send(report)
 
     async def _request(self, method: str, path: str, *, json_body: Any = None) -> httpx.Response:
         async with self.limiter:

@@ -27,7 +27,7 @@ class ComfyTimeouts:
     ping_timeout: float = 10.0  # ... and a missing pong within this forces a reconnect (zombie socket watchdog)
     slow_retry: float = 30.0  # once the supervisor gave up: retry this often (backend marked down)
     # ComfyUI broadcasts `status` on every enqueue, so an accepted submit followed by no frame at all within this is
-    # the same-clientId trap (our socket silently unregistered, shared/comfyui-protocol.md 2.2): reconnect.
+    # the same-clientId trap (our socket silently unregistered, docs/comfyui-protocol.md 2.2): reconnect.
     status_after_submit: float = 10.0
     # While ComfyUI has work queued (last queue_remaining > 0), a socket silent this long is reconnected (then
     # reconciled). Long: a node without progress updates (model load, big VAE decode) sends nothing meanwhile.
@@ -47,7 +47,7 @@ class ComfyStats:
 class ComfyCounters:
     """Live counters of one comfy actor. Only the actor writes them; anyone may call ``statistics()`` (e.g. /metrics)."""
 
-    __slots__ = ("connected", "down", "attempts", "frames", "malformed", "unknown")
+    __slots__ = ("attempts", "connected", "down", "frames", "malformed", "unknown")
 
     def __init__(self) -> None:
         self.connected = False

@@ -1,7 +1,7 @@
 """The WebSocket half of a comfy actor: one socket at a time, under a supervisor, reporting events and state.
 
 ComfyUI keeps one socket per clientId and a second socket *replaces* the first; when the older one then closes,
-the server forgets the newer one too (shared/comfyui-protocol.md section 2.2). So a new dial starts only after the
+the server forgets the newer one too (docs/comfyui-protocol.md section 2.2). So a new dial starts only after the
 previous socket is fully closed (close handshake done or timed out, TCP stream closed). Crashes (refused dial,
 handshake rejected, server close, no first ``status``, silent socket) are restarted by ``supervise`` with backoff,
 each redial after a crash preceded by an HTTP liveness check (GET /system_stats). When the supervisor gives up,
@@ -224,7 +224,7 @@ class Connection:
             except Exception as exc:
                 raise ComfyDisconnected(link.lost or describe(exc)) from exc
 
-    async def _open_stream(self) -> trio.abc.Stream:
+    async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         if self.dial.ssl:
             return await trio.open_ssl_over_tcp_stream(
                 self.dial.host, self.dial.port, ssl_context=ssl.create_default_context(), https_compatible=True

@@ -1,4 +1,4 @@
-"""Typed ComfyUI WebSocket events (see shared/comfyui-protocol.md section 2). Pure data, no I/O.
+"""Typed ComfyUI WebSocket events (see docs/comfyui-protocol.md section 2). Pure data, no I/O.
 
 ``parse_comfy_message`` in ``_protocol.py`` turns one WebSocket message (text or binary) into one of these.
 """

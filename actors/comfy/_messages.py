@@ -113,6 +113,18 @@ class PromptLocated:
     history: Mapping[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PromptFailed:
+    """Submitting the prompt failed inside the gateway (a bug, or input that cannot be encoded): crash isolation
+    turns the exception into this report, so the task fails (``internal``, refunded) and the actor goes on."""
+
+    backend: str
+    task_id: str
+    prompt_id: str
+    error: str
+
+
 ComfyReport = (
     BackendUp | BackendLost | BackendEvent | PromptAccepted | PromptRejected | PromptSubmitUnknown | PromptLocated
+    | PromptFailed
 )

@@ -1,6 +1,6 @@
 """ComfyUI WebSocket messages -> typed events, and ComfyUI's 400 bodies -> readable text. Sans-IO: no trio here.
 
-Text messages are JSON ``{"type": T, "data": D}`` (shared/comfyui-protocol.md section 2.5). Binary messages start
+Text messages are JSON ``{"type": T, "data": D}`` (docs/comfyui-protocol.md section 2.5). Binary messages start
 with a big-endian u32 event type (section 2.6, ComfyUI ``server.py`` ``encode_bytes`` / ``send_image``):
 
     1  PREVIEW_IMAGE                u32 format (1 JPEG, 2 PNG), image bytes            -> PreviewImage, no ids
@@ -24,13 +24,13 @@ from typing import Any, Final
 from ._events import (
     BinaryText,
     ComfyEvent,
+    Executed,
+    Executing,
     ExecutionCached,
     ExecutionError,
     ExecutionInterrupted,
     ExecutionStart,
     ExecutionSuccess,
-    Executed,
-    Executing,
     FeatureFlags,
     PreviewImage,
     Progress,
@@ -151,7 +151,9 @@ _TEXT_PARSERS: Final[Mapping[str, Callable[[Mapping[str, Any]], ComfyEvent]]] = 
     "execution_start": lambda d: ExecutionStart(_req_str(d, "prompt_id"), _opt_int(d, "timestamp")),
     "execution_cached": lambda d: ExecutionCached(_req_str(d, "prompt_id"), _str_tuple(d, "nodes")),
     "executing": lambda d: Executing(_opt_str(d, "prompt_id"), _opt_str(d, "node"), _opt_str(d, "display_node")),
-    "progress": lambda d: Progress(_opt_str(d, "prompt_id"), _opt_str(d, "node"), _number(d, "value"), _number(d, "max")),
+    "progress": lambda d: Progress(
+        _opt_str(d, "prompt_id"), _opt_str(d, "node"), _number(d, "value"), _number(d, "max")
+    ),
     "progress_state": lambda d: ProgressState(_opt_str(d, "prompt_id"), _opt_mapping(d, "nodes") or {}),
     "executed": lambda d: Executed(
         _req_str(d, "prompt_id"), _req_str(d, "node"), _opt_mapping(d, "output"), _opt_str(d, "display_node")
@@ -194,7 +196,8 @@ def _parse_text(msg: str) -> ComfyEvent:
 def _u32(msg: bytes, offset: int, what: str) -> int:
     if len(msg) < offset + 4:
         raise ComfyProtocolError(f"binary frame truncated: no {what} at byte {offset}", _snippet(msg))
-    return _U32.unpack_from(msg, offset)[0]
+    value: int = _U32.unpack_from(msg, offset)[0]
+    return value
 
 
 def _sniff_mime(image: bytes) -> str:

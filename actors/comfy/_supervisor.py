@@ -88,7 +88,12 @@ async def supervise(
             raise SupervisorGaveUp(name, len(recent), policy.window) from failure
         pause = jitter(delay)
         log.warning(
-            "%s crashed (%s): %d crash(es) within %.0fs; restarting in %.2fs", name, failure, len(recent), policy.window, pause
+            "%s crashed (%s): %d crash(es) within %.0fs; restarting in %.2fs",
+            name,
+            failure,
+            len(recent),
+            policy.window,
+            pause,
         )
         if on_crash is not None:
             on_crash(failure, pause)

@@ -10,13 +10,13 @@ Modules: ``_types`` (records, errors, the ``Store`` interface), ``_sqlite`` (``S
 ``_schema`` (schema version and forward migrations), ``_audit`` (journal and task/hold audits, shared),
 ``_redis`` (``RedisStore``) and ``_redis_lua`` (its scripts and key layout).
 
-Tables (schema version 2; ``_schema.migrate`` brings any older file forward on open, a transaction a step):
+Tables (schema version 3; ``_schema.migrate`` brings any older file forward on open, a transaction a step):
     accounts(user_id, balance, frozen)                   -- the ledger's accounts; available = balance - frozen
     holds(task_id, user_id, amount, state, ...)          -- two-phase holds: pending -> settled | released
     journal(id, ts, user_id, kind, task_id, amount, ...) -- append-only; balances can be rebuilt from it
-    tasks(task_id, ..., state, reason, backend, ...)     -- the registry's task records
+    tasks(task_id, ..., state, reason, backend, crashes) -- the registry's task records (crashes: quarantine)
     images(task_id, n, ...)                              -- each task's output images (for /api/images)
-    meta(key, value)                                     -- counters, e.g. 'boot' (``next_boot``)
+    meta(key, value)                                     -- 'boot' (``next_boot``), 'running' (``begin_run``)
 
 Ledger primitives are single transactions and idempotent by task id (see ``actors/ledger.py``). ``Store`` is the
 interface (a ``Protocol``): ``SqliteStore`` and ``RedisStore`` implement it.
@@ -39,14 +39,18 @@ from ._types import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     Account,
+    CoreStepDown,
     Hold,
     HoldConflict,
     ImageRef,
     InsufficientCredits,
     InvalidAmount,
+    MAX_AMOUNT,
     JournalEntry,
     LeaseLost,
     LedgerError,
+    LedgerFault,
+    NegativeBalance,
     Store,
     StoreUnavailable,
     SweptHold,
@@ -55,9 +59,10 @@ from ._types import (
 )
 
 __all__ = [
-    "ACTIVE_STATES", "SCHEMA_VERSION", "TERMINAL_STATES", "Account", "Hold", "HoldConflict", "ImageRef",
-    "InsufficientCredits", "InvalidAmount", "JournalEntry", "LeaseLost", "LedgerError", "RedisStore", "SqliteStore",
-    "Store", "StoreUnavailable", "SweptHold", "TaskRecord", "UnknownHold", "_MIGRATIONS", "is_redis", "open_store", "parse_store_spec",
+    "ACTIVE_STATES", "SCHEMA_VERSION", "TERMINAL_STATES", "Account", "CoreStepDown", "Hold", "HoldConflict", "ImageRef",
+    "InsufficientCredits", "InvalidAmount", "JournalEntry", "LeaseLost", "LedgerError", "LedgerFault", "MAX_AMOUNT",
+    "NegativeBalance", "RedisStore", "SqliteStore", "Store", "StoreUnavailable", "SweptHold", "TaskRecord",
+    "UnknownHold", "_MIGRATIONS", "is_redis", "open_store", "parse_store_spec",
 ]
 
 

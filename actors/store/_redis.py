@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import coredis
+from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import RedisError, ResponseError
 
 from . import _redis_lua as lua
@@ -33,14 +34,18 @@ from ._types import (
     ImageRef,
     InsufficientCredits,
     InvalidAmount,
+    MAX_AMOUNT,
     JournalEntry,
     LeaseLost,
+    NegativeBalance,
     StoreUnavailable,
     SweptHold,
     TaskRecord,
     UnknownHold,
 )
 
+T = TypeVar("T")
+_UNREACHABLE = (RedisConnectionError, TimeoutError, OSError)  # BusyLoadingError (restarting) is a ConnectionError
 DEFAULT_PREFIX = "cg:"
 CONNECT_TIMEOUT = 5.0  # seconds
 
@@ -79,7 +84,7 @@ class RedisStore:
             async with AsyncExitStack() as stack:
                 self._client = await stack.enter_async_context(client)
                 for name in ("ACCOUNT", "GRANT", "FREEZE", "RESOLVE", "SWEEP", "SAVE_TASK", "TASKS", "SNAPSHOT",
-                             "ACQUIRE", "RENEW", "RELEASE"):
+                             "ACQUIRE", "RENEW", "RELEASE", "END_RUN", "MARK_DISPATCHED", "COUNT_CRASH"):
                     self._scripts[name] = client.register_script(getattr(lua, name))
                 await client.ping()
                 self._stack = stack.pop_all()
@@ -107,15 +112,42 @@ class RedisStore:
             return await self._scripts[name](keys=[self.prefix], args=[_arg(a) for a in argv])
         except ResponseError as exc:
             raise _mapped(exc) from None
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from exc
+
+    async def _io(self, request: Awaitable[T]) -> T:
+        """One plain command; Redis unreachable is ``StoreUnavailable`` (the core steps down, see lease.py)."""
+        try:
+            return await request
+        except _UNREACHABLE as exc:
+            raise StoreUnavailable(f"{self.path}: {exc}") from exc
 
     def _ts(self) -> str:
         return repr(float(self._now()))
 
     async def ping(self) -> bool:
-        return bool(await self.client.ping())
+        try:
+            return bool(await self.client.ping())
+        except (RedisError, OSError):
+            return False
 
     async def next_boot(self) -> int:
-        return int(await self.client.incr(self.prefix + "boot"))
+        return int(await self._io(self.client.incr(self.prefix + "boot")))
+
+    # -- crash accounting: a run is one core's term (see actors/gateway.py)
+
+    async def begin_run(self) -> bool:
+        """Mark a core term as running; True if the previous one did not end cleanly."""
+        return await self._io(self.client.set(self.prefix + "running", "1", get=True)) == "1"
+
+    async def end_run(self) -> None:
+        await self._script("END_RUN", fenced=True)
+
+    async def mark_dispatched(self, task_id: str, boot: int) -> None:
+        await self._script("MARK_DISPATCHED", task_id, boot, fenced=True)
+
+    async def count_crash(self, limit: int, crashed_boot: int) -> list[str]:
+        return list(await self._script("COUNT_CRASH", limit, crashed_boot, fenced=True))
 
     # -- ledger primitives
 
@@ -123,16 +155,17 @@ class RedisStore:
         bal, frz = await self._script("ACCOUNT", user_id, initial, self._ts(), fenced=True)
         return Account(user_id, int(bal), int(frz))
 
-    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None) -> Account:
-        if not isinstance(amount, int) or isinstance(amount, bool):
-            raise InvalidAmount(f"a grant must be an int, not {amount!r}")
+    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None,
+                    allow_negative: bool = False) -> Account:
+        if not isinstance(amount, int) or isinstance(amount, bool) or abs(amount) > MAX_AMOUNT:
+            raise InvalidAmount(f"a grant must be an int within +-2^53, not {amount!r}")
         bal, frz = await self._script("GRANT", user_id, amount, initial, note or "", note is not None, self._ts(),
-                                      fenced=True)
+                                      allow_negative, MAX_AMOUNT, fenced=True)
         return Account(user_id, int(bal), int(frz))
 
     async def freeze(self, user_id: str, task_id: str, amount: int, initial: int, ttl: float) -> tuple[Account, bool]:
-        if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
-            raise InvalidAmount(f"amount must be an int >= 0, not {amount!r}")
+        if not isinstance(amount, int) or isinstance(amount, bool) or not 0 <= amount <= MAX_AMOUNT:
+            raise InvalidAmount(f"amount must be an int from 0 to 2^53, not {amount!r}")
         now = float(self._now())
         try:
             bal, frz, did = await self._script("FREEZE", user_id, task_id, amount, initial, repr(now),
@@ -162,13 +195,14 @@ class RedisStore:
         return out
 
     async def hold(self, task_id: str) -> Hold | None:
-        h = await self.client.hmget(self.prefix + "hold:" + task_id, ["user", "amount", "state", "expires_at"])
+        h = await self._io(self.client.hmget(self.prefix + "hold:" + task_id,
+                                             ["user", "amount", "state", "expires_at"]))
         if h[0] is None:
             return None
         return Hold(task_id, h[0], int(h[1]), h[2], float(h[3]))
 
     async def expired_holds(self, now: float) -> list[Hold]:
-        ids = await self.client.zrangebyscore(self.prefix + "holds:pending", "-inf", repr(float(now)))
+        ids = await self._io(self.client.zrangebyscore(self.prefix + "holds:pending", "-inf", repr(float(now))))
         return [h for h in [await self.hold(t) for t in ids] if h is not None]
 
     async def _snapshot(self) -> tuple[list[Account], list[Hold]]:
@@ -181,7 +215,7 @@ class RedisStore:
 
     async def journal(self, user_id: str | None = None) -> list[JournalEntry]:
         out = []
-        for entry in await self.client.xrange(self.prefix + "journal"):
+        for entry in await self._io(self.client.xrange(self.prefix + "journal")):
             f = entry.field_values
             if user_id is not None and f["user"] != user_id:
                 continue
@@ -208,6 +242,7 @@ class RedisStore:
             "workflow", json.dumps(rec.workflow, separators=(",", ":")),
             "created_at", repr(float(rec.created_at)), "updated_at", repr(float(rec.updated_at)),
             "images", json.dumps([[i.backend, i.filename, i.subfolder, i.type] for i in rec.images]),
+            "crashes", 0,  # a save is progress (crash quarantine)
         ]
         for name, value in (("reason", rec.reason), ("backend", rec.backend),
                             ("error", None if rec.error is None else json.dumps(rec.error))):
@@ -226,7 +261,7 @@ class RedisStore:
         return await self._tasks("tasks")
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        r = await self.client.hgetall(self.prefix + "task:" + task_id)
+        r = await self._io(self.client.hgetall(self.prefix + "task:" + task_id))
         return _task(r) if r else None
 
     async def list_results(self, user_id: str, limit: int, before_seq: int | None) -> list[TaskRecord]:
@@ -234,7 +269,7 @@ class RedisStore:
         return await self._tasks("results:" + user_id, "-inf", hi, limit, reverse=True)
 
     async def max_task_seq(self) -> int:
-        top = await self.client.zrange(self.prefix + "tasks", -1, -1, withscores=True)
+        top = await self._io(self.client.zrange(self.prefix + "tasks", -1, -1, withscores=True))
         return int(top[0][1]) if top else 0
 
     # -- the core lease (see actors/lease.py)
@@ -250,7 +285,7 @@ class RedisStore:
         await self._script("RELEASE", holder)
 
     async def lease_holder(self) -> str | None:
-        return await self.client.get(self.prefix + "lease")
+        return await self._io(self.client.get(self.prefix + "lease"))
 
 
 def _redis_failure(exc: BaseException) -> BaseException | None:
@@ -282,7 +317,7 @@ def _task(r: dict[str, str] | Sequence[str]) -> TaskRecord:
     )
 
 
-def _mapped(exc: ResponseError) -> Exception:
+def _mapped(exc: ResponseError) -> BaseException:
     """A script's error reply -> the store's exception (the same classes as SQLite's)."""
     text = str(exc).split(" script: ")[0]
     code, _, rest = text.partition(" ")
@@ -295,6 +330,10 @@ def _mapped(exc: ResponseError) -> Exception:
         return UnknownHold(rest)
     if code == "FENCED":
         return LeaseLost(rest)
+    if code == "INVALID":
+        return InvalidAmount(rest)
+    if code == "NEGATIVE":
+        return NegativeBalance(rest)
     return exc
 
 

@@ -16,7 +16,9 @@ Keys (``P`` = prefix):
     P tasks         zset task id -> seq;  P tasks:active  the same, active tasks only
     P results:<user> zset task id -> seq of the user's finished tasks
     P boot, P fence counters;  P lease  the core lease (holder, PX)
-Errors: ``INSUFFICIENT <available> <amount>``, ``CONFLICT <text>``, ``UNKNOWN <text>``, ``FENCED <text>``.
+    P running  1 while a core's term runs (crash accounting), as SQLite's meta 'running'
+Errors: ``INSUFFICIENT <available> <amount>``, ``CONFLICT <text>``, ``UNKNOWN <text>``, ``FENCED <text>``,
+``INVALID <text>``, ``NEGATIVE <text>``.
 """
 
 from __future__ import annotations
@@ -84,16 +86,52 @@ local bal, frz = open_acct(ARGV[2], tonumber(ARGV[3]), ARGV[4])
 return {bal, frz}
 """
 
-# ARGV: token, user, amount, initial, note ('' = none), has_note, now -> {balance, frozen}
+# ARGV: token, user, amount, initial, note ('' = none), has_note, now, allow_negative, max -> {balance, frozen}
 GRANT = _COMMON + r"""
 fence(ARGV[1])
-local user, amount = ARGV[2], tonumber(ARGV[3])
-local bal, frz = open_acct(user, tonumber(ARGV[4]), ARGV[7])
+local user, amount, initial, max = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[9])
+local bal, frz = get_acct(user)
+if not bal then bal, frz = initial, 0 end
+if math.abs(bal + amount) > max then error({err = 'INVALID the balance of ' .. user .. ' would leave +-2^53'}) end
+if bal - frz + amount < 0 and ARGV[8] ~= '1' then
+  error({err = 'NEGATIVE the grant would leave ' .. user .. ' with ' .. d(bal - frz + amount) ..
+         ' credits available; send "allowNegative": true to allow it'})
+end
+bal, frz = open_acct(user, initial, ARGV[7])
 local note = nil
 if ARGV[6] == '1' then note = ARGV[5] end
 bal = bal + amount
 write_acct(user, bal, frz, 'grant', nil, amount, note, ARGV[7])
 return {bal, frz}
+"""
+
+# crash accounting (see SqliteStore.begin_run/end_run/mark_dispatched/count_crash). ARGV: token
+END_RUN = _COMMON + r"""
+fence(ARGV[1])
+redis.call('SET', P .. 'running', '0')
+return 1
+"""
+
+# ARGV: token, task_id, boot
+MARK_DISPATCHED = _COMMON + r"""
+fence(ARGV[1])
+if redis.call('EXISTS', P .. 'task:' .. ARGV[2]) == 1 then
+  redis.call('HSET', P .. 'task:' .. ARGV[2], 'dispatched_boot', ARGV[3])
+end
+return 1
+"""
+
+# ARGV: token, limit, crashed_boot -> ids of active tasks with crashes >= limit, by seq
+COUNT_CRASH = _COMMON + r"""
+fence(ARGV[1])
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', P .. 'tasks:active', 0, -1)) do
+  local key = P .. 'task:' .. id
+  local t = redis.call('HMGET', key, 'state', 'dispatched_boot')
+  if t[1] ~= 'queued' or t[2] == ARGV[3] then redis.call('HINCRBY', key, 'crashes', 1) end
+  if tonumber(redis.call('HGET', key, 'crashes') or '0') >= tonumber(ARGV[2]) then table.insert(out, id) end
+end
+return out
 """
 
 # ARGV: token, user, task, amount, initial, now, expires_at -> {balance, frozen, changed}
@@ -195,7 +233,7 @@ local exists = redis.call('EXISTS', key) == 1
 for i = 6, #ARGV, 2 do
   local f, v = ARGV[i], ARGV[i + 1]
   local mutable = f == 'state' or f == 'reason' or f == 'prompt_id' or f == 'backend' or f == 'error'
-                  or f == 'updated_at'
+                  or f == 'updated_at' or f == 'crashes'
   if f == 'images' then
     -- images are appended, never replaced (as INSERT OR IGNORE by index)
     local old = redis.call('HGET', key, 'images')

@@ -12,7 +12,7 @@ import sqlite3
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS: dict[int, str] = {
     # version -> SQL that brings the previous version to this one. Append only; never edit a shipped one.
@@ -79,6 +79,14 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX journal_task ON journal(task_id) WHERE task_id IS NOT NULL;
     CREATE INDEX holds_user ON holds(user_id, state);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    """,
+    # 3: crash quarantine. tasks.dispatched_boot is the boot that last sent the task towards ComfyUI (written just
+    #    before the POST); tasks.crashes counts the unclean restarts it was in flight across (dispatched in, or
+    #    inside ComfyUI during, the run that crashed) without being saved (a save is progress: back to 0); meta
+    #    'running' is 1 while a gateway runs on the file and 0 after a clean stop
+    3: """
+    ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN dispatched_boot INTEGER;
     """,
 }
 

@@ -24,8 +24,10 @@ from ._types import (
     HoldConflict,
     ImageRef,
     InsufficientCredits,
+    MAX_AMOUNT,
     InvalidAmount,
     JournalEntry,
+    NegativeBalance,
     SweptHold,
     TaskRecord,
     UnknownHold,
@@ -105,6 +107,52 @@ class SqliteStore:
 
         return await self._run(q)
 
+    async def begin_run(self) -> bool:
+        """Mark a gateway as running on this store; True if the previous run did not stop cleanly (crashed)."""
+
+        def q() -> bool:
+            with _tx(self.db):
+                r = self.db.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()
+                self.db.execute("INSERT INTO meta(key, value) VALUES ('running', 1) "
+                                "ON CONFLICT(key) DO UPDATE SET value = 1")
+                return r is not None and r[0] == 1
+
+        return await self._run(q)
+
+    async def end_run(self) -> None:
+        """The gateway stopped cleanly (its next start is not a crash)."""
+
+        def q() -> None:
+            with _tx(self.db):
+                self.db.execute("UPDATE meta SET value = 0 WHERE key = 'running'")
+
+        await self._run(q)
+
+    async def mark_dispatched(self, task_id: str, boot: int) -> None:
+        """The task is being sent to ComfyUI by run ``boot`` (written before the POST: if the POST crashes the
+        process, the next start knows this task was in flight)."""
+
+        def q() -> None:
+            with _tx(self.db):
+                self.db.execute("UPDATE tasks SET dispatched_boot = ? WHERE task_id = ?", (boot, task_id))
+
+        await self._run(q)
+
+    async def count_crash(self, limit: int, crashed_boot: int) -> list[str]:
+        """After an unclean restart: each active task that was in flight in the run that crashed (``crashed_boot``
+        dispatched it, or it is inside ComfyUI) has been through one more crash. Returns the ids of those that were
+        so ``limit`` times in a row without progress (a save), to be quarantined."""
+
+        def q() -> list[str]:
+            with _tx(self.db):
+                self.db.execute("UPDATE tasks SET crashes = crashes + 1 WHERE state NOT IN ('succeeded', 'failed', "
+                                "'cancelled') AND (state != 'queued' OR dispatched_boot = ?)", (crashed_boot,))
+                rows = self.db.execute("SELECT task_id FROM tasks WHERE crashes >= ? AND state NOT IN "
+                                       "('succeeded', 'failed', 'cancelled') ORDER BY seq", (limit,)).fetchall()
+                return [r[0] for r in rows]
+
+        return await self._run(q)
+
     # -- ledger primitives (each one transaction, idempotent by task id)
 
     async def account(self, user_id: str, initial: int) -> Account:
@@ -114,14 +162,21 @@ class SqliteStore:
 
         return await self._run(q)
 
-    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None) -> Account:
-        """Add ``amount`` (negative: remove) to the balance; journaled with ``note`` (who and why)."""
-        if not isinstance(amount, int) or isinstance(amount, bool):
-            raise InvalidAmount(f"a grant must be an int, not {amount!r}")
+    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None,
+                    allow_negative: bool = False) -> Account:
+        """Add ``amount`` (negative: remove) to the balance; journaled with ``note`` (who and why). The amount and
+        the new balance stay within +-MAX_AMOUNT; leaving ``available`` below zero needs ``allow_negative``."""
+        if not isinstance(amount, int) or isinstance(amount, bool) or abs(amount) > MAX_AMOUNT:
+            raise InvalidAmount(f"a grant must be an int within +-2^53, not {amount!r}")
 
         def q() -> Account:
             with _tx(self.db):
                 acc = self._account(user_id, initial)
+                if abs(acc.balance + amount) > MAX_AMOUNT:
+                    raise InvalidAmount(f"the balance of {user_id!r} would leave +-2^53")
+                if acc.available + amount < 0 and not allow_negative:
+                    raise NegativeBalance(f"the grant would leave {user_id!r} with {acc.available + amount} credits "
+                                          f"available; send \"allowNegative\": true to allow it")
                 acc = Account(user_id, acc.balance + amount, acc.frozen)
                 self._write_account(acc, "grant", None, amount, note)
                 return acc
@@ -273,7 +328,8 @@ class SqliteStore:
                                          cost, workflow, error, created_at, updated_at)
                        VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                        ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,
-                           prompt_id=excluded.prompt_id, backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at""",
+                           prompt_id=excluded.prompt_id, backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at,
+                           crashes=0""",
                     (
                         rec.task_id, rec.seq, rec.user_id, rec.client_id, rec.prompt_id, rec.state, rec.reason,
                         rec.backend, rec.size, rec.cost, json.dumps(rec.workflow, separators=(",", ":")),
@@ -409,8 +465,8 @@ class SqliteStore:
         )
 
 def _check_amount(amount: object) -> None:
-    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
-        raise InvalidAmount(f"amount must be an int >= 0, not {amount!r}")
+    if not isinstance(amount, int) or isinstance(amount, bool) or not 0 <= amount <= MAX_AMOUNT:
+        raise InvalidAmount(f"amount must be an int from 0 to 2^53, not {amount!r}")
 
 
 def _hold_row(r: sqlite3.Row) -> Hold:

@@ -107,17 +107,33 @@ class UnknownHold(LedgerError):
 
 
 class InvalidAmount(LedgerError, ValueError):
-    """An amount that is not an int >= 0 (a programming error upstream; refused, never stored)."""
+    """An amount that is not an int >= 0, or is outside +-MAX_AMOUNT (refused, never stored)."""
 
 
-class StoreUnavailable(Exception):
+class NegativeBalance(LedgerError):
+    """A grant that would leave the account's available credits below zero (allowed only when asked for)."""
+
+
+class LedgerFault(LedgerError):
+    """The store failed on this one operation (an SQLite error, a bug): refused, nothing changed, the ledger goes on."""
+
+
+MAX_AMOUNT = 2**53  # every amount and balance stays within +-2^53 (exact in a JavaScript number and in SQLite)
+
+
+class CoreStepDown(BaseException):
+    """The core must stop its actors now (Redis store only). Deliberately not an ``Exception``: the actors' crash
+    isolation (``except Exception``: fail one task, go on) must not contain it; it ends the core's term, and the
+    lease keeper (``actors/lease.py``) decides what comes next. Nothing was changed when it is raised."""
+
+
+class StoreUnavailable(CoreStepDown):
     """The store cannot be reached or refused us (Redis down, a wrong password): the reason is in the message."""
 
 
-class LeaseLost(Exception):
+class LeaseLost(CoreStepDown):
     """A write carried a stale fencing token: another process took the core lease, so this one may no longer
-    change a task or a balance (Redis store only; nothing was changed). Not a ``LedgerError``: the actor that
-    meets it stops, and the lease keeper stops the core actors."""
+    change a task or a balance."""
 
 
 class Store(Protocol):
@@ -129,9 +145,14 @@ class Store(Protocol):
 
     async def ping(self) -> bool: ...
     async def next_boot(self) -> int: ...
+    async def begin_run(self) -> bool: ...
+    async def end_run(self) -> None: ...
+    async def mark_dispatched(self, task_id: str, boot: int) -> None: ...
+    async def count_crash(self, limit: int, crashed_boot: int) -> list[str]: ...
     # ledger
     async def account(self, user_id: str, initial: int) -> Account: ...
-    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None) -> Account: ...
+    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None,
+                    allow_negative: bool = False) -> Account: ...
     async def freeze(self, user_id: str, task_id: str, amount: int, initial: int, ttl: float) -> tuple[Account, bool]: ...
     async def resolve(self, task_id: str, outcome: str, amount: int | None = None,
                       note: str | None = None) -> tuple[Account, bool]: ...

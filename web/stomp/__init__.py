@@ -5,23 +5,23 @@ The endpoint feeds WebSocket payloads to ``StompConnection.receive_data``, drain
 path for MESSAGE frames. Errors: see ``_errors.py`` (Local = our misuse, Remote = the client's fault).
 """
 
-from ._connection import ConnState, StompConnection, StompStatistics
+from ._connection import MAX_FRAME_SIZE, ConnState, StompConnection, StompStatistics
 from ._errors import LocalProtocolError, RemoteProtocolError, StompProtocolError
-from ._frames import (
+from ._events import (
     CLIENT_COMMANDS,
     HEARTBEAT,
     NEED_DATA,
     SERVER_COMMANDS,
     SUPPORTED_VERSIONS,
     Frame,
-    encode_frame,
     make_error_frame,
-    negotiate_heartbeat,
 )
+from ._frames import encode_frame, negotiate_heartbeat
 
 __all__ = [
     "CLIENT_COMMANDS",
     "HEARTBEAT",
+    "MAX_FRAME_SIZE",
     "NEED_DATA",
     "SERVER_COMMANDS",
     "SUPPORTED_VERSIONS",

@@ -21,23 +21,25 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._errors import LocalProtocolError, RemoteProtocolError
-from ._frames import (
+from ._events import (
     ALL_COMMANDS,
     CLIENT_COMMANDS,
     HEARTBEAT,
     NEED_DATA,
     SERVER_COMMANDS,
     UNESCAPED_COMMANDS,
+    Frame,
+    make_error_frame,
+    trusted_frame,
+)
+from ._frames import (
     UNESCAPES_11,
     UNESCAPES_12,
-    Frame,
     decode_headers,
     encodable,
     encode_frame,
     make_encodable,
-    make_error_frame,
     negotiate_version,
-    trusted_frame,
     version_error_frame,
 )
 
@@ -327,6 +329,7 @@ class StompConnection:
         length = first.get("content-length")
         self._content_length = None if length is None else self._parse_content_length(length, body_start)
 
+        assert version is not None  # TRANSITIONS let nothing but CONNECT/STOMP in before a version is set
         for name in REQUIRED_HEADERS[version].get(command, ()):
             if name not in first:
                 raise self._remote(f"missing header {name!r} in {command}", f"{command} requires a {name!r} header")

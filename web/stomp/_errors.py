@@ -14,10 +14,7 @@ else. After a ``RemoteProtocolError`` the connection stays in ``ConnState.ERROR`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ._frames import Frame
+from ._events import Frame, make_error_frame
 
 __all__ = ["LocalProtocolError", "RemoteProtocolError", "StompProtocolError"]
 
@@ -48,7 +45,5 @@ class RemoteProtocolError(StompProtocolError):
     def __init__(self, msg: str, *, error_frame: Frame | None = None) -> None:
         super().__init__(msg)
         if error_frame is None:
-            from ._frames import make_error_frame  # deferred: _frames imports this module
-
             error_frame = make_error_frame(msg)
         self.error_frame = error_frame

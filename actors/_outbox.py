@@ -1,0 +1,140 @@
+"""A connection's outbound queue (``Outbox``): bounded in bytes, coalescing, never blocking the producer.
+
+Split out of ``sessions`` (re-exported there). Over budget, progress/previews/status are coalesced (the latest per
+task wins) or dropped and counted; any other message that does not fit fails the connection ("slow consumer").
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+# message types a full outbox may coalesce or drop (latest per task wins); all others are never dropped
+DROPPABLE_TYPES = frozenset({"progress", "preview", "status"})
+DEFAULT_OUTBOX_BYTES = 1 << 20  # 1 MiB of queued frames per connection
+DEFAULT_OUTBOX_DELAY = 10.0  # seconds the oldest queued frame may wait before the client is "slow"
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message ready for a connection's writer. ``seq`` is the session's number (0 for broadcasts)."""
+
+    destination: str
+    seq: int
+    body: bytes
+    type: str
+    coalesce_key: tuple[str, str] | None = None
+    created: float = 0.0
+
+
+class SlowConsumer(Exception):
+    """The connection could not keep up: an undroppable message did not fit, or frames waited too long."""
+
+
+class Outbox:
+    """A connection's outbound queue: bounded in bytes, coalescing, never blocking the producer.
+
+    Producers (its session, the hub) call ``put_nowait``; the connection's writer calls ``get_batch``.
+    """
+
+    def __init__(self, *, max_bytes: int = DEFAULT_OUTBOX_BYTES, max_delay: float = DEFAULT_OUTBOX_DELAY) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, not {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.max_delay = max_delay
+        self._items: deque[list[Outgoing | None]] = deque()  # one-element lists; None = coalesced away
+        self._by_key: dict[tuple[str, str], list[Outgoing | None]] = {}
+        self._bytes = 0
+        self._since: float | None = None  # when the oldest waiting item was queued
+        self._wake = trio.Event()
+        self.failed: str | None = None
+        self.delivered = 0
+        self.dropped = 0
+        self.coalesced = 0
+
+    def __repr__(self) -> str:
+        return f"<Outbox {len(self._items)} items, {self._bytes} bytes, dropped={self.dropped} failed={self.failed!r}>"
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def put_nowait(self, out: Outgoing) -> None:
+        """Queue ``out``. Only when the outbox is over budget are droppable messages coalesced (the older one of
+        the same task and type leaves the queue, this one goes last, so seqs stay in order) or dropped."""
+        if self.failed is not None:
+            return
+        size = len(out.body)
+        if self._bytes + size > self.max_bytes:
+            if out.type not in DROPPABLE_TYPES:
+                self._evict_droppable(size)
+                if self._bytes + size > self.max_bytes:
+                    self.fail(f"slow consumer: more than {self.max_bytes} bytes waiting")
+                    return
+            slot = self._by_key.get(out.coalesce_key) if out.coalesce_key is not None else None
+            if slot is not None and slot[0] is not None:
+                self._bytes -= len(slot[0].body)
+                slot[0] = None  # latest wins: the older one is skipped by get_batch
+                self.coalesced += 1
+            if self._bytes + size > self.max_bytes:
+                self.dropped += 1
+                return
+        slot = [out]
+        self._items.append(slot)
+        if out.coalesce_key is not None:
+            self._by_key[out.coalesce_key] = slot
+        self._bytes += size
+        if self._since is None:
+            self._since = trio.current_time()
+        self._wake.set()
+
+    def _evict_droppable(self, size: int) -> None:
+        """Make room for an undroppable message by dropping waiting progress/previews, oldest first."""
+        for slot in self._items:
+            if self._bytes + size <= self.max_bytes:
+                return
+            item = slot[0]
+            if item is not None and item.type in DROPPABLE_TYPES:
+                self._bytes -= len(item.body)
+                slot[0] = None
+                self.dropped += 1
+
+    def fail(self, reason: str) -> None:
+        """Give up on this connection (the writer raises SlowConsumer with ``reason``)."""
+        if self.failed is None:
+            self.failed = reason
+            self._items.clear()
+            self._by_key.clear()
+            self._bytes = 0
+        self._wake.set()
+
+    def overdue(self) -> bool:
+        """True when the oldest waiting frame has waited longer than ``max_delay``."""
+        return self._since is not None and trio.current_time() - self._since > self.max_delay
+
+    async def get_batch(self) -> list[Outgoing]:
+        """Wait for at least one item and take every waiting item. Raises SlowConsumer once failed."""
+        while not self._items and self.failed is None:
+            await self._wake.wait()
+            self._wake = trio.Event()
+        if self.failed is not None:
+            raise SlowConsumer(self.failed)
+        batch = [slot[0] for slot in self._items if slot[0] is not None]
+        self._items.clear()
+        self._by_key.clear()
+        self._bytes = 0
+        self._since = None
+        self.delivered += len(batch)
+        return batch

@@ -1,0 +1,156 @@
+"""The driver's view of its child processes, the per-phase ``Result`` and CPU/latency arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._common import Lines
+
+# =============================================================================================================
+# The driver (runs on CPU 1, with the clients and the ComfyUI simulators)
+# =============================================================================================================
+
+
+class Proc:
+    """A child process speaking JSON lines on stdin/stdout; its stderr goes to a log file."""
+
+    def __init__(self, name: str, proc: trio.Process, log_path: Path, nursery: trio.Nursery) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+        self.ticks = 0  # the clients' running count of the current phase (`tick` events)
+        self._tx, self._rx = trio.open_memory_channel[dict[str, Any]](math.inf)
+        assert proc.stdout is not None
+        nursery.start_soon(self._pump, Lines(proc.stdout, name))
+
+    async def _pump(self, lines: Lines) -> None:
+        with self._tx:
+            try:
+                while True:
+                    msg = await lines.next()
+                    if msg.get("event") == "tick":
+                        self.ticks = msg["count"]
+                    else:
+                        self._tx.send_nowait(msg)
+            except (EOFError, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    async def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    msg = await self._rx.receive()
+                except trio.EndOfChannel:
+                    raise EOFError(f"{self.name} ended:\n{self.log_tail()}") from None
+                if msg.get("event") == event:
+                    return msg
+                if msg.get("event") == "failed":
+                    raise RuntimeError(f"{self.name} failed: {msg}")
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all((json.dumps(obj) + "\n").encode())
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def stop(self) -> None:
+        try:
+            with trio.move_on_after(2):
+                await self.send({"cmd": "quit"})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        with trio.move_on_after(10):
+            await self.proc.wait()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@dataclass
+class Result:
+    path: str
+    rate: float
+    clients: int
+    size: int
+    expected: int
+    sent: int = 0
+    delivered: int = 0
+    other: int = 0  # messages delivered that are not the measured ones (task lifecycle, in `comfy`)
+    seconds: float = 0.0
+    offered: float = 0.0  # msgs/s actually sent
+    throughput: float = 0.0  # msgs/s delivered
+    p50: float | None = None  # ms
+    p99: float | None = None
+    p999: float | None = None
+    max: float | None = None
+    server_cpu: float = 0.0  # seconds
+    client_cpu: float = 0.0
+    driver_cpu: float = 0.0  # this process: the ComfyUI simulators (comfy path) and the driver
+    other_cpu: float = 0.0  # CPU seconds used by processes other than ours during the phase (should be ~0)
+    other_cpu_server_core: float | None = None  # the part of it on the server's core (when pinned)
+    busy: dict[str, float] = field(default_factory=dict)  # CPU seconds used per core during the phase
+    wall: float = 0.0  # seconds the phase lasted for the clients
+    server: dict[str, Any] = field(default_factory=dict)  # RSS and full GC pauses of the server during the phase
+    per_client: tuple[int, int] = (0, 0)
+    ws_messages: int = 0  # WebSocket messages the clients received (STOMP frames per message = coalescing)
+    closed: int = 0
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+    profile: str = ""
+
+    @property
+    def server_us_per_msg(self) -> float | None:
+        return 1e6 * self.server_cpu / self.delivered if self.delivered else None
+
+
+def cpu_busy() -> dict[int, float]:
+    """CPU seconds spent (not idle) per core since boot, from /proc/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy: dict[int, float] = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3].isdigit():
+                    name, *vals = line.split()
+                    v = [int(x) for x in vals]
+                    busy[int(name[3:])] = (sum(v[:8]) - v[3] - v[4]) / tick  # all but idle and iowait
+    except OSError:
+        pass
+    return busy
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc/PID/stat (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def fill_latency(r: Result, lat: list[float]) -> None:
+    lat.sort()
+    r.p50, r.p99, r.p999, r.max = (percentile(lat, q) for q in (0.5, 0.99, 0.999, 1.0))
+
+
+def pin(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []

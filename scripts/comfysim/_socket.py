@@ -1,0 +1,103 @@
+"""One accepted WebSocket (its outbox, drained by a writer task, and its drop trigger) and ComfyUI's frames."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.events import Closed as TransportClosed
+
+from ._constants import (
+    BINARY_PREVIEW_IMAGE,
+    BINARY_PREVIEW_IMAGE_WITH_METADATA,
+    BINARY_TEXT,
+    IMAGE_FORMAT_PNG,
+    OUTBOX_MAX_FRAMES,
+)
+
+log = logging.getLogger("fake_comfyui")
+
+AsgiReceive = Callable[[], Awaitable[dict[str, Any]]]
+AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _abrupt_closer(asgi_send: AsgiSend) -> Callable[[], Awaitable[None]] | None:
+    """A coroutine function that cuts this WebSocket's TCP connection without a close frame, or None.
+
+    ASGI cannot do that (``websocket.close`` always sends a close frame), but a dropped connection must look like
+    a network failure (the client sees 1006). With hypercorn 0.18 (pinned in pyproject.toml) the ASGI ``send`` is
+    ``WSStream.app_send``; that stream's ``send`` is ``H11Protocol.stream_send``, and that protocol's ``send`` is
+    ``TCPServer.protocol_send``, which closes the socket when handed a ``Closed`` event. Returns None if the
+    layout is not that one; the caller then falls back to a close frame.
+    """
+    ws_stream = getattr(asgi_send, "__self__", None)
+    h11_protocol = getattr(getattr(ws_stream, "send", None), "__self__", None)
+    tcp_send = getattr(h11_protocol, "send", None)
+    if tcp_send is None or getattr(tcp_send, "__name__", "") != "protocol_send":
+        return None
+    return partial(tcp_send, TransportClosed())
+
+
+class _Socket:
+    """One accepted WebSocket: its clientId, outbox (drained by a writer task) and drop trigger."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, sid: str, abrupt_close: Callable[[], Awaitable[None]] | None) -> None:
+        self.id = next(self._ids)
+        self.sid = sid
+        self.abrupt_close = abrupt_close
+        self._outbox_send, self.outbox = trio.open_memory_channel[str | bytes](OUTBOX_MAX_FRAMES)
+        self.writer_scope = trio.CancelScope()  # cancelled to drop the connection
+        self.dropped = False
+        self.frames_lost = 0
+
+    def __repr__(self) -> str:
+        return f"<socket {self.id} clientId={self.sid!r}>"
+
+    def push(self, frame: str | bytes) -> None:
+        try:
+            self._outbox_send.send_nowait(frame)
+        except trio.WouldBlock:
+            self.frames_lost += 1
+            if self.frames_lost == 1:
+                log.warning(
+                    "%r: outbox full (%d frames), the client does not read: dropping frames", self, OUTBOX_MAX_FRAMES
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("%r: closed, frame dropped", self)
+
+    def request_drop(self) -> None:
+        self.dropped = True
+        self.writer_scope.cancel()
+
+    def close(self) -> None:
+        self._outbox_send.close()
+        self.outbox.close()
+
+
+def _text_frame(event: str, data: Any) -> str:
+    return json.dumps({"type": event, "data": data})
+
+
+def _preview_frame(png: bytes) -> bytes:
+    return struct.pack(">II", BINARY_PREVIEW_IMAGE, IMAGE_FORMAT_PNG) + png
+
+
+def _preview_with_metadata_frame(png: bytes, prompt_id: str, node_id: str) -> bytes:
+    metadata = json.dumps({
+        "node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id, "parent_node_id": None,
+        "real_node_id": node_id, "image_type": "image/png",
+    }).encode()  # fmt: skip
+    return struct.pack(">II", BINARY_PREVIEW_IMAGE_WITH_METADATA, len(metadata)) + metadata + png
+
+
+def _text_binary_frame(node_id: str, text: str) -> bytes:
+    node = node_id.encode()
+    return struct.pack(">II", BINARY_TEXT, len(node)) + node + text.encode()

@@ -1,0 +1,48 @@
+"""``scripts/check_structure.py`` itself: what it counts as code lines, imports and cycles (it runs on the
+repository only when the lead wires it in; here it runs on small made-up inputs)."""
+
+from __future__ import annotations
+
+import ast
+
+from check_structure import code_lines, cycles, imported_names
+
+SOURCE = '''"""Docstrings count."""
+# a comment does not
+
+from typing import TYPE_CHECKING
+
+from . import sibling
+from ..up import thing
+import pkg.other
+
+if TYPE_CHECKING:
+    from .annotations_only import T
+
+
+def later() -> None:
+    from .deferred import x  # still an import at run time
+'''
+
+
+def test_code_lines_skip_blank_and_comment_lines() -> None:
+    assert code_lines(SOURCE) == 9
+
+
+def test_imports_resolve_relative_names_and_skip_type_checking_blocks() -> None:
+    names = set(imported_names(ast.parse(SOURCE), "pkg.sub.mod", is_package=False))
+    assert {"pkg.sub.sibling", "pkg.up", "pkg.up.thing", "pkg.other", "pkg.sub.deferred"} <= names
+    assert not any("annotations_only" in name for name in names)
+    with_typing = set(imported_names(ast.parse(SOURCE), "pkg.sub.mod", is_package=False, typing=True))
+    assert "pkg.sub.annotations_only" in with_typing
+
+
+def test_a_package_init_resolves_relative_imports_inside_itself() -> None:
+    names = set(imported_names(ast.parse("from ._impl import f\n"), "pkg.sub", is_package=True))
+    assert "pkg.sub._impl" in names
+
+
+def test_cycles_are_the_strongly_connected_components_of_two_or_more() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"d"}, "f": {"f"}, "g": set()}
+    assert cycles(graph) == [["a", "b", "c"], ["d", "e"]]
+    assert cycles({"x": {"y"}, "y": set()}) == []
