@@ -177,6 +177,9 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 if isinstance(store, RedisStore):  # the edges' requests
                     await nursery.start(partial(bridge.serve_edges, store,
                                                 {"registry": t_reg_tx.clone(), "ledger": t_ledger_tx.clone()}))
+                    if unclean:  # the dead core's unpublished messages are lost: clients reload over HTTP
+                        told = await bridge.resync_sessions(store, pub_tx)
+                        log.warning("gateway: the previous core died mid-term: %d session(s) told to resync", told)
                 for front, inbox in ((reg_rx, t_reg_tx), (sched_rx, t_sched_tx), (ledger_rx, t_ledger_tx)):
                     nursery.start_soon(_forward, front.clone(), inbox)
                 task_status.started()

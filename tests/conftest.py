@@ -14,7 +14,7 @@ import trio
 
 from actors.comfy import ComfyTimeouts, RestartPolicy
 from actors.gateway import GatewayConfig
-from redis_server import RedisServer
+from _redis_server import RedisServer
 from web.config import WebConfig
 from web.server import Running, serve_gateway
 

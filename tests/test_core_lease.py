@@ -14,7 +14,7 @@ import trio
 from _chaos_lib import GatewayProcess, SimHandle, make_workflow
 from actors.store import RedisStore, open_store
 from conftest import GatewayUnderTest
-from redis_server import RedisServer
+from _redis_server import RedisServer
 
 
 async def health(http: httpx.AsyncClient, url: str) -> dict[str, Any]:

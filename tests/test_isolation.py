@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from actors import registry
-from actors._sqlite_store import SqliteStore
+from actors.store import SqliteStore
 from actors.comfy import _commands
 from actors.gateway import GatewayConfig
 from conftest import FAST_RECONNECT, TEST_SECRET, GatewayUnderTest, workflow

@@ -42,7 +42,7 @@ from actors.store import (
     open_store,
 )
 from conftest import GatewayUnderTest, wait_backends_up, workflow
-from redis_server import RedisServer
+from _redis_server import RedisServer
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import trio
 from _chaos_lib import make_workflow
 from actors.store import open_store
 from conftest import GatewayUnderTest
-from redis_server import RedisServer
+from _redis_server import RedisServer
 from stomp_client import stomp_connect
 from test_core_lease import wait_role
 

@@ -20,7 +20,7 @@ from actors.store import (
     parse_store_spec,
 )
 from actors.store._redis import split_redis_url
-from redis_server import RedisServer
+from _redis_server import RedisServer
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ async def test_a_password_in_the_url_is_used(redis: RedisServer) -> None:
 
 
 async def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
-    from redis_server import free_port
+    from _redis_server import free_port
 
     with pytest.raises(StoreUnavailable, match=r"redis://127.0.0.1:\d+/0: .*(?i:connect)"):
         async with open_store(f"redis://127.0.0.1:{free_port()}/0"):

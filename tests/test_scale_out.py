@@ -17,7 +17,7 @@ import trio
 from _chaos_lib import GatewayProcess, SimHandle, make_workflow
 from actors.store import open_store
 from conftest import GatewayUnderTest, wait_backends_up
-from redis_server import RedisServer
+from _redis_server import RedisServer
 from stomp_client import stomp_connect
 from test_core_lease import health, wait_role
 from test_stompjs import NODE_DIR, node_or_fail

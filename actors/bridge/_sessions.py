@@ -158,6 +158,19 @@ async def feed_hub(
         nursery.cancel_scope.cancel()
 
 
+async def resync_sessions(store: RedisStore, publish: trio.MemorySendChannel[Publish | Broadcast]) -> int:
+    """After a core died mid-term: what it had not yet published is gone, and seqs numbered in Redis go on without
+    a gap to show it. So every known session gets a ``resync`` (the client reloads its tasks and balance over
+    HTTP, as after a restart on SQLite). Returns how many sessions were told."""
+    told = 0
+    head = f"{store.prefix}sessions:"
+    async for key in store.client.scan_iter(match=head + "*"):
+        for client_id in await store.client.smembers(key):
+            await publish.send(Publish(key[len(head):], client_id, {"type": "resync"}))
+            told += 1
+    return told
+
+
 async def _backfill(store: RedisStore, hub: trio.MemorySendChannel[HubMsg], user_id: str, client_id: str) -> None:
     """Copy the session's stream (its replay buffer) into the hub before the connection attaches; register the
     session so that messages for all of the user's sessions reach it."""

@@ -1,4 +1,5 @@
-"""A private ``redis-server`` for tests: a free port on 127.0.0.1, its own data directory, AOF on, no RDB.
+"""A private ``redis-server`` for tests and the chaos run: a free port on 127.0.0.1, its own data directory, AOF on,
+no RDB.
 
 Never the machine's shared Redis on 6379. A missing binary is an error (the Redis tests fail, never skip);
 ``scripts/test`` installs it when it can.
