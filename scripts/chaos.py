@@ -171,6 +171,8 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             gws = [GatewayProcess(data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log",
                                   args=args)]
         gw = gws[0]  # the auditor's view and the hostile users' gateway
+        for g in gws[1:]:  # one gateway to the outside: image URLs name one public URL, whichever process made them
+            g.args += ("--public-url", gw.url)
         for g in gws:
             await g.start(nursery)
         users = sorted({u for u, *_ in plan.tasks})

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_MAXLEN = 10_000  # messages the events stream keeps (what a slow process may still catch up on)
 SESSION_KEY_TTL = 24 * 3600  # seconds a session's stream and the user's session set outlive their last message
+BACKFILL_PATIENCE = 10.0  # seconds an attach waits for Redis to copy the session's stream (a restart is shorter)
 
 PUBLISH = r"""
 local P = KEYS[1]
@@ -175,12 +176,18 @@ async def _backfill(store: RedisStore, hub: trio.MemorySendChannel[HubMsg], user
     """Copy the session's stream (its replay buffer) into the hub before the connection attaches; register the
     session so that messages for all of the user's sessions reach it."""
     client = store.client
-    try:
-        await client.sadd(f"{store.prefix}sessions:{user_id}", [client_id])
-        await client.expire(f"{store.prefix}sessions:{user_id}", SESSION_KEY_TTL)
-        entries = await client.xrange(f"{store.prefix}sess:{user_id}:{client_id}")
-    except (RedisError, OSError) as exc:  # the client gets what this hub has (or a resync); it stays connected
-        log.warning("bridge: no replay from Redis for %s/%s: %s", user_id, client_id, exc)
+    entries = None
+    with trio.move_on_after(BACKFILL_PATIENCE):
+        while True:
+            try:
+                await client.sadd(f"{store.prefix}sessions:{user_id}", [client_id])
+                await client.expire(f"{store.prefix}sessions:{user_id}", SESSION_KEY_TTL)
+                entries = await client.xrange(f"{store.prefix}sess:{user_id}:{client_id}")
+                break
+            except (RedisError, OSError) as exc:  # Redis restarting: wait for it (the hub's traffic waits too)
+                log.warning("bridge: no replay from Redis for %s/%s yet: %s", user_id, client_id, exc)
+                await trio.sleep(RETRY_DELAY)
+    if entries is None:  # still no Redis: the client gets what this hub has, or a resync; it stays connected
         return
     for entry in entries:
         f = entry.field_values
