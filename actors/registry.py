@@ -358,6 +358,9 @@ class _Registry:
                     position = await ask(self.scheduler, lambda r: sched.GetPosition(rec.task_id, r),
                                          name="scheduler")
                 return Accepted(rec.task_id, position or 0, rec.cost)
+        chosen = msg.task_id
+        if chosen is not None and await self.store.hold(chosen) is not None:
+            chosen = None  # an earlier attempt froze and died before saving: its hold was released; start afresh
         if not self.take_submit_token(msg.user_id):
             return Refused(429, "too_many_submits", f"more than {self.cfg.submit_rate:g} submits per second "
                                                     f"(burst {self.cfg.submit_burst}); slow down")
@@ -365,7 +368,7 @@ class _Registry:
         if queued >= self.cfg.max_queued_per_user:
             return Refused(429, "too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})")
         self.seq += 1
-        task_id = self.submitting = msg.task_id or uuid.uuid4().hex
+        task_id = self.submitting = chosen or uuid.uuid4().hex
         cost = msg.size * self.cfg.price
         try:
             await ledger_api.freeze(self.ledger, msg.user_id, task_id, cost)

@@ -148,3 +148,39 @@ async def test_three_processes_survive_a_sigkill_of_the_core(tmp_path: Path, red
                                             check=False)
         assert done_audit.returncode == 0 and b"ledger consistent" in done_audit.stdout, done_audit.stdout
         nursery.cancel_scope.cancel()
+
+
+async def test_a_submit_repeated_by_the_next_core_is_one_task(sim: Any, nursery: trio.Nursery,
+                                                              redis_server: RedisServer) -> None:
+    """An edge's submit carries its request id as task id, so a core that reads it again (its predecessor died
+    before acknowledging) answers with the same task and freezes once; if the predecessor died between the freeze
+    and saving the task, the new core's start-up sweep has released that hold, and the submit starts afresh under
+    a new id (reusing the released hold would have run the task for free)."""
+    from actors import registry
+    from actors._util import ask
+    from actors.gateway import GatewayConfig, run_gateway
+
+    redis_server.flush()
+    url = redis_server.url()
+    handles = await nursery.start(run_gateway, GatewayConfig(comfyui_urls=(sim.url,), store_path=url, price=2))
+    wf = make_workflow()
+
+    async def submit(rid: str) -> Any:
+        return await ask(handles.registry, lambda r: registry.Submit("alice", "c1", wf, 1, r, task_id=rid))
+
+    first = await submit("rid-1")
+    assert isinstance(first, registry.Accepted) and first.task_id == "rid-1"
+    again = await submit("rid-1")
+    assert isinstance(again, registry.Accepted) and again.task_id == "rid-1"
+    async with open_store(url) as store:
+        await store.freeze("alice", "rid-2", 2, 100, ttl=60)  # a dead core froze ...
+        await store.resolve("rid-2", "released", note="recovered at start-up; task never saved")  # ... swept
+        fresh = await submit("rid-2")
+        assert isinstance(fresh, registry.Accepted) and fresh.task_id != "rid-2"
+        with trio.fail_after(15):
+            while {t.state for t in await store.all_tasks()} != {"succeeded"}:
+                await trio.sleep(0.02)
+        freezes = [j.task_id for j in await store.journal() if j.kind == "freeze"]
+        assert sorted(freezes) == sorted(["rid-1", "rid-2", fresh.task_id])  # rid-1 once, rid-2 never again
+        assert await store.audit() == [] and await store.audit_tasks() == []
+        assert (await store.account("alice", 100)).balance == 100 - 2 - 2
