@@ -25,6 +25,7 @@ import httpx
 import trio
 
 from . import bridge, comfy, ledger, registry, scheduler, sessions
+from .image_urls import ImageUrls
 from .lease import DEFAULT_LEASE_TTL, LeaseState, hold_core
 from .store import RedisStore, Store, open_store
 
@@ -59,6 +60,7 @@ class GatewayConfig:
     submit_rate: float = 5.0  # submits per user per second (token bucket) ...
     submit_burst: int = 20  # ... this many at once
     quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
+    image_urls: ImageUrls | None = None  # signs the image URLs handed out (None: unsigned, header auth only)
     lease_ttl: float = DEFAULT_LEASE_TTL  # Redis store: seconds the core lease lasts unless renewed
 
     def __post_init__(self) -> None:
@@ -159,7 +161,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 reg_cfg = registry.RegistryConfig(
                     price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
                     backend_lost_after=cfg.backend_lost_after,
-                    public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls,
+                    public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls, image_urls=cfg.image_urls,
                     submit_rate=cfg.submit_rate, submit_burst=cfg.submit_burst, quarantine_after=cfg.quarantine_after,
                     unclean_start=unclean, boot=boot,
                 )

@@ -67,6 +67,7 @@ from .comfy import (
     PromptSubmitUnknown,
     Status,
 )
+from .image_urls import ImageUrls
 from .sessions import Broadcast, Publish
 from .store import ImageRef, InsufficientCredits, LedgerError, Store, TaskRecord, TERMINAL_STATES
 
@@ -101,6 +102,7 @@ class RegistryConfig:
     quarantine_after: int = 2  # unclean restarts a task may stay active across without progress
     unclean_start: bool = False  # the previous run on this store did not stop cleanly (set by run_gateway)
     boot: int = 1  # this run's boot number on the store (the crashed run, if unclean, is boot - 1)
+    image_urls: ImageUrls | None = None  # signs image URLs (re-signed each time a view is made)
 
 
 # ---- requests from the web layer --------------------------------------------------------------------
@@ -122,11 +124,17 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Submit:
+    """A new task. A raw workflow costs ``size × price``; one built from a template comes with its ``cost`` (the
+    template's rule, already evaluated), the template's name and the resolved parameters, all kept with the task."""
+
     user_id: str
     client_id: str
     workflow: Mapping[str, Any]
     size: int
     reply: trio.MemorySendChannel[Accepted | Refused]
+    cost: int | None = None
+    template: str | None = None
+    params: Mapping[str, Any] | None = None
     task_id: str | None = None  # chosen by the asker (an edge's request id): repeating it returns that task
 
 
@@ -155,10 +163,22 @@ class ListResults:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageLocation:
-    """Where image ``n`` of the user's task lives: (backend base URL, ImageRef), or None."""
+class ListTasks:
+    """The user's tasks, newest first: ``which`` is "active" (queued, submitted, running), "finished" or "all"."""
 
     user_id: str
+    which: str
+    limit: int
+    before: int | None
+    reply: trio.MemorySendChannel[tuple[list[dict[str, Any]], int | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLocation:
+    """Where image ``n`` of the user's task lives: (backend base URL, ImageRef), or None. ``user_id`` None: any
+    owner (the request carried a signed URL, which is the gateway's own word that it may see this image)."""
+
+    user_id: str | None
     task_id: str
     n: int
     reply: trio.MemorySendChannel[tuple[str, ImageRef] | None]
@@ -176,7 +196,7 @@ class GetStats:
     reply: trio.MemorySendChannel[RegistryStats]
 
 
-RegistryMsg = Submit | GetTask | Cancel | ListResults | ImageLocation | GetStats | ComfyReport
+RegistryMsg = Submit | GetTask | Cancel | ListResults | ListTasks | ImageLocation | GetStats | ComfyReport
 
 
 def _iso(ts: float) -> str:
@@ -239,6 +259,8 @@ class _Registry:
     # -- helpers
 
     def url(self, task_id: str, n: int) -> str:
+        if self.cfg.image_urls is not None:
+            return self.cfg.image_urls.url(task_id, n)
         return f"{self.cfg.public_url}/api/images/{task_id}/{n}"
 
     def urls(self, rec: TaskRecord) -> list[str]:
@@ -256,12 +278,17 @@ class _Registry:
             "updatedAt": _iso(rec.updated_at),
             "clientId": rec.client_id,
         }
+        if rec.template is not None:
+            v["template"] = rec.template
+            v["params"] = rec.params
         if rec.reason:
             v["reason"] = rec.reason
         if rec.error:
             v["error"] = rec.error.get("error")
         if position is not None:
             v["position"] = position
+        if rec.state in ACTIVE_STATES:  # where it waits: our queue, or inside ComfyUI
+            v["where"] = "gateway" if rec.state == "queued" else "comfyui"
         return v
 
     def after(self, delay: float, kind: str, key: str) -> None:
@@ -369,7 +396,7 @@ class _Registry:
             return Refused(429, "too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})")
         self.seq += 1
         task_id = self.submitting = chosen or uuid.uuid4().hex
-        cost = msg.size * self.cfg.price
+        cost = msg.cost if msg.cost is not None else msg.size * self.cfg.price
         try:
             await ledger_api.freeze(self.ledger, msg.user_id, task_id, cost)
         except InsufficientCredits as exc:
@@ -383,6 +410,7 @@ class _Registry:
             task_id=task_id, seq=self.seq, user_id=msg.user_id, client_id=msg.client_id,
             prompt_id=str(uuid.uuid4()), state="queued", size=msg.size, cost=cost,
             workflow=dict(msg.workflow), created_at=now, updated_at=now,
+            template=msg.template, params=dict(msg.params) if msg.params is not None else None,
         )
         await self.store.save_task(rec)
         task = self.tasks[task_id] = _Task(rec)
@@ -390,7 +418,10 @@ class _Registry:
         job = sched.Job(task_id, rec.user_id, rec.prompt_id, rec.workflow)
         position = await ask(self.scheduler, lambda r: sched.Enqueue(job, r), name="scheduler")
         log.info("registry: task %s of %s queued at %d (cost %d)", task_id, msg.user_id, position, cost)
-        await self.publish(task.rec, {"type": "queued", "taskId": task_id, "position": position, "cost": cost})
+        announce: dict[str, Any] = {"type": "queued", "taskId": task_id, "position": position, "cost": cost}
+        if rec.template is not None:
+            announce |= {"template": rec.template, "params": rec.params}
+        await self.publish(task.rec, announce)
         await self.broadcast_status()
         return Accepted(task_id, position, cost)
 
@@ -433,10 +464,30 @@ class _Registry:
         nxt = recs[limit - 1].seq if len(recs) > limit else None
         return [self.view(r) | {"seq": r.seq} for r in recs[:limit]], nxt
 
-    async def image_location(self, user_id: str, task_id: str, n: int) -> tuple[str, ImageRef] | None:
+    async def list_tasks(self, user_id: str, which: str, limit: int,
+                         before: int | None) -> tuple[list[dict[str, Any]], int | None]:
+        """Live tasks come from memory, finished ones from the store; merged newest first (by task seq)."""
+        recs: list[TaskRecord] = []
+        if which in ("active", "all"):
+            recs += [t.rec for t in self.tasks.values()
+                     if t.rec.user_id == user_id and (before is None or t.rec.seq < before)]
+        if which in ("finished", "all"):
+            recs += await self.store.list_results(user_id, limit + 1, before)
+        unique = {r.task_id: r for r in reversed(recs)}  # a task just finishing may be in both: memory wins
+        recs = sorted(unique.values(), key=lambda r: r.seq, reverse=True)
+        page = recs[:limit]
+        views = []
+        for rec in page:
+            position = None
+            if rec.state == "queued":
+                position = await ask(self.scheduler, lambda r, t=rec.task_id: sched.GetPosition(t, r), name="scheduler")
+            views.append(self.view(rec, position) | {"seq": rec.seq})
+        return views, (page[-1].seq if len(recs) > limit else None)
+
+    async def image_location(self, user_id: str | None, task_id: str, n: int) -> tuple[str, ImageRef] | None:
         task = self.tasks.get(task_id)
         rec = task.rec if task is not None else await self.store.get_task(task_id)
-        if rec is None or rec.user_id != user_id or not 0 <= n < len(rec.images):
+        if rec is None or (user_id is not None and rec.user_id != user_id) or not 0 <= n < len(rec.images):
             return None
         img = rec.images[n]
         base = self.cfg.backend_urls.get(img.backend)
@@ -947,6 +998,8 @@ async def handle(reg: _Registry, msg: RegistryMsg) -> None:
             reply_once(reply, await reg.cancel(user_id, task_id))
         case ListResults(user_id, limit, before, reply):
             reply_once(reply, await reg.list_results(user_id, limit, before))
+        case ListTasks(user_id, which, limit, before, reply):
+            reply_once(reply, await reg.list_tasks(user_id, which, limit, before))
         case ImageLocation(user_id, task_id, n, reply):
             reply_once(reply, await reg.image_location(user_id, task_id, n))
         case GetStats(reply):

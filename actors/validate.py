@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WorkflowLimits", "Problem", "decode_json", "check_json", "validate_workflow", "lone_surrogate"]
+__all__ = ["Problem", "WorkflowLimits", "check_json", "decode_json", "lone_surrogate", "validate_workflow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +123,9 @@ def check_json(value: Any, limits: WorkflowLimits, where: str = "body") -> Probl
                     if at is not None:
                         return Problem("bad_json", f"a key at {where}{_path(path)} holds a lone surrogate "
                                                    f"U+{ord(key[at]):04X} at index {at}")
-                    stack.append((child, depth + 1, path + (key,)))
+                    stack.append((child, depth + 1, (*path, key)))
             else:
-                stack.extend((child, depth + 1, path + (i,)) for i, child in enumerate(v))
+                stack.extend((child, depth + 1, (*path, i)) for i, child in enumerate(v))
         elif not (v is None or isinstance(v, (bool, int))):
             return Problem("bad_json", f"value at {where}{_path(path)} is a {type(v).__name__}, not JSON")
     return None

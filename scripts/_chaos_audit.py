@@ -59,6 +59,11 @@ class Report:
             self.problems.append("... (more problems not shown)")
 
 
+def unsigned(url: str) -> str:
+    """An image URL without its ``?exp=&sig=`` signature (which changes every time it is handed out)."""
+    return url.split("?", 1)[0]
+
+
 async def wait_no_active_tasks(db_path: str, *, timeout: float) -> list[TaskRecord]:
     """Poll the store (read-only use, from outside the gateway) until no task is active; returns the stragglers
     if the deadline passes first (each poll is a condition check, the deadline is what bounds it)."""
@@ -104,7 +109,8 @@ async def settle_and_audit(
                 break
             page = r.json()
             for item in page["results"]:
-                results_urls[item["taskId"]] = item["urls"]
+                # the query is the URL's signature, made afresh on every read: compare where they point
+                results_urls[item["taskId"]] = [unsigned(u) for u in item["urls"]]
             before = page.get("next")
             if before is None:
                 break
@@ -206,7 +212,7 @@ async def settle_and_audit(
                     report.add(f"client {user}: task {task_id} is {t.state} but its message was {body}")
                 elif t.state == "failed" and body.get("reason") != t.reason:
                     report.add(f"client {user}: task {task_id} failed ({t.reason}) but the message says {body}")
-                elif t.state == "succeeded" and body.get("urls") != results_urls.get(task_id):
+                elif t.state == "succeeded" and [unsigned(u) for u in body.get("urls") or []] != results_urls.get(task_id):
                     report.add(f"client {user}: task {task_id} completed with {body.get('urls')}, "
                                f"results history has {results_urls.get(task_id)}")
                 continue

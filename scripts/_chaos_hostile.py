@@ -22,10 +22,9 @@ from typing import Any
 
 import httpx
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
-
 from _chaos_client import _frame, _parse
 from _chaos_lib import GatewayProcess, make_workflow
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 LONE_VALUE = b'{"clientId": "%s", "workflow": {"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800"}}}}'
 LONE_KEY = b'{"clientId": "%s", "workflow": {"3": {"class_type": "KSampler", "inputs": {"\\udc00": 1}}}}'

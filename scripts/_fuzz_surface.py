@@ -163,10 +163,14 @@ class Surface:
                     try:
                         data = await ws.receive()
                     except Exception as exc:  # the endpoint closed the socket: it must have said why first
+                        closed = exc
+                    else:
+                        closed = None
+                    if closed is not None:
                         if frame.startswith(b"DISCONNECT\n"):
                             outcome = "disconnect"
                             break
-                        assert "\nmessage:" in seen, (frame[:200], seen[:300], exc)
+                        assert "\nmessage:" in seen, (frame[:200], seen[:300], closed)
                         outcome = "error"
                         break
                     seen += data if isinstance(data, str) else data.decode("utf-8", "replace")

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, seed, settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _fuzz_surface import HTTP_CASES, STOMP_FRAMES, HttpCase, fast_http_case, fast_stomp_frame, surface  # noqa: E402
-from fake_comfyui import FakeComfyUI  # noqa: E402
+from _fuzz_surface import HTTP_CASES, STOMP_FRAMES, HttpCase, fast_http_case, fast_stomp_frame, surface
+from fake_comfyui import FakeComfyUI
 
 
 def draw(strategy: object, n: int, batch_seed: int) -> list[object]:
@@ -79,7 +79,7 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"DONE {done} inputs in {elapsed:.0f}s ({done / elapsed:.0f}/s): http {s.stats.http} "
                       f"(over a socket {s.stats.socket}), statuses {dict(sorted(s.stats.statuses.items()))}; "
                       f"stomp {s.stats.stomp} {s.stats.stomp_outcomes}; sim ran {len(sim.runs)} prompts; "
-                      f"audit {'clean' if not problems else problems}", flush=True)
+                      f"audit {problems or 'clean'}", flush=True)
             nursery.cancel_scope.cancel()
     return 1 if problems else 0
 

@@ -7,11 +7,11 @@ import json
 from typing import Any
 
 import pytest
-
-from actors.validate import WorkflowLimits, decode_json, validate_workflow
 from conftest import GatewayUnderTest, workflow
 from stomp_client import stomp_connect
 from test_e2e_skeleton import TERMINAL, subscribed
+
+from actors.validate import WorkflowLimits, decode_json, validate_workflow
 
 LONE = '{"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800 b"}}}'
 
@@ -19,7 +19,7 @@ LONE = '{"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800 b"}}}'
 # ---- the pure validator --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, needle", [
+@pytest.mark.parametrize(("text", "needle"), [
     (LONE, "lone surrogate U+D800"),
     ('{"\\udc00x": {"class_type": "A", "inputs": {}}}', "lone surrogate U+DC00"),  # in a node id (a key)
     ('{"1": {"class_type": "A", "inputs": {"\\ud83d": 1}}}', "lone surrogate U+D83D"),  # in an input key
@@ -98,6 +98,7 @@ async def test_poison_workflow_over_stomp_is_rejected_and_the_connection_lives(s
         await c.send_frame("SEND", {"destination": "/app/tasks"}, json.dumps({"workflow": workflow("txt2img")}))
         msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL)
         assert msgs[-1][1]["type"] == "completed"
+        await c.leave()
     assert (await g.balance("bob"))["balance"] == g.initial_credits - g.price
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from conftest import GatewayUnderTest, both_stores, wait_backends_up, workflow
@@ -239,7 +240,11 @@ async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
         with trio.fail_after(30):
             line = await _read_line_with(proc.stdout, b"comfy-gateway serving on ", buf)
         url = line.decode().rsplit(" ", 1)[1].strip()
+        sim_line = await _read_line_with(proc.stdout, b"ComfyUI simulator on ", buf)
+        sim_url = sim_line.decode().split("ComfyUI simulator on ", 1)[1].split()[0]
+        assert "(its own process)" in sim_line.decode()  # so nothing the simulator does can stall the gateway
         async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(f"{sim_url}/queue")).status_code == 200
             page = await http.get(f"{url}/")
             assert page.status_code == 200 and "<html" in page.text.lower()
             demo = (await http.get(f"{url}/api/demo-token")).json()
@@ -251,12 +256,15 @@ async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
                                     json={"clientId": demo["clientId"], "workflow": workflow("txt2img")})
                 assert r.status_code == 202, r.text
                 msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL, timeout=30)
+                await c.leave()
             assert msgs[-1][1]["type"] == "completed"
             img = await http.get(msgs[-1][1]["urls"][0], headers=headers)
             assert img.content.startswith(PNG_SIGNATURE)
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(15):
-            assert await proc.wait() == 0
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                assert await proc.wait() == 0
+            with pytest.raises(httpx.ConnectError):  # the simulator's process was stopped with the gateway
+                await http.get(f"{sim_url}/queue")
     finally:
         if proc.returncode is None:
             proc.kill()

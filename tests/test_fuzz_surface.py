@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
-
 from _fuzz_surface import HTTP_CASES, STOMP_FRAMES, HttpCase, surface
+from hypothesis import HealthCheck, given, settings
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

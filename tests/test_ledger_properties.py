@@ -466,7 +466,7 @@ async def test_schema_migrates_forward_and_refuses_a_newer_one(tmp_path: Path) -
         assert (await store.account("u", 100)).balance == 42 and await store.audit() == []
         await store.freeze("u", "t", 2, 100, ttl=60)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal_task'").fetchone() is not None
     assert db.execute("SELECT crashes FROM tasks").fetchall() == []  # version 3: the quarantine counter
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")

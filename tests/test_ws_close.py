@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import GatewayUnderTest
 
 
@@ -53,7 +52,7 @@ async def close_code(stream: trio.SocketStream) -> int | None:
                 data = data[2 + length:]
 
 
-@pytest.mark.parametrize("bad, code", [
+@pytest.mark.parametrize(("bad", "code"), [
     (frame(0x81, b"CONNECT\n\n\xff\x00"), 1007),  # a text frame that is not UTF-8
     (frame(0xC1, b"x"), 1002),  # RSV1 without an extension
     (frame(0x81, b"x", masked=False), 1002),  # a client frame must be masked

@@ -34,6 +34,8 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=reg,
         )
         self.sessions = Gauge("gateway_sessions", "live sessions", registry=reg)
+        self.sockjs_sessions = Gauge("gateway_sockjs_sessions", "live SockJS sessions on HTTP transports",
+                                     registry=reg)  # fed by web.sockjs (set_function)
         self.tasks = Gauge("gateway_tasks", "non-terminal tasks by state", ["state"], registry=reg)
         self.queue = Gauge("gateway_queue_depth", "tasks waiting for dispatch", registry=reg)
         self.inflight = Gauge("gateway_backend_inflight", "prompts inside ComfyUI", ["backend"], registry=reg)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from hypercorn.events import Closed
 
@@ -43,3 +43,44 @@ def transport_closer(websocket: Any) -> Callable[[], Awaitable[None]] | None:
                         "a client that stops reading will hold its connection until it goes away", ws)
         return None
     return partial(tcp_send, Closed())
+
+
+class TransportClosed(Exception):
+    """The client side of a transport is unusable (e.g. it sent a SockJS message that is not JSON)."""
+
+
+class StompTransport(Protocol):
+    """What the STOMP endpoint needs from whatever carries it (a plain WebSocket, a SockJS session).
+
+    ``receive`` returns the next message from the client (a client that went away shows up as the handler
+    being cancelled, as with Quart's websockets, or as ``TransportClosed``); ``send`` carries one message (a
+    batch of STOMP frames) and may block while the client is slow; ``close`` ends it with a WebSocket close
+    code; ``abort`` (or None) cuts it at once when ``send`` is stuck on a client that stopped reading."""
+
+    name: str
+    abort: Callable[[], Awaitable[None]] | None
+
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, text: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class WebSocketTransport:
+    """A Quart websocket (already accepted) as a ``StompTransport``."""
+
+    name = "ws"
+
+    def __init__(self, websocket: Any) -> None:
+        self._ws = websocket
+        self.abort = transport_closer(websocket)
+
+    async def receive(self) -> str | bytes:
+        return await self._ws.receive()  # type: ignore[no-any-return]
+
+    async def send(self, text: str) -> None:
+        await self._ws.send(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._ws.close(code, reason)

@@ -1,4 +1,7 @@
-"""The STOMP-over-WebSocket endpoint at /ws: one reader, one writer and one timer task per connection.
+"""The STOMP endpoint at /ws: one reader, one writer and one timer task per connection.
+
+A connection runs over a ``StompTransport`` (``web._transport``): a plain WebSocket (``serve``), or a SockJS
+session (``web.sockjs``, which calls ``run``); the rules below are the same for both.
 
 The protocol itself is the sans-IO ``web.stomp.StompConnection``; this module is only the trio loop around it:
 receive -> ``receive_data`` -> ``next_event`` -> dispatch, and a writer that drains the connection's
@@ -44,7 +47,8 @@ from actors.sessions import (
     SlowConsumer,
 )
 
-from ._transport import transport_closer
+from ._templates import TemplateLibrary
+from ._transport import StompTransport, TransportClosed, WebSocketTransport
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame, negotiate_heartbeat
@@ -115,6 +119,7 @@ class _Conn:
     close_after_flush: _Close | None = None
     abort: Callable[[], Awaitable[None]] | None = None  # cuts the TCP connection (for a stuck writer)
     released: bool = False  # session detached and per-user slot given back
+    transport: str = "ws"  # what carries it: "ws", or "sockjs-<transport>"
     session_held: bool = False  # the hub accepted our Connect: a Disconnect is owed
     replays: deque[float] = field(default_factory=deque)  # trio times of this connection's last-seq replays
 
@@ -132,9 +137,10 @@ def pick_subprotocol(offered: list[str]) -> str | None:
 class StompEndpoint:
     def __init__(
         self, handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
-        counter: ConnectionCounter, metrics: Any,
+        counter: ConnectionCounter, metrics: Any, templates: TemplateLibrary,
     ) -> None:
         self.h = handles
+        self.templates = templates
         self.cfg = cfg
         self.auth = auth
         self.shutdown = shutdown
@@ -153,23 +159,29 @@ class StompEndpoint:
             log.warning("ws: no STOMP subprotocol in %r", offered)
             return "no supported STOMP subprotocol (v12.stomp, v11.stomp, v10.stomp)", 400
         await websocket.accept(subprotocol=proto)
+        await self.run(WebSocketTransport(websocket))
+        return None
+
+    async def run(self, transport: StompTransport) -> None:
+        """One STOMP connection over ``transport`` (a plain WebSocket, or a SockJS session), until it ends."""
         conn = _Conn(
             id=next(_ids),
             outbox=Outbox(max_bytes=self.cfg.outbox_bytes, max_delay=self.cfg.outbox_delay),
             stomp=StompConnection(max_frame_size=self.cfg.max_frame_size),
             last_rx=trio.current_time(),
-            abort=transport_closer(websocket),
+            abort=transport.abort,
+            transport=transport.name,
         )
         self.live[conn.id] = conn
         self.metrics.connections_opened()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader, websocket, conn)
+                nursery.start_soon(self._reader, transport, conn)
                 nursery.start_soon(self._timers, conn)
-                close = await self._writer(websocket, conn)
+                close = await self._writer(transport, conn)
                 # detach first: a client that reconnects as soon as it sees the close finds its slot free
                 await self._release(conn)
-                await websocket.close(close.code, close.reason)  # the timer task still watches this send
+                await transport.close(close.code, close.reason)  # the timer task still watches this send
                 nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(DETACH_TIMEOUT, shield=True) as scope:
@@ -180,11 +192,10 @@ class StompEndpoint:
             self.metrics.connections_closed(conn.outbox)
             if conn.outbox.failed is not None:
                 self.metrics.slow_consumer()
-        return None
 
     # -- tasks
 
-    async def _writer(self, websocket: Any, conn: _Conn) -> _Close:
+    async def _writer(self, transport: StompTransport, conn: _Conn) -> _Close:
         """Drain the outbox, one WebSocket message per batch; returns how to close."""
         while True:
             try:
@@ -194,14 +205,14 @@ class StompEndpoint:
                 # encode_frame, not stomp.error(): an ERROR may already have been sent on this connection
                 err = encode_frame("ERROR", (("message", "slow consumer"), ("content-type", "text/plain")),
                                    f"{exc}; reconnect and resubscribe with last-seq to resume".encode())
-                await websocket.send(err.decode())  # bounded by the timer task's watchdog (CLOSE_GRACE)
+                await transport.send(err.decode())  # bounded by the timer task's watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
             parts = []
             now = trio.current_time()
             for out in batch:
                 if out.type == END:  # what was queued after the last frame is not sent
                     if parts:
-                        await websocket.send(b"".join(parts).decode("utf-8", "replace"))
+                        await transport.send(b"".join(parts).decode("utf-8", "replace"))
                     assert conn.close_after_flush is not None
                     return conn.close_after_flush
                 if out.type == RAW:
@@ -221,13 +232,13 @@ class StompEndpoint:
                 parts.append(encode_frame("MESSAGE", headers, out.body, escape=conn.stomp.version != "1.0"))
                 self.metrics.relayed(out.type, now - out.created)
             if parts:
-                await websocket.send(b"".join(parts).decode("utf-8", "replace"))
+                await transport.send(b"".join(parts).decode("utf-8", "replace"))
                 conn.last_tx = trio.current_time()
 
-    async def _reader(self, websocket: Any, conn: _Conn) -> None:
+    async def _reader(self, transport: StompTransport, conn: _Conn) -> None:
         try:
             while conn.close_after_flush is None:
-                data = await websocket.receive()
+                data = await transport.receive()
                 conn.last_rx = trio.current_time()
                 conn.stomp.receive_data(data.encode() if isinstance(data, str) else data)
                 while conn.close_after_flush is None:
@@ -250,6 +261,9 @@ class StompEndpoint:
         except RemoteProtocolError as exc:
             log.info("ws %d: protocol error: %s", conn.id, exc)
             self._fail(conn, exc.error_frame, 1002)
+        except TransportClosed as exc:
+            log.info("ws %d (%s): %s", conn.id, conn.transport, exc)
+            self._error(conn, "transport error", str(exc), 1002)
         except _Close as close:  # DISCONNECT: the writer flushes the RECEIPT, then closes
             if conn.close_after_flush is None:
                 conn.close_after_flush = close
@@ -383,7 +397,8 @@ class StompEndpoint:
             ("version", conn.stomp.version or "1.2"), ("heart-beat", f"{send_ms},{expect_ms}"),
             ("server", SERVER_NAME), ("session", f"{conn.id}"), ("user-name", who.user_id),
         ))))
-        log.info("ws %d: %s/%s connected (STOMP %s)", conn.id, who.user_id, client_id, conn.stomp.version)
+        log.info("ws %d: %s/%s connected (STOMP %s over %s)", conn.id, who.user_id, client_id, conn.stomp.version,
+                 conn.transport)
 
     async def _subscribe(self, conn: _Conn, frame: Frame, receipt: str | None) -> None:
         assert conn.principal is not None and conn.client_id is not None
@@ -479,7 +494,7 @@ class StompEndpoint:
             if body.get("clientId") not in (None, client):
                 await self._reject(user, client, "forbidden", "clientId in the body does not match this connection")
                 return
-            result = await submit(self.h, self.cfg, user, client, body)
+            result = await submit(self.h, self.cfg, self.templates, conn.principal, client, body)
             if isinstance(result, registry.Refused):
                 await self._reject(user, client, result.error, result.detail)
         else:

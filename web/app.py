@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,14 @@ from actors import ledger, registry, scheduler, sessions
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
 from actors.store import MAX_AMOUNT
-from actors.validate import decode_json, validate_workflow
+from actors.validate import decode_json
 
 from ._metrics import Metrics
+from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
 from ._ws import ConnectionCounter, StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
+from .sockjs import install as install_sockjs
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,20 @@ class ApiError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
-def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event) -> QuartTrio:
+def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
+               templates: TemplateLibrary | None = None) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_size
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep key order: a template's parameters are its form's
     metrics = Metrics(handles)
     counter = ConnectionCounter(cfg.max_connections_per_user)
-    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics)
-    app.extensions["gateway"] = {"handles": handles, "metrics": metrics, "endpoint": endpoint}
+    library = templates if templates is not None else TemplateLibrary(cfg.templates_dir)
+    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics, library)
+    sockjs = install_sockjs(app, endpoint, cfg.sockjs, cfg.origin_allowed)
+    metrics.sockjs_sessions.set_function(lambda: len(sockjs.sessions))
+    app.extensions["gateway"] = {
+        "handles": handles, "metrics": metrics, "endpoint": endpoint, "sockjs": sockjs, "templates": library,
+    }
 
     def error(status: int, code: str, detail: str) -> Response:
         return Response(json.dumps({"error": code, "detail": detail}), status=status, content_type="application/json")
@@ -65,7 +73,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             try:
                 return await ask(target if target is not None else handles.registry, build, name=name)
             except ActorGone:
-                raise ApiError(503, "unavailable", f"the {name} is not running") from None
+                raise ApiError(503, "unavailable", f"the {name} could not answer this request") from None
         assert scope.cancelled_caught
         raise ApiError(503, "busy", f"the {name} did not answer within {ASK_TIMEOUT:.0f}s")
 
@@ -115,6 +123,14 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     @app.after_request
     async def _cors(resp: Response) -> Response:
         origin = request.headers.get("Origin")
+        if request.path == "/ws" or request.path.startswith("/ws/"):
+            # SockJS sends credentials: the origin echoed, never "*" (its routes set this themselves; this covers
+            # answers made outside them, e.g. a 413 for an oversized xhr_send)
+            if origin and cfg.origin_allowed(origin) and "Access-Control-Allow-Origin" not in resp.headers:
+                resp.headers["Access-Control-Allow-Origin"] = origin
+                resp.headers["Access-Control-Allow-Credentials"] = "true"
+                resp.headers["Vary"] = "Origin"
+            return resp
         if origin and cfg.origin_allowed(origin):
             resp.headers["Access-Control-Allow-Origin"] = "*" if "*" in cfg.allowed_origins else origin
             resp.headers["Vary"] = "Origin"
@@ -139,13 +155,14 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
         body = await json_body()
         client_id = body.get("clientId")
         who = principal(client_id if isinstance(client_id, str) else None)
-        if client_id is None:
-            client_id = who.client_id or "http"
+        if client_id is None:  # its messages would go to no STOMP session: refuse rather than lose them
+            raise ApiError(400, "bad_request", "clientId is required: the task's messages go to the STOMP "
+                                               "session with this clientId")
         if not valid_id(client_id):
             raise ApiError(400, "bad_request", "clientId must be a non-empty string without ':'")
         if who.client_id is not None and client_id != who.client_id:
             raise ApiError(403, "forbidden", "clientId does not match the token")
-        result = await submit(handles, cfg, who.user_id, client_id, body)
+        result = await submit(handles, cfg, library, who, client_id, body)
         if isinstance(result, registry.Refused):
             raise ApiError(result.status, result.error, result.detail)
         return {"taskId": result.task_id, "state": "queued", "position": result.position, "cost": result.cost}, 202
@@ -168,41 +185,70 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             raise ApiError(409, "finished", f"task {task_id} has already finished")
         return {"taskId": task_id, "state": outcome}, 200 if outcome == "cancelled" else 202
 
-    @app.get("/api/results")
-    async def results() -> dict[str, Any]:
-        who = principal()
+    def page_args() -> tuple[int, int | None]:
         try:
             limit = min(max(int(request.args.get("limit", 20)), 1), 100)
             before = int(request.args["before"]) if "before" in request.args else None
         except ValueError:
             raise ApiError(400, "bad_request", "limit and before must be integers") from None
+        return limit, before
+
+    @app.get("/api/results")
+    async def results() -> dict[str, Any]:
+        who = principal()
+        limit, before = page_args()
         items, nxt = await call(lambda r: registry.ListResults(who.user_id, limit, before, r), "registry")
-        out: dict[str, Any] = {"results": items}
-        if nxt is not None:
-            out["next"] = nxt
-        return out
+        return {"results": items} | ({"next": nxt} if nxt is not None else {})
+
+    @app.get("/api/tasks")
+    async def list_tasks() -> dict[str, Any]:
+        who = principal()
+        which = request.args.get("state", "all")
+        if which not in ("active", "finished", "all"):
+            raise ApiError(400, "bad_request", f"state must be active, finished or all, not {which!r}")
+        limit, before = page_args()
+        items, nxt = await call(lambda r: registry.ListTasks(who.user_id, which, limit, before, r), "registry")
+        return {"tasks": items} | ({"next": nxt} if nxt is not None else {})
 
     @app.get("/api/images/<task_id>/<int:n>")
     async def image(task_id: str, n: int) -> Response:
-        who = principal()
-        where = await call(lambda r: registry.ImageLocation(who.user_id, task_id, n, r), "registry")
+        exp, sig = request.args.get("exp"), request.args.get("sig")
+        owner: str | None = None
+        if exp is not None or sig is not None:  # a signed URL (an <img src>): the signature is the permission
+            signer = handles.config.image_urls
+            verdict = signer.check(task_id, n, exp, sig) if signer is not None else "bad"
+            if verdict == "expired":
+                raise ApiError(403, "expired", "this image URL has expired; fetch the task again for a fresh one")
+            if verdict != "ok":
+                raise ApiError(403, "bad_signature", "this image URL's signature is not valid")
+        if sig is None or request.headers.get("Authorization"):
+            owner = principal().user_id  # a request that names a user gets only that user's images
+        where = await call(lambda r: registry.ImageLocation(owner, task_id, n, r), "registry")
         if where is None:
             raise ApiError(404, "not_found", f"no image {n} for task {task_id}")
-        base, ref = where
-        params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
-        try:  # no browser header (Origin, cookies, auth) is forwarded to ComfyUI
-            upstream = await handles.http.get(f"{base}/view", params=params)
-        except Exception as exc:  # httpx transport errors
-            log.warning("image %s/%d: ComfyUI unreachable: %r", task_id, n, exc)
-            raise ApiError(502, "backend_unavailable", "the ComfyUI backend holding this image is unreachable") from None
-        if upstream.status_code != 200:
-            raise ApiError(404 if upstream.status_code == 404 else 502, "not_found" if upstream.status_code == 404
-                           else "backend_error", f"ComfyUI answered {upstream.status_code} for this image")
-        if len(upstream.content) > MAX_IMAGE_BYTES:
-            raise ApiError(502, "too_large", "image too large")
-        resp = Response(upstream.content, content_type=upstream.headers.get("content-type", "application/octet-stream"))
-        resp.headers["Cache-Control"] = "private, max-age=3600"
-        return resp
+        return await stream_image(handles.http, where, f"{task_id}/{n}")
+
+    # ---- templates
+
+    @app.get("/api/templates")
+    async def list_templates() -> dict[str, Any]:
+        who = principal()
+        return {"templates": library.current.schema(),
+                "rawWorkflows": raw_workflows_allowed(cfg.raw_workflows, who.admin)}
+
+    @app.post("/api/admin/templates/reload")
+    async def reload_templates() -> dict[str, Any]:
+        who = principal()
+        if not who.admin:
+            raise ApiError(403, "forbidden", "an admin token is required")
+        try:
+            catalog = await library.reload()
+        except OSError as exc:
+            log.error("templates: reload by %s failed: %s", who.user_id, exc)
+            raise ApiError(500, "reload_failed", f"cannot read the templates directory {library.directory}: "
+                           f"{exc.strerror or exc}; the templates loaded before stay") from None
+        log.info("templates: reloaded by %s", who.user_id)
+        return {"templates": list(catalog.templates), "errors": [e.as_json() for e in catalog.errors]}
 
     # ---- accounts
 
@@ -283,19 +329,59 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     return app
 
 
-async def submit(handles: Handles, cfg: WebConfig, user_id: str, client_id: str, body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:
-    """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry."""
-    workflow = body.get("workflow")
-    problem = validate_workflow(workflow, cfg.limits)
-    if problem is not None:
-        return registry.Refused(400, problem.code, problem.detail)
-    size = body.get("size", 1)
-    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= cfg.max_task_size:
-        return registry.Refused(400, "bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")
+class _ImageTooLarge(Exception):
+    """ComfyUI sent more than MAX_IMAGE_BYTES after the response began: the connection is dropped, not ended."""
+
+
+async def stream_image(http: Any, where: tuple[str, Any], what: str) -> Response:
+    """Relay an image from ComfyUI's /view as it arrives, its size checked as it goes (never held whole)."""
+    base, ref = where
+    params = {"filename": ref.filename, "subfolder": ref.subfolder, "type": ref.type}
+    try:  # no browser header (Origin, cookies, auth) is forwarded to ComfyUI
+        upstream = await http.send(http.build_request("GET", f"{base}/view", params=params), stream=True)
+    except Exception as exc:  # httpx transport errors
+        log.warning("image %s: ComfyUI unreachable: %r", what, exc)
+        raise ApiError(502, "backend_unavailable", "the ComfyUI backend holding this image is unreachable") from None
+    declared = upstream.headers.get("content-length")
+    if upstream.status_code != 200 or (declared and declared.isdigit() and int(declared) > MAX_IMAGE_BYTES):
+        await upstream.aclose()
+        if upstream.status_code == 200:
+            raise ApiError(502, "too_large", f"the image is larger than {MAX_IMAGE_BYTES} bytes")
+        raise ApiError(404 if upstream.status_code == 404 else 502, "not_found" if upstream.status_code == 404
+                       else "backend_error", f"ComfyUI answered {upstream.status_code} for this image")
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            total = 0
+            async for chunk in upstream.aiter_bytes():
+                total += len(chunk)
+                if total > MAX_IMAGE_BYTES:
+                    raise _ImageTooLarge(f"image {what}: ComfyUI sent more than {MAX_IMAGE_BYTES} bytes")
+                yield chunk
+        finally:
+            with trio.CancelScope(shield=True):
+                await upstream.aclose()
+
+    resp = Response(body(), content_type=upstream.headers.get("content-type", "application/octet-stream"))
+    if declared and declared.isdigit():
+        resp.headers["Content-Length"] = declared
+    resp.headers["Cache-Control"] = "private, max-age=3600"
+    return resp
+
+
+async def submit(handles: Handles, cfg: WebConfig, templates: TemplateLibrary, who: Principal, client_id: str,
+                 body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:
+    """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry: a template
+    call is resolved into its graph, price and parameters; a raw workflow is held to --raw-workflows and
+    --allowed-nodes. A refusal here freezes nothing."""
+    req = prepare_task(body, templates, cfg, admin=who.admin)
+    if isinstance(req, registry.Refused):
+        return req
     try:
         with trio.fail_after(ASK_TIMEOUT):
-            return await ask(handles.registry, lambda r: registry.Submit(user_id, client_id, workflow, size, r),
-                             name="registry")
+            return await ask(handles.registry, lambda r: registry.Submit(
+                who.user_id, client_id, req.workflow, req.size, r, cost=req.cost, template=req.template,
+                params=req.params), name="registry")
     except (trio.TooSlowError, ActorGone):
         return registry.Refused(503, "unavailable", "the gateway is busy; try again")
 

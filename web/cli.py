@@ -10,19 +10,22 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
-from actors.validate import WorkflowLimits
 from actors import bridge
 from actors.store import LedgerError, RedisStore, StoreUnavailable, is_redis, open_store, parse_store_spec
+from actors.validate import WorkflowLimits
 
 from . import settings
+from ._templates import parse_allowed_nodes
 from .auth import Authenticator, load_secret, valid_id
 from .config import WebConfig
 from .server import Running, serve_gateway
+from .sockjs import SockJSConfig
 
 log = logging.getLogger("comfy_gateway")
 
@@ -78,12 +81,40 @@ def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -
         allowed_origins=tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip()),
         simulate=args.simulate, max_frame_size=args.max_frame_size, max_body_size=args.max_body_size,
         max_connections_per_user=args.max_connections_per_user, permessage_deflate=args.permessage_deflate,
-        max_replays_per_minute=args.max_replays_per_minute,
+        max_replays_per_minute=args.max_replays_per_minute, image_url_ttl=args.image_url_ttl,
+        sockjs=SockJSConfig(heartbeat=args.sockjs_heartbeat, disconnect_delay=args.sockjs_disconnect_delay,
+                            stream_limit=args.sockjs_stream_limit, max_sessions=args.sockjs_max_sessions),
         limits=WorkflowLimits(max_depth=args.max_json_depth, max_items=args.max_json_items,
                               max_nodes=args.max_workflow_nodes, max_key_length=args.max_key_length,
                               max_string_length=args.max_string_length),
+        **_template_policy(args),
     )
     return gw, web
+
+
+def _template_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """--templates, --raw-workflows, --allowed-nodes, checked before anything starts (SystemExit with the reason)."""
+    if args.templates and not Path(args.templates).is_dir():
+        raise SystemExit(f"--templates {args.templates}: not a directory")
+    try:
+        allowed = parse_allowed_nodes(args.allowed_nodes)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return {"templates_dir": args.templates, "raw_workflows": args.raw_workflows, "allowed_nodes": allowed}
+
+
+async def _reload_on_sighup(running: Running) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if running.templates is None:
+                continue
+            try:
+                catalog = await running.templates.reload()
+            except OSError as exc:
+                log.error("SIGHUP: cannot read the templates directory (%s); the templates loaded before stay", exc)
+                continue
+            log.info("SIGHUP: templates reloaded: %s%s", ", ".join(catalog.templates) or "none",
+                     f" ({len(catalog.errors)} file(s) refused)" if catalog.errors else "")
 
 
 async def run_simulator(step_ms: float, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -143,6 +174,7 @@ async def _serve(args: argparse.Namespace) -> None:
                 gateway_done.set()
 
         running: Running = await nursery.start(run_gateway)
+        nursery.start_soon(_reload_on_sighup, running)
         print(f"comfy-gateway serving on {running.url}", flush=True)
         if args.simulate:
             print(f"open {running.url}/ in a browser (demo user 'demo', token issued by the page itself)", flush=True)
@@ -201,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request to ComfyUI is noise
     logging.getLogger("coredis").setLevel(logging.WARNING)  # "Retry attempt" lines when a script is first loaded
     if args.command == "serve":
+        _template_policy(args)  # a bad --templates or --allowed-nodes stops here, before anything starts
         try:
             trio.run(_serve, args)
         except KeyboardInterrupt:

@@ -19,8 +19,10 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from actors.gateway import GatewayConfig, run_gateway
+from actors.image_urls import ImageUrls
 
 from . import _ws_close
+from ._templates import TemplateLibrary
 from .app import create_app
 from .auth import Authenticator
 from .config import WebConfig
@@ -47,6 +49,7 @@ class Running:
     url: str  # e.g. "http://127.0.0.1:8080"
     port: int
     auth: Authenticator
+    templates: TemplateLibrary | None = None  # reload() on SIGHUP
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -72,12 +75,14 @@ async def serve_gateway(
     shutdown: trio.Event,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    templates = TemplateLibrary(web.templates_dir)  # OSError if the directory cannot be read: nothing started
     host, port = parse_bind(web.bind)
     sock = _listen(host, port)
     port = sock.getsockname()[1]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     if not gw.public_url:
         gw = replace(gw, public_url=url)
+    gw = replace(gw, image_urls=ImageUrls(gw.public_url.rstrip("/"), secret, web.image_url_ttl, web.wall_clock))
     auth = Authenticator(secret, mode=web.auth)
     if auth.open:
         log.warning("AUTH MODE 'open': clients are trusted to name themselves (clientId = user). Development only!")
@@ -98,9 +103,9 @@ async def serve_gateway(
 
     async with trio.open_nursery() as nursery:
         handles = await nursery.start(run_gateway, gw)
-        app = create_app(handles, web, auth, shutdown)
+        app = create_app(handles, web, auth, shutdown, templates)
         await nursery.start(_serve, app)
-        task_status.started(Running(url, port, auth))
+        task_status.started(Running(url, port, auth, templates))
         await shutdown.wait()
         # every connection's watcher sends ERROR + 1001 at once; Hypercorn returns when they are gone
         with trio.move_on_after(web.shutdown_grace + 1):

@@ -24,7 +24,8 @@ from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
 from actors.validate import WorkflowLimits
 
-from .config import WebConfig
+from .config import RAW_WORKFLOW_POLICIES, WebConfig
+from .sockjs._protocol import SockJSConfig
 
 __all__ = ["SETTINGS", "Setting", "add_arguments", "readme_table", "replace_readme_table"]
 
@@ -197,6 +198,34 @@ SETTINGS: tuple[Setting, ...] = (
             "characters of one JSON object key", "characters of one JSON object key", metavar="N"),
     Setting("--max-string-length", "GATEWAY_MAX_STRING_LENGTH", "int", _field(WorkflowLimits, "max_string_length"),
             "characters of one JSON string", "characters of one JSON string", metavar="N"),
+    Setting("--image-url-ttl", "GATEWAY_IMAGE_URL_TTL", "float", _field(WebConfig, "image_url_ttl"),
+            "seconds a signed image URL stays valid", "seconds a signed image URL (`?exp=&sig=`, works in "
+            "`<img src>`) stays valid; URLs are signed afresh on every read", metavar="S"),
+    Setting("--sockjs-heartbeat", "GATEWAY_SOCKJS_HEARTBEAT", "float", _field(SockJSConfig, "heartbeat"),
+            "seconds between SockJS 'h' frames on an idle transport",
+            "seconds between SockJS `h` frames on an idle transport", metavar="S"),
+    Setting("--sockjs-disconnect-delay", "GATEWAY_SOCKJS_DISCONNECT_DELAY", "float",
+            _field(SockJSConfig, "disconnect_delay"), "seconds an HTTP SockJS session lives with nobody polling",
+            "seconds an HTTP SockJS session lives with nobody polling (then its STOMP connection ends as if "
+            "dropped)", metavar="S"),
+    Setting("--sockjs-stream-limit", "GATEWAY_SOCKJS_STREAM_LIMIT", "int", _field(SockJSConfig, "stream_limit"),
+            "bytes per xhr-streaming/eventsource response before the client reopens it",
+            "bytes per xhr-streaming / eventsource response before the client reopens it", metavar="B"),
+    Setting("--sockjs-max-sessions", "GATEWAY_SOCKJS_MAX_SESSIONS", "int", _field(SockJSConfig, "max_sessions"),
+            "live HTTP SockJS sessions per process", "live HTTP SockJS sessions per process (503 beyond)",
+            metavar="N"),
+    Setting("--templates", "GATEWAY_TEMPLATES", "str", _field(WebConfig, "templates_dir"),
+            "directory of workflow templates, one JSON file each; SIGHUP reloads it",
+            "directory of [workflow templates](#workflow-templates), one JSON file each; `SIGHUP` reloads it",
+            metavar="DIR", shown="the bundled templates"),
+    Setting("--raw-workflows", "GATEWAY_RAW_WORKFLOWS", "str", _field(WebConfig, "raw_workflows"),
+            "who may submit a raw workflow instead of a template: all, admin (admin tokens) or none",
+            "who may submit a raw workflow instead of a template (others: 403 / `rejected`); see "
+            "[In production](#in-production)", choices=RAW_WORKFLOW_POLICIES),
+    Setting("--allowed-nodes", "GATEWAY_ALLOWED_NODES", "str", "",
+            "node classes a raw workflow may use: comma-separated, or @FILE with one per line",
+            "node classes a raw workflow may use, comma-separated, or `@FILE` with one per line (`#` comments); "
+            "others: 400 / `rejected` naming the node", metavar="LIST", shown="any node"),
     Setting("--simulate", None, "flag", _field(WebConfig, "simulate"),
             "also start the bundled ComfyUI simulator, in its own process, and use it",
             "also start the bundled ComfyUI simulator, in its own process, and use it"),

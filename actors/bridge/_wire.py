@@ -12,7 +12,17 @@ import json
 from typing import Any
 
 from .. import ledger, registry
-from ..store import Account, ImageRef, LedgerError
+from ..store import (
+    Account,
+    HoldConflict,
+    ImageRef,
+    InsufficientCredits,
+    InvalidAmount,
+    LedgerError,
+    LedgerFault,
+    NegativeBalance,
+    UnknownHold,
+)
 
 # what an edge may ask the core for (the web layer's requests); anything else is refused
 REQUESTS: dict[tuple[str, str], type] = {
@@ -20,6 +30,7 @@ REQUESTS: dict[tuple[str, str], type] = {
     ("registry", "GetTask"): registry.GetTask,
     ("registry", "Cancel"): registry.Cancel,
     ("registry", "ListResults"): registry.ListResults,
+    ("registry", "ListTasks"): registry.ListTasks,
     ("registry", "ImageLocation"): registry.ImageLocation,
     ("registry", "GetStats"): registry.GetStats,
     ("ledger", "GetAccount"): ledger.GetAccount,
@@ -28,7 +39,7 @@ REQUESTS: dict[tuple[str, str], type] = {
 _VALUES: dict[str, type] = {c.__name__: c for c in (registry.Accepted, registry.Refused, registry.RegistryStats,
                                                        ImageRef, Account)}
 _ERRORS: dict[str, type[LedgerError]] = {c.__name__: c for c in (
-    LedgerError, ledger.InsufficientCredits, ledger.HoldConflict, ledger.UnknownHold)}
+    LedgerError, InsufficientCredits, HoldConflict, UnknownHold, InvalidAmount, NegativeBalance, LedgerFault)}
 
 
 class WireError(ValueError):

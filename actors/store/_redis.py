@@ -244,6 +244,8 @@ class RedisStore:
             "images", json.dumps([[i.backend, i.filename, i.subfolder, i.type] for i in rec.images]),
             "crashes", 0,  # a save is progress (crash quarantine)
         ]
+        if rec.template is not None:
+            fields += ["template", rec.template, "params", json.dumps(rec.params, separators=(",", ":"))]
         for name, value in (("reason", rec.reason), ("backend", rec.backend),
                             ("error", None if rec.error is None else json.dumps(rec.error))):
             fields += [name, value] if value is not None else ["-" + name, ""]
@@ -314,6 +316,7 @@ def _task(r: dict[str, str] | Sequence[str]) -> TaskRecord:
         reason=r.get("reason"), backend=r.get("backend"),
         error=json.loads(r["error"]) if r.get("error") else None,
         images=tuple(ImageRef(*i) for i in json.loads(r.get("images", "[]"))),
+        template=r.get("template"), params=json.loads(r["params"]) if r.get("params") else None,
     )
 
 

@@ -325,8 +325,8 @@ class SqliteStore:
             with _tx(self.db):
                 self.db.execute(
                     """INSERT INTO tasks(task_id, seq, user_id, client_id, prompt_id, state, reason, backend, size,
-                                         cost, workflow, error, created_at, updated_at)
-                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                                         cost, workflow, error, created_at, updated_at, template, params)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                        ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,
                            prompt_id=excluded.prompt_id, backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at,
                            crashes=0""",
@@ -334,6 +334,7 @@ class SqliteStore:
                         rec.task_id, rec.seq, rec.user_id, rec.client_id, rec.prompt_id, rec.state, rec.reason,
                         rec.backend, rec.size, rec.cost, json.dumps(rec.workflow, separators=(",", ":")),
                         json.dumps(rec.error) if rec.error is not None else None, rec.created_at, rec.updated_at,
+                        rec.template, json.dumps(rec.params) if rec.params is not None else None,
                     ),
                 )
                 for n, img in enumerate(rec.images):
@@ -462,6 +463,7 @@ class SqliteStore:
             workflow=json.loads(r["workflow"]), created_at=r["created_at"], updated_at=r["updated_at"],
             reason=r["reason"], backend=r["backend"], error=json.loads(r["error"]) if r["error"] else None,
             images=tuple(ImageRef(i["backend"], i["filename"], i["subfolder"], i["type"]) for i in imgs),
+            template=r["template"], params=json.loads(r["params"]) if r["params"] else None,
         )
 
 def _check_amount(amount: object) -> None:

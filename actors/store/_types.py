@@ -85,6 +85,8 @@ class TaskRecord:
     backend: str | None = None
     error: dict[str, Any] | None = None
     images: tuple[ImageRef, ...] = field(default=())
+    template: str | None = None  # the template it was built from (None: a raw workflow)
+    params: dict[str, Any] | None = None  # the template's resolved parameters (the drawn seed included)
 
 
 class LedgerError(Exception):
