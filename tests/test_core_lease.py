@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import trio
-
 from _chaos_lib import GatewayProcess, SimHandle, make_workflow
-from actors.store import RedisStore, open_store
-from conftest import GatewayUnderTest
 from _redis_server import RedisServer
+from conftest import GatewayUnderTest
+
+from actors.store import RedisStore, open_store
 
 
 async def health(http: httpx.AsyncClient, url: str) -> dict[str, Any]:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-
 from _chaos_lib import make_workflow
-from actors.store import open_store
-from conftest import GatewayUnderTest
 from _redis_server import RedisServer
+from conftest import GatewayUnderTest
 from stomp_client import stomp_connect
 from test_core_lease import wait_role
+
+from actors.store import open_store
 
 
 async def test_redis_killed_and_restarted_mid_task(sim: Any, start_gateway: Any, redis_server: RedisServer) -> None:
@@ -37,7 +37,7 @@ async def test_redis_killed_and_restarted_mid_task(sim: Any, start_gateway: Any,
             await wait_role(g.http, g.url, "edge", timeout=10)  # the core stepped down
             await c.send_frame("SUBSCRIBE", {"id": "s2", "destination": "/topic/messages", "receipt": "alive"})
             with trio.fail_after(5):  # the client is still connected and served
-                while (f := await c.next_frame()).command != "RECEIPT":
+                while (await c.next_frame()).command != "RECEIPT":
                     pass
             sim.resume()  # the prompt finishes while nobody can record it
         finally:

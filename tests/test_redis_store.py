@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from _redis_server import RedisServer
 
 from actors.store import (
     HoldConflict,
@@ -20,7 +21,6 @@ from actors.store import (
     parse_store_spec,
 )
 from actors.store._redis import split_redis_url
-from _redis_server import RedisServer
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ from typing import Any
 
 import httpx
 import trio
-
 from _chaos_lib import GatewayProcess, SimHandle, make_workflow
-from actors.store import open_store
-from conftest import GatewayUnderTest, wait_backends_up
 from _redis_server import RedisServer
+from conftest import GatewayUnderTest, wait_backends_up
 from stomp_client import stomp_connect
-from test_core_lease import health, wait_role
+from test_core_lease import health
 from test_stompjs import NODE_DIR, node_or_fail
+
+from actors.store import open_store
 
 WATCH_SCRIPT = NODE_DIR / "stompjs_watch.mjs"
 
@@ -33,7 +33,7 @@ async def test_an_edge_serves_the_whole_flow_through_the_core(
     redis_server.flush()
     core: GatewayUnderTest = await start_gateway([sim.url], store_path=redis_server.url())
     edge: GatewayUnderTest = await start_gateway([sim.url], store_path=redis_server.url())
-    assert (await health(edge.http, edge.url))["role"] == "edge"
+    assert [(await health(g.http, g.url))["role"] for g in (core, edge)] == ["core", "edge"]
     await wait_backends_up(edge)  # the core's status broadcast reaches the edge's subscribers
     async with stomp_connect(edge.ws_url, token=edge.token("alice"), client_id="c1") as c:
         await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r"})

@@ -28,13 +28,13 @@ from . import _redis_lua as lua
 from ._audit import audit_ledger, audit_tasks
 from ._types import (
     ACTIVE_STATES,
+    MAX_AMOUNT,
     Account,
     Hold,
     HoldConflict,
     ImageRef,
     InsufficientCredits,
     InvalidAmount,
-    MAX_AMOUNT,
     JournalEntry,
     LeaseLost,
     NegativeBalance,
@@ -340,4 +340,4 @@ def _mapped(exc: ResponseError) -> BaseException:
     return exc
 
 
-assert ACTIVE_STATES == {"queued", "submitted", "running"}  # the scripts name them (SWEEP, SAVE_TASK)
+assert {"queued", "submitted", "running"} == ACTIVE_STATES  # the scripts name them (SWEEP, SAVE_TASK)
