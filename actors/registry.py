@@ -69,7 +69,7 @@ from .comfy import (
 )
 from .image_urls import ImageUrls
 from .sessions import Broadcast, Publish
-from .store import ImageRef, InsufficientCredits, LedgerError, SqliteStore, TaskRecord, TERMINAL_STATES
+from .store import ImageRef, InsufficientCredits, LedgerError, Store, TaskRecord, TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class Submit:
     cost: int | None = None
     template: str | None = None
     params: Mapping[str, Any] | None = None
+    task_id: str | None = None  # chosen by the asker (an edge's request id): repeating it returns that task
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +225,7 @@ class _Registry:
         self,
         cfg: RegistryConfig,
         *,
-        store: SqliteStore,
+        store: Store,
         ledger: trio.MemorySendChannel[ledger_api.LedgerMsg],
         scheduler: trio.MemorySendChannel[sched.SchedulerMsg],
         comfy: Mapping[str, trio.MemorySendChannel[ComfyCommand]],
@@ -375,6 +376,18 @@ class _Registry:
         return True
 
     async def submit(self, msg: Submit) -> Accepted | Refused:
+        if msg.task_id is not None:  # a repeated request (its answer was lost): the same task, once
+            known = self.tasks.get(msg.task_id)
+            rec = known.rec if known is not None else await self.store.get_task(msg.task_id)
+            if rec is not None and rec.user_id == msg.user_id:
+                position = 0
+                if rec.state == "queued":
+                    position = await ask(self.scheduler, lambda r: sched.GetPosition(rec.task_id, r),
+                                         name="scheduler")
+                return Accepted(rec.task_id, position or 0, rec.cost)
+        chosen = msg.task_id
+        if chosen is not None and await self.store.hold(chosen) is not None:
+            chosen = None  # an earlier attempt froze and died before saving: its hold was released; start afresh
         if not self.take_submit_token(msg.user_id):
             return Refused(429, "too_many_submits", f"more than {self.cfg.submit_rate:g} submits per second "
                                                     f"(burst {self.cfg.submit_burst}); slow down")
@@ -382,7 +395,7 @@ class _Registry:
         if queued >= self.cfg.max_queued_per_user:
             return Refused(429, "too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})")
         self.seq += 1
-        task_id = self.submitting = uuid.uuid4().hex
+        task_id = self.submitting = chosen or uuid.uuid4().hex
         cost = msg.cost if msg.cost is not None else msg.size * self.cfg.price
         try:
             await ledger_api.freeze(self.ledger, msg.user_id, task_id, cost)
@@ -940,7 +953,7 @@ async def run(
     inbox: trio.MemoryReceiveChannel[RegistryMsg],
     cfg: RegistryConfig,
     *,
-    store: SqliteStore,
+    store: Store,
     ledger: trio.MemorySendChannel[ledger_api.LedgerMsg],
     scheduler: trio.MemorySendChannel[sched.SchedulerMsg],
     comfy: Mapping[str, trio.MemorySendChannel[ComfyCommand]],
