@@ -27,6 +27,7 @@ import trio
 
 from ._util import ask, reply_once
 from .sessions import Publish
+from .wire import Balance
 from .store import (
     Account,
     HoldConflict,
@@ -100,7 +101,7 @@ LedgerMsg = Freeze | Resolve | Grant | GetAccount | Audit | Sweep
 
 
 def balance_message(acc: Account) -> dict[str, object]:
-    return {"type": "balance", "balance": acc.balance, "frozen": acc.frozen, "available": acc.available}
+    return Balance(acc.balance, acc.frozen, acc.available).to_wire()
 
 
 async def run(

@@ -29,6 +29,7 @@ import trio
 
 from ._outbox import DROPPABLE_TYPES, Outbox, Outgoing, SlowConsumer, encode_body
 from ._util import reply_once
+from .wire import Resync
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ async def _run_session(
                         if last_seq > seq or last_seq + 1 < oldest:
                             # the gap cannot be filled: tell the client to reload over HTTP first
                             log.info("session %s: resync (client at %d, have %d..%d)", name, last_seq, oldest, seq)
-                            outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, {"type": "resync"}))
+                            outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, Resync().to_wire()))
                             last_seq = oldest - 1
                         for out in replay:
                             if out.seq > last_seq:

@@ -36,7 +36,7 @@ def test_requests_cross_with_their_fields_but_not_their_reply_channel() -> None:
 
 def test_answers_come_back_as_the_same_types() -> None:
     answers = [
-        registry.Accepted("t1", 3, 5), registry.Refused(429, "too_many_tasks", "x"), None, "cancelling",
+        registry.Accepted("t1", 3, 5), registry.Refused("too_many_tasks", "x"), None, "cancelling",
         ([{"taskId": "t1", "urls": ["u"]}], 17), ("http://b0", ImageRef("b0", "f.png", "", "output")),
         registry.RegistryStats({"queued": 1}, 1, 2), Account("alice", 10, 2),
     ]

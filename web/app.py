@@ -28,6 +28,7 @@ from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
 from ._ws import ConnectionCounter, StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
+from .errors import http_status
 from .sockjs import install as install_sockjs
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             raise ApiError(403, "forbidden", "clientId does not match the token")
         result = await submit(handles, cfg, library, who, client_id, body)
         if isinstance(result, registry.Refused):
-            raise ApiError(result.status, result.error, result.detail)
+            raise ApiError(http_status(result.code), result.code, result.detail)
         return {"taskId": result.task_id, "state": "queued", "position": result.position, "cost": result.cost}, 202
 
     @app.get("/api/tasks/<task_id>")
@@ -383,7 +384,7 @@ async def submit(handles: Handles, cfg: WebConfig, templates: TemplateLibrary, w
                 who.user_id, client_id, req.workflow, req.size, r, cost=req.cost, template=req.template,
                 params=req.params), name="registry")
     except (trio.TooSlowError, ActorGone):
-        return registry.Refused(503, "unavailable", "the gateway is busy; try again")
+        return registry.Refused("unavailable", "the gateway is busy; try again")
 
 
 __all__ = ["create_app", "submit", "sessions"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE_STATES = frozenset({"queued", "submitted", "running"})
+from .task_machine import ACTIVE_STATES, TERMINAL_STATES  # the task states are the machine's (defined once)
 
 
 # ---- records ------------------------------------------------------------------------------------
