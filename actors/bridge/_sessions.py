@@ -26,6 +26,7 @@ from coredis.exceptions import RedisError
 
 from ..sessions import Attach, Broadcast, Detach, HubMsg, Publish, encode_body
 from ..store import RedisStore
+from ..wire import Resync
 from ._stream import BATCH, RETRY_DELAY, read_after
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ async def resync_sessions(store: RedisStore, publish: trio.MemorySendChannel[Pub
     head = f"{store.prefix}sessions:"
     async for key in store.client.scan_iter(match=head + "*"):
         for client_id in await store.client.smembers(key):
-            await publish.send(Publish(key[len(head):], client_id, {"type": "resync"}))
+            await publish.send(Publish(key[len(head):], client_id, Resync().to_wire()))
             told += 1
     return told
 
