@@ -28,7 +28,10 @@ def test_sign_and_check() -> None:
     urls = ImageUrls("http://gw", TEST_SECRET, ttl=60, clock=clock)
     u = urlsplit(urls.url("t1", 0))
     q = {k: v[0] for k, v in parse_qs(u.query).items()}
-    assert u.path == "/api/images/t1/0" and q["exp"] == "1060"
+    assert u.path == "/api/images/t1/0" and q["exp"] == "1062"  # ttl 60 s, rounded up to a tenth of it
+    clock.now = 1_001.5
+    assert urls.url("t1", 0) == u.geturl()  # stable for a while: reloads and the browser's cache see one URL
+    clock.now = 1_000.0
     assert urls.check("t1", 0, q["exp"], q["sig"]) == "ok"
     assert urls.check("t2", 0, q["exp"], q["sig"]) == "bad"  # moved to another task
     assert urls.check("t1", 1, q["exp"], q["sig"]) == "bad"  # another image of the task
@@ -39,7 +42,9 @@ def test_sign_and_check() -> None:
         ImageUrls("http://gw", b"another-secret-0123456789", ttl=60, clock=clock).check("t1", 0, q["exp"], q["sig"])
         == "bad"
     )
-    clock.now = 1_060.0
+    clock.now = 1_061.9
+    assert urls.check("t1", 0, q["exp"], q["sig"]) == "ok"
+    clock.now = 1_062.0
     assert urls.check("t1", 0, q["exp"], q["sig"]) == "expired"
     with pytest.raises(ValueError, match="ttl"):
         ImageUrls("http://gw", TEST_SECRET, ttl=0)
@@ -70,7 +75,8 @@ async def test_signed_urls_valid_tampered_expired_foreign(start_gateway: Any, si
     assert a["state"] == "succeeded" and a["urls"]
     url = a["urls"][0]
     assert urlsplit(url).path == f"/api/images/{a['taskId']}/0"
-    assert parse_qs(urlsplit(url).query)["exp"] == [str(int(clock.now) + 3600)]
+    exp = int(parse_qs(urlsplit(url).query)["exp"][0])
+    assert clock.now + 3600 <= exp < clock.now + 3600 + 360 and exp % 360 == 0  # ttl, rounded up to a tenth of it
 
     ok = await g.http.get(url)  # no header at all, as an <img src>
     assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
@@ -103,7 +109,7 @@ async def test_signed_urls_valid_tampered_expired_foreign(start_gateway: Any, si
     beyond = ImageUrls(g.url, TEST_SECRET, ttl=3600, clock=clock).url(a["taskId"], 99)  # the test knows the secret
     assert (await g.http.get(beyond)).status_code == 404
 
-    clock.now += 3600  # an hour later the URL has expired ...
+    clock.now = exp  # once its expiry is reached the URL has expired ...
     r = await g.http.get(url)
     assert r.status_code == 403 and r.json()["error"] == "expired"
     # ... and reading the task again hands out a freshly signed one (results too)

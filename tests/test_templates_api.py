@@ -22,6 +22,7 @@ from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
 from test_e2e_skeleton import _read_line_with
 
+from actors.registry import Refused
 from actors.templates import BUNDLED_DIR, load_directory
 from web._templates import TemplateLibrary, parse_allowed_nodes, prepare_task
 from web.config import WebConfig
@@ -364,8 +365,7 @@ def test_raw_workflow_policy_and_allowed_nodes_file(tmp_path: Path) -> None:
         ("none", False, 403),
     ]:
         got = prepare_task(raw, library, WebConfig(raw_workflows=policy), admin=admin)
-        code = getattr(got, "code", None)  # a refusal is a domain code; the web layer maps it to a status
-        assert (http_status(code) if code is not None else None) == status, (policy, admin, got)
+        assert (http_status(got.code) if isinstance(got, Refused) else None) == status, (policy, admin, got)
     with pytest.raises(ValueError, match="raw_workflows must be one of"):
         WebConfig(raw_workflows="users")
 
