@@ -50,8 +50,11 @@ class MemoryStore:
 
     def __init__(self, tasks: list[TaskRecord] | None = None) -> None:
         self.tasks = {t.task_id: t for t in tasks or ()}
+        self.writable: trio.Event | None = None  # set to an unset Event: saves wait (a slow disk)
 
     async def save_task(self, rec: TaskRecord) -> None:
+        if self.writable is not None:
+            await self.writable.wait()
         self.tasks[rec.task_id] = rec
 
     async def load_active_tasks(self) -> list[TaskRecord]:
@@ -220,6 +223,29 @@ async def test_a_slow_ledger_stalls_no_other_task(autojump_clock: trio.testing.M
         assert [m["type"] for m in await h.messages()] == ["completed", "queued"]
         assert len(late) == 1 and isinstance(late[0], reg.Accepted)
         assert h.resolves == [(t1, "settled")]
+
+
+async def test_images_and_results_are_served_while_the_loop_is_busy(autojump_clock: trio.testing.MockClock) -> None:
+    """Store-only reads run beside the registry's loop: a slow save of one task's transition does not hold up an
+    image request or a results page."""
+    async with registry() as h:
+        t1, t2 = await h.submit(), await h.submit()
+        cmd, cmd2 = await dispatched(h)
+        await accepted(h, cmd)
+        await h.event(Executed(cmd.prompt_id, "9", {"images": IMAGES}))
+        await h.event(ExecutionSuccess(cmd.prompt_id))
+        assert [m["type"] for m in await h.messages()][-1] == "completed"
+        h.store.writable = trio.Event()
+        await h.event(ExecutionStart(cmd2.prompt_id))  # the loop waits on this event's save
+        with trio.fail_after(1):  # answered at once (virtual time) although the loop is stuck
+            where = await ask(h.registry, lambda r: reg.ImageLocation("alice", t1, 0, r))
+            results, _ = await ask(h.registry, lambda r: reg.ListResults("alice", 10, None, r))
+            assert await ask(h.registry, lambda r: reg.ImageLocation("bob", t1, 0, r)) is None  # owner only
+        assert where is not None and where[0] == "http://c0" and where[1].filename == IMAGES[0]["filename"]
+        assert [r["taskId"] for r in results] == [t1]
+        assert h.store.tasks[t2].state == "queued"  # its save for "submitted" really is still waiting
+        h.store.writable.set()
+        assert (await h.state(t2) or {}).get("state") == "running"
 
 
 # ---- the orders ComfyUI really produces -------------------------------------------------------------------------
