@@ -52,8 +52,17 @@ async def frames(ws: object, buf: list[bytes]):
 
 async def session(gw: GatewayProcess, user: str, client_id: str) -> None:
     async with open_websocket_url(gw.ws_url, subprotocols=["v12.stomp"]) as ws:
-        await ws.send_message(_frame("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "clientId": client_id,
-                                                 "Authorization": f"Bearer {gw.issue(user)}"}))
+        await ws.send_message(
+            _frame(
+                "CONNECT",
+                {
+                    "accept-version": "1.2",
+                    "heart-beat": "0,0",
+                    "clientId": client_id,
+                    "Authorization": f"Bearer {gw.issue(user)}",
+                },
+            )
+        )
         await ws.send_message(_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages"}))
         await ws.send_message(_frame("DISCONNECT", {"receipt": "bye"}))
         async for frame in frames(ws, [b""]):
@@ -66,9 +75,21 @@ async def main(args: argparse.Namespace) -> int:
     async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as nursery:
         sims = SimHandle(nursery, step_ms=2, seed=1, previews=False)
         await sims.start()
-        gw = GatewayProcess(data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log",
-                            args=("--initial-credits", "100000", "--submit-rate", "1000", "--submit-burst", "1000",
-                                  "--max-queued-per-user", "1000"))
+        gw = GatewayProcess(
+            data=workdir / "data",
+            comfy_urls=[sims.url],
+            log_path=workdir / "gateway.log",
+            args=(
+                "--initial-credits",
+                "100000",
+                "--submit-rate",
+                "1000",
+                "--submit-burst",
+                "1000",
+                "--max-queued-per-user",
+                "1000",
+            ),
+        )
         await gw.start(nursery)
         assert gw.proc is not None
         rss_before = rss_mb(gw.proc.pid)
@@ -77,10 +98,20 @@ async def main(args: argparse.Namespace) -> int:
 
         async def alice() -> None:
             async with open_websocket_url(gw.ws_url, subprotocols=["v12.stomp"]) as ws:
-                await ws.send_message(_frame("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0",
-                                                         "clientId": "a", "Authorization": f"Bearer {gw.issue('alice')}"}))
-                await ws.send_message(_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages",
-                                                           "receipt": "r"}))
+                await ws.send_message(
+                    _frame(
+                        "CONNECT",
+                        {
+                            "accept-version": "1.2",
+                            "heart-beat": "0,0",
+                            "clientId": "a",
+                            "Authorization": f"Bearer {gw.issue('alice')}",
+                        },
+                    )
+                )
+                await ws.send_message(
+                    _frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r"})
+                )
                 queued: dict[str, float] = {}
                 news = [trio.Event()]
 
@@ -98,8 +129,11 @@ async def main(args: argparse.Namespace) -> int:
                     n = 0
                     while not stop.is_set() or n < 20:
                         t0 = time.monotonic()
-                        r = await http.post(gw.url + "/api/tasks", headers=gw.headers("alice"),
-                                            json={"clientId": "a", "workflow": make_workflow("ok", seed=n)})
+                        r = await http.post(
+                            gw.url + "/api/tasks",
+                            headers=gw.headers("alice"),
+                            json={"clientId": "a", "workflow": make_workflow("ok", seed=n)},
+                        )
                         task = r.json()["taskId"]
                         with trio.fail_after(30):
                             while task not in queued:
@@ -114,8 +148,11 @@ async def main(args: argparse.Namespace) -> int:
             for i in range(args.sessions):
                 await session(gw, "mallory", f"m{i}")
                 if i % every == 0:
-                    r = await http.post(gw.url + "/api/tasks", headers=gw.headers("mallory"),
-                                        json={"clientId": f"m{i}", "workflow": make_workflow("ok", seed=i)})
+                    r = await http.post(
+                        gw.url + "/api/tasks",
+                        headers=gw.headers("mallory"),
+                        json={"clientId": f"m{i}", "workflow": make_workflow("ok", seed=i)},
+                    )
                     if r.status_code == 202:
                         await http.delete(f"{gw.url}/api/tasks/{r.json()['taskId']}", headers=gw.headers("mallory"))
             stop.set()
@@ -131,10 +168,12 @@ async def main(args: argparse.Namespace) -> int:
         nursery.cancel_scope.cancel()
     p50, p95, worst = (1000 * percentile(latencies, q) for q in (0.5, 0.95, 1.0))
     grew = rss_after - rss_before
-    print(f"flood: {args.sessions} sessions of mallory, {args.cycles} submit/cancel cycles in "
-          f"{time.monotonic() - started:.1f}s; alice's queued latency over {len(latencies)} submits: "
-          f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {worst:.1f} ms; gateway RSS {rss_before:.0f} -> "
-          f"{rss_after:.0f} MB (+{grew:.0f}); {sessions}")
+    print(
+        f"flood: {args.sessions} sessions of mallory, {args.cycles} submit/cancel cycles in "
+        f"{time.monotonic() - started:.1f}s; alice's queued latency over {len(latencies)} submits: "
+        f"p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {worst:.1f} ms; gateway RSS {rss_before:.0f} -> "
+        f"{rss_after:.0f} MB (+{grew:.0f}); {sessions}"
+    )
     ok = p95 <= args.latency_bound * 1000 and grew < args.memory_bound
     print("flood: PASSED" if ok else "flood: FAILED")
     return 0 if ok else 1

@@ -17,7 +17,7 @@ from stomp_client import stomp_connect
 from test_e2e_skeleton import TERMINAL, subscribed
 
 from actors import registry
-from actors._sqlite_store import SqliteStore
+from actors.store import SqliteStore
 from actors.comfy import _commands
 from actors.gateway import GatewayConfig
 from web.config import WebConfig
@@ -70,7 +70,11 @@ def inject(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
 @pytest.mark.parametrize("where", ["comfy", "registry", "ledger"])
 async def test_a_fault_for_one_task_fails_only_that_task(
-    where: str, sim: Any, start_gateway: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    where: str,
+    sim: Any,
+    start_gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     inject(monkeypatch, where)
     g: GatewayUnderTest = await start_gateway([sim.url])
@@ -78,8 +82,9 @@ async def test_a_fault_for_one_task_fails_only_that_task(
         await subscribed(c)
         ids = [(await g.submit("alice", seeded(seed)))["taskId"] for seed in (1, POISON_SEED, 2)]
         ends: dict[str, dict[str, Any]] = {}
-        await c.collect_until(lambda m: m.get("type") in TERMINAL and bool(ends.setdefault(m["taskId"], m))
-                              and len(ends) == 3, timeout=30)
+        await c.collect_until(
+            lambda m: m.get("type") in TERMINAL and bool(ends.setdefault(m["taskId"], m)) and len(ends) == 3, timeout=30
+        )
         await c.leave()
     good1, bad, good2 = (ends[i] for i in ids)
     assert good1["type"] == good2["type"] == "completed", (good1, good2)
@@ -92,7 +97,9 @@ async def test_a_fault_for_one_task_fails_only_that_task(
 
 
 async def test_a_task_that_crashed_the_process_twice_is_quarantined(
-    sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    sim: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The poison task's submit raises SystemExit (a fault no isolation catches: the process dies). Two starts die
     on it; the third fails it (internal, refunded) before dispatching anything, and serves."""
@@ -105,8 +112,14 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
         return await original(self, cmd)
 
     monkeypatch.setattr(_commands.Commands, "_submit", submit)
-    gw = GatewayConfig(comfyui_urls=(sim.url,), store_path=str(tmp_path / "gateway.db"), initial_credits=10, price=3,
-                       comfy_policy=FAST_RECONNECT, quarantine_after=2)
+    gw = GatewayConfig(
+        comfyui_urls=(sim.url,),
+        store_path=str(tmp_path / "gateway.db"),
+        initial_credits=10,
+        price=3,
+        comfy_policy=FAST_RECONNECT,
+        quarantine_after=2,
+    )
     import httpx
 
     async with httpx.AsyncClient(timeout=10) as http:
@@ -115,22 +128,28 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
             crashed = False
             try:
                 async with trio.open_nursery() as nursery:
-                    running: Running = await nursery.start(partial(
-                        serve_gateway, gw, WebConfig(bind="127.0.0.1:0"), secret=TEST_SECRET, shutdown=shutdown))
+                    running: Running = await nursery.start(
+                        partial(serve_gateway, gw, WebConfig(bind="127.0.0.1:0"), secret=TEST_SECRET, shutdown=shutdown)
+                    )
                     headers = {"Authorization": f"Bearer {running.auth.issue('alice')}"}
                     if run == 0:
-                        r = await http.post(f"{running.url}/api/tasks", headers=headers,
-                                            json={"clientId": "c1", "workflow": seeded(POISON_SEED)})
+                        r = await http.post(
+                            f"{running.url}/api/tasks",
+                            headers=headers,
+                            json={"clientId": "c1", "workflow": seeded(POISON_SEED)},
+                        )
                         assert r.status_code == 202, r.text
                         poison_id = r.json()["taskId"]
                     if run < 2:
                         with trio.fail_after(20):
                             await trio.sleep_forever()  # the poison task takes the process down
-                    async with stomp_connect(running.url.replace("http", "ws") + "/ws", token=running.auth.issue("alice"),
-                                             client_id="c1") as c:
+                    async with stomp_connect(
+                        running.url.replace("http", "ws") + "/ws", token=running.auth.issue("alice"), client_id="c1"
+                    ) as c:
                         await subscribed(c, **{"last-seq": "0"})
-                        r = await http.post(f"{running.url}/api/tasks", headers=headers,
-                                            json={"clientId": "c1", "workflow": seeded(5)})
+                        r = await http.post(
+                            f"{running.url}/api/tasks", headers=headers, json={"clientId": "c1", "workflow": seeded(5)}
+                        )
                         assert r.status_code == 202, r.text
                         await c.collect_until(lambda m: m.get("type") == "completed", timeout=30)
                         await c.leave()
@@ -150,7 +169,9 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
 
 
 async def test_a_store_error_on_one_request_is_that_requests_5xx(
-    sim: Any, start_gateway: Any, monkeypatch: pytest.MonkeyPatch,
+    sim: Any,
+    start_gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url])
     original_get, original_account = SqliteStore.get_task, SqliteStore.account

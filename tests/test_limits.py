@@ -55,8 +55,11 @@ async def test_balance_goes_to_live_sessions_and_idle_ones_catch_up_on_attach(nu
 async def test_connect_refused_when_every_session_is_live(sim: Any, start_gateway: Any) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url], max_sessions_per_user=2)
     token = g.token("erin")
-    async with stomp_connect(g.ws_url, token=token, client_id="t1"), stomp_connect(g.ws_url, token=token, client_id="t2"), \
-            stomp_connect(g.ws_url, token=token, client_id="t3", expect_connected=False) as c:
+    async with (
+        stomp_connect(g.ws_url, token=token, client_id="t1"),
+        stomp_connect(g.ws_url, token=token, client_id="t2"),
+        stomp_connect(g.ws_url, token=token, client_id="t3", expect_connected=False) as c,
+    ):
         frame = await c.next_frame()
         assert frame.command == "ERROR" and frame.headers["message"] == "too many sessions", frame
     async with stomp_connect(g.ws_url, token=token, client_id="t3"):  # both closed: t1 makes room
@@ -67,8 +70,9 @@ async def test_replay_storm_is_cut_with_too_many_replays(sim: Any, start_gateway
     g: GatewayUnderTest = await start_gateway([sim.url], web={"max_replays_per_minute": 5})
     async with stomp_connect(g.ws_url, token=g.token("frank"), client_id="c1") as c:
         for i in range(5):
-            await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "last-seq": "0",
-                                             "receipt": f"r{i}"})
+            await c.send_frame(
+                "SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "last-seq": "0", "receipt": f"r{i}"}
+            )
             assert (await c.next_frame()).command == "RECEIPT"
             await c.send_frame("UNSUBSCRIBE", {"id": "s"})
         await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "last-seq": "0"})
@@ -80,8 +84,7 @@ async def test_replay_storm_is_cut_with_too_many_replays(sim: Any, start_gateway
 async def test_submits_per_second_are_limited_over_http_and_stomp(sim: Any, start_gateway: Any) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url], submit_rate=0.01, submit_burst=2, initial_credits=1000)
     body = {"clientId": "c1", "workflow": workflow("txt2img")}
-    codes = [(await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("gina"))).status_code
-             for _ in range(3)]
+    codes = [(await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("gina"))).status_code for _ in range(3)]
     assert codes == [202, 202, 429]
     r = await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("gina"))
     assert r.json()["error"] == "too_many_submits"
@@ -97,8 +100,14 @@ async def test_submits_per_second_are_limited_over_http_and_stomp(sim: Any, star
 async def test_a_session_flood_does_not_slow_another_user(sim: Any, start_gateway: Any) -> None:
     """A smaller-scale CI version of the issue's 2,000 sessions + 50 submit/cancel cycles (full size: scripts/flood.py).
     The flooder's sessions stay bounded by the per-user limit and another user's `queued` arrives quickly."""
-    g: GatewayUnderTest = await start_gateway([sim.url], max_sessions_per_user=64, initial_credits=10_000,
-                                              submit_burst=1000, submit_rate=1000, max_queued_per_user=1000)
+    g: GatewayUnderTest = await start_gateway(
+        [sim.url],
+        max_sessions_per_user=64,
+        initial_credits=10_000,
+        submit_burst=1000,
+        submit_rate=1000,
+        max_queued_per_user=1000,
+    )
     token = g.token("mallory")
     for i in range(200):
         async with stomp_connect(g.ws_url, token=token, client_id=f"f{i}") as c:

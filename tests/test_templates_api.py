@@ -22,9 +22,11 @@ from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
 from test_e2e_skeleton import _read_line_with
 
+from actors.registry import Refused
 from actors.templates import BUNDLED_DIR, load_directory
 from web._templates import TemplateLibrary, parse_allowed_nodes, prepare_task
 from web.config import WebConfig
+from web.errors import http_status
 
 TERMINAL = ("completed", "execution_error", "cancelled")
 ROOT = Path(__file__).resolve().parent.parent
@@ -363,7 +365,7 @@ def test_raw_workflow_policy_and_allowed_nodes_file(tmp_path: Path) -> None:
         ("none", False, 403),
     ]:
         got = prepare_task(raw, library, WebConfig(raw_workflows=policy), admin=admin)
-        assert getattr(got, "status", None) == status, (policy, admin, got)
+        assert (http_status(got.code) if isinstance(got, Refused) else None) == status, (policy, admin, got)
     with pytest.raises(ValueError, match="raw_workflows must be one of"):
         WebConfig(raw_workflows="users")
 

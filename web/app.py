@@ -290,7 +290,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", **handles.lease.as_json()}
 
     @app.get("/readyz")
     async def readyz() -> tuple[dict[str, Any], int]:
@@ -300,14 +300,18 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
                 parts["store"] = "up" if await handles.store.ping() else "down"
         except Exception as exc:  # sqlite errors, timeouts: report, don't crash the probe
             parts["store"] = f"down: {exc!r}"
-        try:
-            stats = await call(lambda r: scheduler.GetStats(r), "scheduler", handles.scheduler)
-            parts["backends"] = {"up": len(stats.backends_up), "total": stats.backends_total}
-        except ApiError as exc:
-            parts["backends"] = {"up": 0, "total": len(handles.backend_urls), "error": exc.detail}
+        parts.update(handles.lease.as_json())
+        if handles.lease.role == "core":
+            try:
+                stats = await call(lambda r: scheduler.GetStats(r), "scheduler", handles.scheduler)
+                parts["backends"] = {"up": len(stats.backends_up), "total": stats.backends_total}
+            except ApiError as exc:
+                parts["backends"] = {"up": 0, "total": len(handles.backend_urls), "error": exc.detail}
+            ready = parts["store"] == "up" and parts["backends"]["up"] > 0
+        else:  # an edge: ready while the store is up and some process holds the core lease
+            ready = parts["store"] == "up" and handles.lease.holder is not None
         if auth.open:
             parts["warning"] = "auth mode 'open': anyone can act as any user"
-        ready = parts["store"] == "up" and parts["backends"]["up"] > 0
         return {"status": "ready" if ready else "not ready", **parts}, 200 if ready else 503
 
     @app.get("/metrics")

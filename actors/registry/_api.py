@@ -109,6 +109,7 @@ class Submit:
     cost: int | None = None
     template: str | None = None
     params: Mapping[str, Any] | None = None
+    task_id: str | None = None  # chosen by the asker (an edge's request id): repeating it returns that task
 
 
 @dataclass(frozen=True, slots=True)

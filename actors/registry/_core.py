@@ -127,7 +127,20 @@ class Registry(Timers):
 
     async def submit(self, msg: Submit) -> None:
         """Check the limits, then ask the ledger to freeze the cost; the task exists once the freeze is answered
-        (``frozen``), and is announced once the scheduler has said where it queues (``enqueued``)."""
+        (``frozen``), and is announced once the scheduler has said where it queues (``enqueued``).
+        A repeated request (an edge's ``task_id`` whose answer was lost) gets that task again, once."""
+        chosen = msg.task_id
+        if chosen is not None:
+            rec = await self.record(chosen)
+            if rec is not None and rec.user_id == msg.user_id:
+                found = rec
+
+                async def again(positions: dict[str, int | None]) -> None:
+                    reply_once(msg.reply, Accepted(found.task_id, positions.get(found.task_id) or 0, found.cost))
+                await self.with_positions([rec], again, msg.reply)
+                return
+            if await self.store.hold(chosen) is not None:
+                chosen = None  # an earlier attempt froze and died before saving: its hold was released; start afresh
         if not self.take_submit_token(msg.user_id):
             reply_once(
                 msg.reply,
@@ -146,7 +159,7 @@ class Registry(Timers):
                 Refused("too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})"),
             )
             return
-        task_id = uuid.uuid4().hex
+        task_id = chosen or uuid.uuid4().hex
         cost = msg.cost if msg.cost is not None else msg.size * self.cfg.price
         self.freezing[msg.user_id] = self.freezing.get(msg.user_id, 0) + 1
 
