@@ -102,6 +102,7 @@ class RegistryBase:
         self._timer_ids = 0
         self.last_status: Status | None = None
         self.buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, trio time) for the submit rate
+        self.answering: dict[str, list[Any]] = {}  # task id -> Submits waiting for its answer (repeats included)
         self.freezing: dict[str, int] = {}  # user -> submits waiting for the ledger's freeze (count as queued)
         self.nursery: trio.Nursery | None = None  # set by run(): where the answer forwarders live
         self.answers: trio.MemorySendChannel[Any] | None = None  # into the loop (set by run())

@@ -63,6 +63,8 @@ __all__ = ["Registry"]
 
 log = logging.getLogger(__name__)
 
+SUBMIT_FAILED = Refused("internal", "the gateway failed on this submit; nothing was charged")
+
 
 class Registry(Timers):
     # -- start-up
@@ -130,6 +132,9 @@ class Registry(Timers):
         (``frozen``), and is announced once the scheduler has said where it queues (``enqueued``).
         A repeated request (an edge's ``task_id`` whose answer was lost) gets that task again, once."""
         chosen = msg.task_id
+        if chosen is not None and chosen in self.answering:  # its first attempt is still being answered
+            self.answering[chosen].append(msg)
+            return
         if chosen is not None:
             rec = await self.record(chosen)
             if rec is not None and rec.user_id == msg.user_id:
@@ -137,6 +142,7 @@ class Registry(Timers):
 
                 async def again(positions: dict[str, int | None]) -> None:
                     reply_once(msg.reply, Accepted(found.task_id, positions.get(found.task_id) or 0, found.cost))
+
                 await self.with_positions([rec], again, msg.reply)
                 return
             if await self.store.hold(chosen) is not None:
@@ -162,6 +168,7 @@ class Registry(Timers):
         task_id = chosen or uuid.uuid4().hex
         cost = msg.cost if msg.cost is not None else msg.size * self.cfg.price
         self.freezing[msg.user_id] = self.freezing.get(msg.user_id, 0) + 1
+        self.answering[task_id] = [msg]
 
         async def frozen(answer: Any) -> None:
             self.unfreezing(msg.user_id)
@@ -174,10 +181,11 @@ class Registry(Timers):
                 frozen,
                 task_id=task_id,
                 name="ledger",
-                on_error=lambda: self.submit_failed(msg),
+                on_error=lambda: self.answer(task_id, SUBMIT_FAILED),
             )
         except BaseException:
             self.unfreezing(msg.user_id)
+            self.answering.pop(task_id, None)
             raise
 
     def unfreezing(self, user_id: str) -> None:
@@ -187,17 +195,22 @@ class Registry(Timers):
 
     @staticmethod
     def submit_failed(msg: Submit) -> None:
-        reply_once(msg.reply, Refused("internal", "the gateway failed on this submit; nothing was charged"))
+        reply_once(msg.reply, SUBMIT_FAILED)
+
+    def answer(self, task_id: str, result: Accepted | Refused) -> None:
+        """Answer a submit, and every repeat of it that arrived meanwhile (an edge retrying a lost answer)."""
+        for waiting in self.answering.pop(task_id, ()):
+            reply_once(waiting.reply, result)
 
     async def frozen(self, msg: Submit, task_id: str, cost: int, answer: Any) -> None:
         if isinstance(answer, InsufficientCredits):
-            reply_once(msg.reply, Refused("insufficient_credits", str(answer)))
+            self.answer(task_id, Refused("insufficient_credits", str(answer)))
             return
         if isinstance(answer, ledger_api.LedgerFault):  # nothing frozen: the ledger failed on this request
-            reply_once(msg.reply, Refused("internal", str(answer)))
+            self.answer(task_id, Refused("internal", str(answer)))
             return
         if isinstance(answer, LedgerError):  # pragma: no cover - a fresh task id cannot conflict
-            reply_once(msg.reply, Refused("ledger_conflict", str(answer)))
+            self.answer(task_id, Refused("ledger_conflict", str(answer)))
             return
         if not isinstance(answer, Account):
             raise answer  # the ledger is gone: contained (nothing frozen that the ledger knows of)
@@ -232,7 +245,7 @@ class Registry(Timers):
             enqueued,
             task_id=task_id,
             name="scheduler",
-            on_error=lambda: self.submit_failed(msg),
+            on_error=lambda: self.answer(task_id, SUBMIT_FAILED),
         )
         await self.broadcast_status()
 
@@ -245,7 +258,7 @@ class Registry(Timers):
         await self.publish(task, Queued(task.id, position, rec.cost, rec.template, rec.params))
         for later in held:  # what happened to it while the scheduler's answer was on its way
             await self.publish(task, later)
-        reply_once(msg.reply, Accepted(task.id, position, rec.cost))
+        self.answer(task.id, Accepted(task.id, position, rec.cost))
 
     async def cancel(self, msg: Cancel) -> None:
         task = self.tasks.get(msg.task_id)
