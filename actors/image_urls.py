@@ -47,7 +47,7 @@ class ImageUrls:
         return f"{self.base}/api/images/{task_id}/{n}?exp={exp}&sig={self.signature(task_id, n, exp)}"
 
     def check(self, task_id: str, n: int, exp: str | None, sig: str | None) -> Verdict:
-        """"ok", "expired" (a genuine URL past its time) or "bad" (missing, malformed or not ours)."""
+        """ "ok", "expired" (a genuine URL past its time) or "bad" (missing, malformed or not ours)."""
         if not exp or not sig or not exp.isdigit() or len(exp) > 12:
             return "bad"
         if not hmac.compare_digest(self.signature(task_id, n, int(exp)), sig):

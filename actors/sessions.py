@@ -29,6 +29,7 @@ import trio
 
 from ._outbox import DROPPABLE_TYPES, Outbox, Outgoing, SlowConsumer, encode_body
 from ._util import reply_once
+from .wire import Resync
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Publish:
     user_id: str
     client_id: str | None
     body: Mapping[str, Any]
+    seq: int | None = None  # numbered already (Redis mode: by the store, for every process alike); else here
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,7 @@ HubMsg = Publish | Broadcast | Attach | Detach | Connect | Disconnect | AttachBr
 @dataclass(frozen=True, slots=True)
 class _Deliver:
     body: Mapping[str, Any]
+    seq: int | None = None
 
 
 _SessionMsg = _Deliver | Attach | Detach
@@ -160,7 +163,11 @@ async def _run_session(
     with inbox:
         async for msg in inbox:
             match msg:
-                case _Deliver(body):
+                case _Deliver(body, given):
+                    if given is not None:  # numbered upstream: skip what this session has already
+                        if given <= seq:
+                            continue
+                        seq = given - 1
                     seq += 1
                     out = _outgoing(USER_DESTINATION, seq, body)
                     replay.append(out)
@@ -177,7 +184,7 @@ async def _run_session(
                         if last_seq > seq or last_seq + 1 < oldest:
                             # the gap cannot be filled: tell the client to reload over HTTP first
                             log.info("session %s: resync (client at %d, have %d..%d)", name, last_seq, oldest, seq)
-                            outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, {"type": "resync"}))
+                            outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, Resync().to_wire()))
                             last_seq = oldest - 1
                         for out in replay:
                             if out.seq > last_seq:
@@ -310,10 +317,10 @@ async def run(
                                 entry = sessions[(user_id, cid)]
                                 entry.user_version = version
                                 await entry.inbox.send(_Deliver(body))
-                    case Publish(user_id, client_id, body):
+                    case Publish(user_id, client_id, body, seq):
                         entry = session(nursery, user_id, client_id)
                         assert entry is not None
-                        await entry.inbox.send(_Deliver(body))
+                        await entry.inbox.send(_Deliver(body, seq))
                     case Broadcast(body):
                         broadcast_seq += 1
                         out = _outgoing(BROADCAST_DESTINATION, broadcast_seq, body)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import GatewayUnderTest, wait_backends_up, workflow
+from conftest import GatewayUnderTest, both_stores, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
 
@@ -56,6 +56,7 @@ async def start_sim(nursery: trio.Nursery, port: int = 0, **kw: Any) -> tuple[Fa
     return sim, scope
 
 
+@both_stores
 async def test_task_travels_end_to_end(sim: FakeComfyUI, start_gateway: Any) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -106,6 +107,7 @@ async def run_to_terminal(g: GatewayUnderTest, user: str, wf: dict[str, Any]) ->
     return task, task_messages(msgs, task["taskId"])
 
 
+@both_stores
 async def test_execution_error_is_refunded(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -120,6 +122,7 @@ async def test_execution_error_is_refunded(sim: FakeComfyUI, start_gateway: Any)
                                          "available": g.initial_credits}
 
 
+@both_stores
 async def test_rejected_workflow_fails_as_validation(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -132,6 +135,7 @@ async def test_rejected_workflow_fails_as_validation(sim: FakeComfyUI, start_gat
     assert r.json()["state"] == "failed" and r.json()["reason"] == "validation"
 
 
+@both_stores
 async def test_simulator_killed_and_restarted_mid_flight(nursery: trio.Nursery, start_gateway: Any) -> None:
     sim, scope = await start_sim(nursery, step_ms=50)
     port = sim.port
@@ -154,6 +158,7 @@ async def test_simulator_killed_and_restarted_mid_flight(nursery: trio.Nursery, 
     assert (await g.balance("alice"))["frozen"] == 0
 
 
+@both_stores
 async def test_max_inflight_bounds_prompts_inside_comfyui(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], max_inflight=2)
     await wait_backends_up(g)
@@ -170,6 +175,7 @@ async def test_max_inflight_bounds_prompts_inside_comfyui(sim: FakeComfyUI, star
                                          "available": g.initial_credits - 5 * g.price}
 
 
+@both_stores
 async def test_a_user_never_receives_another_users_messages(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -192,6 +198,7 @@ async def test_a_user_never_receives_another_users_messages(sim: FakeComfyUI, st
     assert a["taskId"] != b["taskId"]
 
 
+@both_stores
 async def test_http_errors_are_json(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], initial_credits=2, price=3)
     r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")})

@@ -9,10 +9,10 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import trio
+from conftest import TEST_SECRET, GatewayUnderTest, wait_backends_up, workflow
 
 import web.app
 from actors.image_urls import ImageUrls
-from conftest import TEST_SECRET, GatewayUnderTest, wait_backends_up, workflow
 
 
 class FakeWallClock:
@@ -35,8 +35,10 @@ def test_sign_and_check() -> None:
     assert urls.check("t1", 0, "99999", q["sig"]) == "bad"  # expiry pushed back
     assert urls.check("t1", 0, q["exp"], q["sig"][:-2] + "AA") == "bad"
     assert urls.check("t1", 0, None, None) == "bad" and urls.check("t1", 0, "-5", q["sig"]) == "bad"
-    assert ImageUrls("http://gw", b"another-secret-0123456789", ttl=60, clock=clock).check(
-        "t1", 0, q["exp"], q["sig"]) == "bad"
+    assert (
+        ImageUrls("http://gw", b"another-secret-0123456789", ttl=60, clock=clock).check("t1", 0, q["exp"], q["sig"])
+        == "bad"
+    )
     clock.now = 1_060.0
     assert urls.check("t1", 0, q["exp"], q["sig"]) == "expired"
     with pytest.raises(ValueError, match="ttl"):
@@ -75,8 +77,11 @@ async def test_signed_urls_valid_tampered_expired_foreign(start_gateway: Any, si
     assert ok.content.startswith(b"\x89PNG")
 
     sig = parse_qs(urlsplit(url).query)["sig"][0]
-    for bad in (with_query(url, sig=sig[:-3] + "abc"), with_query(url, exp=str(int(clock.now) + 999_999)),
-                with_query(url, sig="")):
+    for bad in (
+        with_query(url, sig=sig[:-3] + "abc"),
+        with_query(url, exp=str(int(clock.now) + 999_999)),
+        with_query(url, sig=""),
+    ):
         r = await g.http.get(bad)
         assert r.status_code == 403 and r.json()["error"] == "bad_signature", bad
     # the signature of alice's image, put on bob's task: refused, bob's image is not served
@@ -108,8 +113,9 @@ async def test_signed_urls_valid_tampered_expired_foreign(start_gateway: Any, si
     assert (await g.http.get(res[0]["urls"][0])).status_code == 200
 
 
-async def test_image_over_the_size_limit_is_refused(start_gateway: Any, sim: Any,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_image_over_the_size_limit_is_refused(
+    start_gateway: Any, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
     a = await finished(g, "alice", (await g.submit("alice", workflow("txt2img")))["taskId"])

@@ -17,7 +17,7 @@ from stomp_client import stomp_connect
 from test_e2e_skeleton import TERMINAL, subscribed
 
 from actors import registry
-from actors._sqlite_store import SqliteStore
+from actors.store import SqliteStore
 from actors.comfy import _commands
 from actors.gateway import GatewayConfig
 from web.config import WebConfig

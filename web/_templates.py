@@ -106,7 +106,6 @@ def prepare_task(
     if not raw_workflows_allowed(cfg.raw_workflows, admin):
         who = "anyone" if cfg.raw_workflows == "none" else "users"
         return registry.Refused(
-            403,
             "raw_workflow_forbidden",
             f"this gateway does not run raw workflows for {who} (--raw-workflows "
             f"{cfg.raw_workflows}); submit a template: GET /api/templates lists them",
@@ -114,13 +113,12 @@ def prepare_task(
     workflow = body.get("workflow")
     problem = validate_workflow(workflow, cfg.limits)  # the door: forwardable to ComfyUI byte for byte
     if problem is not None:
-        return registry.Refused(400, problem.code, problem.detail)
+        return registry.Refused(problem.code, problem.detail)
     assert isinstance(workflow, dict)
     if cfg.allowed_nodes is not None:
         unlisted = unlisted_nodes(workflow, cfg.allowed_nodes)
         if unlisted:
             return registry.Refused(
-                400,
                 "node_not_allowed",
                 f"node{'s' if len(unlisted) > 1 else ''} "
                 f"{', '.join(unlisted[:10])}{' …' if len(unlisted) > 10 else ''} not in "
@@ -128,7 +126,7 @@ def prepare_task(
             )
     size = body.get("size", 1)
     if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= cfg.max_task_size:
-        return registry.Refused(400, "bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")
+        return registry.Refused("bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")
     return TaskRequest(workflow, size)
 
 
@@ -136,7 +134,6 @@ def _from_template(body: Mapping[str, Any], library: TemplateLibrary) -> TaskReq
     for key in ("workflow", "size"):
         if key in body:
             return registry.Refused(
-                400,
                 "bad_request",
                 f"{key!r} does not go with 'template': a template builds "
                 "the workflow and prices the task from its parameters",
@@ -147,12 +144,11 @@ def _from_template(body: Mapping[str, Any], library: TemplateLibrary) -> TaskReq
     if template is None:
         shown = repr(name)[:80] if isinstance(name, str) else f"a {type(name).__name__}"
         return registry.Refused(
-            400,
             "unknown_template",
             f"no template {shown}; this gateway has {', '.join(catalog.templates) or 'none'} (GET /api/templates)",
         )
     try:
         resolved = template.resolve(body.get("params"), library.rng)
     except ParamError as exc:
-        return registry.Refused(400, "bad_params", f"template {template.name}: {exc}")
+        return registry.Refused("bad_params", f"template {template.name}: {exc}")
     return TaskRequest(resolved.workflow, 1, resolved.cost, resolved.template, resolved.params)

@@ -32,6 +32,7 @@ from actors import registry
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
 from actors.validate import decode_json
+from actors.wire import DomainError
 from actors.sessions import (
     BROADCAST_DESTINATION,
     USER_DESTINATION,
@@ -51,6 +52,7 @@ from ._templates import TemplateLibrary
 from ._transport import StompTransport, TransportClosed, WebSocketTransport
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
+from .errors import rejected
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame, negotiate_heartbeat
 
 log = logging.getLogger(__name__)
@@ -504,7 +506,7 @@ class StompEndpoint:
                 return
             result = await submit(self.h, self.cfg, self.templates, conn.principal, client, body)
             if isinstance(result, registry.Refused):
-                await self._reject(user, client, result.error, result.detail)
+                await self._reject(user, client, result.code, result.detail)
         else:
             task_id = body.get("taskId")
             if not isinstance(task_id, str):
@@ -521,7 +523,4 @@ class StompEndpoint:
                                    None if outcome == "not_found" else task_id)
 
     async def _reject(self, user: str, client: str, error: str, detail: str, task_id: str | None = None) -> None:
-        body: dict[str, Any] = {"type": "rejected", "error": error, "detail": detail}
-        if task_id is not None:
-            body["taskId"] = task_id
-        await self.h.sessions.send(Publish(user, client, body))
+        await self.h.sessions.send(Publish(user, client, rejected(DomainError(error, detail), task_id).to_wire()))

@@ -28,6 +28,7 @@ from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
 from ._ws import ConnectionCounter, StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
+from .errors import http_status
 from .sockjs import install as install_sockjs
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             raise ApiError(403, "forbidden", "clientId does not match the token")
         result = await submit(handles, cfg, library, who, client_id, body)
         if isinstance(result, registry.Refused):
-            raise ApiError(result.status, result.error, result.detail)
+            raise ApiError(http_status(result.code), result.code, result.detail)
         return {"taskId": result.task_id, "state": "queued", "position": result.position, "cost": result.cost}, 202
 
     @app.get("/api/tasks/<task_id>")
@@ -289,7 +290,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", **handles.lease.as_json()}
 
     @app.get("/readyz")
     async def readyz() -> tuple[dict[str, Any], int]:
@@ -299,14 +300,18 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
                 parts["store"] = "up" if await handles.store.ping() else "down"
         except Exception as exc:  # sqlite errors, timeouts: report, don't crash the probe
             parts["store"] = f"down: {exc!r}"
-        try:
-            stats = await call(lambda r: scheduler.GetStats(r), "scheduler", handles.scheduler)
-            parts["backends"] = {"up": len(stats.backends_up), "total": stats.backends_total}
-        except ApiError as exc:
-            parts["backends"] = {"up": 0, "total": len(handles.backend_urls), "error": exc.detail}
+        parts.update(handles.lease.as_json())
+        if handles.lease.role == "core":
+            try:
+                stats = await call(lambda r: scheduler.GetStats(r), "scheduler", handles.scheduler)
+                parts["backends"] = {"up": len(stats.backends_up), "total": stats.backends_total}
+            except ApiError as exc:
+                parts["backends"] = {"up": 0, "total": len(handles.backend_urls), "error": exc.detail}
+            ready = parts["store"] == "up" and parts["backends"]["up"] > 0
+        else:  # an edge: ready while the store is up and some process holds the core lease
+            ready = parts["store"] == "up" and handles.lease.holder is not None
         if auth.open:
             parts["warning"] = "auth mode 'open': anyone can act as any user"
-        ready = parts["store"] == "up" and parts["backends"]["up"] > 0
         return {"status": "ready" if ready else "not ready", **parts}, 200 if ready else 503
 
     @app.get("/metrics")
@@ -379,7 +384,7 @@ async def submit(handles: Handles, cfg: WebConfig, templates: TemplateLibrary, w
                 who.user_id, client_id, req.workflow, req.size, r, cost=req.cost, template=req.template,
                 params=req.params), name="registry")
     except (trio.TooSlowError, ActorGone):
-        return registry.Refused(503, "unavailable", "the gateway is busy; try again")
+        return registry.Refused("unavailable", "the gateway is busy; try again")
 
 
 __all__ = ["create_app", "submit", "sessions"]

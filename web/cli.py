@@ -1,4 +1,4 @@
-"""``comfy-gateway``: serve, token, credits. The flags and their environment variables: ``web.settings``."""
+"""``comfy-gateway``: serve, token, credits, status. The flags and their environment variables: ``web.settings``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import trio
 
 from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
-from actors.store import LedgerError, open_store, parse_store_spec
+from actors import bridge
+from actors.store import LedgerError, RedisStore, StoreUnavailable, is_redis, open_store, parse_store_spec
 from actors.validate import WorkflowLimits
 
 from . import settings
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--audit", action="store_true",
                    help="rebuild every balance from the journal and check the ledger (exit 1 on a discrepancy)")
     settings.add_arguments(c, "credits")
+
+    st = sub.add_parser("status", help="the processes sharing a Redis store: their roles, and the lease holder")
+    settings.add_arguments(st, "status")
     return p
 
 
@@ -69,7 +74,7 @@ def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -
         comfy_policy=RestartPolicy(initial_delay=min(0.5, args.reconnect_max_delay),
                                    max_delay=args.reconnect_max_delay, max_restarts=args.reconnect_max_restarts),
         max_sessions_per_user=args.max_sessions_per_user, submit_rate=args.submit_rate,
-        submit_burst=args.submit_burst, quarantine_after=args.quarantine_after,
+        submit_burst=args.submit_burst, quarantine_after=args.quarantine_after, lease_ttl=args.lease_ttl,
     )
     web = WebConfig(
         bind=args.bind, auth=args.auth,
@@ -202,11 +207,31 @@ async def _credits(args: argparse.Namespace) -> int:
         return 0
 
 
+async def _status(args: argparse.Namespace) -> int:
+    spec = parse_store_spec(args.store, args.data)
+    if not is_redis(spec):
+        print(f"store {spec}: one process (SQLite), which is always the core; see its /healthz")
+        return 0
+    async with open_store(spec) as store:
+        assert isinstance(store, RedisStore)
+        procs = await bridge.processes(store)
+        holder = await store.lease_holder()
+        fence = await store.client.get(store.prefix + "fence")
+        print(f"store {store.path}: lease held by {holder or 'nobody'} (fencing token {fence or 0}), "
+              f"{len(procs)} live process(es)")
+        now = time.time()
+        for p in procs:
+            print(f"  {p['id']}  {p['role']:<4}  {p['url']}  pid {p['pid']} on {p['host']}  up {now - p['since']:.0f}s"
+                  f"  seen {now - p['seen']:.1f}s ago")
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request to ComfyUI is noise
+    logging.getLogger("coredis").setLevel(logging.WARNING)  # "Retry attempt" lines when a script is first loaded
     if args.command == "serve":
         _template_policy(args)  # a bad --templates or --allowed-nodes stops here, before anything starts
         try:
@@ -221,8 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         auth = Authenticator(load_secret(args.data))
         print(auth.issue(args.user, client_id=args.client, ttl=args.ttl, admin=args.admin))
         return 0
-    if args.command == "credits":
-        return trio.run(_credits, args)
+    try:
+        if args.command == "credits":
+            return trio.run(_credits, args)
+        if args.command == "status":
+            return trio.run(_status, args)
+    except StoreUnavailable as exc:
+        print(f"{args.command}: the store is unavailable: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -110,4 +110,5 @@ async def serve_gateway(
         # every connection's watcher sends ERROR + 1001 at once; Hypercorn returns when they are gone
         with trio.move_on_after(web.shutdown_grace + 1):
             await serve_done.wait()
+        await handles.lease.resign(timeout=2)  # Redis: stop the core and hand the lease on at once
         nursery.cancel_scope.cancel()

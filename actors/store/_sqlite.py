@@ -1,6 +1,6 @@
-"""``SqliteStore``: the default store, one SQLite file in WAL mode (see ``actors/store.py`` for the tables).
+"""``SqliteStore``: the default store, one SQLite file in WAL mode (see ``actors/store/__init__.py`` for the tables).
 
-All SQL but the audits (``_store_audit.py``) lives here. Every public method is async and runs one blocking
+All SQL but the audits (``_audit.py``) lives here. Every public method is async and runs one blocking
 transaction in a worker thread behind the store's own ``CapacityLimiter(1)``: one writer, no lock contention.
 """
 
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._store_audit import audit_ledger, audit_tasks
-from ._store_schema import migrate
-from ._store_types import (
+from ._audit import audit_ledger, audit_tasks
+from ._schema import migrate
+from ._types import (
     ACTIVE_STATES,
     Account,
     Hold,
@@ -290,33 +290,33 @@ class SqliteStore:
         return await self._run(q)
 
     async def accounts(self) -> list[Account]:
-        def q() -> list[Account]:
-            rows = self.db.execute("SELECT user_id, balance, frozen FROM accounts ORDER BY user_id").fetchall()
-            return [Account(r["user_id"], r["balance"], r["frozen"]) for r in rows]
-
-        return await self._run(q)
+        return await self._run(self._accounts)
 
     async def journal(self, user_id: str | None = None) -> list[JournalEntry]:
         """The journal in order (one user's lines, or all)."""
+        return await self._run(self._journal_lines, user_id)
 
-        def q() -> list[JournalEntry]:
-            if user_id is None:
-                rows = self.db.execute("SELECT * FROM journal ORDER BY id").fetchall()
-            else:
-                rows = self.db.execute("SELECT * FROM journal WHERE user_id = ? ORDER BY id", (user_id,)).fetchall()
-            return [JournalEntry(r["id"], r["ts"], r["user_id"], r["kind"], r["task_id"], r["amount"],
-                                 r["balance_after"], r["frozen_after"], r["note"]) for r in rows]
+    async def audit(self) -> list[str]:
+        """Rebuild every balance from the journal and check the ledger (``_audit.audit_ledger``): one line
+        per problem, [] when consistent. One read transaction, so the three tables agree."""
+
+        def q() -> list[str]:
+            with _tx(self.db):
+                return audit_ledger(self._journal_lines(None), self._accounts(), self._holds())
 
         return await self._run(q)
 
-    async def audit(self) -> list[str]:
-        """Rebuild every balance from the journal and check the ledger (``_store_audit.audit_ledger``): one line
-        per problem, [] when consistent."""
-        return await self._run(lambda: audit_ledger(self.db))
-
     async def audit_tasks(self) -> list[str]:
-        """Tasks against their holds, for a quiescent store (``_store_audit.audit_tasks``)."""
-        return await self._run(lambda: audit_tasks(self.db))
+        """Tasks against their holds, for a quiescent store (``_audit.audit_tasks``)."""
+
+        def q() -> list[str]:
+            with _tx(self.db):
+                rows = self.db.execute("SELECT task_id, seq, user_id, state, cost FROM tasks").fetchall()
+                tasks = [TaskRecord(r["task_id"], r["seq"], r["user_id"], "", "", r["state"], 0, r["cost"], {}, 0, 0)
+                         for r in rows]
+                return audit_tasks(tasks, self._holds())
+
+        return await self._run(q)
 
     # -- tasks
 
@@ -433,6 +433,21 @@ class SqliteStore:
             acc = Account(acc.user_id, acc.balance, acc.frozen - hold.amount)
             self._write_account(acc, "release", hold.task_id, hold.amount, note)
         return acc
+
+    def _accounts(self) -> list[Account]:
+        rows = self.db.execute("SELECT user_id, balance, frozen FROM accounts ORDER BY user_id").fetchall()
+        return [Account(r["user_id"], r["balance"], r["frozen"]) for r in rows]
+
+    def _journal_lines(self, user_id: str | None) -> list[JournalEntry]:
+        if user_id is None:
+            rows = self.db.execute("SELECT * FROM journal ORDER BY id").fetchall()
+        else:
+            rows = self.db.execute("SELECT * FROM journal WHERE user_id = ? ORDER BY id", (user_id,)).fetchall()
+        return [JournalEntry(r["id"], r["ts"], r["user_id"], r["kind"], r["task_id"], r["amount"],
+                             r["balance_after"], r["frozen_after"], r["note"]) for r in rows]
+
+    def _holds(self) -> list[Hold]:
+        return [_hold_row(r) for r in self.db.execute("SELECT * FROM holds ORDER BY rowid")]
 
     def _hold(self, task_id: str) -> Hold | None:
         r = self.db.execute("SELECT * FROM holds WHERE task_id = ?", (task_id,)).fetchone()
