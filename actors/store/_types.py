@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .task_machine import ACTIVE_STATES, TERMINAL_STATES  # the task states are the machine's (defined once)
+from ..task_machine import ACTIVE_STATES, TERMINAL_STATES  # the task states are the machine's (defined once)
 
 
 # ---- records ------------------------------------------------------------------------------------
