@@ -349,7 +349,7 @@ async def run(
                     case Detach(user_id, client_id):
                         entry = sessions.get((user_id, client_id))
                         if entry is not None:
-                            entry.connections -= 1
+                            entry.connections = max(0, entry.connections - 1)  # never below: a defensive floor
                             set_live(user_id, client_id, entry)
                             await entry.inbox.send(msg)
                     case AttachBroadcast(outbox):
