@@ -74,8 +74,12 @@ class GatewayConfig:
             raise ValueError("hold_ttl must be longer than task_timeout")
         if self.backend_lost_after <= 0 or self.task_timeout <= 0:
             raise ValueError("backend_lost_after and task_timeout must be > 0")
-        if self.submit_rate <= 0 or self.submit_burst < 1 or self.quarantine_after < 1 \
-                or self.max_sessions_per_user < 1:
+        if (
+            self.submit_rate <= 0
+            or self.submit_burst < 1
+            or self.quarantine_after < 1
+            or self.max_sessions_per_user < 1
+        ):
             raise ValueError("submit_rate, submit_burst, quarantine_after and max_sessions_per_user must be >= 1")
         if self.lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, not {self.lease_ttl}")
@@ -150,35 +154,72 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
             for name in backend_urls:
                 comfy_tx[name], comfy_rx[name] = trio.open_memory_channel[comfy.ComfyCommand](COMFY_INBOX)
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(
-                    ledger.run, t_ledger_rx, store=store, sessions=pub_tx.clone(),
-                    initial_credits=cfg.initial_credits, hold_ttl=cfg.hold_ttl,
-                ))
-                await nursery.start(partial(
-                    scheduler.run, t_sched_rx, backends={n: c.clone() for n, c in comfy_tx.items()},
-                    max_inflight=cfg.max_inflight, max_inflight_per_user=cfg.max_inflight_per_user,
-                ))
-                reg_cfg = registry.RegistryConfig(
-                    price=cfg.price, max_queued_per_user=cfg.max_queued_per_user, task_timeout=cfg.task_timeout,
-                    backend_lost_after=cfg.backend_lost_after,
-                    public_url=cfg.public_url.rstrip("/"), backend_urls=backend_urls, image_urls=cfg.image_urls,
-                    submit_rate=cfg.submit_rate, submit_burst=cfg.submit_burst, quarantine_after=cfg.quarantine_after,
-                    unclean_start=unclean, boot=boot,
+                await nursery.start(
+                    partial(
+                        ledger.run,
+                        t_ledger_rx,
+                        store=store,
+                        sessions=pub_tx.clone(),
+                        initial_credits=cfg.initial_credits,
+                        hold_ttl=cfg.hold_ttl,
+                    )
                 )
-                await nursery.start(partial(
-                    registry.run, t_reg_rx, reg_cfg, store=store, ledger=t_ledger_tx.clone(),
-                    scheduler=t_sched_tx.clone(), comfy={n: c.clone() for n, c in comfy_tx.items()},
-                    sessions=pub_tx.clone(),
-                ))
+                await nursery.start(
+                    partial(
+                        scheduler.run,
+                        t_sched_rx,
+                        backends={n: c.clone() for n, c in comfy_tx.items()},
+                        max_inflight=cfg.max_inflight,
+                        max_inflight_per_user=cfg.max_inflight_per_user,
+                    )
+                )
+                reg_cfg = registry.RegistryConfig(
+                    price=cfg.price,
+                    max_queued_per_user=cfg.max_queued_per_user,
+                    task_timeout=cfg.task_timeout,
+                    backend_lost_after=cfg.backend_lost_after,
+                    public_url=cfg.public_url.rstrip("/"),
+                    backend_urls=backend_urls,
+                    image_urls=cfg.image_urls,
+                    submit_rate=cfg.submit_rate,
+                    submit_burst=cfg.submit_burst,
+                    quarantine_after=cfg.quarantine_after,
+                    unclean_start=unclean,
+                    boot=boot,
+                )
+                await nursery.start(
+                    partial(
+                        registry.run,
+                        t_reg_rx,
+                        reg_cfg,
+                        store=store,
+                        ledger=t_ledger_tx.clone(),
+                        scheduler=t_sched_tx.clone(),
+                        comfy={n: c.clone() for n, c in comfy_tx.items()},
+                        sessions=pub_tx.clone(),
+                    )
+                )
                 for name, url in backend_urls.items():
-                    await nursery.start(partial(
-                        comfy.run, comfy.BackendSpec(name, url), comfy_rx[name], t_reg_tx.clone(), http=http,
-                        client_id=client_ids[name], policy=cfg.comfy_policy, timeouts=cfg.comfy_timeouts,
-                        counters=stats[name], on_dispatch=partial(store.mark_dispatched, boot=boot),
-                    ))
+                    await nursery.start(
+                        partial(
+                            comfy.run,
+                            comfy.BackendSpec(name, url),
+                            comfy_rx[name],
+                            t_reg_tx.clone(),
+                            http=http,
+                            client_id=client_ids[name],
+                            policy=cfg.comfy_policy,
+                            timeouts=cfg.comfy_timeouts,
+                            counters=stats[name],
+                            on_dispatch=partial(store.mark_dispatched, boot=boot),
+                        )
+                    )
                 if isinstance(store, RedisStore):  # the edges' requests
-                    await nursery.start(partial(bridge.serve_edges, store,
-                                                {"registry": t_reg_tx.clone(), "ledger": t_ledger_tx.clone()}))
+                    await nursery.start(
+                        partial(
+                            bridge.serve_edges, store, {"registry": t_reg_tx.clone(), "ledger": t_ledger_tx.clone()}
+                        )
+                    )
                     if unclean:  # the dead core's unpublished messages are lost: clients reload over HTTP
                         told = await bridge.resync_sessions(store, pub_tx)
                         log.warning("gateway: the previous core died mid-term: %d session(s) told to resync", told)
@@ -190,8 +231,14 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
             """While another process is the core: the web layer's requests go to it through Redis."""
             assert isinstance(store, RedisStore)
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(bridge.ask_core, store, lease.holder_id,
-                                            {"registry": reg_rx.clone(), "ledger": ledger_rx.clone()}))
+                await nursery.start(
+                    partial(
+                        bridge.ask_core,
+                        store,
+                        lease.holder_id,
+                        {"registry": reg_rx.clone(), "ledger": ledger_rx.clone()},
+                    )
+                )
                 nursery.start_soon(_refuse, sched_rx.clone())  # scheduler statistics exist only on the core
                 task_status.started()
 
@@ -199,8 +246,15 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
             if isinstance(store, RedisStore):
                 # seqs are numbered in Redis, per session and for good, so they need no per-run base
                 real_tx, real_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
-                await nursery.start(partial(sessions.run, real_rx, replay_max=cfg.replay_max,
-                                            replay_age=cfg.replay_age, max_sessions_per_user=cfg.max_sessions_per_user))
+                await nursery.start(
+                    partial(
+                        sessions.run,
+                        real_rx,
+                        replay_max=cfg.replay_max,
+                        replay_age=cfg.replay_age,
+                        max_sessions_per_user=cfg.max_sessions_per_user,
+                    )
+                )
                 await nursery.start(partial(bridge.feed_hub, store, hub_rx, hub_tx.clone(), real_tx))
                 await nursery.start(partial(bridge.publish_to_redis, store, pub_rx, replay_max=cfg.replay_max))
                 await nursery.start(partial(hold_core, store, lease, run_core, run_edge, ttl=cfg.lease_ttl))
@@ -209,18 +263,41 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 first_run.append(await _begin_run(store))
                 # seqs of this run start above every earlier run's, so resuming across a restart gets a resync
                 seq_base = (first_run[0][1] - 1) * SEQ_EPOCH
-                await nursery.start(partial(sessions.run, hub_rx, replay_max=cfg.replay_max,
-                                            replay_age=cfg.replay_age, seq_base=seq_base,
-                                            max_sessions_per_user=cfg.max_sessions_per_user))
+                await nursery.start(
+                    partial(
+                        sessions.run,
+                        hub_rx,
+                        replay_max=cfg.replay_max,
+                        replay_age=cfg.replay_age,
+                        seq_base=seq_base,
+                        max_sessions_per_user=cfg.max_sessions_per_user,
+                    )
+                )
                 lease.role, lease.holder, lease.terms = "core", lease.holder_id, 1
                 lease.resigned.set()  # no lease to give back: the actors stop with the process
                 await nursery.start(run_core)
-            log.info("gateway: %d backend(s) %s, store %s, %s", len(backend_urls), list(backend_urls.values()),
-                     store.path, lease.role)
-            task_status.started(Handles(
-                config=cfg, registry=reg_tx, ledger=ledger_tx, scheduler=sched_tx, sessions=hub_tx, store=store,
-                http=http, backend_urls=backend_urls, comfy_stats=stats, client_ids=client_ids, lease=lease,
-            ))
+            log.info(
+                "gateway: %d backend(s) %s, store %s, %s",
+                len(backend_urls),
+                list(backend_urls.values()),
+                store.path,
+                lease.role,
+            )
+            task_status.started(
+                Handles(
+                    config=cfg,
+                    registry=reg_tx,
+                    ledger=ledger_tx,
+                    scheduler=sched_tx,
+                    sessions=hub_tx,
+                    store=store,
+                    http=http,
+                    backend_urls=backend_urls,
+                    comfy_stats=stats,
+                    client_ids=client_ids,
+                    lease=lease,
+                )
+            )
 
 
 async def _begin_run(store: Store) -> tuple[bool, int]:

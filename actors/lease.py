@@ -117,9 +117,13 @@ async def hold_core(
             if not _store_ended_term(exc):
                 raise
             stale = isinstance(exc, BaseExceptionGroup) and exc.subgroup(LeaseLost) is not None
-            log.warning("lease: %s steps down: %s", state.holder_id,
-                        "a write was refused for a stale fencing token" if stale or isinstance(exc, LeaseLost)
-                        else f"the store failed ({exc!r:.300})")
+            log.warning(
+                "lease: %s steps down: %s",
+                state.holder_id,
+                "a write was refused for a stale fencing token"
+                if stale or isinstance(exc, LeaseLost)
+                else f"the store failed ({exc!r:.300})",
+            )
         # the token stays in store.fence: anything still in flight from the old term is refused
         state.role, state.token, state.holder = "edge", 0, None
         if not state.resign_asked.is_set():

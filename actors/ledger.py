@@ -44,9 +44,29 @@ from .wire import Balance
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Account", "Freeze", "Resolve", "Grant", "GetAccount", "Audit", "Sweep", "LedgerMsg", "LedgerError",
-    "InsufficientCredits", "HoldConflict", "UnknownHold", "InvalidAmount", "LedgerFault", "NegativeBalance", "run", "freeze", "settle", "release", "grant",
-    "get_account", "audit", "sweep",
+    "Account",
+    "Audit",
+    "Freeze",
+    "GetAccount",
+    "Grant",
+    "HoldConflict",
+    "InsufficientCredits",
+    "InvalidAmount",
+    "LedgerError",
+    "LedgerFault",
+    "LedgerMsg",
+    "NegativeBalance",
+    "Resolve",
+    "Sweep",
+    "UnknownHold",
+    "audit",
+    "freeze",
+    "get_account",
+    "grant",
+    "release",
+    "run",
+    "settle",
+    "sweep",
 ]
 
 EXPIRY_CHECK_INTERVAL = 60.0  # seconds between scans for expired holds
@@ -124,12 +144,22 @@ async def run(
         swept = await store.sweep_holds(now, hold_ttl)
         for s in swept:
             if s.outcome == "extended":
-                log.warning("ledger: hold of task %s expired while the task is %s: deadline extended by %ss",
-                            s.hold.task_id, s.task_state, hold_ttl)
+                log.warning(
+                    "ledger: hold of task %s expired while the task is %s: deadline extended by %ss",
+                    s.hold.task_id,
+                    s.task_state,
+                    hold_ttl,
+                )
                 continue
-            log.warning("ledger: hold of task %s (%d credits of %s) %s %s (task %s)", s.hold.task_id, s.hold.amount,
-                        s.hold.user_id, "expired:" if now is not None else "recovered at start-up:", s.outcome,
-                        s.task_state or "never saved")
+            log.warning(
+                "ledger: hold of task %s (%d credits of %s) %s %s (task %s)",
+                s.hold.task_id,
+                s.hold.amount,
+                s.hold.user_id,
+                "expired:" if now is not None else "recovered at start-up:",
+                s.outcome,
+                s.task_state or "never saved",
+            )
             await changed(s.account)
         return swept
 
@@ -194,8 +224,12 @@ async def run(
             try:
                 await handle(msg)
             except Exception as exc:  # crash isolation: a store error fails this one request, the ledger goes on
-                log.exception("ledger: %s failed (task %s, user %s)", type(msg).__name__,
-                              getattr(msg, "task_id", "-"), getattr(msg, "user_id", "-"))
+                log.exception(
+                    "ledger: %s failed (task %s, user %s)",
+                    type(msg).__name__,
+                    getattr(msg, "task_id", "-"),
+                    getattr(msg, "user_id", "-"),
+                )
                 reply = getattr(msg, "reply", None)
                 if reply is not None and isinstance(msg, (Freeze, Resolve, Grant, GetAccount)):
                     reply_once(reply, LedgerFault(f"the ledger failed: {type(exc).__name__}"))
@@ -225,14 +259,19 @@ async def release(ledger: trio.MemorySendChannel[LedgerMsg], task_id: str, amoun
     return await _ask_ledger(ledger, lambda r: Resolve(task_id, "released", amount, r))
 
 
-async def grant(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str, amount: int, note: str | None = None,
-                *, allow_negative: bool = False) -> Account:
+async def grant(
+    ledger: trio.MemorySendChannel[LedgerMsg],
+    user_id: str,
+    amount: int,
+    note: str | None = None,
+    *,
+    allow_negative: bool = False,
+) -> Account:
     return await _ask_ledger(ledger, lambda r: Grant(user_id, amount, note, r, allow_negative))
 
 
 async def get_account(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str) -> Account:
     return await _ask_ledger(ledger, lambda r: GetAccount(user_id, r))
-
 
 
 async def audit(ledger: trio.MemorySendChannel[LedgerMsg]) -> list[str]:

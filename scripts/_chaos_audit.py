@@ -28,8 +28,8 @@ from typing import Any
 
 import httpx
 import trio
-
 from _chaos_lib import TERMINAL_STATES, GatewayProcess, ResumingClient, SimHandle
+
 from actors.store import TaskRecord, open_store
 
 KIND_OF_STATE = {"succeeded": "completed", "failed": "execution_error", "cancelled": "cancelled"}
@@ -75,15 +75,24 @@ async def wait_no_active_tasks(db_path: str, *, timeout: float) -> list[TaskReco
 
 
 async def settle_and_audit(
-    *, gateway: GatewayProcess, sims: SimHandle, clients: dict[str, ResumingClient], http: httpx.AsyncClient,
-    initial_credits: int, grants: list[Grant], settle_timeout: float = 60.0, report: Report | None = None,
+    *,
+    gateway: GatewayProcess,
+    sims: SimHandle,
+    clients: dict[str, ResumingClient],
+    http: httpx.AsyncClient,
+    initial_credits: int,
+    grants: list[Grant],
+    settle_timeout: float = 60.0,
+    report: Report | None = None,
 ) -> Report:
     report = report or Report()
     db_path = gateway.store_spec
     stuck = await wait_no_active_tasks(db_path, timeout=settle_timeout)
     for t in stuck:
-        report.add(f"task {t.task_id} of {t.user_id} still {t.state} after {settle_timeout}s "
-                   f"(backend {t.backend}, prompt {t.prompt_id})")
+        report.add(
+            f"task {t.task_id} of {t.user_id} still {t.state} after {settle_timeout}s "
+            f"(backend {t.backend}, prompt {t.prompt_id})"
+        )
     for user, client in clients.items():
         try:
             await client.flush(f"flush-{user}-{time.monotonic_ns()}")
@@ -155,8 +164,10 @@ async def settle_and_audit(
         key = (g.user, g.amount, f"admin {g.admin}")
         n = grant_lines.pop(key, 0)
         if n > 1 or (g.confirmed and n != 1):
-            report.add(f"grant {g.admin} of {g.amount} to {g.user} ({'confirmed' if g.confirmed else 'answer lost'})"
-                       f" is in the journal {n} times")
+            report.add(
+                f"grant {g.admin} of {g.amount} to {g.user} ({'confirmed' if g.confirmed else 'answer lost'})"
+                f" is in the journal {n} times"
+            )
     for key, n in grant_lines.items():
         report.add(f"journal has {n} grant(s) {key} the harness never made")
     granted: Counter[str] = Counter()
@@ -167,8 +178,10 @@ async def settle_and_audit(
         settled = sum(t.cost for t in by_user.get(user, []) if t.state == "succeeded")
         want = initial_credits + granted[user] - settled
         if acc.balance != want or acc.frozen != 0:
-            report.add(f"{user}: balance {acc.balance} frozen {acc.frozen}; want {want} "
-                       f"(= {initial_credits} + {granted[user]} granted - {settled} settled) and 0 frozen")
+            report.add(
+                f"{user}: balance {acc.balance} frozen {acc.frozen}; want {want} "
+                f"(= {initial_credits} + {granted[user]} granted - {settled} settled) and 0 frozen"
+            )
         http_acc = accounts_http.get(user)
         if http_acc is not None and (http_acc["balance"], http_acc["frozen"]) != (acc.balance, acc.frozen):
             report.add(f"{user}: GET /api/balance said {http_acc}, the store {acc}")
@@ -187,8 +200,9 @@ async def settle_and_audit(
         if results_urls.get(t.task_id) != want_urls:
             report.add(f"task {t.task_id}: results history has {results_urls.get(t.task_id)}, want {want_urls}")
         if "success" not in runs.get(t.prompt_id, []):
-            report.add(f"task {t.task_id} succeeded but its prompt {t.prompt_id} never ran to success: "
-                       f"{runs.get(t.prompt_id)}")
+            report.add(
+                f"task {t.task_id} succeeded but its prompt {t.prompt_id} never ran to success: {runs.get(t.prompt_id)}"
+            )
 
     # 5, 6. what each client saw
     resynced_ok = 0
@@ -212,15 +226,21 @@ async def settle_and_audit(
                     report.add(f"client {user}: task {task_id} is {t.state} but its message was {body}")
                 elif t.state == "failed" and body.get("reason") != t.reason:
                     report.add(f"client {user}: task {task_id} failed ({t.reason}) but the message says {body}")
-                elif t.state == "succeeded" and [unsigned(u) for u in body.get("urls") or []] != results_urls.get(task_id):
-                    report.add(f"client {user}: task {task_id} completed with {body.get('urls')}, "
-                               f"results history has {results_urls.get(task_id)}")
+                elif t.state == "succeeded" and [unsigned(u) for u in body.get("urls") or []] != results_urls.get(
+                    task_id
+                ):
+                    report.add(
+                        f"client {user}: task {task_id} completed with {body.get('urls')}, "
+                        f"results history has {results_urls.get(task_id)}"
+                    )
                 continue
             if any(at >= t.updated_at for at in client.resyncs):
                 resynced_ok += 1  # told to reload after the task ended: its HTTP state (checked above) is terminal
             else:
-                report.add(f"client {user} never saw the end of task {task_id} ({t.state} {t.reason or ''}) "
-                           f"and got no resync after it ended")
+                report.add(
+                    f"client {user} never saw the end of task {task_id} ({t.state} {t.reason or ''}) "
+                    f"and got no resync after it ended"
+                )
         balances = [(i, m.body) for i, m in enumerate(client.seen) if m.body.get("type") == "balance"]
         acc = accounts.get(user)
         if balances and acc is not None:
@@ -234,22 +254,34 @@ async def settle_and_audit(
         for user, client in clients.items():
             out.write(json.dumps({"user": user, "connections": client.connections, "resyncs": client.resyncs}) + "\n")
             for m in client.seen:
-                out.write(json.dumps({"user": user, "at": m.at, "conn": m.conn, "seq": m.seq, "body": {
-                    k: v for k, v in m.body.items() if k not in ("data",)}}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "user": user,
+                            "at": m.at,
+                            "conn": m.conn,
+                            "seq": m.seq,
+                            "body": {k: v for k, v in m.body.items() if k not in ("data",)},
+                        }
+                    )
+                    + "\n"
+                )
     states = Counter(t.state if t.state != "failed" else f"failed:{t.reason}" for t in tasks)
-    report.stats.update({
-        "tasks": len(tasks),
-        "by_state": dict(sorted(states.items())),
-        "settled": sum(t.cost for t in tasks if t.state == "succeeded"),
-        "granted": sum(granted.values()),
-        "balances": sum(a.balance for a in accounts.values()),
-        "frozen": sum(a.frozen for a in accounts.values()),
-        "journal_lines": len(journal),
-        "prompts_run_twice": sum(1 for outcomes in runs.values() if len(outcomes) > 1),
-        "prompts_run_twice_sample": sorted(p for p, outcomes in runs.items() if len(outcomes) > 1)[:3],
-        "terminal_seen_via_resync": resynced_ok,
-        "resyncs": sum(len(c.resyncs) for c in clients.values()),
-        "client_connections": sum(c.connections for c in clients.values()),
-        "gateway_error_lines": len(gateway.error_lines),
-    })
+    report.stats.update(
+        {
+            "tasks": len(tasks),
+            "by_state": dict(sorted(states.items())),
+            "settled": sum(t.cost for t in tasks if t.state == "succeeded"),
+            "granted": sum(granted.values()),
+            "balances": sum(a.balance for a in accounts.values()),
+            "frozen": sum(a.frozen for a in accounts.values()),
+            "journal_lines": len(journal),
+            "prompts_run_twice": sum(1 for outcomes in runs.values() if len(outcomes) > 1),
+            "prompts_run_twice_sample": sorted(p for p, outcomes in runs.items() if len(outcomes) > 1)[:3],
+            "terminal_seen_via_resync": resynced_ok,
+            "resyncs": sum(len(c.resyncs) for c in clients.values()),
+            "client_connections": sum(c.connections for c in clients.values()),
+            "gateway_error_lines": len(gateway.error_lines),
+        }
+    )
     return report

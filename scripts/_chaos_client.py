@@ -61,11 +61,11 @@ def _parse(buf: bytes) -> tuple[Frame | None, bytes]:
         n = int(headers["content-length"])
         if len(buf) < start + n + 1:
             return None, buf
-        return Frame(head[0], headers, buf[start:start + n]), buf[start + n + 1:]
+        return Frame(head[0], headers, buf[start : start + n]), buf[start + n + 1 :]
     nul = buf.find(b"\x00", start)
     if nul < 0:
         return None, buf
-    return Frame(head[0], headers, buf[start:nul]), buf[nul + 1:]
+    return Frame(head[0], headers, buf[start:nul]), buf[nul + 1 :]
 
 
 def _frame(command: str, headers: dict[str, str], body: bytes = b"") -> bytes:
@@ -159,14 +159,23 @@ class ResumingClient:
 
     async def _session(self) -> None:
         # a connect that races a SIGKILL of the gateway can hang until the timeout: keep it short
-        async with open_websocket_url(self.gateway.ws_url, subprotocols=["v12.stomp"], connect_timeout=3,
-                                      disconnect_timeout=2) as ws:
+        async with open_websocket_url(
+            self.gateway.ws_url, subprotocols=["v12.stomp"], connect_timeout=3, disconnect_timeout=2
+        ) as ws:
             self.connections += 1
             conn = self.connections
             buf = b""
-            await ws.send_message(_frame("CONNECT", {
-                "accept-version": "1.2", "heart-beat": "0,0", "clientId": self.client_id,
-                "Authorization": f"Bearer {self.gateway.issue(self.user)}"}))
+            await ws.send_message(
+                _frame(
+                    "CONNECT",
+                    {
+                        "accept-version": "1.2",
+                        "heart-beat": "0,0",
+                        "clientId": self.client_id,
+                        "Authorization": f"Bearer {self.gateway.issue(self.user)}",
+                    },
+                )
+            )
             sub = {"id": "s0", "destination": "/user/topic/messages", "receipt": f"sub-{conn}"}
             if self.last_seq is not None:
                 sub["last-seq"] = str(self.last_seq)
@@ -224,8 +233,9 @@ class ResumingClient:
                 await self._live.wait()
                 ws = self._ws
                 try:
-                    await ws.send_message(_frame("SEND", {"destination": "/app/cancel"},
-                                                 json.dumps({"taskId": marker}).encode()))
+                    await ws.send_message(
+                        _frame("SEND", {"destination": "/app/cancel"}, json.dumps({"taskId": marker}).encode())
+                    )
                 except (ConnectionClosed, trio.BrokenResourceError, AttributeError):
                     continue
                 with trio.move_on_after(5):

@@ -24,12 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import trio
-
 from _chaos_client import ResumingClient, Seen
 from fake_comfyui import FakeComfyUI
 
-__all__ = ["GatewayProcess", "GatewayExited", "ResumingClient", "Seen", "SimHandle", "free_port", "make_workflow",
-           "TERMINAL_STATES", "TERMINAL_TYPES"]
+__all__ = [
+    "TERMINAL_STATES",
+    "TERMINAL_TYPES",
+    "GatewayExited",
+    "GatewayProcess",
+    "ResumingClient",
+    "Seen",
+    "SimHandle",
+    "free_port",
+    "make_workflow",
+]
 
 log = logging.getLogger("chaos")
 
@@ -55,9 +63,21 @@ _TXT2IMG: dict[str, Any] = {
     "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dawn", "clip": ["4", 1]}},
     "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
     "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-    "3": {"class_type": "KSampler", "inputs": {
-        "seed": 1, "steps": 4, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-        "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+    "3": {
+        "class_type": "KSampler",
+        "inputs": {
+            "seed": 1,
+            "steps": 4,
+            "cfg": 8.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+    },
     "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
     "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "chaos", "images": ["8", 0]}},
 }
@@ -88,8 +108,17 @@ class GatewayProcess:
     """``comfy-gateway serve`` on ``127.0.0.1:port`` with ``--data data`` (and ``--store`` when given: a
     ``redis://`` URL, or an SQLite path); killable, restartable."""
 
-    def __init__(self, *, data: Path, comfy_urls: list[str], port: int | None = None, args: tuple[str, ...] = (),
-                 log_path: Path | None = None, secret: str = CHAOS_SECRET, store: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        data: Path,
+        comfy_urls: list[str],
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        log_path: Path | None = None,
+        secret: str = CHAOS_SECRET,
+        store: str | None = None,
+    ) -> None:
         self.data = data
         self.store = store
         self.port = port or free_port()
@@ -190,8 +219,9 @@ class GatewayProcess:
         if self.proc is proc:
             self._set_up(False)
             if not self._expected_exit and not starting:
-                raise GatewayExited(f"gateway #{generation} exited by itself with {proc.returncode}; "
-                                    f"see {self.log_path}")
+                raise GatewayExited(
+                    f"gateway #{generation} exited by itself with {proc.returncode}; see {self.log_path}"
+                )
 
     async def kill(self) -> None:
         """SIGKILL: no shutdown code runs, nothing is flushed but what SQLite already committed."""

@@ -26,11 +26,14 @@ class RedisServer:
     """``start()``/``stop()``/``restart()`` a redis-server subprocess; ``url(db)``; ``flush()`` empties every db."""
 
     def __init__(self, data_dir: Path) -> None:
-        binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists()
-                                                  else None)
+        binary = shutil.which("redis-server") or (
+            "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+        )
         if binary is None:
-            raise RuntimeError("redis-server is not installed: the Redis store tests need it (apt-get install "
-                               "redis-server; scripts/test installs it when it can)")
+            raise RuntimeError(
+                "redis-server is not installed: the Redis store tests need it (apt-get install "
+                "redis-server; scripts/test installs it when it can)"
+            )
         self.binary = binary
         self.dir = data_dir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -42,9 +45,23 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--save", "", "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--logfile",
+                str(self.dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + START_TIMEOUT
         while True:

@@ -39,7 +39,6 @@ for _p in (str(_HERE), str(_HERE.parent)):  # scripts/ (the simulator, the harne
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
-
 from _chaos_audit import Grant, Report, settle_and_audit  # noqa: E402
 from _chaos_hostile import HostileStats, flooder, now, percentile, poisoner, queued_latency, stormer  # noqa: E402
 from _chaos_lib import GatewayProcess, ResumingClient, SimHandle, make_workflow  # noqa: E402
@@ -117,8 +116,17 @@ def make_plan(cfg: ChaosConfig) -> Plan:
     for _ in range(cfg.client_drops):
         events.append((at(), "client_drop", {"user": rng.choice(users)}))
     for g in range(cfg.grants):
-        events.append((at(), "grant", {"user": rng.choice(users), "amount": rng.randint(1, 3 * cfg.max_size),
-                                       "admin": f"chaos-admin-{cfg.seed}-{g}"}))
+        events.append(
+            (
+                at(),
+                "grant",
+                {
+                    "user": rng.choice(users),
+                    "amount": rng.randint(1, 3 * cfg.max_size),
+                    "admin": f"chaos-admin-{cfg.seed}-{g}",
+                },
+            )
+        )
     for i in range(cfg.tasks):
         if rng.random() < cfg.cancel_share:
             events.append((i, "cancel", {"user": tasks[i][0], "pick": rng.random()}))
@@ -160,17 +168,44 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
     async with httpx.AsyncClient(timeout=10) as http, trio.open_nursery() as nursery:
         sims = SimHandle(nursery, step_ms=cfg.step_ms, seed=cfg.seed, previews=False)
         await sims.start()
-        args = ("--initial-credits", str(credits), "--price", "1", "--max-inflight", str(cfg.max_inflight),
-                "--max-queued-per-user", str(cfg.tasks + 1), "--reconnect-max-delay", "0.5",
-                "--reconnect-max-restarts", "100000", "--submit-rate", "100", "--submit-burst", "100",
-                "--max-replays-per-minute", str(cfg.max_replays))
+        args = (
+            "--initial-credits",
+            str(credits),
+            "--price",
+            "1",
+            "--max-inflight",
+            str(cfg.max_inflight),
+            "--max-queued-per-user",
+            str(cfg.tasks + 1),
+            "--reconnect-max-delay",
+            "0.5",
+            "--reconnect-max-restarts",
+            "100000",
+            "--submit-rate",
+            "100",
+            "--submit-burst",
+            "100",
+            "--max-replays-per-minute",
+            str(cfg.max_replays),
+        )
         if redis is not None:
             args += ("--lease-ttl", "1")
-            gws = [GatewayProcess(data=workdir / f"data{i}", comfy_urls=[sims.url], args=args, store=redis.url(),
-                                  log_path=workdir / f"gateway{i}.log") for i in range(cfg.processes)]
+            gws = [
+                GatewayProcess(
+                    data=workdir / f"data{i}",
+                    comfy_urls=[sims.url],
+                    args=args,
+                    store=redis.url(),
+                    log_path=workdir / f"gateway{i}.log",
+                )
+                for i in range(cfg.processes)
+            ]
         else:
-            gws = [GatewayProcess(data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log",
-                                  args=args)]
+            gws = [
+                GatewayProcess(
+                    data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log", args=args
+                )
+            ]
         gw = gws[0]  # the auditor's view and the hostile users' gateway
         for g in gws[1:]:  # one gateway to the outside: image URLs name one public URL, whichever process made them
             g.args += ("--public-url", gw.url)
@@ -178,15 +213,18 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             await g.start(nursery)
         users = sorted({u for u, *_ in plan.tasks})
         # clients spread over the processes; each resumes on its own process (which is restarted when killed)
-        clients = {u: ResumingClient(u, f"chaos-{u}", gws[i % len(gws)], http, pause=lambda: rng.uniform(0, 0.2))
-                   for i, u in enumerate(users)}
+        clients = {
+            u: ResumingClient(u, f"chaos-{u}", gws[i % len(gws)], http, pause=lambda: rng.uniform(0, 0.2))
+            for i, u in enumerate(users)
+        }
         for c in clients.values():
             nursery.start_soon(c.run)
         for c in clients.values():
             await c.wait_live()
 
-        async def request(method: str, path: str, user: str, *, admin: bool = False,
-                          body: Any = None) -> httpx.Response | None:
+        async def request(
+            method: str, path: str, user: str, *, admin: bool = False, body: Any = None
+        ) -> httpx.Response | None:
             """One request (to a process the seed picks among several); retried only when it surely did not arrive
             (refused connection). None: answer lost."""
             for _ in range(100):
@@ -211,9 +249,16 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                 await trio.sleep(pause)  # seeded pacing of the load (not a wait for an outcome)
                 stats.submitted += 1
                 t0 = now()
-                r = await request("POST", "/api/tasks", user, body={
-                    "clientId": clients[user].client_id, "workflow": make_workflow(kind, steps=cfg.steps, seed=i),
-                    "size": size})
+                r = await request(
+                    "POST",
+                    "/api/tasks",
+                    user,
+                    body={
+                        "clientId": clients[user].client_id,
+                        "workflow": make_workflow(kind, steps=cfg.steps, seed=i),
+                        "size": size,
+                    },
+                )
                 if r is None:
                     stats.answers_lost += 1
                 elif r.status_code == 202:
@@ -257,8 +302,13 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                 elif kind == "client_drop":
                     clients[p["user"]].drop()
                 elif kind == "grant":
-                    r = await request("POST", "/api/admin/credits", p["admin"], admin=True,
-                                      body={"userId": p["user"], "amount": p["amount"]})
+                    r = await request(
+                        "POST",
+                        "/api/admin/credits",
+                        p["admin"],
+                        admin=True,
+                        body={"userId": p["user"], "amount": p["amount"]},
+                    )
                     if r is not None and r.status_code != 200:
                         report.add(f"grant {p}: {r.status_code} {r.text[:200]}")
                     grants.append(Grant(p["user"], p["amount"], p["admin"], confirmed=r is not None))
@@ -279,8 +329,16 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                 load.start_soon(flooder, gw, http, hrng, cfg.flood_sessions or cfg.tasks * 2, hostile)
                 load.start_soon(stormer, gw, cfg.storm_rounds or max(2, cfg.tasks // 50), cfg.max_replays, hostile)
         loaded = time.monotonic()
-        await settle_and_audit(gateway=gw, sims=sims, clients=clients, http=http, initial_credits=credits,
-                               grants=grants, settle_timeout=cfg.settle_timeout, report=report)
+        await settle_and_audit(
+            gateway=gw,
+            sims=sims,
+            clients=clients,
+            http=http,
+            initial_credits=credits,
+            grants=grants,
+            settle_timeout=cfg.settle_timeout,
+            report=report,
+        )
         for g in gws[1:]:
             if await g.stop() != 0:
                 report.add(f"gateway {g.url} exited uncleanly on SIGTERM")
@@ -296,26 +354,42 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
     for problem in hostile.problems:
         report.add(f"hostile: {problem}")
     for key, values in (("queued_latency_ms", latencies), ("queued_latency_ms_with_restarts", every)):
-        report.stats[key] = {"n": len(values), "p50": round(1000 * percentile(values, 0.5), 1),
-                             "p95": round(1000 * percentile(values, 0.95), 1),
-                             "max": round(1000 * max(values, default=0), 1)}
+        report.stats[key] = {
+            "n": len(values),
+            "p50": round(1000 * percentile(values, 0.5), 1),
+            "p95": round(1000 * percentile(values, 0.95), 1),
+            "max": round(1000 * max(values, default=0), 1),
+        }
     if cfg.hostile:
         if hostile.poison_http_refused == 0 or hostile.storms_cut == 0:
             report.add(f"hostile users were not refused as expected: {hostile.as_dict()}")
         p95 = percentile(latencies, 0.95)
         if not latencies or p95 > cfg.latency_bound:
-            report.add(f"well-behaved users' queued latency p95 {p95:.3f}s over {len(latencies)} submits "
-                       f"(bound {cfg.latency_bound}s)")
+            report.add(
+                f"well-behaved users' queued latency p95 {p95:.3f}s over {len(latencies)} submits "
+                f"(bound {cfg.latency_bound}s)"
+            )
         report.stats["hostile"] = hostile.as_dict()
 
-    report.stats.update({
-        "seed": cfg.seed, "users": len(users), "initial_credits": credits, "submitted": stats.submitted,
-        "accepted": stats.accepted, "refused": stats.refused, "answers_lost": stats.answers_lost,
-        "cancels_sent": stats.cancels, "faults": stats.events, "gateway_starts": sum(g.starts for g in gws),
-        "store": cfg.store if redis is None else f"redis, {len(gws)} processes",
-        "simulator_objects": len(sims.sims), "seconds_load": round(loaded - started, 1),
-        "seconds_total": round(time.monotonic() - started, 1), "workdir": str(workdir),
-    })
+    report.stats.update(
+        {
+            "seed": cfg.seed,
+            "users": len(users),
+            "initial_credits": credits,
+            "submitted": stats.submitted,
+            "accepted": stats.accepted,
+            "refused": stats.refused,
+            "answers_lost": stats.answers_lost,
+            "cancels_sent": stats.cancels,
+            "faults": stats.events,
+            "gateway_starts": sum(g.starts for g in gws),
+            "store": cfg.store if redis is None else f"redis, {len(gws)} processes",
+            "simulator_objects": len(sims.sims),
+            "seconds_load": round(loaded - started, 1),
+            "seconds_total": round(time.monotonic() - started, 1),
+            "workdir": str(workdir),
+        }
+    )
     return report
 
 
@@ -338,32 +412,57 @@ def _parse(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]:
     p.add_argument("--settle-timeout", type=float, default=d.settle_timeout)
     p.add_argument("--workdir", default="", help="where the data directory and logs go (default: a new temp dir)")
     p.add_argument("--no-hostile", action="store_true", help="no poisoner, session flooder or replay stormer")
-    p.add_argument("--latency-bound", type=float, default=d.latency_bound,
-                   help="seconds: p95 of well-behaved users' POST -> queued (checked with hostile users)")
-    p.add_argument("--restart-settle", type=float, default=d.restart_settle,
-                   help="seconds after a gateway restart whose submits the latency check leaves out (reported apart)")
-    p.add_argument("--store", choices=("sqlite", "redis"), default=d.store,
-                   help="redis: a private redis-server (AOF) and --processes gateways on it, one core and edges; "
-                        "gateway kills hit any of them, and Redis itself is SIGKILLed and restarted")
+    p.add_argument(
+        "--latency-bound",
+        type=float,
+        default=d.latency_bound,
+        help="seconds: p95 of well-behaved users' POST -> queued (checked with hostile users)",
+    )
+    p.add_argument(
+        "--restart-settle",
+        type=float,
+        default=d.restart_settle,
+        help="seconds after a gateway restart whose submits the latency check leaves out (reported apart)",
+    )
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "redis"),
+        default=d.store,
+        help="redis: a private redis-server (AOF) and --processes gateways on it, one core and edges; "
+        "gateway kills hit any of them, and Redis itself is SIGKILLed and restarted",
+    )
     p.add_argument("--processes", type=int, default=d.processes, help="with --store redis")
-    p.add_argument("--redis-restarts", type=int, default=None, help="with --store redis; default: tasks // 200, at "
-                                                                      "least 1")
+    p.add_argument(
+        "--redis-restarts", type=int, default=None, help="with --store redis; default: tasks // 200, at least 1"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     n = a.tasks
     cfg = ChaosConfig(
-        seed=a.seed if a.seed is not None else random.SystemRandom().randrange(1, 1_000_000), tasks=n, users=a.users,
+        seed=a.seed if a.seed is not None else random.SystemRandom().randrange(1, 1_000_000),
+        tasks=n,
+        users=a.users,
         gateway_kills=a.gateway_kills if a.gateway_kills is not None else max(2, n // 50),
         sim_kills=a.sim_kills if a.sim_kills is not None else max(2, n // 50),
         socket_cuts=a.socket_cuts if a.socket_cuts is not None else max(2, n // 40),
         client_drops=a.client_drops if a.client_drops is not None else max(4, n // 20),
         grants=a.grants if a.grants is not None else max(3, n // 30),
-        forget_share=a.forget_share, initial_credits=a.initial_credits, step_ms=a.step_ms, steps=a.steps,
-        mean_gap=a.mean_gap, settle_timeout=a.settle_timeout, workdir=a.workdir, hostile=not a.no_hostile,
-        latency_bound=a.latency_bound, restart_settle=a.restart_settle, store=a.store, processes=a.processes,
-        redis_restarts=(0 if a.store != "redis" else
-                        a.redis_restarts if a.redis_restarts is not None else max(1, n // 200)),
+        forget_share=a.forget_share,
+        initial_credits=a.initial_credits,
+        step_ms=a.step_ms,
+        steps=a.steps,
+        mean_gap=a.mean_gap,
+        settle_timeout=a.settle_timeout,
+        workdir=a.workdir,
+        hostile=not a.no_hostile,
+        latency_bound=a.latency_bound,
+        restart_settle=a.restart_settle,
+        store=a.store,
+        processes=a.processes,
+        redis_restarts=(
+            0 if a.store != "redis" else a.redis_restarts if a.redis_restarts is not None else max(1, n // 200)
+        ),
     )
     return cfg, a
 
@@ -381,9 +480,13 @@ def main(argv: list[str] | None = None) -> int:
         for problem in report.problems:
             print(f"PROBLEM: {problem}")
     verdict = "PASSED" if report.ok else f"FAILED ({len(report.problems)} problems)"
-    print(f"chaos: seed {cfg.seed}: {verdict}; replay: scripts/chaos.py --seed {cfg.seed} --tasks {cfg.tasks} "
-          f"--users {cfg.users}" + (f" --store redis --processes {cfg.processes}" if cfg.store == "redis" else "")
-          + (f" ({json.dumps(asdict(cfg))})" if not report.ok else ""), flush=True)
+    print(
+        f"chaos: seed {cfg.seed}: {verdict}; replay: scripts/chaos.py --seed {cfg.seed} --tasks {cfg.tasks} "
+        f"--users {cfg.users}"
+        + (f" --store redis --processes {cfg.processes}" if cfg.store == "redis" else "")
+        + (f" ({json.dumps(asdict(cfg))})" if not report.ok else ""),
+        flush=True,
+    )
     return 0 if report.ok else 1
 
 

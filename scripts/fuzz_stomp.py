@@ -26,10 +26,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import test_stomp_codec as props  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import test_stomp_codec as props  # noqa: E402
 
 PROPERTIES: dict[str, tuple[Callable[..., None], dict[str, st.SearchStrategy[Any]]]] = {
     "round-trip": (props.check_round_trip, {"session": props.sessions(), "cuts": st.lists(st.integers(0, 2000), max_size=12)}),

@@ -51,7 +51,12 @@ def txt2img(steps: int) -> dict[str, Any]:
 
 
 async def measure_gaps(
-    *, backends: int = 2, tasks: int = 24, max_inflight: int = 2, steps: int = 20, step_ms: float = 5.0,
+    *,
+    backends: int = 2,
+    tasks: int = 24,
+    max_inflight: int = 2,
+    steps: int = 20,
+    step_ms: float = 5.0,
     timeout: float = 120.0,
 ) -> dict[str, list[float]]:
     """Run the backlog; return {backend name: [gap seconds, ...]} (names b0, b1, ... as the gateway's)."""
@@ -67,21 +72,33 @@ async def measure_gaps(
                 await nursery.start(sim.serve)
                 sim.pause()  # the backlog is built first: every gap measured then has work waiting
             gw = GatewayConfig(
-                comfyui_urls=tuple(sim.url for sim in sims), store_path=f"{data}/gateway.db", max_inflight=max_inflight,
-                initial_credits=10 * tasks, price=1,
+                comfyui_urls=tuple(sim.url for sim in sims),
+                store_path=f"{data}/gateway.db",
+                max_inflight=max_inflight,
+                initial_credits=10 * tasks,
+                price=1,
                 comfy_policy=RestartPolicy(initial_delay=0.05, max_delay=0.5, max_restarts=1000),
                 comfy_timeouts=ComfyTimeouts(http=10, first_status=5),
             )
             shutdown = trio.Event()
-            running = await nursery.start(lambda task_status: serve_gateway(
-                gw, WebConfig(bind="127.0.0.1:0"), secret=b"gaps-" + b"x" * 32, shutdown=shutdown,
-                task_status=task_status))
+            running = await nursery.start(
+                lambda task_status: serve_gateway(
+                    gw,
+                    WebConfig(bind="127.0.0.1:0"),
+                    secret=b"gaps-" + b"x" * 32,
+                    shutdown=shutdown,
+                    task_status=task_status,
+                )
+            )
             with trio.fail_after(timeout):
                 workflow = txt2img(steps)
                 for n in range(tasks):
                     user = f"user{n % USERS}"
-                    r = await http.post(f"{running.url}/api/tasks", json={"clientId": "gaps", "workflow": workflow},
-                                        headers={"Authorization": f"Bearer {running.auth.issue(user)}"})
+                    r = await http.post(
+                        f"{running.url}/api/tasks",
+                        json={"clientId": "gaps", "workflow": workflow},
+                        headers={"Authorization": f"Bearer {running.auth.issue(user)}"},
+                    )
                     r.raise_for_status()
                 while sum(len(sim.submitted) for sim in sims) < min(tasks, backends * max_inflight):
                     await trio.sleep(POLL_S)  # the backends connected and took their first prompts
@@ -118,10 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compare", action="store_true", help="run with --max-inflight 1 and 2")
     args = p.parse_args(argv)
     for inflight in (1, 2) if args.compare else (args.max_inflight,):
-        gaps = trio.run(lambda: measure_gaps(backends=args.backends, tasks=args.tasks, max_inflight=inflight,
-                                             steps=args.steps, step_ms=args.step_ms))
-        print(f"max-inflight {inflight}, {args.tasks} tasks on {args.backends} backend(s), "
-              f"{args.steps} steps x {args.step_ms:g} ms:")
+        gaps = trio.run(
+            lambda: measure_gaps(
+                backends=args.backends, tasks=args.tasks, max_inflight=inflight, steps=args.steps, step_ms=args.step_ms
+            )
+        )
+        print(
+            f"max-inflight {inflight}, {args.tasks} tasks on {args.backends} backend(s), "
+            f"{args.steps} steps x {args.step_ms:g} ms:"
+        )
         print("\n".join(summary(gaps)), flush=True)
     return 0
 

@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from _redis_server import RedisServer
 
 from actors.comfy import ComfyTimeouts, RestartPolicy
 from actors.gateway import GatewayConfig
-from _redis_server import RedisServer
 from web.config import WebConfig
 from web.server import Running, serve_gateway
 
@@ -59,8 +59,9 @@ class GatewayUnderTest:
         return {"Authorization": f"Bearer {self.token(user)}"}
 
     async def submit(self, user: str, wf: dict[str, Any], client_id: str = "c1", size: int = 1) -> dict[str, Any]:
-        r = await self.http.post(f"{self.url}/api/tasks", json={"clientId": client_id, "workflow": wf, "size": size},
-                                 headers=self.auth(user))
+        r = await self.http.post(
+            f"{self.url}/api/tasks", json={"clientId": client_id, "workflow": wf, "size": size}, headers=self.auth(user)
+        )
         assert r.status_code == 202, r.text
         return r.json()
 
@@ -123,14 +124,18 @@ async def start_gateway(nursery: trio.Nursery, tmp_path: Path, store_spec: str) 
     started: list[GatewayUnderTest] = []
     async with httpx.AsyncClient(timeout=15) as http:
 
-        async def start(comfy_urls: list[str], *, data: Path | None = None, web: dict[str, Any] | None = None,
-                        **overrides: Any) -> GatewayUnderTest:
+        async def start(
+            comfy_urls: list[str], *, data: Path | None = None, web: dict[str, Any] | None = None, **overrides: Any
+        ) -> GatewayUnderTest:
             # on Redis, ``data`` is ignored: the test's one Redis db is its data (a restart finds it again)
             path = str(data / "gateway.db") if data is not None and not store_spec.startswith("redis") else store_spec
             gw_kw: dict[str, Any] = dict(
-                comfyui_urls=tuple(comfy_urls), store_path=path, initial_credits=100, price=3,
-                comfy_policy=FAST_RECONNECT, comfy_timeouts=ComfyTimeouts(http=10, first_status=5, ping_interval=5,
-                                                                          ping_timeout=5, slow_retry=1),
+                comfyui_urls=tuple(comfy_urls),
+                store_path=path,
+                initial_credits=100,
+                price=3,
+                comfy_policy=FAST_RECONNECT,
+                comfy_timeouts=ComfyTimeouts(http=10, first_status=5, ping_interval=5, ping_timeout=5, slow_retry=1),
             )
             gw_kw.update(overrides)
             gw = GatewayConfig(**gw_kw)

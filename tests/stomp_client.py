@@ -70,12 +70,12 @@ class StompClient:
             n = int(headers["content-length"])
             if len(self.buf) < start + n + 1:
                 return None
-            body, rest = self.buf[start:start + n], self.buf[start + n + 1:]
+            body, rest = self.buf[start : start + n], self.buf[start + n + 1 :]
         else:
             nul = self.buf.find(b"\x00", start)
             if nul < 0:
                 return None
-            body, rest = self.buf[start:nul], self.buf[nul + 1:]
+            body, rest = self.buf[start:nul], self.buf[nul + 1 :]
         self.buf = rest
         return Received(head[0], headers, body)
 
@@ -121,8 +121,13 @@ class StompClient:
 
 @asynccontextmanager
 async def stomp_connect(
-    ws_url: str, *, token: str | None = None, client_id: str | None = None, heartbeat: str = "0,0",
-    extra: dict[str, str] | None = None, expect_connected: bool = True,
+    ws_url: str,
+    *,
+    token: str | None = None,
+    client_id: str | None = None,
+    heartbeat: str = "0,0",
+    extra: dict[str, str] | None = None,
+    expect_connected: bool = True,
 ) -> AsyncIterator[StompClient]:
     async with open_websocket_url(ws_url, subprotocols=["v12.stomp", "v11.stomp", "v10.stomp"]) as ws:
         client = StompClient(ws)

@@ -15,8 +15,19 @@ def test_requests_cross_with_their_fields_but_not_their_reply_channel() -> None:
     send, recv = trio.open_memory_channel[object](1)
     with send, recv:
         msgs = [
-            ("registry", registry.Submit("alice", "c1", {"1": {"class_type": "X", "inputs": {"a": [1, 2]}}}, 2, send,
-                                         cost=5, template="t", params={"seed": 7})),
+            (
+                "registry",
+                registry.Submit(
+                    "alice",
+                    "c1",
+                    {"1": {"class_type": "X", "inputs": {"a": [1, 2]}}},
+                    2,
+                    send,
+                    cost=5,
+                    template="t",
+                    params={"seed": 7},
+                ),
+            ),
             ("registry", registry.GetTask("alice", "t1", send)),
             ("registry", registry.Cancel("alice", "t1", send)),
             ("registry", registry.ListTasks("alice", "active", 10, None, send)),
@@ -36,9 +47,14 @@ def test_requests_cross_with_their_fields_but_not_their_reply_channel() -> None:
 
 def test_answers_come_back_as_the_same_types() -> None:
     answers = [
-        registry.Accepted("t1", 3, 5), registry.Refused("too_many_tasks", "x"), None, "cancelling",
-        ([{"taskId": "t1", "urls": ["u"]}], 17), ("http://b0", ImageRef("b0", "f.png", "", "output")),
-        registry.RegistryStats({"queued": 1}, 1, 2), Account("alice", 10, 2),
+        registry.Accepted("t1", 3, 5),
+        registry.Refused("too_many_tasks", "x"),
+        None,
+        "cancelling",
+        ([{"taskId": "t1", "urls": ["u"]}], 17),
+        ("http://b0", ImageRef("b0", "f.png", "", "output")),
+        registry.RegistryStats({"queued": 1}, 1, 2),
+        Account("alice", 10, 2),
     ]
     for value in answers:
         assert decode_answer(encode_answer(value)) == value

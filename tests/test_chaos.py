@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from chaos import ChaosConfig, run_chaos
 
 SEEDS = (3, 4, 13, 42)
@@ -23,12 +22,27 @@ SEEDS = (3, 4, 13, 42)
 
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_chaos_run_loses_nothing(seed: int, tmp_path: Path) -> None:
-    cfg = ChaosConfig(seed=seed, tasks=40, users=3, gateway_kills=2, sim_kills=2, socket_cuts=2, client_drops=4,
-                      grants=3, settle_timeout=60, workdir=str(tmp_path),
-                      latency_bound=5.0)  # CI shares 2 cores with other runs: catch the 5.9 s median of issue 10, not noise
+    cfg = ChaosConfig(
+        seed=seed,
+        tasks=40,
+        users=3,
+        gateway_kills=2,
+        sim_kills=2,
+        socket_cuts=2,
+        client_drops=4,
+        grants=3,
+        settle_timeout=60,
+        workdir=str(tmp_path),
+        latency_bound=5.0,
+    )  # CI shares 2 cores with other runs: catch the 5.9 s median of issue 10, not noise
     report = await run_chaos(cfg)
-    assert report.ok, "\n".join([f"seed {seed} (replay: scripts/chaos.py --seed {seed} --tasks 40 --users 3)",
-                                 *report.problems, f"stats: {report.stats}"])
+    assert report.ok, "\n".join(
+        [
+            f"seed {seed} (replay: scripts/chaos.py --seed {seed} --tasks 40 --users 3)",
+            *report.problems,
+            f"stats: {report.stats}",
+        ]
+    )
     stats = report.stats
     # every accepted task is in the store; a submit whose answer was lost may or may not have made one (the
     # session flooder's submit/cancel cycles are tasks too)
@@ -44,12 +58,30 @@ async def test_chaos_run_on_redis_with_three_processes_loses_nothing(tmp_path: P
     """The same plan on ``--store redis``: three gateway processes on a private Redis, clients spread over them,
     SIGKILLs of any process (the core or an edge), and Redis itself SIGKILLed and restarted on its AOF. The hostile
     users are left out here (they test the web layer, the same in both modes)."""
-    cfg = ChaosConfig(seed=7, tasks=40, users=3, gateway_kills=2, sim_kills=1, socket_cuts=1, client_drops=3,
-                      grants=2, settle_timeout=60, workdir=str(tmp_path), hostile=False, store="redis", processes=3,
-                      redis_restarts=1)
+    cfg = ChaosConfig(
+        seed=7,
+        tasks=40,
+        users=3,
+        gateway_kills=2,
+        sim_kills=1,
+        socket_cuts=1,
+        client_drops=3,
+        grants=2,
+        settle_timeout=60,
+        workdir=str(tmp_path),
+        hostile=False,
+        store="redis",
+        processes=3,
+        redis_restarts=1,
+    )
     report = await run_chaos(cfg)
-    assert report.ok, "\n".join([f"replay: scripts/chaos.py --seed 7 --tasks 40 --users 3 --store redis --no-hostile",
-                                 *report.problems, f"stats: {report.stats}"])
+    assert report.ok, "\n".join(
+        [
+            "replay: scripts/chaos.py --seed 7 --tasks 40 --users 3 --store redis --no-hostile",
+            *report.problems,
+            f"stats: {report.stats}",
+        ]
+    )
     stats = report.stats
     assert stats["faults"]["gateway_kill"] == 2 and stats["faults"]["redis_restart"] == 1
     assert stats["gateway_starts"] == 3 + 2 and stats["frozen"] == 0

@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
 import trio.testing
+from conftest import TRANSCRIPTS, WORKFLOWS  # the recordings and workflows in tests/data
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
@@ -52,7 +52,6 @@ from actors.comfy import (
     run,
 )
 
-from conftest import TRANSCRIPTS, WORKFLOWS  # the recordings and workflows in tests/data
 CLIENT_ID = "gw-7f3a"
 FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 POLICY = RestartPolicy(initial_delay=0.5, max_delay=30.0, max_restarts=5, window=60.0, healthy_after=30.0)
@@ -385,7 +384,11 @@ async def test_liveness_failure_counts_as_a_crash(autojump_clock: trio.testing.M
     async with actor(fake) as h:
         got = await h.until(lambda r: isinstance(r, BackendUp) and len(fake.sockets) == 2)
     # one BackendLost for the whole outage: the failed checks at 5.5 and 6.5 are only logged
-    assert got == [(0, BackendUp("b0", 0)), (5, BackendLost("b0", "connection closed: 1000 NORMAL_CLOSURE")), (8.5, BackendUp("b0", 0))]
+    assert got == [
+        (0, BackendUp("b0", 0)),
+        (5, BackendLost("b0", "connection closed: 1000 NORMAL_CLOSURE")),
+        (8.5, BackendUp("b0", 0)),
+    ]
     assert [t for t, *_ in fake.requests("/system_stats")] == [5.5, 6.5, 8.5]
     assert fake.dials == [0, 8.5]
 
@@ -431,7 +434,9 @@ async def test_ping_watchdog_forces_reconnect(autojump_clock: trio.testing.MockC
         inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
         spec = BackendSpec("b0", f"http://127.0.0.1:{port}")
         nursery.start_soon(
-            partial(run, spec, inbox_rx, reports_tx, http=http, client_id=CLIENT_ID, timeouts=timeouts, jitter=no_jitter)
+            partial(
+                run, spec, inbox_rx, reports_tx, http=http, client_id=CLIENT_ID, timeouts=timeouts, jitter=no_jitter
+            )
         )
         got = []
         for _ in range(3):
@@ -471,7 +476,10 @@ async def test_gave_up_then_slow_retries(autojump_clock: trio.testing.MockClock)
         first = await h.until(lambda r: isinstance(r, BackendLost) and r.down)
         assert h.counters.statistics().down
         rest = await h.until(is_up)
-    assert first == [(0, BackendLost("b0", "handshake rejected: HTTP 503")), (1.5, BackendLost("b0", "handshake rejected: HTTP 503", down=True))]
+    assert first == [
+        (0, BackendLost("b0", "handshake rejected: HTTP 503")),
+        (1.5, BackendLost("b0", "handshake rejected: HTTP 503", down=True)),
+    ]
     # no more reports while down: the second round (31.5, 32, 33) gives up quietly; then the slow retry connects
     assert rest == [(63.0, BackendUp("b0", 0))]
     assert fake.dials == [0, 0.5, 1.5, 31.5, 32.0, 33.0, 63.0]
@@ -604,7 +612,11 @@ async def test_cancel_deletes_then_interrupts(autojump_clock: trio.testing.MockC
     ]
 
 
-HISTORY_ENTRY = {"prompt": [3, "p-done", {}, {}, ["9"]], "outputs": {"9": {"images": []}}, "status": {"status_str": "success"}}
+HISTORY_ENTRY = {
+    "prompt": [3, "p-done", {}, {}, ["9"]],
+    "outputs": {"9": {"images": []}},
+    "status": {"status_str": "success"},
+}
 
 
 def queue_and_history(queue: httpx.Response | Exception) -> FakeComfy:
@@ -649,8 +661,14 @@ async def test_check_prompts_without_queue(autojump_clock: trio.testing.MockCloc
         await h.inbox.send(CheckPrompts(IDS))
         got = {r.prompt_id: r.where for _, r in [await h.next() for _ in IDS]}  # type: ignore[union-attr]
     # without /queue only a history entry is certain: "missing" could be pending, so it is "unknown"
-    assert got == {"p-run": "unknown", "p-pend": "unknown", "p-done": "done", "p-missing": "unknown",
-                   "p-broken": "unknown", "p/odd": "unknown"}
+    assert got == {
+        "p-run": "unknown",
+        "p-pend": "unknown",
+        "p-done": "done",
+        "p-missing": "unknown",
+        "p-broken": "unknown",
+        "p/odd": "unknown",
+    }
 
 
 async def test_commands_never_block_the_loop(autojump_clock: trio.testing.MockClock) -> None:

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TRANSCRIPTS
 from hypothesis import given
 from hypothesis import strategies as st
 
 from actors.comfy import (
     BinaryText,
     ComfyProtocolError,
+    Executed,
+    Executing,
     ExecutionCached,
     ExecutionError,
     ExecutionInterrupted,
     ExecutionStart,
     ExecutionSuccess,
-    Executed,
-    Executing,
     FeatureFlags,
     PreviewImage,
     Progress,
@@ -31,7 +31,6 @@ from actors.comfy import (
     parse_comfy_message,
 )
 
-from conftest import TRANSCRIPTS  # noqa: E402  (the recordings and workflows in tests/data)
 MODELLED = {
     "status": Status,
     "feature_flags": FeatureFlags,
@@ -191,7 +190,9 @@ def _check_binary_frame(frame: dict[str, Any]) -> None:
 
 
 def test_binary_jpeg_and_unknown_types() -> None:
-    assert parse_comfy_message(struct.pack(">II", 1, 1) + b"\xff\xd8jpeg") == PreviewImage("image/jpeg", b"\xff\xd8jpeg")
+    assert parse_comfy_message(struct.pack(">II", 1, 1) + b"\xff\xd8jpeg") == PreviewImage(
+        "image/jpeg", b"\xff\xd8jpeg"
+    )
     assert parse_comfy_message(struct.pack(">II", 2, 0) + b"x") == UnknownComfyEvent(2, b"\x00\x00\x00\x00x")
     assert parse_comfy_message(struct.pack(">I", 99)) == UnknownComfyEvent(99, b"")
     meta = json.dumps({"prompt_id": "p", "node_id": "3"}).encode()  # no image_type: sniffed from the bytes
@@ -265,7 +266,13 @@ def test_fuzz_only_typed_events_or_protocol_errors(msg: str | bytes) -> None:
         pass
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20), lambda c: st.lists(c) | st.dictionaries(st.text(max_size=10), c), max_leaves=20))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda c: st.lists(c) | st.dictionaries(st.text(max_size=10), c),
+        max_leaves=20,
+    )
+)
 def test_fuzz_any_json_data(data: Any) -> None:
     for kind in (*MODELLED, "logs"):
         try:
@@ -311,10 +318,16 @@ def test_format_rejection_of_every_transcript_body(status: int, body: Any) -> No
 
 def test_format_rejection_example() -> None:
     body = {
-        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": ""},
+        "error": {
+            "type": "prompt_outputs_failed_validation",
+            "message": "Prompt outputs failed validation",
+            "details": "",
+        },
         "node_errors": {
             "3": {
-                "errors": [{"type": "value_smaller_than_min", "message": "Value -1 smaller than min of 1", "details": "steps"}],
+                "errors": [
+                    {"type": "value_smaller_than_min", "message": "Value -1 smaller than min of 1", "details": "steps"}
+                ],
                 "dependent_outputs": ["9"],
                 "class_type": "KSampler",
             }

@@ -57,8 +57,9 @@ async def test_an_edge_takes_over_when_the_core_stops(sim: Any, start_gateway: A
     assert h["lease"]["token"] == c["lease"]["token"] + 1
     sim.resume()
     with trio.fail_after(15):  # the new core reloaded the task and finished it
-        while (r := await edge.http.get(f"{edge.url}/api/tasks/{task['taskId']}",
-                                        headers=edge.auth("alice"))).json()["state"] != "succeeded":
+        while (r := await edge.http.get(f"{edge.url}/api/tasks/{task['taskId']}", headers=edge.auth("alice"))).json()[
+            "state"
+        ] != "succeeded":
             await trio.sleep(0.05)
 
 
@@ -72,15 +73,18 @@ async def test_a_core_paused_past_its_lease_cannot_change_anything(tmp_path: Pat
     async with httpx.AsyncClient(timeout=15) as http, trio.open_nursery() as nursery:
         sims = SimHandle(nursery, step_ms=40, seed=1, previews=False)
         await sims.start()
-        a = GatewayProcess(data=tmp_path / "a", comfy_urls=[sims.url], args=args, store=url,
-                           log_path=tmp_path / "a.log")
-        b = GatewayProcess(data=tmp_path / "b", comfy_urls=[sims.url], args=args, store=url,
-                           log_path=tmp_path / "b.log")
+        a = GatewayProcess(
+            data=tmp_path / "a", comfy_urls=[sims.url], args=args, store=url, log_path=tmp_path / "a.log"
+        )
+        b = GatewayProcess(
+            data=tmp_path / "b", comfy_urls=[sims.url], args=args, store=url, log_path=tmp_path / "b.log"
+        )
         await a.start(nursery)
         assert (await health(http, a.url))["role"] == "core"
         sims.sim.pause()  # the prompt waits inside ComfyUI
-        r = await http.post(f"{a.url}/api/tasks", headers=a.headers("alice"),
-                            json={"clientId": "c1", "workflow": make_workflow()})
+        r = await http.post(
+            f"{a.url}/api/tasks", headers=a.headers("alice"), json={"clientId": "c1", "workflow": make_workflow()}
+        )
         assert r.status_code == 202, r.text
         task_id = r.json()["taskId"]
         async with open_store(url) as store:

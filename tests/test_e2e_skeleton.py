@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-
 from conftest import GatewayUnderTest, both_stores, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
@@ -89,8 +88,12 @@ async def test_task_travels_end_to_end(sim: FakeComfyUI, start_gateway: Any) -> 
     assert (await g.http.get(completed["urls"][0], headers=g.auth("mallory"))).status_code == 404
 
     bal = await g.balance("alice")
-    assert bal == {"userId": "alice", "balance": g.initial_credits - g.price, "frozen": 0,
-                   "available": g.initial_credits - g.price}
+    assert bal == {
+        "userId": "alice",
+        "balance": g.initial_credits - g.price,
+        "frozen": 0,
+        "available": g.initial_credits - g.price,
+    }
     balances = [m for _, m in msgs if m.get("type") == "balance"]
     assert balances and balances[-1]["balance"] == g.initial_credits - g.price and balances[-1]["frozen"] == 0
 
@@ -101,7 +104,9 @@ async def test_task_travels_end_to_end(sim: FakeComfyUI, start_gateway: Any) -> 
     assert (await g.http.get(f"{g.url}/api/tasks/{task['taskId']}", headers=g.auth("bob"))).status_code == 404
 
 
-async def run_to_terminal(g: GatewayUnderTest, user: str, wf: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def run_to_terminal(
+    g: GatewayUnderTest, user: str, wf: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     async with stomp_connect(g.ws_url, token=g.token(user), client_id="c1") as c:
         await subscribed(c)
         task = await g.submit(user, wf, "c1")
@@ -120,8 +125,12 @@ async def test_execution_error_is_refunded(sim: FakeComfyUI, start_gateway: Any)
     text = next(n["inputs"]["sim_error"] for n in wf.values() if "sim_error" in n.get("inputs", {}))
     assert text in err["error"]
     assert err["node_id"] and err["node_type"]
-    assert await g.balance("alice") == {"userId": "alice", "balance": g.initial_credits, "frozen": 0,
-                                         "available": g.initial_credits}
+    assert await g.balance("alice") == {
+        "userId": "alice",
+        "balance": g.initial_credits,
+        "frozen": 0,
+        "available": g.initial_credits,
+    }
 
 
 @both_stores
@@ -168,21 +177,28 @@ async def test_max_inflight_bounds_prompts_inside_comfyui(sim: FakeComfyUI, star
         await subscribed(c)
         ids = {(await g.submit("alice", workflow("txt2img"), "c1"))["taskId"] for _ in range(5)}
         done: set[str] = set()
-        await c.collect_until(lambda m: m.get("type") == "completed" and not done.add(m["taskId"]) and done == ids,
-                              timeout=60)
+        await c.collect_until(
+            lambda m: m.get("type") == "completed" and not done.add(m["taskId"]) and done == ids, timeout=60
+        )
     assert done == ids
     assert sim.max_in_queue == 2  # the limit was reached, never exceeded
     assert len(sim.runs) == 5 and all(r.outcome == "success" for r in sim.runs)
-    assert await g.balance("alice") == {"userId": "alice", "balance": g.initial_credits - 5 * g.price, "frozen": 0,
-                                         "available": g.initial_credits - 5 * g.price}
+    assert await g.balance("alice") == {
+        "userId": "alice",
+        "balance": g.initial_credits - 5 * g.price,
+        "frozen": 0,
+        "available": g.initial_credits - 5 * g.price,
+    }
 
 
 @both_stores
 async def test_a_user_never_receives_another_users_messages(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
-    async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as alice, \
-            stomp_connect(g.ws_url, token=g.token("bob"), client_id="c1") as bob:  # same clientId on purpose
+    async with (
+        stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as alice,
+        stomp_connect(g.ws_url, token=g.token("bob"), client_id="c1") as bob,
+    ):  # same clientId on purpose
         await subscribed(alice)
         await subscribed(bob)
         a = await g.submit("alice", workflow("txt2img"), "c1")
@@ -196,7 +212,9 @@ async def test_a_user_never_receives_another_users_messages(sim: FakeComfyUI, st
     assert all(m.get("taskId") != b["taskId"] for _, m in alice_msgs)
     # bob's own freeze and settle, and not alice's two (the numbers would be the same, the count would not)
     assert [(m["balance"], m["frozen"]) for _, m in bob_msgs if m.get("type") == "balance"] == [
-        (g.initial_credits, g.price), (g.initial_credits - g.price, 0)]
+        (g.initial_credits, g.price),
+        (g.initial_credits - g.price, 0),
+    ]
     assert a["taskId"] != b["taskId"]
 
 
@@ -205,13 +223,15 @@ async def test_http_errors_are_json(sim: FakeComfyUI, start_gateway: Any) -> Non
     g = await start_gateway([sim.url], initial_credits=2, price=3)
     r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")})
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"
-    r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")},
-                          headers=g.auth("alice"))
+    r = await g.http.post(
+        f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")}, headers=g.auth("alice")
+    )
     assert r.status_code == 402 and r.json()["error"] == "insufficient_credits"
     r = await g.http.post(f"{g.url}/api/tasks", content=b"{not json", headers=g.auth("alice"))
     assert r.status_code == 400 and r.json()["error"] == "bad_json"
-    r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": {"1": {"inputs": {}}}},
-                          headers=g.auth("alice"))
+    r = await g.http.post(
+        f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": {"1": {"inputs": {}}}}, headers=g.auth("alice")
+    )
     assert r.status_code == 400 and "class_type" in r.json()["detail"]
     r = await g.http.post(f"{g.url}/api/tasks", content=b"x" * (2 << 20), headers=g.auth("alice"))
     assert r.status_code == 413 and r.json()["error"] == "too_large"
@@ -235,7 +255,9 @@ async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"PYTHONUNBUFFERED": "1"}
     proc = await trio.lowlevel.open_process(
         [str(run), "--simulate", "--bind", "127.0.0.1:0", "--data", str(tmp_path / "data"), "--sim-step-ms", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         buf = bytearray()
@@ -254,8 +276,11 @@ async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
             ws_url = url.replace("http://", "ws://") + "/ws"
             async with stomp_connect(ws_url, token=demo["token"], client_id=demo["clientId"]) as c:
                 await subscribed(c)
-                r = await http.post(f"{url}/api/tasks", headers=headers,
-                                    json={"clientId": demo["clientId"], "workflow": workflow("txt2img")})
+                r = await http.post(
+                    f"{url}/api/tasks",
+                    headers=headers,
+                    json={"clientId": demo["clientId"], "workflow": workflow("txt2img")},
+                )
                 assert r.status_code == 202, r.text
                 msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL, timeout=30)
                 await c.leave()

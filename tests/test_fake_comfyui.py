@@ -25,16 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fake_comfyui
 import httpx
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
-
-import fake_comfyui
+from conftest import TRANSCRIPTS as TRANSCRIPTS_DIR  # tests/data: recordings and workflows
+from conftest import WORKFLOWS
 from fake_comfyui import FakeComfyUI
-
-from conftest import TRANSCRIPTS as TRANSCRIPTS_DIR, WORKFLOWS  # tests/data: recordings and workflows
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
 STEP_MS = 50.0
 STEP_S = STEP_MS / 1000

@@ -3,26 +3,29 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
-
 from conftest import GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import stomp_connect
+from trio_websocket import ConnectionRejected, open_websocket_url
 
 APP = "http://app.example"
 
 
 async def test_cors_preflight_needs_no_token_and_errors_carry_the_origin(sim: FakeComfyUI, start_gateway: Any) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url], web={"allowed_origins": (APP,)})
-    r = await g.http.options(f"{g.url}/api/tasks", headers={
-        "Origin": APP, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+    r = await g.http.options(
+        f"{g.url}/api/tasks",
+        headers={
+            "Origin": APP,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert 200 <= r.status_code < 300
     assert r.headers["access-control-allow-origin"] == APP
     allowed = {h.strip() for h in r.headers["access-control-allow-headers"].split(",")}
@@ -36,10 +39,14 @@ async def test_cors_preflight_needs_no_token_and_errors_carry_the_origin(sim: Fa
 async def test_websocket_origin_is_checked(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], web={"allowed_origins": (APP,)})
     with pytest.raises(ConnectionRejected) as rejected:
-        async with open_websocket_url(g.ws_url, subprotocols=["v12.stomp"], extra_headers=[(b"Origin", b"http://evil.example")]):
+        async with open_websocket_url(
+            g.ws_url, subprotocols=["v12.stomp"], extra_headers=[(b"Origin", b"http://evil.example")]
+        ):
             pass
     assert rejected.value.status_code == 403
-    async with open_websocket_url(g.ws_url, subprotocols=["v12.stomp"], extra_headers=[(b"Origin", APP.encode())]) as ws:
+    async with open_websocket_url(
+        g.ws_url, subprotocols=["v12.stomp"], extra_headers=[(b"Origin", APP.encode())]
+    ) as ws:
         assert ws.subprotocol == "v12.stomp"
         await ws.aclose()
 
@@ -58,9 +65,15 @@ async def test_readyz_and_metrics(sim: FakeComfyUI, start_gateway: Any, tmp_path
         await g.submit("alice", workflow("txt2img"))
         await c.collect_until(lambda m: m.get("type") == "completed")
         text = (await g.http.get(f"{g.url}/metrics")).text
-    for name in ("gateway_ws_connections 1.0", "gateway_sessions", 'gateway_backend_up{backend="b0"} 1.0',
-                 "gateway_queue_depth", 'gateway_messages_sent_total{type="completed"} 1.0',
-                 "gateway_relay_latency_seconds_bucket", 'gateway_tasks{state="running"}'):
+    for name in (
+        "gateway_ws_connections 1.0",
+        "gateway_sessions",
+        'gateway_backend_up{backend="b0"} 1.0',
+        "gateway_queue_depth",
+        'gateway_messages_sent_total{type="completed"} 1.0',
+        "gateway_relay_latency_seconds_bucket",
+        'gateway_tasks{state="running"}',
+    ):
         assert name in text, name
 
     # a gateway whose only ComfyUI is not there is alive but not ready, and says why

@@ -17,9 +17,9 @@ from stomp_client import stomp_connect
 from test_e2e_skeleton import TERMINAL, subscribed
 
 from actors import registry
-from actors.store import SqliteStore
 from actors.comfy import _commands
 from actors.gateway import GatewayConfig
+from actors.store import SqliteStore
 from web.config import WebConfig
 from web.server import Running, serve_gateway
 

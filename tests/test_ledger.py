@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import trio
 import trio.testing
@@ -68,8 +67,11 @@ async def test_concurrent_freezes_never_overdraw(store: Store) -> None:
             refused.append(f"t{i}")
 
     async with trio.open_nursery() as n:
-        await n.start(lambda task_status: ledger.run(rx, store=store, sessions=hub_tx, initial_credits=50,
-                                                     hold_ttl=60, task_status=task_status))
+        await n.start(
+            lambda task_status: ledger.run(
+                rx, store=store, sessions=hub_tx, initial_credits=50, hold_ttl=60, task_status=task_status
+            )
+        )
         async with trio.open_nursery() as burst:
             for i in range(40):
                 burst.start_soon(one, i)
@@ -86,9 +88,18 @@ async def test_expired_hold_is_released_once_and_pushed(store_spec: str) -> None
         hub_tx, hub_rx = trio.open_memory_channel[Publish](100)
         tx, rx = trio.open_memory_channel[ledger.LedgerMsg](8)
         async with trio.open_nursery() as n:
-            await n.start(lambda task_status: ledger.run(rx, store=store, sessions=hub_tx, initial_credits=10,
-                                                         hold_ttl=100, wall_clock=lambda: wall[0],
-                                                         expiry_interval=0.01, task_status=task_status))
+            await n.start(
+                lambda task_status: ledger.run(
+                    rx,
+                    store=store,
+                    sessions=hub_tx,
+                    initial_credits=10,
+                    hold_ttl=100,
+                    wall_clock=lambda: wall[0],
+                    expiry_interval=0.01,
+                    task_status=task_status,
+                )
+            )
             await ledger.freeze(tx, "u", "t", 4)
             assert (await hub_rx.receive()).body["frozen"] == 4
             wall[0] += 99

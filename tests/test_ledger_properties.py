@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +23,8 @@ from typing import Any, TypeVar
 import hypothesis.strategies as st
 import pytest
 import trio
+from _redis_server import RedisServer
+from conftest import GatewayUnderTest, wait_backends_up, workflow
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -41,8 +42,6 @@ from actors.store import (
     UnknownHold,
     open_store,
 )
-from conftest import GatewayUnderTest, wait_backends_up, workflow
-from _redis_server import RedisServer
 
 T = TypeVar("T")
 
@@ -102,8 +101,8 @@ class LedgerModel:
     """What the ledger should do, in a dozen lines: the oracle of the stateful test."""
 
     def __init__(self, now: float) -> None:
-        self.balance = {u: INITIAL for u in USERS}
-        self.frozen = {u: 0 for u in USERS}
+        self.balance = dict.fromkeys(USERS, INITIAL)
+        self.frozen = dict.fromkeys(USERS, 0)
         self.holds: dict[str, _Hold] = {}
         self.now = now
         self._order = 0
@@ -143,8 +142,10 @@ class LedgerModel:
 
     def sweep(self) -> list[tuple[str, _Hold, tuple[str, int, int]]]:
         """Release the due holds, oldest deadline first; returns (task, hold, the push it causes) for each."""
-        due = sorted(((t, h) for t, h in self.holds.items() if h.state == "pending" and h.expires <= self.now),
-                     key=lambda th: (th[1].expires, th[1].order))
+        due = sorted(
+            ((t, h) for t, h in self.holds.items() if h.state == "pending" and h.expires <= self.now),
+            key=lambda th: (th[1].expires, th[1].order),
+        )
         out = []
         for task, hold in due:
             self._apply(hold, "released")
@@ -178,10 +179,18 @@ class LedgerMachine(RuleBasedStateMachine):
         async def start() -> None:
             assert self.portal.nursery is not None
             self.store = await self.portal.nursery.start(keep_open)
-            await self.portal.nursery.start(partial(
-                ledger.run, rx, store=self.store, sessions=self.hub_tx, initial_credits=INITIAL, hold_ttl=TTL,
-                wall_clock=lambda: self.wall[0], expiry_interval=1e9,
-            ))
+            await self.portal.nursery.start(
+                partial(
+                    ledger.run,
+                    rx,
+                    store=self.store,
+                    sessions=self.hub_tx,
+                    initial_credits=INITIAL,
+                    hold_ttl=TTL,
+                    wall_clock=lambda: self.wall[0],
+                    expiry_interval=1e9,
+                )
+            )
 
         self.portal.run(start)
 
@@ -218,11 +227,17 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def new_journal(self) -> list[tuple[str, str | None, int]]:
         lines = self.portal.run(self.store.journal)
-        new, self.journal_len = lines[self.journal_len:], len(lines)
+        new, self.journal_len = lines[self.journal_len :], len(lines)
         return sorted((j.kind, j.task_id, j.amount) for j in new)
 
-    def check(self, got: object, expected: type[LedgerError] | bool, push_users: list[str],
-              lines: list[tuple[str, str | None, int]], pushed: list[tuple[str, int, int]] | None = None) -> None:
+    def check(
+        self,
+        got: object,
+        expected: type[LedgerError] | bool,
+        push_users: list[str],
+        lines: list[tuple[str, str | None, int]],
+        pushed: list[tuple[str, int, int]] | None = None,
+    ) -> None:
         """The outcome, then the balance pushes (by default one per user in ``push_users``, with the model's
         account after the step), then the journal lines the step added."""
         if isinstance(expected, bool):
@@ -250,8 +265,12 @@ class LedgerMachine(RuleBasedStateMachine):
         did = expected is True
         self.check(got, expected, [user] if did else [], [("freeze", task, amount)] if did else [])
 
-    @rule(task=st.sampled_from(TASKS), outcome=st.sampled_from(["settled", "released"]),
-          amount=st.none() | st.integers(0, 30), data=st.data())
+    @rule(
+        task=st.sampled_from(TASKS),
+        outcome=st.sampled_from(["settled", "released"]),
+        amount=st.none() | st.integers(0, 30),
+        data=st.data(),
+    )
     def resolve(self, task: str, outcome: str, amount: int | None, data: st.DataObject) -> None:
         if amount is not None and task in self.model.holds and data.draw(st.booleans()):
             amount = self.model.holds[task].amount  # mostly the right amount, sometimes a conflicting one
@@ -261,7 +280,9 @@ class LedgerMachine(RuleBasedStateMachine):
         did = expected is True
         hold = self.model.holds.get(task)
         kind = "settle" if outcome == "settled" else "release"
-        self.check(got, expected, [hold.user] if did and hold else [], [(kind, task, hold.amount)] if did and hold else [])
+        self.check(
+            got, expected, [hold.user] if did and hold else [], [(kind, task, hold.amount)] if did and hold else []
+        )
 
     @rule(user=st.sampled_from(USERS), amount=st.integers(-20, 40), allow_negative=st.booleans())
     def grant(self, user: str, amount: int, allow_negative: bool) -> None:
@@ -306,8 +327,13 @@ def test_ledger_matches_a_model(store_kind: str, request: pytest.FixtureRequest)
         LedgerMachine.portal = portal
         LedgerMachine.redis = request.getfixturevalue("redis_server") if store_kind == "redis" else None
         run = LedgerMachine.TestCase
-        run.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
-                                suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+        run.settings = settings(
+            max_examples=40,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+            print_blob=True,
+        )
         run().runTest()
 
 
@@ -353,9 +379,19 @@ async def test_refusals_change_nothing(store: Store, store_kind: str) -> None:
 
 
 def _task(task_id: str, user: str, cost: int, state: str) -> TaskRecord:
-    return TaskRecord(task_id=task_id, seq=abs(hash(task_id)) % 10_000, user_id=user, client_id="c",
-                      prompt_id=f"p-{task_id}", state=state, size=cost, cost=cost, workflow={}, created_at=0.0,
-                      updated_at=0.0)
+    return TaskRecord(
+        task_id=task_id,
+        seq=abs(hash(task_id)) % 10_000,
+        user_id=user,
+        client_id="c",
+        prompt_id=f"p-{task_id}",
+        state=state,
+        size=cost,
+        cost=cost,
+        workflow={},
+        created_at=0.0,
+        updated_at=0.0,
+    )
 
 
 async def test_expired_hold_sweep_follows_the_task(store_spec: str, store_kind: str) -> None:
@@ -366,8 +402,18 @@ async def test_expired_hold_sweep_follows_the_task(store_spec: str, store_kind: 
         hub_tx, hub_rx = trio.open_memory_channel[Publish](100)
         tx, rx = trio.open_memory_channel[ledger.LedgerMsg](8)
         async with trio.open_nursery() as n:
-            await n.start(partial(ledger.run, rx, store=store, sessions=hub_tx, initial_credits=100, hold_ttl=10,
-                                  wall_clock=lambda: wall[0], expiry_interval=1e9))
+            await n.start(
+                partial(
+                    ledger.run,
+                    rx,
+                    store=store,
+                    sessions=hub_tx,
+                    initial_credits=100,
+                    hold_ttl=10,
+                    wall_clock=lambda: wall[0],
+                    expiry_interval=1e9,
+                )
+            )
             for task_id, state in (("gone", None), ("ok", "succeeded"), ("bad", "failed"), ("busy", "running")):
                 await store.freeze("u", task_id, 5, 100, ttl=10)  # straight to the store: no push
                 if state is not None:
@@ -403,8 +449,14 @@ async def test_start_up_recovers_holds_a_crash_left_pending(store_spec: str, sto
     (the registry reloads those tasks)."""
     path = store_spec
     async with open_store(path) as store:
-        for task_id, state in (("unsaved", None), ("won", "succeeded"), ("lost", "failed"), ("stopped", "cancelled"),
-                               ("waiting", "queued"), ("inside", "submitted")):
+        for task_id, state in (
+            ("unsaved", None),
+            ("won", "succeeded"),
+            ("lost", "failed"),
+            ("stopped", "cancelled"),
+            ("waiting", "queued"),
+            ("inside", "submitted"),
+        ):
             await store.freeze("u", task_id, 3, 100, ttl=3600)
             if state is not None:
                 await store.save_task(_task(task_id, "u", 3, state))
@@ -418,8 +470,14 @@ async def test_start_up_recovers_holds_a_crash_left_pending(store_spec: str, sto
             n.cancel_scope.cancel()
         assert (acc.balance, acc.frozen) == (97, 6)  # "won" settled; the two active tasks still hold 3 each
         states = {t: (await store.hold(t)).state for t in ("unsaved", "won", "lost", "stopped", "waiting", "inside")}
-        assert states == {"unsaved": "released", "won": "settled", "lost": "released", "stopped": "released",
-                          "waiting": "pending", "inside": "pending"}
+        assert states == {
+            "unsaved": "released",
+            "won": "settled",
+            "lost": "released",
+            "stopped": "released",
+            "waiting": "pending",
+            "inside": "pending",
+        }
         notes = [j.note for j in await store.journal("u") if j.kind in ("settle", "release")]
         assert all(note and note.startswith("recovered at start-up") for note in notes) and len(notes) == 4
         assert len([hub_rx.receive_nowait() for _ in range(4)]) == 4  # each pushed as a balance message
@@ -459,8 +517,9 @@ async def test_schema_migrates_forward_and_refuses_a_newer_one(tmp_path: Path) -
     db = sqlite3.connect(path, isolation_level=None)
     db.executescript(f"BEGIN;{_MIGRATIONS[1]}PRAGMA user_version = 1;COMMIT;")  # a file written by version 1
     db.execute("INSERT INTO accounts VALUES ('u', 42, 0, 0)")
-    db.execute("INSERT INTO journal(ts, user_id, kind, amount, balance_after, frozen_after)"
-               " VALUES (0, 'u', 'open', 42, 42, 0)")
+    db.execute(
+        "INSERT INTO journal(ts, user_id, kind, amount, balance_after, frozen_after) VALUES (0, 'u', 'open', 42, 42, 0)"
+    )
     db.close()
     async with open_store(str(path)) as store:
         assert (await store.account("u", 100)).balance == 42 and await store.audit() == []
@@ -490,8 +549,9 @@ async def test_admin_credits_are_journaled_and_pushed(sim: Any, start_gateway: A
     async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as c:
         await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r"})
         assert (await c.next_frame()).command == "RECEIPT"
-        r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")},
-                              headers=g.auth("alice"))  # opens the account (and a session for the push)
+        r = await g.http.post(
+            f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")}, headers=g.auth("alice")
+        )  # opens the account (and a session for the push)
         assert r.status_code == 202
         r = await g.http.post(f"{g.url}/api/admin/credits", json={"userId": "alice", "amount": 25}, headers=admin)
         assert r.status_code == 200 and r.json()["balance"] == g.initial_credits + 25
@@ -511,8 +571,12 @@ async def test_cli_credits_show_add_and_audit(tmp_path: Path) -> None:
 
     async def cli(*args: str) -> str:
         with trio.fail_after(30):
-            done = await trio.run_process([exe, "credits", *args, "--data", data, "--initial-credits", "10"],
-                                          capture_stdout=True, capture_stderr=True, check=False)
+            done = await trio.run_process(
+                [exe, "credits", *args, "--data", data, "--initial-credits", "10"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
         assert done.returncode == 0, done.stderr.decode()
         return done.stdout.decode()
 
@@ -522,7 +586,10 @@ async def test_cli_credits_show_add_and_audit(tmp_path: Path) -> None:
     assert "ledger consistent" in await cli("--audit")
     async with open_store(f"{data}/gateway.db") as store:
         assert [(j.kind, j.amount, j.note) for j in await store.journal("carol")] == [
-            ("open", 10, "initial credits"), ("grant", 7, "cli"), ("grant", -2, "cli")]
+            ("open", 10, "initial credits"),
+            ("grant", 7, "cli"),
+            ("grant", -2, "cli"),
+        ]
 
 
 # ---- concurrency: many submits at once, credits for only some ------------------------------------------------
@@ -533,15 +600,17 @@ async def test_concurrent_submits_never_overdraw(sim: Any, start_gateway: Any) -
     33 refused with 402; when they are done the balance is 22 - 21 and nothing is frozen."""
     from stomp_client import stomp_connect
 
-    g: GatewayUnderTest = await start_gateway([sim.url], initial_credits=22, price=3, max_queued_per_user=100,
-                                              submit_burst=100)
+    g: GatewayUnderTest = await start_gateway(
+        [sim.url], initial_credits=22, price=3, max_queued_per_user=100, submit_burst=100
+    )
     await wait_backends_up(g)
     sim.pause()  # keep every accepted task frozen while the burst runs
     statuses: list[int] = []
 
     async def one() -> None:
-        r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")},
-                              headers=g.auth("alice"))
+        r = await g.http.post(
+            f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")}, headers=g.auth("alice")
+        )
         statuses.append(r.status_code)
 
     async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as c:
@@ -555,6 +624,7 @@ async def test_concurrent_submits_never_overdraw(sim: Any, start_gateway: Any) -
         assert await g.balance("alice") == {"userId": "alice", "balance": 22, "frozen": 21, "available": 1}
         sim.resume()
         done: list[str] = []
-        await c.collect_until(lambda m: m.get("type") == "completed" and not done.append(m["taskId"])
-                              and len(done) == 7, timeout=60)
+        await c.collect_until(
+            lambda m: m.get("type") == "completed" and not done.append(m["taskId"]) and len(done) == 7, timeout=60
+        )
     assert await g.balance("alice") == {"userId": "alice", "balance": 1, "frozen": 0, "available": 1}

@@ -23,14 +23,14 @@ from typing import Any
 import httpx
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, open_websocket_url
-
-from actors.comfy import BackendLost, BackendUp, ComfyTimeouts, PromptAccepted, SubmitPrompt
-from actors.store import open_store
 from conftest import ROOT, GatewayUnderTest, both_stores, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient
 from test_e2e_skeleton import PNG_SIGNATURE, TERMINAL, start_sim, subscribed
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from actors.comfy import BackendLost, BackendUp, ComfyTimeouts, PromptAccepted, SubmitPrompt
+from actors.store import open_store
 
 TIMEOUTS = dict(http=10, first_status=5, ping_interval=5, ping_timeout=5, slow_retry=1)
 
@@ -60,8 +60,9 @@ async def task_view(g: GatewayUnderTest, user: str, task_id: str) -> dict[str, A
     return r.json()
 
 
-async def until_terminal(c: StompClient, task_ids: set[str], timeout: float = 20,
-                         into: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+async def until_terminal(
+    c: StompClient, task_ids: set[str], timeout: float = 20, into: list[dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
     """The terminal message of each task; every message on the way is appended to ``into`` if given."""
     ends: dict[str, dict[str, Any]] = {}
 
@@ -82,8 +83,15 @@ async def stomp(g: GatewayUnderTest, user: str, client_id: str = "c1") -> AsyncI
     messages still unread does not stall trio-websocket's close handshake (its reader would wait on a full queue)."""
     async with open_websocket_url(g.ws_url, subprotocols=["v12.stomp"], message_queue_size=100_000) as ws:
         c = StompClient(ws)
-        await c.send_frame("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "clientId": client_id,
-                                       "Authorization": f"Bearer {g.token(user)}"})
+        await c.send_frame(
+            "CONNECT",
+            {
+                "accept-version": "1.2",
+                "heart-beat": "0,0",
+                "clientId": client_id,
+                "Authorization": f"Bearer {g.token(user)}",
+            },
+        )
         frame = await c.next_frame()
         assert frame.command == "CONNECTED", frame
         yield c
@@ -105,16 +113,16 @@ async def metric(g: GatewayUnderTest, name: str) -> float:
 
 
 @both_stores
-async def test_two_backends_share_work_and_survive_one_killed_for_good(nursery: trio.Nursery, start_gateway: Any,
-                                                                      store_spec: str) -> None:
+async def test_two_backends_share_work_and_survive_one_killed_for_good(
+    nursery: trio.Nursery, start_gateway: Any, store_spec: str
+) -> None:
     s0, _ = await start_sim(nursery)
     s1, kill_s1 = await start_sim(nursery)
     g = await start_gateway([s0.url, s1.url], max_inflight=2, backend_lost_after=1.0)
     await wait_backends_up(g, 2)
     s0.pause()
     s1.pause()
-    async with stomp(g, "alice") as c, \
-            stomp(g, "observer", "o") as observer:
+    async with stomp(g, "alice") as c, stomp(g, "observer", "o") as observer:
         await subscribed(c)
         await observer.subscribe("/topic/messages", "status")
         first = [(await g.submit("alice", workflow("txt2img"), "c1"))["taskId"] for _ in range(4)]
@@ -137,16 +145,21 @@ async def test_two_backends_share_work_and_survive_one_killed_for_good(nursery: 
         await observer.collect_until(lambda m: m.get("type") == "status" and m["backends"] == {"up": 1, "total": 2})
     ready = await g.http.get(f"{g.url}/readyz")
     assert ready.status_code == 200 and ready.json()["backends"] == {"up": 1, "total": 2}
-    assert await g.balance("alice") == {"userId": "alice", "balance": g.initial_credits - 4 * g.price, "frozen": 0,
-                                         "available": g.initial_credits - 4 * g.price}
+    assert await g.balance("alice") == {
+        "userId": "alice",
+        "balance": g.initial_credits - 4 * g.price,
+        "frozen": 0,
+        "available": g.initial_credits - 4 * g.price,
+    }
 
 
 # ---- reconciliation ---------------------------------------------------------------------------------------------
 
 
 @both_stores
-async def test_prompt_finished_while_socket_down_is_completed_from_history(nursery: trio.Nursery,
-                                                                           start_gateway: Any) -> None:
+async def test_prompt_finished_while_socket_down_is_completed_from_history(
+    nursery: trio.Nursery, start_gateway: Any
+) -> None:
     sim, _ = await start_sim(nursery, step_ms=20)
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -171,8 +184,9 @@ async def test_prompt_finished_while_socket_down_is_completed_from_history(nurse
 
 
 @both_stores
-async def test_restart_that_forgets_queue_and_history_loses_inflight_tasks(nursery: trio.Nursery, start_gateway: Any,
-                                                                          store_spec: str) -> None:
+async def test_restart_that_forgets_queue_and_history_loses_inflight_tasks(
+    nursery: trio.Nursery, start_gateway: Any, store_spec: str
+) -> None:
     sim, kill = await start_sim(nursery, step_ms=20)
     port = sim.port
     g = await start_gateway([sim.url], max_inflight=2)
@@ -192,8 +206,12 @@ async def test_restart_that_forgets_queue_and_history_loses_inflight_tasks(nurse
         assert fresh.submitted == []  # reconciled, never submitted again
         nxt = (await g.submit("alice", workflow("txt2img"), "c1"))["taskId"]
         assert (await until_terminal(c, {nxt}))[nxt]["type"] == "completed"
-    assert await g.balance("alice") == {"userId": "alice", "balance": g.initial_credits - g.price, "frozen": 0,
-                                         "available": g.initial_credits - g.price}
+    assert await g.balance("alice") == {
+        "userId": "alice",
+        "balance": g.initial_credits - g.price,
+        "frozen": 0,
+        "available": g.initial_credits - g.price,
+    }
 
 
 @both_stores
@@ -231,13 +249,13 @@ async def test_silent_socket_while_work_is_queued_is_reconnected(sim: FakeComfyU
 
 
 @both_stores
-async def test_one_users_batch_delays_another_users_task_by_at_most_one_dispatch(sim: FakeComfyUI,
-                                                                                 start_gateway: Any) -> None:
+async def test_one_users_batch_delays_another_users_task_by_at_most_one_dispatch(
+    sim: FakeComfyUI, start_gateway: Any
+) -> None:
     g = await start_gateway([sim.url], max_inflight=2)
     await wait_backends_up(g)
     sim.pause()
-    async with stomp(g, "alice") as a, \
-            stomp(g, "bob") as b:
+    async with stomp(g, "alice") as a, stomp(g, "bob") as b:
         await subscribed(a)
         await subscribed(b)
         batch = [(await g.submit("alice", workflow("txt2img"), "c1"))["taskId"] for _ in range(10)]
@@ -262,8 +280,9 @@ async def test_queued_cap_per_user_is_429_and_rejected(start_gateway: Any) -> No
     g = await start_gateway([dead], max_queued_per_user=2)
     ids = [(await g.submit("alice", workflow("txt2img"), "c1"))["taskId"] for _ in range(2)]
     assert [(await task_view(g, "alice", t))["position"] for t in ids] == [1, 2]
-    r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")},
-                          headers=g.auth("alice"))
+    r = await g.http.post(
+        f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")}, headers=g.auth("alice")
+    )
     assert r.status_code == 429 and r.json()["error"] == "too_many_tasks"
     async with stomp(g, "alice") as c:
         await subscribed(c)
@@ -279,13 +298,13 @@ async def test_queued_cap_per_user_is_429_and_rejected(start_gateway: Any) -> No
 
 
 @both_stores
-async def test_cancel_queued_comfy_queued_and_running_each_refunded_once(sim: FakeComfyUI, start_gateway: Any,
-                                                                         store_spec: str) -> None:
+async def test_cancel_queued_comfy_queued_and_running_each_refunded_once(
+    sim: FakeComfyUI, start_gateway: Any, store_spec: str
+) -> None:
     g = await start_gateway([sim.url], max_inflight=2)
     await wait_backends_up(g)
     sim.pause()
-    async with stomp(g, "alice") as a, \
-            stomp(g, "bob") as b:
+    async with stomp(g, "alice") as a, stomp(g, "bob") as b:
         await subscribed(a)
         await subscribed(b)
         running = (await g.submit("alice", txt2img(steps=2000), "c1"))["taskId"]
@@ -315,7 +334,10 @@ async def test_cancel_queued_comfy_queued_and_running_each_refunded_once(sim: Fa
         assert (await until_terminal(b, {bobs}))[bobs]["type"] == "completed"
 
     assert ends[running] == {"type": "cancelled", "taskId": running, "refunded": True}
-    assert await delete("alice", running) == (409, {"error": "finished", "detail": f"task {running} has already finished"})
+    assert await delete("alice", running) == (
+        409,
+        {"error": "finished", "detail": f"task {running} has already finished"},
+    )
     for t in (queued, in_comfy, running):
         assert (await task_view(g, "alice", t))["state"] == "cancelled"
         assert await journal(store_spec, t) == ["freeze", "release"]  # exactly one refund each
@@ -323,16 +345,21 @@ async def test_cancel_queued_comfy_queued_and_running_each_refunded_once(sim: Fa
     assert outcome[pid[running]] == "interrupted" and pid[in_comfy] not in outcome
     assert set(sim.interrupts) <= {pid[running], pid[in_comfy]}  # targeted: never anyone else's prompt
     assert list(outcome.values()).count("success") == 1  # bob's
-    assert await g.balance("alice") == {"userId": "alice", "balance": g.initial_credits, "frozen": 0,
-                                         "available": g.initial_credits}
+    assert await g.balance("alice") == {
+        "userId": "alice",
+        "balance": g.initial_credits,
+        "frozen": 0,
+        "available": g.initial_credits,
+    }
 
 
 # ---- deadlines ----------------------------------------------------------------------------------------------------
 
 
 @both_stores
-async def test_task_past_its_deadline_is_interrupted_and_refunded(sim: FakeComfyUI, start_gateway: Any,
-                                                                  store_spec: str) -> None:
+async def test_task_past_its_deadline_is_interrupted_and_refunded(
+    sim: FakeComfyUI, start_gateway: Any, store_spec: str
+) -> None:
     g = await start_gateway([sim.url], task_timeout=0.5)
     await wait_backends_up(g)
     async with stomp(g, "alice") as c:
@@ -401,7 +428,9 @@ async def test_gaps_between_prompts_stay_at_noise_level_with_max_inflight_2() ->
 async def test_gaps_script_prints_per_backend_gaps() -> None:
     result = await trio.run_process(
         [sys.executable, str(ROOT / "scripts" / "gaps.py"), "--backends", "2", "--tasks", "4", "--steps", "2"],
-        capture_stdout=True, capture_stderr=True, check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()[-2000:]
@@ -438,7 +467,7 @@ async def test_no_frame_after_an_accepted_submit_means_a_deaf_socket(autojump_cl
 
 
 async def test_a_status_after_the_submit_keeps_the_socket(autojump_clock: trio.testing.MockClock) -> None:
-    from test_comfy_actor import FakeComfy, Socket, actor, hello, idle, respond
+    from test_comfy_actor import FakeComfy, Socket, actor, hello, idle
     from test_comfy_actor import status as status_frame
 
     queued = trio.Event()
@@ -462,7 +491,10 @@ async def test_a_status_after_the_submit_keeps_the_socket(autojump_clock: trio.t
         assert sorted(type(r).__name__ for _, r in got) == ["BackendEvent", "PromptAccepted"]
         await trio.sleep(100)  # work queued, but 100 s of silence is within `silence`
         assert h.reports.statistics().current_buffer_used == 0 and len(fake.sockets) == 1
-        assert await h.next() == (120, BackendLost("b0", "silent socket: nothing for 120s while ComfyUI has work queued"))
+        assert await h.next() == (
+            120,
+            BackendLost("b0", "silent socket: nothing for 120s while ComfyUI has work queued"),
+        )
         assert (await h.next())[1] == BackendUp("b0", 0)
 
 

@@ -31,8 +31,9 @@ async def test_redis_killed_and_restarted_mid_task(sim: Any, start_gateway: Any,
         try:
             r = await g.http.get(f"{g.url}/readyz")
             assert r.status_code == 503 and r.json()["store"].startswith("down"), r.text
-            r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": make_workflow()},
-                                  headers=g.auth("alice"))
+            r = await g.http.post(
+                f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": make_workflow()}, headers=g.auth("alice")
+            )
             assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
             await wait_role(g.http, g.url, "edge", timeout=10)  # the core stepped down
             await c.send_frame("SUBSCRIBE", {"id": "s2", "destination": "/topic/messages", "receipt": "alive"})
@@ -45,8 +46,14 @@ async def test_redis_killed_and_restarted_mid_task(sim: Any, start_gateway: Any,
         await wait_role(g.http, g.url, "core", timeout=15)
         second = await g.submit("alice", make_workflow())
         done: set[str] = set()
-        await c.collect_until(lambda m: m.get("type") == "completed" and not done.add(m["taskId"])
-                              and {first["taskId"], second["taskId"]} <= done, timeout=30)
+        await c.collect_until(
+            lambda m: (
+                m.get("type") == "completed"
+                and not done.add(m["taskId"])
+                and {first["taskId"], second["taskId"]} <= done
+            ),
+            timeout=30,
+        )
     assert (await g.http.get(f"{g.url}/readyz")).status_code == 200
     async with open_store(redis_server.url()) as store:
         assert await store.audit() == []
@@ -65,5 +72,6 @@ async def test_status_lists_the_live_processes(sim: Any, start_gateway: Any, red
     core_id = (await core.http.get(f"{core.url}/healthz")).json()["lease"]["self"]
     assert f"lease held by {core_id}" in out, out
     lines = out.splitlines()[1:]
-    assert sorted((ln.split()[1], ln.split()[2]) for ln in lines) == sorted(
-        [("core", core.url), ("edge", edge.url)]), out
+    assert sorted((ln.split()[1], ln.split()[2]) for ln in lines) == sorted([("core", core.url), ("edge", edge.url)]), (
+        out
+    )

@@ -30,15 +30,28 @@ def redis(redis_server: RedisServer) -> RedisServer:
 
 
 def _task(task_id: str, state: str, cost: int = 5) -> TaskRecord:
-    return TaskRecord(task_id=task_id, seq=1, user_id="u", client_id="c", prompt_id=f"p-{task_id}", state=state,
-                      size=1, cost=cost, workflow={"1": {"class_type": "X", "inputs": {}}}, created_at=1.0,
-                      updated_at=2.0)
+    return TaskRecord(
+        task_id=task_id,
+        seq=1,
+        user_id="u",
+        client_id="c",
+        prompt_id=f"p-{task_id}",
+        state=state,
+        size=1,
+        cost=cost,
+        workflow={"1": {"class_type": "X", "inputs": {}}},
+        created_at=1.0,
+        updated_at=2.0,
+    )
 
 
 def test_urls_keep_password_and_prefix_out_of_sight() -> None:
     url, prefix, shown = split_redis_url("redis://gw:s3cret@127.0.0.1:7000/3?prefix=blue:")
-    assert (url, prefix, shown) == ("redis://gw:s3cret@127.0.0.1:7000/3", "blue:",
-                                   "redis://***@127.0.0.1:7000/3?prefix=blue:")
+    assert (url, prefix, shown) == (
+        "redis://gw:s3cret@127.0.0.1:7000/3",
+        "blue:",
+        "redis://***@127.0.0.1:7000/3?prefix=blue:",
+    )
     assert split_redis_url("rediss://h:6380/0")[1] == "cg:"
     assert parse_store_spec("rediss://h:6380/0", "data") == "rediss://h:6380/0"
     with pytest.raises(ValueError, match="sqlite:PATH or redis://"):
@@ -142,9 +155,12 @@ async def test_cli_credits_and_audit_on_redis(redis: RedisServer, tmp_path: Path
 
     async def cli(*args: str) -> str:
         with trio.fail_after(30):
-            done = await trio.run_process([exe, "credits", *args, "--store", redis.url(), "--data", str(tmp_path),
-                                           "--initial-credits", "10"], capture_stdout=True, capture_stderr=True,
-                                          check=False)
+            done = await trio.run_process(
+                [exe, "credits", *args, "--store", redis.url(), "--data", str(tmp_path), "--initial-credits", "10"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
         assert done.returncode == 0, done.stderr.decode()
         return done.stdout.decode()
 
@@ -152,10 +168,15 @@ async def test_cli_credits_and_audit_on_redis(redis: RedisServer, tmp_path: Path
     assert "ledger consistent: 1 accounts, balance 17, frozen 0" in await cli("--audit")
     async with open_store(redis.url()) as store:
         assert [(j.kind, j.amount, j.note) for j in await store.journal("carol")] == [
-            ("open", 10, "initial credits"), ("grant", 7, "cli")]
+            ("open", 10, "initial credits"),
+            ("grant", 7, "cli"),
+        ]
         assert isinstance(store, RedisStore)
         await store.client.hincrby("cg:acct:carol", "balance", 3)
     with trio.fail_after(30):
-        done = await trio.run_process([exe, "credits", "--audit", "--store", redis.url(), "--data", str(tmp_path)],
-                                      capture_stdout=True, check=False)
+        done = await trio.run_process(
+            [exe, "credits", "--audit", "--store", redis.url(), "--data", str(tmp_path)],
+            capture_stdout=True,
+            check=False,
+        )
     assert done.returncode == 1 and b"INCONSISTENT" in done.stdout

@@ -14,20 +14,33 @@ from typing import Any
 
 import httpx
 import trio
-
 from _chaos_audit import Report, settle_and_audit
 from _chaos_lib import GatewayProcess, ResumingClient, SimHandle, make_workflow
 from conftest import both_stores
 
 INITIAL = 20
-GATEWAY_ARGS = ("--initial-credits", str(INITIAL), "--price", "1", "--max-inflight", "2",
-                "--max-queued-per-user", "100", "--reconnect-max-delay", "0.5", "--reconnect-max-restarts", "1000",
+GATEWAY_ARGS = (
+    "--initial-credits",
+    str(INITIAL),
+    "--price",
+    "1",
+    "--max-inflight",
+    "2",
+    "--max-queued-per-user",
+    "100",
+    "--reconnect-max-delay",
+    "0.5",
+    "--reconnect-max-restarts",
+    "1000",
 )
 
 
 async def submit(http: httpx.AsyncClient, gw: GatewayProcess, user: str, kind: str = "ok", size: int = 1) -> str:
-    r = await http.post(f"{gw.url}/api/tasks", headers=gw.headers(user),
-                        json={"clientId": f"c-{user}", "workflow": make_workflow(kind), "size": size})
+    r = await http.post(
+        f"{gw.url}/api/tasks",
+        headers=gw.headers(user),
+        json={"clientId": f"c-{user}", "workflow": make_workflow(kind), "size": size},
+    )
     assert r.status_code == 202, r.text
     return r.json()["taskId"]
 
@@ -39,12 +52,18 @@ async def wait_until_ran(sims: SimHandle, n: int, timeout: float = 30) -> None:
             await trio.sleep(0.01)
 
 
-async def start_world(nursery: trio.Nursery, tmp_path: Path, store_spec: str, http: httpx.AsyncClient,
-                      users: tuple[str, ...]) -> tuple[SimHandle, GatewayProcess, dict[str, ResumingClient]]:
+async def start_world(
+    nursery: trio.Nursery, tmp_path: Path, store_spec: str, http: httpx.AsyncClient, users: tuple[str, ...]
+) -> tuple[SimHandle, GatewayProcess, dict[str, ResumingClient]]:
     sims = SimHandle(nursery, step_ms=40, seed=1, previews=False)
     await sims.start()
-    gw = GatewayProcess(data=tmp_path / "data", comfy_urls=[sims.url], args=GATEWAY_ARGS,
-                        log_path=tmp_path / "gateway.log", store=store_spec)
+    gw = GatewayProcess(
+        data=tmp_path / "data",
+        comfy_urls=[sims.url],
+        args=GATEWAY_ARGS,
+        log_path=tmp_path / "gateway.log",
+        store=store_spec,
+    )
     await gw.start(nursery)
     clients = {u: ResumingClient(u, f"c-{u}", gw, http, pause=lambda: 0.02) for u in users}
     for c in clients.values():
@@ -75,8 +94,9 @@ async def test_kill_9_mid_run_then_restart_completes_from_history(tmp_path: Path
         await gw.wait_output("reconciling")  # it asks ComfyUI about both (while the second is still pending) ...
         await clients["alice"].wait_for(lambda m: m.get("taskId") == first["taskId"] and m["type"] == "completed")
         sims.sim.resume()  # ... and only then does the second run, its events going to the dead clientId
-        report = await settle_and_audit(gateway=gw, sims=sims, clients=clients, http=http,
-                                        initial_credits=INITIAL, grants=[], settle_timeout=60)
+        report = await settle_and_audit(
+            gateway=gw, sims=sims, clients=clients, http=http, initial_credits=INITIAL, grants=[], settle_timeout=60
+        )
         for c in clients.values():
             c.stopping = True
             c.drop()
@@ -100,8 +120,9 @@ async def test_kill_9_with_comfyui_restarted_empty_loses_only_what_was_inside(tm
         await sims.kill()
         await sims.start(forget=True)
         await gw.start(nursery)
-        report = await settle_and_audit(gateway=gw, sims=sims, clients=clients, http=http,
-                                        initial_credits=INITIAL, grants=[], settle_timeout=60)
+        report = await settle_and_audit(
+            gateway=gw, sims=sims, clients=clients, http=http, initial_credits=INITIAL, grants=[], settle_timeout=60
+        )
         for c in clients.values():
             c.stopping = True
             c.drop()

@@ -77,8 +77,10 @@ async def test_a_client_resumes_on_another_process_with_last_seq(
             while (rec := await store.get_task(task["taskId"])) is None or rec.state != "succeeded":
                 await trio.sleep(0.02)
     async with stomp_connect(b.ws_url, token=b.token("alice"), client_id="c1") as c:
-        await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r",
-                                         "last-seq": str(seen[-1][0])})
+        await c.send_frame(
+            "SUBSCRIBE",
+            {"id": "s", "destination": "/user/topic/messages", "receipt": "r", "last-seq": str(seen[-1][0])},
+        )
         assert (await c.next_frame()).command == "RECEIPT"
         for h, m in await c.collect_until(lambda m: m.get("type") == "completed"):
             seen.append((int(h["seq"]), m))
@@ -102,16 +104,35 @@ async def test_three_processes_survive_a_sigkill_of_the_core(tmp_path: Path, red
     async with httpx.AsyncClient(timeout=15) as http, trio.open_nursery() as nursery:
         sims = SimHandle(nursery, step_ms=50, seed=1, previews=False)
         await sims.start()
-        procs = {name: GatewayProcess(data=tmp_path / name, comfy_urls=[sims.url], args=args, store=url,
-                                      log_path=tmp_path / f"{name}.log") for name in "abc"}
+        procs = {
+            name: GatewayProcess(
+                data=tmp_path / name, comfy_urls=[sims.url], args=args, store=url, log_path=tmp_path / f"{name}.log"
+            )
+            for name in "abc"
+        }
         for p in procs.values():
             await p.start(nursery)
         a, b, c = procs["a"], procs["b"], procs["c"]
         assert [(await health(http, p.url))["role"] for p in (a, b, c)] == ["core", "edge", "edge"]
         proc = await trio.lowlevel.open_process(
-            [node, str(WATCH_SCRIPT), "--ws", b.ws_url, "--http", c.url, "--token", b.issue("alice"),
-             "--client-id", "web-1", "--workflow", str(wf)],
-            cwd=NODE_DIR, stdout=subprocess.PIPE, env=dict(os.environ))
+            [
+                node,
+                str(WATCH_SCRIPT),
+                "--ws",
+                b.ws_url,
+                "--http",
+                c.url,
+                "--token",
+                b.issue("alice"),
+                "--client-id",
+                "web-1",
+                "--workflow",
+                str(wf),
+            ],
+            cwd=NODE_DIR,
+            stdout=subprocess.PIPE,
+            env=dict(os.environ),
+        )
         lines: list[dict[str, Any]] = []
         buf = b""
         killed_at_seq = None
@@ -136,22 +157,25 @@ async def test_three_processes_survive_a_sigkill_of_the_core(tmp_path: Path, red
         assert summary["connects"] == 1 and summary["errors"] == []  # never reconnected
         end = summary["end"]
         assert end["taskId"] == summary["taskId"]
-        assert end["type"] == "completed" or (end["type"] == "execution_error" and end["reason"] == "backend_lost"
-                                              and end["refunded"]), end
+        assert end["type"] == "completed" or (
+            end["type"] == "execution_error" and end["reason"] == "backend_lost" and end["refunded"]
+        ), end
         assert any(m.get("seq", 0) > killed_at_seq for m in lines[:-1])  # messages came after the core died
         roles = [(await health(http, p.url))["role"] for p in (b, c)]
         assert sorted(roles) == ["core", "edge"], roles  # one of the survivors took over
         for p in (b, c):
             await p.stop()
         exe = str(Path(sys.executable).with_name("comfy-gateway"))
-        done_audit = await trio.run_process([exe, "credits", "--audit", "--store", url], capture_stdout=True,
-                                            check=False)
+        done_audit = await trio.run_process(
+            [exe, "credits", "--audit", "--store", url], capture_stdout=True, check=False
+        )
         assert done_audit.returncode == 0 and b"ledger consistent" in done_audit.stdout, done_audit.stdout
         nursery.cancel_scope.cancel()
 
 
-async def test_a_submit_repeated_by_the_next_core_is_one_task(sim: Any, nursery: trio.Nursery,
-                                                              redis_server: RedisServer) -> None:
+async def test_a_submit_repeated_by_the_next_core_is_one_task(
+    sim: Any, nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
     """An edge's submit carries its request id as task id, so a core that reads it again (its predecessor died
     before acknowledging) answers with the same task and freezes once; if the predecessor died between the freeze
     and saving the task, the new core's start-up sweep has released that hold, and the submit starts afresh under

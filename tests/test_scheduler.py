@@ -31,7 +31,9 @@ def job(user: str, n: int) -> sched.Job:
 async def test_round_robin_one_users_batch_does_not_starve_another(nursery: trio.Nursery) -> None:
     b_tx, b_rx = trio.open_memory_channel[Any](100)
     tx, rx = trio.open_memory_channel[sched.SchedulerMsg](100)
-    await nursery.start(lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=1, task_status=task_status))
+    await nursery.start(
+        lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=1, task_status=task_status)
+    )
     await tx.send(sched.SetBackend("b0", True))
     for i in range(1, 11):
         await tx.send(sched.Enqueue(job("A", i)))
@@ -50,8 +52,11 @@ async def test_round_robin_one_users_batch_does_not_starve_another(nursery: trio
 async def test_inflight_limit_and_least_loaded_backend(nursery: trio.Nursery) -> None:
     chans = {name: trio.open_memory_channel[Any](100) for name in ("b0", "b1")}
     tx, rx = trio.open_memory_channel[sched.SchedulerMsg](100)
-    await nursery.start(lambda task_status: sched.run(rx, backends={n: c[0] for n, c in chans.items()},
-                                                      max_inflight=2, task_status=task_status))
+    await nursery.start(
+        lambda task_status: sched.run(
+            rx, backends={n: c[0] for n, c in chans.items()}, max_inflight=2, task_status=task_status
+        )
+    )
     await tx.send(sched.SetBackend("b0", True))
     for i in range(6):
         await tx.send(sched.Enqueue(job("u", i)))
@@ -74,8 +79,11 @@ async def test_inflight_limit_and_least_loaded_backend(nursery: trio.Nursery) ->
 async def test_per_user_inflight_cap_lets_others_through(nursery: trio.Nursery) -> None:
     b_tx, b_rx = trio.open_memory_channel[Any](100)
     tx, rx = trio.open_memory_channel[sched.SchedulerMsg](100)
-    await nursery.start(lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=3,
-                                                      max_inflight_per_user=1, task_status=task_status))
+    await nursery.start(
+        lambda task_status: sched.run(
+            rx, backends={"b0": b_tx}, max_inflight=3, max_inflight_per_user=1, task_status=task_status
+        )
+    )
     await tx.send(sched.Occupy("A0", "b0", "A"))  # reloaded at start-up: counts against A's cap too
     for i in range(1, 4):
         await tx.send(sched.Enqueue(job("A", i)))
@@ -94,12 +102,13 @@ async def test_per_user_inflight_cap_lets_others_through(nursery: trio.Nursery) 
 
 async def test_late_user_is_dispatched_within_two_dispatches_at_any_point(nursery: trio.Nursery) -> None:
     """Whenever B arrives, A's backlog delays B's single task by at most one dispatch."""
-    for already in range(0, 6):
+    for already in range(6):
         b_tx, b_rx = trio.open_memory_channel[Any](100)
         tx, rx = trio.open_memory_channel[sched.SchedulerMsg](100)
         async with trio.open_nursery() as inner:
-            await inner.start(lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=1,
-                                                            task_status=task_status))
+            await inner.start(
+                lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=1, task_status=task_status)
+            )
             await tx.send(sched.SetBackend("b0", True))
             for i in range(10):
                 await tx.send(sched.Enqueue(job("A", i)))
@@ -112,5 +121,5 @@ async def test_late_user_is_dispatched_within_two_dispatches_at_any_point(nurser
             for _ in range(3):
                 await tx.send(sched.Release(order[-1]))
                 order += await drain(b_rx)
-            assert "B0" in order[before:before + 2], (already, order)
+            assert "B0" in order[before : before + 2], (already, order)
             inner.cancel_scope.cancel()

@@ -143,7 +143,11 @@ def test_recorded_session_every_split_position() -> None:
         assert feed_chunks(conn, cut(SESSION_WIRE, [position])) == SESSION_EVENTS, position
 
 
-@pytest.mark.parametrize(("wire", "expected"), CLIENT_WIRE[1:], ids=[f"{i}-{w.decode().split()[0]}" if w.strip() else f"{i}-EOL" for i, (w, _) in enumerate(CLIENT_WIRE[1:])])
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    CLIENT_WIRE[1:],
+    ids=[f"{i}-{w.decode().split()[0]}" if w.strip() else f"{i}-EOL" for i, (w, _) in enumerate(CLIENT_WIRE[1:])],
+)
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
 def test_each_recorded_client_frame(wire: bytes, expected: Event, step: int) -> None:
     assert feed_chunks(connected(), steps(wire, step)) == [expected]
@@ -167,7 +171,10 @@ def test_recorded_server_frames_byte_exact() -> None:
     assert conn.next_event() == CLIENT_WIRE[0][1]
     connected_frame = Frame("CONNECTED", (("version", "1.2"), ("heart-beat", "1000,1000"), ("server", "spike/0.1"),
                                           ("session", "sess-1")))  # fmt: skip
-    assert conn.send(connected_frame) == b"CONNECTED\nversion:1.2\nheart-beat:1000,1000\nserver:spike/0.1\nsession:sess-1\n\n\0"
+    assert (
+        conn.send(connected_frame)
+        == b"CONNECTED\nversion:1.2\nheart-beat:1000,1000\nserver:spike/0.1\nsession:sess-1\n\n\0"
+    )
     assert conn.state is ConnState.CONNECTED
     assert conn.send(Frame("MESSAGE", _message(1, ("content-type", "text/plain")), b"hello 1")) == (
         b"MESSAGE\ndestination:/topic/prices\nsubscription:sub-0\nmessage-id:m-1\nack:ack-m-1\n"
@@ -180,7 +187,9 @@ def test_recorded_server_frames_byte_exact() -> None:
     assert conn.send(Frame("MESSAGE", _message(3, ("content-type", "text/plain;charset=utf-8")), utf8)).endswith(
         b"message-id:m-3\nack:ack-m-3\ncontent-type:text/plain;charset=utf-8\ncontent-length:15\n\n" + utf8 + b"\0"
     )
-    coalesced = encode_frame("MESSAGE", _message(4), b"first of two") + encode_frame("MESSAGE", _message(5), b"second of two")
+    coalesced = encode_frame("MESSAGE", _message(4), b"first of two") + encode_frame(
+        "MESSAGE", _message(5), b"second of two"
+    )
     assert coalesced == (
         b"MESSAGE\ndestination:/topic/prices\nsubscription:sub-0\nmessage-id:m-4\nack:ack-m-4\ncontent-length:12\n\n"
         b"first of two\0"
@@ -259,7 +268,10 @@ def test_connected_is_never_escaped() -> None:
     with pytest.raises(LocalProtocolError):
         conn.send(Frame("CONNECTED", (("server", "a\nb"),)))
     assert conn.state is ConnState.CONNECTING
-    assert conn.send(Frame("CONNECTED", (("version", "1.2"), ("server", "gw:1")))) == b"CONNECTED\nversion:1.2\nserver:gw:1\n\n\0"
+    assert (
+        conn.send(Frame("CONNECTED", (("version", "1.2"), ("server", "gw:1"))))
+        == b"CONNECTED\nversion:1.2\nserver:gw:1\n\n\0"
+    )
 
 
 # ---- headers, bodies, line ends, heart-beats ----------------------------------------------------------------
@@ -268,7 +280,12 @@ def test_connected_is_never_escaped() -> None:
 def test_repeated_headers_first_wins() -> None:
     [frame] = parse(b"SEND\ndestination:/a\ndestination:/b\nfoo:1\nfoo:2\n\n\0")
     assert frame.headers == (("destination", "/a"), ("destination", "/b"), ("foo", "1"), ("foo", "2"))
-    assert (frame.get("destination"), frame.get("foo"), frame.get("bar"), frame.get("bar", "-")) == ("/a", "1", None, "-")
+    assert (frame.get("destination"), frame.get("foo"), frame.get("bar"), frame.get("bar", "-")) == (
+        "/a",
+        "1",
+        None,
+        "-",
+    )
 
 
 def test_repeated_content_length_first_wins() -> None:

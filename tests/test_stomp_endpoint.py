@@ -19,6 +19,9 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import GatewayUnderTest, wait_backends_up, workflow
+from fake_comfyui import FakeComfyUI
+from stomp_client import Received, StompClient, stomp_connect
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
@@ -27,9 +30,6 @@ from wsproto.extensions import PerMessageDeflate
 import web.server
 from actors import sessions
 from actors._util import ask
-from conftest import GatewayUnderTest, wait_backends_up, workflow
-from fake_comfyui import FakeComfyUI
-from stomp_client import Received, StompClient, stomp_connect
 from web._ws import CLOSE_GRACE, MAX_TICK
 from web.auth import Authenticator
 
@@ -162,10 +162,16 @@ class RawWs:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         await sock.connect(("127.0.0.1", port))
         raw = cls(trio.SocketStream(sock), WSConnection(ConnectionType.CLIENT))
-        await raw.stream.send_all(raw.ws.send(Request(
-            host=f"127.0.0.1:{port}", target="/ws", subprotocols=["v12.stomp"],
-            extensions=[PerMessageDeflate()] if deflate else [],
-        )))
+        await raw.stream.send_all(
+            raw.ws.send(
+                Request(
+                    host=f"127.0.0.1:{port}",
+                    target="/ws",
+                    subprotocols=["v12.stomp"],
+                    extensions=[PerMessageDeflate()] if deflate else [],
+                )
+            )
+        )
         event = await raw._next_event()
         if isinstance(event, RejectConnection):
             raise AssertionError(f"handshake refused: {event.status_code}")
@@ -209,11 +215,24 @@ class RawWs:
 
 N_USERS = 100
 FORGERIES = (
-    "no_token", "expired", "other_secret", "foreign_cid", "sub_other_user", "sub_topic_other", "sub_queue",
-    "send_elsewhere", "cancel_foreign", "body_client_id",
+    "no_token",
+    "expired",
+    "other_secret",
+    "foreign_cid",
+    "sub_other_user",
+    "sub_topic_other",
+    "sub_queue",
+    "send_elsewhere",
+    "cancel_foreign",
+    "body_client_id",
 )
-BAD_SEND_DESTINATIONS = ("/topic/messages", "/user/topic/messages", "/app/other", "/user/u000/topic/messages",
-                         "/queue/tasks")
+BAD_SEND_DESTINATIONS = (
+    "/topic/messages",
+    "/user/topic/messages",
+    "/app/other",
+    "/user/u000/topic/messages",
+    "/queue/tasks",
+)
 
 
 async def test_100_users_with_forgers_see_only_their_own_messages(nursery: trio.Nursery, start_gateway: Any) -> None:
@@ -241,8 +260,11 @@ async def test_100_users_with_forgers_see_only_their_own_messages(nursery: trio.
         client = client_of[user]
         async with stomp_connect(g.ws_url, token=g.token(user, client_id=client), client_id=client) as c:
             await subscribed(c)
-            await c.send_frame("SEND", {"destination": "/app/tasks", "content-type": "application/json"},
-                               json.dumps({"workflow": wf, "size": 1}))
+            await c.send_frame(
+                "SEND",
+                {"destination": "/app/tasks", "content-type": "application/json"},
+                json.dumps({"workflow": wf, "size": 1}),
+            )
             msgs = await c.collect_until(lambda m: m.get("type") in ("queued", "rejected"), timeout=30)
             keep(user, client, msgs)
             assert msgs[-1][1]["type"] == "queued", msgs[-1]
@@ -264,8 +286,12 @@ async def test_100_users_with_forgers_see_only_their_own_messages(nursery: trio.
         kind = FORGERIES[i % len(FORGERIES)]
         me = f"f{i:03d}"
         if kind in ("no_token", "expired", "other_secret", "foreign_cid"):
-            token = {"no_token": None, "expired": g.token(user, ttl=-60), "other_secret": other_secret.issue(user),
-                     "foreign_cid": g.token(user, client_id=client_of[user])}[kind]
+            token = {
+                "no_token": None,
+                "expired": g.token(user, ttl=-60),
+                "other_secret": other_secret.issue(user),
+                "foreign_cid": g.token(user, client_id=client_of[user]),
+            }[kind]
             async with stomp_connect(g.ws_url, token=token, client_id=me, expect_connected=False) as c:
                 await refused(kind, c)
             return
@@ -277,8 +303,11 @@ async def test_100_users_with_forgers_see_only_their_own_messages(nursery: trio.
             elif kind == "sub_queue":
                 await c.subscribe("/queue/x")
             elif kind == "send_elsewhere":
-                await c.send_frame("SEND", {"destination": BAD_SEND_DESTINATIONS[i % len(BAD_SEND_DESTINATIONS)]},
-                                   json.dumps({"workflow": wf, "taskId": "x"}))
+                await c.send_frame(
+                    "SEND",
+                    {"destination": BAD_SEND_DESTINATIONS[i % len(BAD_SEND_DESTINATIONS)]},
+                    json.dumps({"workflow": wf, "taskId": "x"}),
+                )
             if kind in ("sub_other_user", "sub_topic_other", "sub_queue", "send_elsewhere"):
                 await refused(kind, c)
                 return
@@ -290,8 +319,9 @@ async def test_100_users_with_forgers_see_only_their_own_messages(nursery: trio.
                 await c.send_frame("SEND", {"destination": "/app/cancel"}, json.dumps({"taskId": task_of[victim]}))
             else:  # body_client_id: another session's clientId, the victim's or this user's own legit one
                 target = client_of[victim] if i % 2 else client_of[user]
-                await c.send_frame("SEND", {"destination": "/app/tasks"},
-                                   json.dumps({"clientId": target, "workflow": wf, "size": 1}))
+                await c.send_frame(
+                    "SEND", {"destination": "/app/tasks"}, json.dumps({"clientId": target, "workflow": wf, "size": 1})
+                )
             msgs = await c.collect_until(lambda m: m.get("type") == "rejected")
             keep(user, me, msgs)
             outcomes[kind].append(f"rejected {msgs[-1][1]['error']}")
@@ -306,15 +336,20 @@ async def test_100_users_with_forgers_see_only_their_own_messages(nursery: trio.
                 crowd.start_soon(legit, user)
                 crowd.start_soon(forger, i)
 
-    assert final == {u: "completed" for u in users}, "every legitimate task completed, none was cancelled"
+    assert final == dict.fromkeys(users, "completed"), "every legitimate task completed, none was cancelled"
     assert sum(len(s.runs) for s in sims) == N_USERS, "no forged task reached ComfyUI"
     wrong = [(u, c, m) for u, c, _, m in seen if "taskId" in m and m["taskId"] not in owned[(u, c)]]
     assert wrong == [], "messages delivered to the wrong user"
     assert all(h["destination"] == "/user/topic/messages" for _, _, h, _ in seen)
     per_kind = N_USERS // len(FORGERIES)
-    assert {k: len(v) for k, v in outcomes.items()} == {k: per_kind for k in FORGERIES}
-    assert set(outcomes["no_token"]) == set(outcomes["expired"]) == set(outcomes["other_secret"]) == \
-        set(outcomes["foreign_cid"]) == {"ERROR unauthorized"}
+    assert {k: len(v) for k, v in outcomes.items()} == dict.fromkeys(FORGERIES, per_kind)
+    assert (
+        set(outcomes["no_token"])
+        == set(outcomes["expired"])
+        == set(outcomes["other_secret"])
+        == set(outcomes["foreign_cid"])
+        == {"ERROR unauthorized"}
+    )
     for kind in ("sub_other_user", "sub_topic_other", "sub_queue", "send_elsewhere"):
         assert set(outcomes[kind]) == {"ERROR unknown destination"}, outcomes[kind]
     assert set(outcomes["cancel_foreign"]) == {"rejected not_found"} and cancelled_live > 0
@@ -338,9 +373,11 @@ async def count_heartbeats(c: StompClient, arrivals: list[float]) -> None:
 async def test_server_heartbeats_follow_the_negotiated_interval(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
     start = trio.current_time()  # before CONNECT: no heart-beat can be due earlier than start + period
-    async with stomp_connect(g.ws_url, token=g.token("hb"), client_id="every200", heartbeat="0,200") as slow, \
-            stomp_connect(g.ws_url, token=g.token("hb"), client_id="every100", heartbeat="0,100") as fast, \
-            stomp_connect(g.ws_url, token=g.token("hb"), client_id="never", heartbeat="0,0") as never:
+    async with (
+        stomp_connect(g.ws_url, token=g.token("hb"), client_id="every200", heartbeat="0,200") as slow,
+        stomp_connect(g.ws_url, token=g.token("hb"), client_id="every100", heartbeat="0,100") as fast,
+        stomp_connect(g.ws_url, token=g.token("hb"), client_id="never", heartbeat="0,0") as never,
+    ):
         # CONNECTED states what the server will do: send every max(sx, cy), expect nothing (cx = 0)
         assert slow.connected and slow.connected.headers["heart-beat"] == "200,0"
         assert fast.connected and fast.connected.headers["heart-beat"] == "100,0"
@@ -363,8 +400,10 @@ async def test_server_heartbeats_follow_the_negotiated_interval(sim: FakeComfyUI
 async def test_silent_client_is_closed_and_beating_client_stays(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
     start = trio.current_time()  # before CONNECT: the server cannot give up on it before start + 2 x 200 ms
-    async with stomp_connect(g.ws_url, token=g.token("hb"), client_id="silent", heartbeat="200,0") as silent, \
-            stomp_connect(g.ws_url, token=g.token("hb"), client_id="alive", heartbeat="200,0") as alive:
+    async with (
+        stomp_connect(g.ws_url, token=g.token("hb"), client_id="silent", heartbeat="200,0") as silent,
+        stomp_connect(g.ws_url, token=g.token("hb"), client_id="alive", heartbeat="200,0") as alive,
+    ):
         assert silent.connected and silent.connected.headers["heart-beat"] == "0,200"  # expects one every 200 ms
         sent = 0
 
@@ -433,8 +472,10 @@ async def test_receipts_for_subscribe_send_unsubscribe_and_disconnect(sim: FakeC
 async def test_shutdown_says_goodbye_with_1001_before_the_grace_period(sim: FakeComfyUI, start_gateway: Any) -> None:
     grace = 8.0
     g = await start_gateway([sim.url], web={"shutdown_grace": grace})
-    async with stomp_connect(g.ws_url, token=g.token("a"), client_id="c1") as a, \
-            stomp_connect(g.ws_url, token=g.token("b"), client_id="c1") as b:
+    async with (
+        stomp_connect(g.ws_url, token=g.token("a"), client_id="c1") as a,
+        stomp_connect(g.ws_url, token=g.token("b"), client_id="c1") as b,
+    ):
         await subscribed(a)
         await subscribed(b, "/topic/messages")
         results: dict[str, tuple[str, int]] = {}
@@ -477,8 +518,9 @@ async def test_slow_consumer_is_cut_off_without_slowing_the_others(
     async def probe_round(k: int) -> list[float]:
         """One timestamped message into each reader's session; their event -> client latencies."""
         for user, client in readers:
-            await handles.sessions.send(sessions.Publish(user, client, {"type": "probe", "k": k,
-                                                                        "t": trio.current_time()}))
+            await handles.sessions.send(
+                sessions.Publish(user, client, {"type": "probe", "k": k, "t": trio.current_time()})
+            )
         got = []
         for _ in readers:
             kk, latency = await results_rx.receive()
@@ -486,50 +528,60 @@ async def test_slow_consumer_is_cut_off_without_slowing_the_others(
             got.append(latency)
         return got
 
-    async with stomp_connect(g.ws_url, token=g.token("r0"), client_id="c1") as r0, \
-            stomp_connect(g.ws_url, token=g.token("r1"), client_id="c1") as r1, \
-            stomp_connect(g.ws_url, token=g.token("r2"), client_id="c1") as r2:
-        async with trio.open_nursery() as n:
-            for c in (r0, r1, r2):
-                await subscribed(c)
-                n.start_soon(read_probes, c)
+    async with (
+        stomp_connect(g.ws_url, token=g.token("r0"), client_id="c1") as r0,
+        stomp_connect(g.ws_url, token=g.token("r1"), client_id="c1") as r1,
+        stomp_connect(g.ws_url, token=g.token("r2"), client_id="c1") as r2,
+        trio.open_nursery() as n,
+    ):
+        for c in (r0, r1, r2):
+            await subscribed(c)
+            n.start_soon(read_probes, c)
 
-            # run A: the readers alone
-            with trio.fail_after(20):
-                alone = [lat for k in range(150) for lat in await probe_round(k)]
+        # run A: the readers alone
+        with trio.fail_after(20):
+            alone = [lat for k in range(150) for lat in await probe_round(k)]
 
-            # the slow consumer: a real handshake and subscription, then it never reads again
-            slow = await RawWs.open(g.running.port, rcvbuf=8192)
-            sc = StompClient(slow)  # type: ignore[arg-type]
-            await sc.send_frame("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "clientId": "s1",
-                                            "Authorization": f"Bearer {g.token('slow')}"})
-            assert (await sc.next_frame()).command == "CONNECTED"
-            await subscribed(sc)
-            conn = next(c for c in endpoint.live.values() if c.client_id == "s1")
+        # the slow consumer: a real handshake and subscription, then it never reads again
+        slow = await RawWs.open(g.running.port, rcvbuf=8192)
+        sc = StompClient(slow)  # type: ignore[arg-type]
+        await sc.send_frame(
+            "CONNECT",
+            {
+                "accept-version": "1.2",
+                "heart-beat": "0,0",
+                "clientId": "s1",
+                "Authorization": f"Bearer {g.token('slow')}",
+            },
+        )
+        assert (await sc.next_frame()).command == "CONNECTED"
+        await subscribed(sc)
+        conn = next(c for c in endpoint.live.values() if c.client_id == "s1")
 
-            # run B: the same probes while the slow consumer's session is flooded, until the gateway cuts it off
-            beside, peak, sent, failed_at = [], 0, 0, None
-            pad = "x" * FLOOD_BODY
-            with trio.fail_after(30):
-                k = 1000
-                while conn.id in endpoint.live:  # it leaves ``live`` once detached and its tasks are done
-                    for _ in range(FLOOD_PER_ROUND):
-                        sent += 1
-                        await handles.sessions.send(sessions.Publish("slow", "s1", {"type": "flood", "n": sent,
-                                                                                    "pad": pad}))
-                        peak = max(peak, conn.outbox.queued_bytes)
-                    if failed_at is None and conn.outbox.failed is not None:
-                        failed_at = trio.current_time()
-                    beside += await probe_round(k)
-                    k += 1
-            gone_at = trio.current_time()
-            # torn down while the others stay: session detached, slot given back, tasks ended
-            stats = await hub_stats(apps[-1])
-            assert (stats.connections, stats.broadcast_subscribers) == (3, 0)
-            assert "slow" not in endpoint.counter.by_user
-            assert sorted(c.client_id for c in endpoint.live.values()) == ["c1"] * 3
-            assert len(endpoint_tasks()) == 2 * 3  # a reader and a timer task per remaining connection
-            n.cancel_scope.cancel()
+        # run B: the same probes while the slow consumer's session is flooded, until the gateway cuts it off
+        beside, peak, sent, failed_at = [], 0, 0, None
+        pad = "x" * FLOOD_BODY
+        with trio.fail_after(30):
+            k = 1000
+            while conn.id in endpoint.live:  # it leaves ``live`` once detached and its tasks are done
+                for _ in range(FLOOD_PER_ROUND):
+                    sent += 1
+                    await handles.sessions.send(
+                        sessions.Publish("slow", "s1", {"type": "flood", "n": sent, "pad": pad})
+                    )
+                    peak = max(peak, conn.outbox.queued_bytes)
+                if failed_at is None and conn.outbox.failed is not None:
+                    failed_at = trio.current_time()
+                beside += await probe_round(k)
+                k += 1
+        gone_at = trio.current_time()
+        # torn down while the others stay: session detached, slot given back, tasks ended
+        stats = await hub_stats(apps[-1])
+        assert (stats.connections, stats.broadcast_subscribers) == (3, 0)
+        assert "slow" not in endpoint.counter.by_user
+        assert sorted(c.client_id for c in endpoint.live.values()) == ["c1"] * 3
+        assert len(endpoint_tasks()) == 2 * 3  # a reader and a timer task per remaining connection
+        n.cancel_scope.cancel()
 
     # (a) cut off once its outbox passed its budget: the socket is closed under the unread data
     assert conn.outbox.failed is not None and f"more than {budget} bytes" in conn.outbox.failed
@@ -597,8 +649,10 @@ async def test_subscription_cap(sim: FakeComfyUI, start_gateway: Any) -> None:
 
 async def test_connection_cap_per_user(sim: FakeComfyUI, start_gateway: Any, apps: list[Any]) -> None:
     g = await start_gateway([sim.url], web={"max_connections_per_user": 2})
-    async with stomp_connect(g.ws_url, token=g.token("cap"), client_id="c1") as one, \
-            stomp_connect(g.ws_url, token=g.token("cap"), client_id="c2"):
+    async with (
+        stomp_connect(g.ws_url, token=g.token("cap"), client_id="c1") as one,
+        stomp_connect(g.ws_url, token=g.token("cap"), client_id="c2"),
+    ):
         async with stomp_connect(g.ws_url, token=g.token("cap"), client_id="c3", expect_connected=False) as third:
             await error_then_close(third, "too many connections")
         async with stomp_connect(g.ws_url, token=g.token("other"), client_id="c1"):

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
@@ -40,12 +39,18 @@ def node_or_fail() -> str:
     """The ``node`` executable, or a test failure saying how to get it and the packages (never a skip)."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail("`node` is not on PATH: the stompjs end-to-end test needs Node.js >= 18. Install it, then run "
-                    "scripts/test (it installs tests/node's packages).", pytrace=False)
+        pytest.fail(
+            "`node` is not on PATH: the stompjs end-to-end test needs Node.js >= 18. Install it, then run "
+            "scripts/test (it installs tests/node's packages).",
+            pytrace=False,
+        )
     missing = [p for p in NODE_PACKAGES if not (NODE_DIR / "node_modules" / p / "package.json").is_file()]
     if missing:
-        pytest.fail(f"tests/node/node_modules lacks {', '.join(missing)}: run scripts/test (it runs `npm install` in "
-                    "tests/node), or `npm ci` in tests/node.", pytrace=False)
+        pytest.fail(
+            f"tests/node/node_modules lacks {', '.join(missing)}: run scripts/test (it runs `npm install` in "
+            "tests/node), or `npm ci` in tests/node.",
+            pytrace=False,
+        )
     return node
 
 
@@ -57,8 +62,9 @@ def collapse(types: list[str]) -> list[str]:
     return out
 
 
-async def observe(c: StompClient, seen: dict[int, tuple[float, str]],
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def observe(
+    c: StompClient, seen: dict[int, tuple[float, str]], task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Subscribe to the session's messages, report started once the SUBSCRIBE is acknowledged (nothing sent after
     that is missed), then record for every seq the wall-clock ms it arrived (comparable with Node's Date.now())
     and its type."""
@@ -72,11 +78,31 @@ async def observe(c: StompClient, seen: dict[int, tuple[float, str]],
 
 
 async def run_flow(node: str, g: GatewayUnderTest, token: str, wf: Path, drop: str) -> dict[str, Any]:
-    cmd = [node, str(FLOW_SCRIPT), "--ws", g.ws_url, "--http", g.url, "--token", token, "--client-id", CLIENT_ID,
-           "--workflow", str(wf), "--drop", drop]
+    cmd = [
+        node,
+        str(FLOW_SCRIPT),
+        "--ws",
+        g.ws_url,
+        "--http",
+        g.url,
+        "--token",
+        token,
+        "--client-id",
+        CLIENT_ID,
+        "--workflow",
+        str(wf),
+        "--drop",
+        drop,
+    ]
     with trio.fail_after(NODE_TIMEOUT):
-        proc = await trio.run_process(cmd, cwd=NODE_DIR, capture_stdout=True, capture_stderr=True, check=False,
-                                      env={**os.environ, "STOMP_DEBUG": "1"})
+        proc = await trio.run_process(
+            cmd,
+            cwd=NODE_DIR,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, "STOMP_DEBUG": "1"},
+        )
     stdout, stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     stderr = "\n".join(line for line in stderr.splitlines() if not line.endswith(NOISE))
     where = f"\n--- stdout:\n{stdout}\n--- stompjs debug (tail):\n{stderr[-6000:]}"
@@ -127,7 +153,8 @@ async def test_stompjs_reconnects_and_resumes_without_gap_or_duplicate(
     seqs = [m["seq"] for m in msgs]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (
         f"seq gap or duplicate across the reconnect (after last-seq {second['lastSeq']}): "
-        f"{[(m['seq'], m['type'], m['conn']) for m in msgs]}{where}")
+        f"{[(m['seq'], m['type'], m['conn']) for m in msgs]}{where}"
+    )
     assert [m["type"] for m in msgs if m["seq"] in seen] == [seen[s][1] for s in seqs if s in seen], where
 
     task_id = out["taskId"]
@@ -148,4 +175,3 @@ async def test_stompjs_reconnects_and_resumes_without_gap_or_duplicate(
 
     assert out["disconnectReceipt"] is True, f"no RECEIPT for stompjs's DISCONNECT{where}"
     assert out["httpTask"] == {"status": 200, "state": "succeeded"}, where
-

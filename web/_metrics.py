@@ -26,21 +26,27 @@ class Metrics:
         self.ws_closed = Counter("gateway_ws_connections_closed", "WebSocket connections closed", registry=reg)
         self.ws_open = Gauge("gateway_ws_connections", "WebSocket connections open now", registry=reg)
         self.sent = Counter("gateway_messages_sent", "STOMP messages written to clients", ["type"], registry=reg)
-        self.dropped = Counter("gateway_messages_dropped", "progress/preview messages dropped for full outboxes",
-                               registry=reg)
+        self.dropped = Counter(
+            "gateway_messages_dropped", "progress/preview messages dropped for full outboxes", registry=reg
+        )
         self.slow = Counter("gateway_slow_consumers", "connections closed as slow consumers", registry=reg)
         self.latency = Histogram(
-            "gateway_relay_latency_seconds", "time from an event reaching its session to its frame being written",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=reg,
+            "gateway_relay_latency_seconds",
+            "time from an event reaching its session to its frame being written",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=reg,
         )
         self.sessions = Gauge("gateway_sessions", "live sessions", registry=reg)
-        self.sockjs_sessions = Gauge("gateway_sockjs_sessions", "live SockJS sessions on HTTP transports",
-                                     registry=reg)  # fed by web.sockjs (set_function)
+        self.sockjs_sessions = Gauge(
+            "gateway_sockjs_sessions", "live SockJS sessions on HTTP transports", registry=reg
+        )  # fed by web.sockjs (set_function)
         self.tasks = Gauge("gateway_tasks", "non-terminal tasks by state", ["state"], registry=reg)
         self.queue = Gauge("gateway_queue_depth", "tasks waiting for dispatch", registry=reg)
         self.inflight = Gauge("gateway_backend_inflight", "prompts inside ComfyUI", ["backend"], registry=reg)
         self.up = Gauge("gateway_backend_up", "1 when the backend's socket is connected", ["backend"], registry=reg)
-        self.reconnects = Gauge("gateway_backend_reconnects", "socket reconnects per backend", ["backend"], registry=reg)
+        self.reconnects = Gauge(
+            "gateway_backend_reconnects", "socket reconnects per backend", ["backend"], registry=reg
+        )
 
     def connections_opened(self) -> None:
         self.ws_opened.inc()

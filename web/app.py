@@ -44,8 +44,13 @@ class ApiError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
-def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
-               templates: TemplateLibrary | None = None) -> QuartTrio:
+def create_app(
+    handles: Handles,
+    cfg: WebConfig,
+    auth: Authenticator,
+    shutdown: trio.Event,
+    templates: TemplateLibrary | None = None,
+) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_size
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep key order: a template's parameters are its form's
@@ -56,7 +61,11 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     sockjs = install_sockjs(app, endpoint, cfg.sockjs, cfg.origin_allowed)
     metrics.sockjs_sessions.set_function(lambda: len(sockjs.sessions))
     app.extensions["gateway"] = {
-        "handles": handles, "metrics": metrics, "endpoint": endpoint, "sockjs": sockjs, "templates": library,
+        "handles": handles,
+        "metrics": metrics,
+        "endpoint": endpoint,
+        "sockjs": sockjs,
+        "templates": library,
     }
 
     def error(status: int, code: str, detail: str) -> Response:
@@ -108,7 +117,9 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
         return error(exc.status, exc.error, exc.detail)
 
     @app.errorhandler(Exception)
-    async def _internal_error(exc: Exception) -> Response:  # a bug or a store error: this request fails, not the process
+    async def _internal_error(
+        exc: Exception,
+    ) -> Response:  # a bug or a store error: this request fails, not the process
         log.error("%s %s failed", request.method, request.path, exc_info=exc)
         return error(500, "internal", f"the gateway failed on this request ({type(exc).__name__})")
 
@@ -157,8 +168,11 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
         client_id = body.get("clientId")
         who = principal(client_id if isinstance(client_id, str) else None)
         if client_id is None:  # its messages would go to no STOMP session: refuse rather than lose them
-            raise ApiError(400, "bad_request", "clientId is required: the task's messages go to the STOMP "
-                                               "session with this clientId")
+            raise ApiError(
+                400,
+                "bad_request",
+                "clientId is required: the task's messages go to the STOMP session with this clientId",
+            )
         if not valid_id(client_id):
             raise ApiError(400, "bad_request", "clientId must be a non-empty string without ':'")
         if who.client_id is not None and client_id != who.client_id:
@@ -234,8 +248,10 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     @app.get("/api/templates")
     async def list_templates() -> dict[str, Any]:
         who = principal()
-        return {"templates": library.current.schema(),
-                "rawWorkflows": raw_workflows_allowed(cfg.raw_workflows, who.admin)}
+        return {
+            "templates": library.current.schema(),
+            "rawWorkflows": raw_workflows_allowed(cfg.raw_workflows, who.admin),
+        }
 
     @app.post("/api/admin/templates/reload")
     async def reload_templates() -> dict[str, Any]:
@@ -246,8 +262,12 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             catalog = await library.reload()
         except OSError as exc:
             log.error("templates: reload by %s failed: %s", who.user_id, exc)
-            raise ApiError(500, "reload_failed", f"cannot read the templates directory {library.directory}: "
-                           f"{exc.strerror or exc}; the templates loaded before stay") from None
+            raise ApiError(
+                500,
+                "reload_failed",
+                f"cannot read the templates directory {library.directory}: "
+                f"{exc.strerror or exc}; the templates loaded before stay",
+            ) from None
         log.info("templates: reloaded by %s", who.user_id)
         return {"templates": list(catalog.templates), "errors": [e.as_json() for e in catalog.errors]}
 
@@ -266,14 +286,18 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             raise ApiError(403, "forbidden", "an admin token is required")
         body = await json_body()
         user_id, amount, allow_negative = body.get("userId"), body.get("amount"), body.get("allowNegative", False)
-        if not valid_id(user_id) or not isinstance(amount, int) or isinstance(amount, bool) \
-                or not isinstance(allow_negative, bool):
-            raise ApiError(400, "bad_request",
-                           "body must be {\"userId\": str, \"amount\": int, \"allowNegative\"?: bool}")
+        if (
+            not valid_id(user_id)
+            or not isinstance(amount, int)
+            or isinstance(amount, bool)
+            or not isinstance(allow_negative, bool)
+        ):
+            raise ApiError(400, "bad_request", 'body must be {"userId": str, "amount": int, "allowNegative"?: bool}')
         if abs(amount) > MAX_AMOUNT:
             raise ApiError(400, "bad_amount", f"amount must be within +-2^53 ({MAX_AMOUNT}), not {amount}")
-        acc = await ledger_call(lambda: ledger.grant(handles.ledger, user_id, amount, f"admin {who.user_id}",
-                                                     allow_negative=allow_negative))
+        acc = await ledger_call(
+            lambda: ledger.grant(handles.ledger, user_id, amount, f"admin {who.user_id}", allow_negative=allow_negative)
+        )
         return acc.as_json()
 
     @app.get("/api/demo-token")
@@ -348,8 +372,11 @@ async def stream_image(http: Any, where: tuple[str, Any], what: str) -> Response
         await upstream.aclose()
         if upstream.status_code == 200:
             raise ApiError(502, "too_large", f"the image is larger than {MAX_IMAGE_BYTES} bytes")
-        raise ApiError(404 if upstream.status_code == 404 else 502, "not_found" if upstream.status_code == 404
-                       else "backend_error", f"ComfyUI answered {upstream.status_code} for this image")
+        raise ApiError(
+            404 if upstream.status_code == 404 else 502,
+            "not_found" if upstream.status_code == 404 else "backend_error",
+            f"ComfyUI answered {upstream.status_code} for this image",
+        )
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -370,8 +397,14 @@ async def stream_image(http: Any, where: tuple[str, Any], what: str) -> Response
     return resp
 
 
-async def submit(handles: Handles, cfg: WebConfig, templates: TemplateLibrary, who: Principal, client_id: str,
-                 body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:
+async def submit(
+    handles: Handles,
+    cfg: WebConfig,
+    templates: TemplateLibrary,
+    who: Principal,
+    client_id: str,
+    body: Mapping[str, Any],
+) -> registry.Accepted | registry.Refused:
     """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry: a template
     call is resolved into its graph, price and parameters; a raw workflow is held to --raw-workflows and
     --allowed-nodes. A refusal here freezes nothing."""
@@ -380,11 +413,22 @@ async def submit(handles: Handles, cfg: WebConfig, templates: TemplateLibrary, w
         return req
     try:
         with trio.fail_after(ASK_TIMEOUT):
-            return await ask(handles.registry, lambda r: registry.Submit(
-                who.user_id, client_id, req.workflow, req.size, r, cost=req.cost, template=req.template,
-                params=req.params), name="registry")
+            return await ask(
+                handles.registry,
+                lambda r: registry.Submit(
+                    who.user_id,
+                    client_id,
+                    req.workflow,
+                    req.size,
+                    r,
+                    cost=req.cost,
+                    template=req.template,
+                    params=req.params,
+                ),
+                name="registry",
+            )
     except (trio.TooSlowError, ActorGone):
         return registry.Refused("unavailable", "the gateway is busy; try again")
 
 
-__all__ = ["create_app", "submit", "sessions"]
+__all__ = ["create_app", "sessions", "submit"]

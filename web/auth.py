@@ -51,7 +51,9 @@ class Authenticator:
     def open(self) -> bool:
         return self.mode == "open"
 
-    def issue(self, user_id: str, *, client_id: str | None = None, ttl: float = DEFAULT_TTL, admin: bool = False) -> str:
+    def issue(
+        self, user_id: str, *, client_id: str | None = None, ttl: float = DEFAULT_TTL, admin: bool = False
+    ) -> str:
         if not valid_id(user_id):
             raise ValueError(f"invalid user id {user_id!r}")
         claims: dict[str, object] = {"sub": user_id, "iat": int(time.time()), "exp": int(time.time() + ttl)}

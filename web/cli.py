@@ -14,9 +14,9 @@ from typing import Any
 
 import trio
 
+from actors import bridge
 from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
-from actors import bridge
 from actors.store import LedgerError, RedisStore, StoreUnavailable, is_redis, open_store, parse_store_spec
 from actors.validate import WorkflowLimits
 
@@ -50,12 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("credits", help="show a user's account, or add (or with a negative N remove) credits")
     c.add_argument("user", nargs="?", help="the user (not needed with --audit)")
-    c.add_argument("--add", type=int, default=None, metavar="N",
-                   help="add N credits (journaled as 'cli'; a running gateway pushes no balance message for it)")
-    c.add_argument("--allow-negative", action="store_true",
-                   help="with --add: allow leaving the account's available credits below zero")
-    c.add_argument("--audit", action="store_true",
-                   help="rebuild every balance from the journal and check the ledger (exit 1 on a discrepancy)")
+    c.add_argument(
+        "--add",
+        type=int,
+        default=None,
+        metavar="N",
+        help="add N credits (journaled as 'cli'; a running gateway pushes no balance message for it)",
+    )
+    c.add_argument(
+        "--allow-negative",
+        action="store_true",
+        help="with --add: allow leaving the account's available credits below zero",
+    )
+    c.add_argument(
+        "--audit",
+        action="store_true",
+        help="rebuild every balance from the journal and check the ledger (exit 1 on a discrepancy)",
+    )
     settings.add_arguments(c, "credits")
 
     st = sub.add_parser("status", help="the processes sharing a Redis store: their roles, and the lease holder")
@@ -66,27 +77,52 @@ def build_parser() -> argparse.ArgumentParser:
 def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -> tuple[GatewayConfig, WebConfig]:
     """The actors' and the web layer's settings from ``serve``'s parsed flags (``urls`` overrides ``--comfyui``)."""
     gw = GatewayConfig(
-        comfyui_urls=tuple(urls or args.comfyui), store_path=parse_store_spec(args.store, args.data),
-        max_inflight=args.max_inflight, max_queued_per_user=args.max_queued_per_user,
-        max_inflight_per_user=args.max_inflight_per_user, backend_lost_after=args.backend_lost_after,
-        initial_credits=args.initial_credits, price=args.price, task_timeout=args.task_timeout,
-        hold_ttl=max(2 * 3600.0, args.task_timeout * 2), public_url=args.public_url,
-        comfy_policy=RestartPolicy(initial_delay=min(0.5, args.reconnect_max_delay),
-                                   max_delay=args.reconnect_max_delay, max_restarts=args.reconnect_max_restarts),
-        max_sessions_per_user=args.max_sessions_per_user, submit_rate=args.submit_rate,
-        submit_burst=args.submit_burst, quarantine_after=args.quarantine_after, lease_ttl=args.lease_ttl,
+        comfyui_urls=tuple(urls or args.comfyui),
+        store_path=parse_store_spec(args.store, args.data),
+        max_inflight=args.max_inflight,
+        max_queued_per_user=args.max_queued_per_user,
+        max_inflight_per_user=args.max_inflight_per_user,
+        backend_lost_after=args.backend_lost_after,
+        initial_credits=args.initial_credits,
+        price=args.price,
+        task_timeout=args.task_timeout,
+        hold_ttl=max(2 * 3600.0, args.task_timeout * 2),
+        public_url=args.public_url,
+        comfy_policy=RestartPolicy(
+            initial_delay=min(0.5, args.reconnect_max_delay),
+            max_delay=args.reconnect_max_delay,
+            max_restarts=args.reconnect_max_restarts,
+        ),
+        max_sessions_per_user=args.max_sessions_per_user,
+        submit_rate=args.submit_rate,
+        submit_burst=args.submit_burst,
+        quarantine_after=args.quarantine_after,
+        lease_ttl=args.lease_ttl,
     )
     web = WebConfig(
-        bind=args.bind, auth=args.auth,
+        bind=args.bind,
+        auth=args.auth,
         allowed_origins=tuple(o.strip().rstrip("/") for o in args.allowed_origins.split(",") if o.strip()),
-        simulate=args.simulate, max_frame_size=args.max_frame_size, max_body_size=args.max_body_size,
-        max_connections_per_user=args.max_connections_per_user, permessage_deflate=args.permessage_deflate,
-        max_replays_per_minute=args.max_replays_per_minute, image_url_ttl=args.image_url_ttl,
-        sockjs=SockJSConfig(heartbeat=args.sockjs_heartbeat, disconnect_delay=args.sockjs_disconnect_delay,
-                            stream_limit=args.sockjs_stream_limit, max_sessions=args.sockjs_max_sessions),
-        limits=WorkflowLimits(max_depth=args.max_json_depth, max_items=args.max_json_items,
-                              max_nodes=args.max_workflow_nodes, max_key_length=args.max_key_length,
-                              max_string_length=args.max_string_length),
+        simulate=args.simulate,
+        max_frame_size=args.max_frame_size,
+        max_body_size=args.max_body_size,
+        max_connections_per_user=args.max_connections_per_user,
+        permessage_deflate=args.permessage_deflate,
+        max_replays_per_minute=args.max_replays_per_minute,
+        image_url_ttl=args.image_url_ttl,
+        sockjs=SockJSConfig(
+            heartbeat=args.sockjs_heartbeat,
+            disconnect_delay=args.sockjs_disconnect_delay,
+            stream_limit=args.sockjs_stream_limit,
+            max_sessions=args.sockjs_max_sessions,
+        ),
+        limits=WorkflowLimits(
+            max_depth=args.max_json_depth,
+            max_items=args.max_json_items,
+            max_nodes=args.max_workflow_nodes,
+            max_key_length=args.max_key_length,
+            max_string_length=args.max_string_length,
+        ),
         **_template_policy(args),
     )
     return gw, web
@@ -113,8 +149,11 @@ async def _reload_on_sighup(running: Running) -> None:
             except OSError as exc:
                 log.error("SIGHUP: cannot read the templates directory (%s); the templates loaded before stay", exc)
                 continue
-            log.info("SIGHUP: templates reloaded: %s%s", ", ".join(catalog.templates) or "none",
-                     f" ({len(catalog.errors)} file(s) refused)" if catalog.errors else "")
+            log.info(
+                "SIGHUP: templates reloaded: %s%s",
+                ", ".join(catalog.templates) or "none",
+                f" ({len(catalog.errors)} file(s) refused)" if catalog.errors else "",
+            )
 
 
 async def run_simulator(step_ms: float, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -123,7 +162,8 @@ async def run_simulator(step_ms: float, *, task_status: trio.TaskStatus[str] = t
     if not SIMULATOR.exists():
         raise SystemExit(f"--simulate needs {SIMULATOR} (run from a source checkout)")
     proc = await trio.lowlevel.open_process(
-        [sys.executable, str(SIMULATOR), "--port", "0", "--step-ms", str(step_ms)], stdout=subprocess.PIPE,
+        [sys.executable, str(SIMULATOR), "--port", "0", "--step-ms", str(step_ms)],
+        stdout=subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -189,8 +229,10 @@ async def _credits(args: argparse.Namespace) -> int:
             for line in problems:
                 print(line)
             accounts = await store.accounts()
-            print(f"ledger {'consistent' if not problems else 'INCONSISTENT'}: {len(accounts)} accounts, balance "
-                  f"{sum(a.balance for a in accounts)}, frozen {sum(a.frozen for a in accounts)}")
+            print(
+                f"ledger {'consistent' if not problems else 'INCONSISTENT'}: {len(accounts)} accounts, balance "
+                f"{sum(a.balance for a in accounts)}, frozen {sum(a.frozen for a in accounts)}"
+            )
             return 1 if problems else 0
         if args.user is None:
             print("credits: a USER is needed (or --audit)", file=sys.stderr)
@@ -217,19 +259,25 @@ async def _status(args: argparse.Namespace) -> int:
         procs = await bridge.processes(store)
         holder = await store.lease_holder()
         fence = await store.client.get(store.prefix + "fence")
-        print(f"store {store.path}: lease held by {holder or 'nobody'} (fencing token {fence or 0}), "
-              f"{len(procs)} live process(es)")
+        print(
+            f"store {store.path}: lease held by {holder or 'nobody'} (fencing token {fence or 0}), "
+            f"{len(procs)} live process(es)"
+        )
         now = time.time()
         for p in procs:
-            print(f"  {p['id']}  {p['role']:<4}  {p['url']}  pid {p['pid']} on {p['host']}  up {now - p['since']:.0f}s"
-                  f"  seen {now - p['seen']:.1f}s ago")
+            print(
+                f"  {p['id']}  {p['role']:<4}  {p['url']}  pid {p['pid']} on {p['host']}  up {now - p['since']:.0f}s"
+                f"  seen {now - p['seen']:.1f}s ago"
+            )
         return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request to ComfyUI is noise
     logging.getLogger("coredis").setLevel(logging.WARNING)  # "Retry attempt" lines when a script is first loaded
     if args.command == "serve":

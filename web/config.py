@@ -44,8 +44,9 @@ class WebConfig:
 
     def __post_init__(self) -> None:
         if self.raw_workflows not in RAW_WORKFLOW_POLICIES:
-            raise ValueError(f"raw_workflows must be one of {', '.join(RAW_WORKFLOW_POLICIES)}, "
-                             f"not {self.raw_workflows!r}")
+            raise ValueError(
+                f"raw_workflows must be one of {', '.join(RAW_WORKFLOW_POLICIES)}, not {self.raw_workflows!r}"
+            )
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:

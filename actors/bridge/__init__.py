@@ -8,5 +8,18 @@ from ._requests import ask_core, serve_edges
 from ._sessions import Live, feed_hub, publish_to_redis, resync_sessions
 from ._wire import WireError, decode_answer, decode_request, encode_answer, encode_request
 
-__all__ = ["Live", "WireError", "announce", "ask_core", "decode_answer", "decode_request", "encode_answer", "encode_request",
-           "feed_hub", "processes", "publish_to_redis", "resync_sessions", "serve_edges"]
+__all__ = [
+    "Live",
+    "WireError",
+    "announce",
+    "ask_core",
+    "decode_answer",
+    "decode_request",
+    "encode_answer",
+    "encode_request",
+    "feed_hub",
+    "processes",
+    "publish_to_redis",
+    "resync_sessions",
+    "serve_edges",
+]

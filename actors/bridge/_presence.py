@@ -21,15 +21,27 @@ log = logging.getLogger(__name__)
 
 
 async def announce(
-    store: RedisStore, state: LeaseState, url: str, *, every: float,
+    store: RedisStore,
+    state: LeaseState,
+    url: str,
+    *,
+    every: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     key = f"{store.prefix}proc:{state.holder_id}"
     since = time.time()
     task_status.started()
     while True:
-        info = {"id": state.holder_id, "role": state.role, "url": url, "pid": os.getpid(),
-                "host": socket.gethostname(), "since": since, "seen": time.time(), "terms": state.terms}
+        info = {
+            "id": state.holder_id,
+            "role": state.role,
+            "url": url,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": since,
+            "seen": time.time(),
+            "terms": state.terms,
+        }
         try:
             await store.client.set(key, json.dumps(info), px=max(1, int(every * 3000)))
         except (RedisError, OSError) as exc:

@@ -93,8 +93,10 @@ async def ask_core(
                 rid = uuid.uuid4().hex
                 waiting[rid] = (trio.current_time(), msg.reply)
                 try:
-                    await client.xadd(store.prefix + "req", {"rid": rid, "edge": edge_id, "body": body,
-                                                             "deadline": repr(wall_clock() + REQUEST_DEADLINE)})
+                    await client.xadd(
+                        store.prefix + "req",
+                        {"rid": rid, "edge": edge_id, "body": body, "deadline": repr(wall_clock() + REQUEST_DEADLINE)},
+                    )
                 except (RedisError, OSError) as exc:  # Redis is away: the asker gets ActorGone (503) now
                     log.warning("bridge: cannot hand a request to the core: %s", exc)
                     waiting.pop(rid)[1].close()
@@ -135,9 +137,13 @@ async def serve_edges(
                     fields["task_id"] = f["rid"]  # a repeated submit (core died before the ack) finds its task
                 with trio.fail_after(ANSWER_TIMEOUT):
                     value = await ask(targets[target], lambda r: cls(**fields, reply=r), name=target)
-                await client.xadd(store.prefix + "rep:" + f["edge"], {"rid": f["rid"], "body": encode_answer(value)},
-                                  trim_strategy=PureToken.MAXLEN, threshold=ANSWERS_MAXLEN,
-                                  trim_operator=PureToken.APPROXIMATELY)
+                await client.xadd(
+                    store.prefix + "rep:" + f["edge"],
+                    {"rid": f["rid"], "body": encode_answer(value)},
+                    trim_strategy=PureToken.MAXLEN,
+                    threshold=ANSWERS_MAXLEN,
+                    trim_operator=PureToken.APPROXIMATELY,
+                )
                 await client.expire(store.prefix + "rep:" + f["edge"], 3600)
             else:
                 log.warning("bridge: request %s from %s expired before a core read it", f["rid"], f["edge"])

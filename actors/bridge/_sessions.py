@@ -168,7 +168,7 @@ async def resync_sessions(store: RedisStore, publish: trio.MemorySendChannel[Pub
     head = f"{store.prefix}sessions:"
     async for key in store.client.scan_iter(match=head + "*"):
         for client_id in await store.client.smembers(key):
-            await publish.send(Publish(key[len(head):], client_id, Resync().to_wire()))
+            await publish.send(Publish(key[len(head) :], client_id, Resync().to_wire()))
             told += 1
     return told
 

@@ -36,10 +36,13 @@ REQUESTS: dict[tuple[str, str], type] = {
     ("ledger", "GetAccount"): ledger.GetAccount,
     ("ledger", "Grant"): ledger.Grant,
 }
-_VALUES: dict[str, type] = {c.__name__: c for c in (registry.Accepted, registry.Refused, registry.RegistryStats,
-                                                       ImageRef, Account)}
-_ERRORS: dict[str, type[LedgerError]] = {c.__name__: c for c in (
-    LedgerError, InsufficientCredits, HoldConflict, UnknownHold, InvalidAmount, NegativeBalance, LedgerFault)}
+_VALUES: dict[str, type] = {
+    c.__name__: c for c in (registry.Accepted, registry.Refused, registry.RegistryStats, ImageRef, Account)
+}
+_ERRORS: dict[str, type[LedgerError]] = {
+    c.__name__: c
+    for c in (LedgerError, InsufficientCredits, HoldConflict, UnknownHold, InvalidAmount, NegativeBalance, LedgerFault)
+}
 
 
 class WireError(ValueError):

@@ -33,10 +33,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ._redis import RedisStore, split_redis_url
-from ._sqlite import SqliteStore
 from ._schema import _MIGRATIONS, SCHEMA_VERSION
+from ._sqlite import SqliteStore
 from ._types import (
     ACTIVE_STATES,
+    MAX_AMOUNT,
     TERMINAL_STATES,
     Account,
     CoreStepDown,
@@ -45,7 +46,6 @@ from ._types import (
     ImageRef,
     InsufficientCredits,
     InvalidAmount,
-    MAX_AMOUNT,
     JournalEntry,
     LeaseLost,
     LedgerError,
@@ -59,10 +59,33 @@ from ._types import (
 )
 
 __all__ = [
-    "ACTIVE_STATES", "SCHEMA_VERSION", "TERMINAL_STATES", "Account", "CoreStepDown", "Hold", "HoldConflict", "ImageRef",
-    "InsufficientCredits", "InvalidAmount", "JournalEntry", "LeaseLost", "LedgerError", "LedgerFault", "MAX_AMOUNT",
-    "NegativeBalance", "RedisStore", "SqliteStore", "Store", "StoreUnavailable", "SweptHold", "TaskRecord",
-    "UnknownHold", "_MIGRATIONS", "is_redis", "open_store", "parse_store_spec",
+    "ACTIVE_STATES",
+    "MAX_AMOUNT",
+    "SCHEMA_VERSION",
+    "TERMINAL_STATES",
+    "_MIGRATIONS",
+    "Account",
+    "CoreStepDown",
+    "Hold",
+    "HoldConflict",
+    "ImageRef",
+    "InsufficientCredits",
+    "InvalidAmount",
+    "JournalEntry",
+    "LeaseLost",
+    "LedgerError",
+    "LedgerFault",
+    "NegativeBalance",
+    "RedisStore",
+    "SqliteStore",
+    "Store",
+    "StoreUnavailable",
+    "SweptHold",
+    "TaskRecord",
+    "UnknownHold",
+    "is_redis",
+    "open_store",
+    "parse_store_spec",
 ]
 
 
@@ -71,7 +94,7 @@ def parse_store_spec(spec: str, data_dir: str) -> str:
     if not spec:
         return str(Path(data_dir) / "gateway.db")
     if spec.startswith("sqlite:"):
-        return spec[len("sqlite:"):] or str(Path(data_dir) / "gateway.db")
+        return spec[len("sqlite:") :] or str(Path(data_dir) / "gateway.db")
     if is_redis(spec):
         split_redis_url(spec)  # refuses a malformed one now, not at start-up
         return spec

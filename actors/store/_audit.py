@@ -37,8 +37,10 @@ def audit_ledger(journal: Iterable[JournalEntry], accounts: Iterable[Account], h
         elif kind == "release":
             bal[1] -= amount
         if [r.balance_after, r.frozen_after] != bal:
-            problems.append(f"journal {r.id} ({kind} {amount} for {r.user_id}): says "
-                            f"{r.balance_after}/{r.frozen_after}, rebuilt {bal[0]}/{bal[1]}")
+            problems.append(
+                f"journal {r.id} ({kind} {amount} for {r.user_id}): says "
+                f"{r.balance_after}/{r.frozen_after}, rebuilt {bal[0]}/{bal[1]}"
+            )
         if bal[1] < 0:
             problems.append(f"journal {r.id}: {r.user_id} frozen went negative ({bal[1]})")
         if r.task_id is not None:

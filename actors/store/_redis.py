@@ -83,8 +83,22 @@ class RedisStore:
         try:
             async with AsyncExitStack() as stack:
                 self._client = await stack.enter_async_context(client)
-                for name in ("ACCOUNT", "GRANT", "FREEZE", "RESOLVE", "SWEEP", "SAVE_TASK", "TASKS", "SNAPSHOT",
-                             "ACQUIRE", "RENEW", "RELEASE", "END_RUN", "MARK_DISPATCHED", "COUNT_CRASH"):
+                for name in (
+                    "ACCOUNT",
+                    "GRANT",
+                    "FREEZE",
+                    "RESOLVE",
+                    "SWEEP",
+                    "SAVE_TASK",
+                    "TASKS",
+                    "SNAPSHOT",
+                    "ACQUIRE",
+                    "RENEW",
+                    "RELEASE",
+                    "END_RUN",
+                    "MARK_DISPATCHED",
+                    "COUNT_CRASH",
+                ):
                     self._scripts[name] = client.register_script(getattr(lua, name))
                 await client.ping()
                 self._stack = stack.pop_all()
@@ -155,12 +169,23 @@ class RedisStore:
         bal, frz = await self._script("ACCOUNT", user_id, initial, self._ts(), fenced=True)
         return Account(user_id, int(bal), int(frz))
 
-    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None,
-                    allow_negative: bool = False) -> Account:
+    async def grant(
+        self, user_id: str, amount: int, initial: int, note: str | None = None, allow_negative: bool = False
+    ) -> Account:
         if not isinstance(amount, int) or isinstance(amount, bool) or abs(amount) > MAX_AMOUNT:
             raise InvalidAmount(f"a grant must be an int within +-2^53, not {amount!r}")
-        bal, frz = await self._script("GRANT", user_id, amount, initial, note or "", note is not None, self._ts(),
-                                      allow_negative, MAX_AMOUNT, fenced=True)
+        bal, frz = await self._script(
+            "GRANT",
+            user_id,
+            amount,
+            initial,
+            note or "",
+            note is not None,
+            self._ts(),
+            allow_negative,
+            MAX_AMOUNT,
+            fenced=True,
+        )
         return Account(user_id, int(bal), int(frz))
 
     async def freeze(self, user_id: str, task_id: str, amount: int, initial: int, ttl: float) -> tuple[Account, bool]:
@@ -168,26 +193,42 @@ class RedisStore:
             raise InvalidAmount(f"amount must be an int from 0 to 2^53, not {amount!r}")
         now = float(self._now())
         try:
-            bal, frz, did = await self._script("FREEZE", user_id, task_id, amount, initial, repr(now),
-                                               repr(now + ttl), fenced=True)
+            bal, frz, did = await self._script(
+                "FREEZE", user_id, task_id, amount, initial, repr(now), repr(now + ttl), fenced=True
+            )
         except InsufficientCredits as exc:
             raise InsufficientCredits(user_id, exc.available, exc.amount) from None
         return Account(user_id, int(bal), int(frz)), bool(did)
 
-    async def resolve(self, task_id: str, outcome: str, amount: int | None = None,
-                      note: str | None = None) -> tuple[Account, bool]:
+    async def resolve(
+        self, task_id: str, outcome: str, amount: int | None = None, note: str | None = None
+    ) -> tuple[Account, bool]:
         if outcome not in ("settled", "released"):
             raise ValueError(f"outcome must be 'settled' or 'released', not {outcome!r}")
-        user, bal, frz, did = await self._script("RESOLVE", task_id, outcome, "" if amount is None else amount,
-                                                 note or "", note is not None, self._ts(), fenced=True)
+        user, bal, frz, did = await self._script(
+            "RESOLVE",
+            task_id,
+            outcome,
+            "" if amount is None else amount,
+            note or "",
+            note is not None,
+            self._ts(),
+            fenced=True,
+        )
         return Account(user, int(bal), int(frz)), bool(did)
 
     async def sweep_holds(self, now: float | None, ttl: float) -> list[SweptHold]:
         """As ``SqliteStore.sweep_holds``, in one script."""
         ts = float(self._now())
         why = "expired" if now is not None else "recovered at start-up"
-        rows = await self._script("SWEEP", "" if now is None else repr(float(now)),
-                                  repr(float(now) + ttl) if now is not None else "", why, repr(ts), fenced=True)
+        rows = await self._script(
+            "SWEEP",
+            "" if now is None else repr(float(now)),
+            repr(float(now) + ttl) if now is not None else "",
+            why,
+            repr(ts),
+            fenced=True,
+        )
         out = []
         for task, user, amount, state, exp, outcome, bal, frz, st in rows:
             hold = Hold(task, user, int(amount), state, float(exp))
@@ -195,8 +236,9 @@ class RedisStore:
         return out
 
     async def hold(self, task_id: str) -> Hold | None:
-        h = await self._io(self.client.hmget(self.prefix + "hold:" + task_id,
-                                             ["user", "amount", "state", "expires_at"]))
+        h = await self._io(
+            self.client.hmget(self.prefix + "hold:" + task_id, ["user", "amount", "state", "expires_at"])
+        )
         if h[0] is None:
             return None
         return Hold(task_id, h[0], int(h[1]), h[2], float(h[3]))
@@ -207,8 +249,10 @@ class RedisStore:
 
     async def _snapshot(self) -> tuple[list[Account], list[Hold]]:
         accts, holds = await self._script("SNAPSHOT")
-        return ([Account(u, int(b), int(f)) for u, b, f in accts],
-                [Hold(t, u, int(a), s, float(e)) for t, u, a, s, e in holds])
+        return (
+            [Account(u, int(b), int(f)) for u, b, f in accts],
+            [Hold(t, u, int(a), s, float(e)) for t, u, a, s, e in holds],
+        )
 
     async def accounts(self) -> list[Account]:
         return (await self._snapshot())[0]
@@ -219,8 +263,19 @@ class RedisStore:
             f = entry.field_values
             if user_id is not None and f["user"] != user_id:
                 continue
-            out.append(JournalEntry(int(f["id"]), float(f["ts"]), f["user"], f["kind"], f.get("task"),
-                                    int(f["amount"]), int(f["bal"]), int(f["frz"]), f.get("note")))
+            out.append(
+                JournalEntry(
+                    int(f["id"]),
+                    float(f["ts"]),
+                    f["user"],
+                    f["kind"],
+                    f.get("task"),
+                    int(f["amount"]),
+                    int(f["bal"]),
+                    int(f["frz"]),
+                    f.get("note"),
+                )
+            )
         return out
 
     async def audit(self) -> list[str]:
@@ -237,22 +292,46 @@ class RedisStore:
 
     async def save_task(self, rec: TaskRecord) -> None:
         fields: list[Any] = [
-            "task_id", rec.task_id, "seq", rec.seq, "user_id", rec.user_id, "client_id", rec.client_id, "prompt_id", rec.prompt_id,
-            "state", rec.state, "size", rec.size, "cost", rec.cost,
-            "workflow", json.dumps(rec.workflow, separators=(",", ":")),
-            "created_at", repr(float(rec.created_at)), "updated_at", repr(float(rec.updated_at)),
-            "images", json.dumps([[i.backend, i.filename, i.subfolder, i.type] for i in rec.images]),
-            "crashes", 0,  # a save is progress (crash quarantine)
+            "task_id",
+            rec.task_id,
+            "seq",
+            rec.seq,
+            "user_id",
+            rec.user_id,
+            "client_id",
+            rec.client_id,
+            "prompt_id",
+            rec.prompt_id,
+            "state",
+            rec.state,
+            "size",
+            rec.size,
+            "cost",
+            rec.cost,
+            "workflow",
+            json.dumps(rec.workflow, separators=(",", ":")),
+            "created_at",
+            repr(float(rec.created_at)),
+            "updated_at",
+            repr(float(rec.updated_at)),
+            "images",
+            json.dumps([[i.backend, i.filename, i.subfolder, i.type] for i in rec.images]),
+            "crashes",
+            0,  # a save is progress (crash quarantine)
         ]
         if rec.template is not None:
             fields += ["template", rec.template, "params", json.dumps(rec.params, separators=(",", ":"))]
-        for name, value in (("reason", rec.reason), ("backend", rec.backend),
-                            ("error", None if rec.error is None else json.dumps(rec.error))):
+        for name, value in (
+            ("reason", rec.reason),
+            ("backend", rec.backend),
+            ("error", None if rec.error is None else json.dumps(rec.error)),
+        ):
             fields += [name, value] if value is not None else ["-" + name, ""]
         await self._script("SAVE_TASK", rec.task_id, rec.seq, rec.user_id, rec.state, *fields, fenced=True)
 
-    async def _tasks(self, index: str, lo: str = "-inf", hi: str = "+inf", limit: int = -1,
-                     reverse: bool = False) -> list[TaskRecord]:
+    async def _tasks(
+        self, index: str, lo: str = "-inf", hi: str = "+inf", limit: int = -1, reverse: bool = False
+    ) -> list[TaskRecord]:
         rows = await self._script("TASKS", index, lo, hi, limit, reverse)
         return [_task(r) for r in rows if r]
 
@@ -310,13 +389,23 @@ def _task(r: dict[str, str] | Sequence[str]) -> TaskRecord:
     if not isinstance(r, dict):
         r = dict(zip(r[::2], r[1::2], strict=True))
     return TaskRecord(
-        task_id=r["task_id"], seq=int(r["seq"]), user_id=r["user_id"], client_id=r["client_id"],
-        prompt_id=r["prompt_id"], state=r["state"], size=int(r["size"]), cost=int(r["cost"]),
-        workflow=json.loads(r["workflow"]), created_at=float(r["created_at"]), updated_at=float(r["updated_at"]),
-        reason=r.get("reason"), backend=r.get("backend"),
+        task_id=r["task_id"],
+        seq=int(r["seq"]),
+        user_id=r["user_id"],
+        client_id=r["client_id"],
+        prompt_id=r["prompt_id"],
+        state=r["state"],
+        size=int(r["size"]),
+        cost=int(r["cost"]),
+        workflow=json.loads(r["workflow"]),
+        created_at=float(r["created_at"]),
+        updated_at=float(r["updated_at"]),
+        reason=r.get("reason"),
+        backend=r.get("backend"),
         error=json.loads(r["error"]) if r.get("error") else None,
         images=tuple(ImageRef(*i) for i in json.loads(r.get("images", "[]"))),
-        template=r.get("template"), params=json.loads(r["params"]) if r.get("params") else None,
+        template=r.get("template"),
+        params=json.loads(r["params"]) if r.get("params") else None,
     )
 
 

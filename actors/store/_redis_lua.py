@@ -80,14 +80,19 @@ end
 """
 
 # ARGV: token, user, initial, now -> {balance, frozen}
-ACCOUNT = _COMMON + r"""
+ACCOUNT = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 local bal, frz = open_acct(ARGV[2], tonumber(ARGV[3]), ARGV[4])
 return {bal, frz}
 """
+)
 
 # ARGV: token, user, amount, initial, note ('' = none), has_note, now, allow_negative, max -> {balance, frozen}
-GRANT = _COMMON + r"""
+GRANT = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 local user, amount, initial, max = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[9])
 local bal, frz = get_acct(user)
@@ -104,25 +109,34 @@ bal = bal + amount
 write_acct(user, bal, frz, 'grant', nil, amount, note, ARGV[7])
 return {bal, frz}
 """
+)
 
 # crash accounting (see SqliteStore.begin_run/end_run/mark_dispatched/count_crash). ARGV: token
-END_RUN = _COMMON + r"""
+END_RUN = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 redis.call('SET', P .. 'running', '0')
 return 1
 """
+)
 
 # ARGV: token, task_id, boot
-MARK_DISPATCHED = _COMMON + r"""
+MARK_DISPATCHED = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 if redis.call('EXISTS', P .. 'task:' .. ARGV[2]) == 1 then
   redis.call('HSET', P .. 'task:' .. ARGV[2], 'dispatched_boot', ARGV[3])
 end
 return 1
 """
+)
 
 # ARGV: token, limit, crashed_boot -> ids of active tasks with crashes >= limit, by seq
-COUNT_CRASH = _COMMON + r"""
+COUNT_CRASH = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', P .. 'tasks:active', 0, -1)) do
@@ -133,9 +147,12 @@ for _, id in ipairs(redis.call('ZRANGE', P .. 'tasks:active', 0, -1)) do
 end
 return out
 """
+)
 
 # ARGV: token, user, task, amount, initial, now, expires_at -> {balance, frozen, changed}
-FREEZE = _COMMON + r"""
+FREEZE = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 local user, task, amount, initial, now = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local bal, frz = get_acct(user)
@@ -159,9 +176,12 @@ frz = frz + amount
 write_acct(user, bal, frz, 'freeze', task, amount, nil, now)
 return {bal, frz, 1}
 """
+)
 
 # ARGV: token, task, outcome, amount ('' = any), note, has_note, now -> {user, balance, frozen, changed}
-RESOLVE = _COMMON + r"""
+RESOLVE = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 local task, outcome, now = ARGV[2], ARGV[3], ARGV[7]
 local h = get_hold(task)
@@ -179,10 +199,13 @@ if ARGV[6] == '1' then note = ARGV[5] end
 local bal, frz = resolve(task, h, outcome, note, now)
 return {h[1], bal, frz, 1}
 """
+)
 
 # ARGV: token, now ('' = start-up: every pending hold), new_expires_at, why, ts (the journal's time) -> list of
 # {task, user, amount, state, expires_at, outcome, balance, frozen, task_state ('' = none)}
-SWEEP = _COMMON + r"""
+SWEEP = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 local now, new_exp, why = ARGV[2], ARGV[3], ARGV[4]
 local ids
@@ -222,9 +245,12 @@ for _, task in ipairs(ids) do
 end
 return out
 """
+)
 
 # ARGV: token, task_id, seq, user, state, then field/value pairs (a field '-name' deletes name: a None)
-SAVE_TASK = _COMMON + r"""
+SAVE_TASK = (
+    _COMMON
+    + r"""
 fence(ARGV[1])
 local id, seq, user, state = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. 'task:' .. id
@@ -254,6 +280,7 @@ else
 end
 return 1
 """
+)
 
 # ARGV: zset suffix, min, max, limit (-1: all), reverse ('1') -> list of flat HGETALL arrays
 TASKS = r"""

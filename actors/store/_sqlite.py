@@ -19,12 +19,12 @@ from ._audit import audit_ledger, audit_tasks
 from ._schema import migrate
 from ._types import (
     ACTIVE_STATES,
+    MAX_AMOUNT,
     Account,
     Hold,
     HoldConflict,
     ImageRef,
     InsufficientCredits,
-    MAX_AMOUNT,
     InvalidAmount,
     JournalEntry,
     NegativeBalance,
@@ -101,8 +101,9 @@ class SqliteStore:
 
         def q() -> int:
             with _tx(self.db):
-                self.db.execute("INSERT INTO meta(key, value) VALUES ('boot', 1) "
-                                "ON CONFLICT(key) DO UPDATE SET value = value + 1")
+                self.db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('boot', 1) ON CONFLICT(key) DO UPDATE SET value = value + 1"
+                )
                 return int(self.db.execute("SELECT value FROM meta WHERE key = 'boot'").fetchone()[0])
 
         return await self._run(q)
@@ -113,8 +114,9 @@ class SqliteStore:
         def q() -> bool:
             with _tx(self.db):
                 r = self.db.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()
-                self.db.execute("INSERT INTO meta(key, value) VALUES ('running', 1) "
-                                "ON CONFLICT(key) DO UPDATE SET value = 1")
+                self.db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('running', 1) ON CONFLICT(key) DO UPDATE SET value = 1"
+                )
                 return r is not None and r[0] == 1
 
         return await self._run(q)
@@ -145,10 +147,16 @@ class SqliteStore:
 
         def q() -> list[str]:
             with _tx(self.db):
-                self.db.execute("UPDATE tasks SET crashes = crashes + 1 WHERE state NOT IN ('succeeded', 'failed', "
-                                "'cancelled') AND (state != 'queued' OR dispatched_boot = ?)", (crashed_boot,))
-                rows = self.db.execute("SELECT task_id FROM tasks WHERE crashes >= ? AND state NOT IN "
-                                       "('succeeded', 'failed', 'cancelled') ORDER BY seq", (limit,)).fetchall()
+                self.db.execute(
+                    "UPDATE tasks SET crashes = crashes + 1 WHERE state NOT IN ('succeeded', 'failed', "
+                    "'cancelled') AND (state != 'queued' OR dispatched_boot = ?)",
+                    (crashed_boot,),
+                )
+                rows = self.db.execute(
+                    "SELECT task_id FROM tasks WHERE crashes >= ? AND state NOT IN "
+                    "('succeeded', 'failed', 'cancelled') ORDER BY seq",
+                    (limit,),
+                ).fetchall()
                 return [r[0] for r in rows]
 
         return await self._run(q)
@@ -162,8 +170,9 @@ class SqliteStore:
 
         return await self._run(q)
 
-    async def grant(self, user_id: str, amount: int, initial: int, note: str | None = None,
-                    allow_negative: bool = False) -> Account:
+    async def grant(
+        self, user_id: str, amount: int, initial: int, note: str | None = None, allow_negative: bool = False
+    ) -> Account:
         """Add ``amount`` (negative: remove) to the balance; journaled with ``note`` (who and why). The amount and
         the new balance stay within +-MAX_AMOUNT; leaving ``available`` below zero needs ``allow_negative``."""
         if not isinstance(amount, int) or isinstance(amount, bool) or abs(amount) > MAX_AMOUNT:
@@ -175,8 +184,10 @@ class SqliteStore:
                 if abs(acc.balance + amount) > MAX_AMOUNT:
                     raise InvalidAmount(f"the balance of {user_id!r} would leave +-2^53")
                 if acc.available + amount < 0 and not allow_negative:
-                    raise NegativeBalance(f"the grant would leave {user_id!r} with {acc.available + amount} credits "
-                                          f"available; send \"allowNegative\": true to allow it")
+                    raise NegativeBalance(
+                        f"the grant would leave {user_id!r} with {acc.available + amount} credits "
+                        f'available; send "allowNegative": true to allow it'
+                    )
                 acc = Account(user_id, acc.balance + amount, acc.frozen)
                 self._write_account(acc, "grant", None, amount, note)
                 return acc
@@ -312,8 +323,10 @@ class SqliteStore:
         def q() -> list[str]:
             with _tx(self.db):
                 rows = self.db.execute("SELECT task_id, seq, user_id, state, cost FROM tasks").fetchall()
-                tasks = [TaskRecord(r["task_id"], r["seq"], r["user_id"], "", "", r["state"], 0, r["cost"], {}, 0, 0)
-                         for r in rows]
+                tasks = [
+                    TaskRecord(r["task_id"], r["seq"], r["user_id"], "", "", r["state"], 0, r["cost"], {}, 0, 0)
+                    for r in rows
+                ]
                 return audit_tasks(tasks, self._holds())
 
         return await self._run(q)
@@ -331,10 +344,22 @@ class SqliteStore:
                            prompt_id=excluded.prompt_id, backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at,
                            crashes=0""",
                     (
-                        rec.task_id, rec.seq, rec.user_id, rec.client_id, rec.prompt_id, rec.state, rec.reason,
-                        rec.backend, rec.size, rec.cost, json.dumps(rec.workflow, separators=(",", ":")),
-                        json.dumps(rec.error) if rec.error is not None else None, rec.created_at, rec.updated_at,
-                        rec.template, json.dumps(rec.params) if rec.params is not None else None,
+                        rec.task_id,
+                        rec.seq,
+                        rec.user_id,
+                        rec.client_id,
+                        rec.prompt_id,
+                        rec.state,
+                        rec.reason,
+                        rec.backend,
+                        rec.size,
+                        rec.cost,
+                        json.dumps(rec.workflow, separators=(",", ":")),
+                        json.dumps(rec.error) if rec.error is not None else None,
+                        rec.created_at,
+                        rec.updated_at,
+                        rec.template,
+                        json.dumps(rec.params) if rec.params is not None else None,
                     ),
                 )
                 for n, img in enumerate(rec.images):
@@ -404,7 +429,9 @@ class SqliteStore:
         self._journal(acc, "open", None, initial, "initial credits")
         return acc
 
-    def _write_account(self, acc: Account, kind: str, task_id: str | None, amount: int, note: str | None = None) -> None:
+    def _write_account(
+        self, acc: Account, kind: str, task_id: str | None, amount: int, note: str | None = None
+    ) -> None:
         self.db.execute(
             "UPDATE accounts SET balance = ?, frozen = ? WHERE user_id = ?", (acc.balance, acc.frozen, acc.user_id)
         )
@@ -443,8 +470,20 @@ class SqliteStore:
             rows = self.db.execute("SELECT * FROM journal ORDER BY id").fetchall()
         else:
             rows = self.db.execute("SELECT * FROM journal WHERE user_id = ? ORDER BY id", (user_id,)).fetchall()
-        return [JournalEntry(r["id"], r["ts"], r["user_id"], r["kind"], r["task_id"], r["amount"],
-                             r["balance_after"], r["frozen_after"], r["note"]) for r in rows]
+        return [
+            JournalEntry(
+                r["id"],
+                r["ts"],
+                r["user_id"],
+                r["kind"],
+                r["task_id"],
+                r["amount"],
+                r["balance_after"],
+                r["frozen_after"],
+                r["note"],
+            )
+            for r in rows
+        ]
 
     def _holds(self) -> list[Hold]:
         return [_hold_row(r) for r in self.db.execute("SELECT * FROM holds ORDER BY rowid")]
@@ -458,13 +497,25 @@ class SqliteStore:
             "SELECT backend, filename, subfolder, type FROM images WHERE task_id = ? ORDER BY n", (r["task_id"],)
         ).fetchall()
         return TaskRecord(
-            task_id=r["task_id"], seq=r["seq"], user_id=r["user_id"], client_id=r["client_id"],
-            prompt_id=r["prompt_id"], state=r["state"], size=r["size"], cost=r["cost"],
-            workflow=json.loads(r["workflow"]), created_at=r["created_at"], updated_at=r["updated_at"],
-            reason=r["reason"], backend=r["backend"], error=json.loads(r["error"]) if r["error"] else None,
+            task_id=r["task_id"],
+            seq=r["seq"],
+            user_id=r["user_id"],
+            client_id=r["client_id"],
+            prompt_id=r["prompt_id"],
+            state=r["state"],
+            size=r["size"],
+            cost=r["cost"],
+            workflow=json.loads(r["workflow"]),
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+            reason=r["reason"],
+            backend=r["backend"],
+            error=json.loads(r["error"]) if r["error"] else None,
             images=tuple(ImageRef(i["backend"], i["filename"], i["subfolder"], i["type"]) for i in imgs),
-            template=r["template"], params=json.loads(r["params"]) if r["params"] else None,
+            template=r["template"],
+            params=json.loads(r["params"]) if r["params"] else None,
         )
+
 
 def _check_amount(amount: object) -> None:
     if not isinstance(amount, int) or isinstance(amount, bool) or not 0 <= amount <= MAX_AMOUNT:
