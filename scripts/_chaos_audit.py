@@ -250,22 +250,13 @@ async def settle_and_audit(
                 if (b["balance"], b["frozen"]) != (acc.balance, acc.frozen):
                     report.add(f"client {user}: last balance message {b}, final account {acc}")
 
-    with open(gateway.data.parent / "clients.jsonl", "w") as out:  # what each client saw, for a post-mortem
-        for user, client in clients.items():
-            out.write(json.dumps({"user": user, "connections": client.connections, "resyncs": client.resyncs}) + "\n")
-            for m in client.seen:
-                out.write(
-                    json.dumps(
-                        {
-                            "user": user,
-                            "at": m.at,
-                            "conn": m.conn,
-                            "seq": m.seq,
-                            "body": {k: v for k, v in m.body.items() if k not in ("data",)},
-                        }
-                    )
-                    + "\n"
-                )
+    lines: list[str] = []  # what each client saw, for a post-mortem
+    for user, client in clients.items():
+        lines.append(json.dumps({"user": user, "connections": client.connections, "resyncs": client.resyncs}))
+        for m in client.seen:
+            body = {k: v for k, v in m.body.items() if k != "data"}
+            lines.append(json.dumps({"user": user, "at": m.at, "conn": m.conn, "seq": m.seq, "body": body}))
+    await trio.Path(gateway.data.parent / "clients.jsonl").write_text("".join(line + "\n" for line in lines))
     states = Counter(t.state if t.state != "failed" else f"failed:{t.reason}" for t in tasks)
     report.stats.update(
         {

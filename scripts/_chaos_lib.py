@@ -190,8 +190,8 @@ class GatewayProcess:
     async def _copy_output(self, proc: trio.Process, serving: trio.Event, exited: trio.Event, generation: int) -> None:
         buf = b""
         assert proc.stdout is not None
-        with open(self.log_path, "ab") as out:
-            out.write(f"---- gateway start #{generation} ----\n".encode())
+        async with await trio.open_file(self.log_path, "ab") as out:
+            await out.write(f"---- gateway start #{generation} ----\n".encode())
             while True:
                 try:
                     chunk = await proc.stdout.receive_some(65536)
@@ -199,7 +199,7 @@ class GatewayProcess:
                     chunk = b""
                 if not chunk:
                     break
-                out.write(chunk)
+                await out.write(chunk)
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 if self.proc is proc:
@@ -212,7 +212,7 @@ class GatewayProcess:
                     elif b" ERROR " in line or line.startswith(b"Traceback"):
                         self.error_lines.append(line.decode(errors="replace"))
             await proc.wait()
-            out.write(f"---- gateway #{generation} exited with {proc.returncode} ----\n".encode())
+            await out.write(f"---- gateway #{generation} exited with {proc.returncode} ----\n".encode())
         starting = not serving.is_set()
         serving.set()  # unblock a start() that waits: it checks returncode and raises
         exited.set()

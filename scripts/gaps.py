@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -136,8 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     for inflight in (1, 2) if args.compare else (args.max_inflight,):
         gaps = trio.run(
-            lambda: measure_gaps(
-                backends=args.backends, tasks=args.tasks, max_inflight=inflight, steps=args.steps, step_ms=args.step_ms
+            functools.partial(
+                measure_gaps,
+                backends=args.backends,
+                tasks=args.tasks,
+                max_inflight=inflight,
+                steps=args.steps,
+                step_ms=args.step_ms,
             )
         )
         print(

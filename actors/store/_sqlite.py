@@ -100,7 +100,7 @@ class SqliteStore:
         so that session seqs of a new run are all above those of any earlier run (resume across a restart)."""
 
         def q() -> int:
-            with _tx(self.db):
+            with _Tx(self.db):
                 self.db.execute(
                     "INSERT INTO meta(key, value) VALUES ('boot', 1) ON CONFLICT(key) DO UPDATE SET value = value + 1"
                 )
@@ -112,7 +112,7 @@ class SqliteStore:
         """Mark a gateway as running on this store; True if the previous run did not stop cleanly (crashed)."""
 
         def q() -> bool:
-            with _tx(self.db):
+            with _Tx(self.db):
                 r = self.db.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()
                 self.db.execute(
                     "INSERT INTO meta(key, value) VALUES ('running', 1) ON CONFLICT(key) DO UPDATE SET value = 1"
@@ -125,7 +125,7 @@ class SqliteStore:
         """The gateway stopped cleanly (its next start is not a crash)."""
 
         def q() -> None:
-            with _tx(self.db):
+            with _Tx(self.db):
                 self.db.execute("UPDATE meta SET value = 0 WHERE key = 'running'")
 
         await self._run(q)
@@ -135,7 +135,7 @@ class SqliteStore:
         process, the next start knows this task was in flight)."""
 
         def q() -> None:
-            with _tx(self.db):
+            with _Tx(self.db):
                 self.db.execute("UPDATE tasks SET dispatched_boot = ? WHERE task_id = ?", (boot, task_id))
 
         await self._run(q)
@@ -146,7 +146,7 @@ class SqliteStore:
         so ``limit`` times in a row without progress (a save), to be quarantined."""
 
         def q() -> list[str]:
-            with _tx(self.db):
+            with _Tx(self.db):
                 self.db.execute(
                     "UPDATE tasks SET crashes = crashes + 1 WHERE state NOT IN ('succeeded', 'failed', "
                     "'cancelled') AND (state != 'queued' OR dispatched_boot = ?)",
@@ -165,7 +165,7 @@ class SqliteStore:
 
     async def account(self, user_id: str, initial: int) -> Account:
         def q() -> Account:
-            with _tx(self.db):
+            with _Tx(self.db):
                 return self._account(user_id, initial)
 
         return await self._run(q)
@@ -179,7 +179,7 @@ class SqliteStore:
             raise InvalidAmount(f"a grant must be an int within +-2^53, not {amount!r}")
 
         def q() -> Account:
-            with _tx(self.db):
+            with _Tx(self.db):
                 acc = self._account(user_id, initial)
                 if abs(acc.balance + amount) > MAX_AMOUNT:
                     raise InvalidAmount(f"the balance of {user_id!r} would leave +-2^53")
@@ -202,7 +202,7 @@ class SqliteStore:
         _check_amount(amount)
 
         def q() -> tuple[Account, bool]:
-            with _tx(self.db):
+            with _Tx(self.db):
                 acc = self._account(user_id, initial)
                 hold = self._hold(task_id)
                 if hold is not None:
@@ -234,7 +234,7 @@ class SqliteStore:
             raise ValueError(f"outcome must be 'settled' or 'released', not {outcome!r}")
 
         def q() -> tuple[Account, bool]:
-            with _tx(self.db):
+            with _Tx(self.db):
                 hold = self._hold(task_id)
                 if hold is None:
                     raise UnknownHold(f"no hold for task {task_id!r}")
@@ -262,7 +262,7 @@ class SqliteStore:
 
         def q() -> list[SweptHold]:
             out: list[SweptHold] = []
-            with _tx(self.db):
+            with _Tx(self.db):
                 if now is None:
                     rows = self.db.execute("SELECT * FROM holds WHERE state = 'pending' ORDER BY rowid").fetchall()
                 else:
@@ -312,7 +312,7 @@ class SqliteStore:
         per problem, [] when consistent. One read transaction, so the three tables agree."""
 
         def q() -> list[str]:
-            with _tx(self.db):
+            with _Tx(self.db):
                 return audit_ledger(self._journal_lines(None), self._accounts(), self._holds())
 
         return await self._run(q)
@@ -321,7 +321,7 @@ class SqliteStore:
         """Tasks against their holds, for a quiescent store (``_audit.audit_tasks``)."""
 
         def q() -> list[str]:
-            with _tx(self.db):
+            with _Tx(self.db):
                 rows = self.db.execute("SELECT task_id, seq, user_id, state, cost FROM tasks").fetchall()
                 tasks = [
                     TaskRecord(r["task_id"], r["seq"], r["user_id"], "", "", r["state"], 0, r["cost"], {}, 0, 0)
@@ -335,7 +335,7 @@ class SqliteStore:
 
     async def save_task(self, rec: TaskRecord) -> None:
         def q() -> None:
-            with _tx(self.db):
+            with _Tx(self.db):
                 self.db.execute(
                     """INSERT INTO tasks(task_id, seq, user_id, client_id, prompt_id, state, reason, backend, size,
                                          cost, workflow, error, created_at, updated_at, template, params)
@@ -526,7 +526,7 @@ def _hold_row(r: sqlite3.Row) -> Hold:
     return Hold(r["task_id"], r["user_id"], r["amount"], r["state"], r["expires_at"])
 
 
-class _tx:
+class _Tx:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (the exception propagates)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
