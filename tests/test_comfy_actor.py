@@ -8,6 +8,7 @@ never jumps while a frame is in flight.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -367,7 +368,7 @@ async def test_server_close_then_reconnect_with_backoff(autojump_clock: trio.tes
     assert [s.opened for s in fake.sockets] == [0, 5.5, 6.5, 48.0]
     assert [t for t, *_ in fake.requests("/system_stats")] == [5.5, 6.5, 48.0]  # liveness before every redial
     assert fake.max_open_same_client == 1
-    assert all(s.closed is not None and s.closed <= n.opened for s, n in zip(fake.sockets, fake.sockets[1:]))
+    assert all(s.closed is not None and s.closed <= n.opened for s, n in itertools.pairwise(fake.sockets))
     assert all(s.first_message == FEATURE_FLAGS for s in fake.sockets)
     assert h.counters.statistics().reconnects == 3
 
@@ -431,7 +432,7 @@ async def test_ping_watchdog_forces_reconnect(autojump_clock: trio.testing.MockC
     timeouts = ComfyTimeouts(ping_interval=10, ping_timeout=10)
     async with trio.open_nursery() as nursery, httpx.AsyncClient(transport=fake.transport) as http:
         port = await serve_zombie(nursery, accepted)
-        inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
+        _inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
         spec = BackendSpec("b0", f"http://127.0.0.1:{port}")
         nursery.start_soon(
             partial(
@@ -494,7 +495,7 @@ async def test_refused_dial(autojump_clock: trio.testing.MockClock) -> None:
         port = s.getsockname()[1]
     reports_tx, reports_rx = trio.open_memory_channel[ComfyReport](16)
     async with trio.open_nursery() as nursery, httpx.AsyncClient(transport=FakeComfy().transport) as http:
-        inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
+        _inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
         nursery.start_soon(
             partial(run, BackendSpec("b0", f"http://127.0.0.1:{port}"), inbox_rx, reports_tx, http=http, client_id="c")
         )
@@ -537,7 +538,7 @@ async def test_submit_accepted(autojump_clock: trio.testing.MockClock) -> None:
     async with actor(fake) as h:
         await h.next()
         assert await submit(h) == (0, PromptAccepted("b0", "t-1", "p-1", 11, node_errors))
-    [(_, method, path, body, headers)] = fake.http_log
+    [(_, _method, _path, body, headers)] = fake.http_log
     assert body == {"prompt": WORKFLOW, "client_id": CLIENT_ID, "prompt_id": "p-1"}
     assert "origin" not in headers
 
@@ -564,7 +565,7 @@ async def test_submit_rejected_with_500_text(autojump_clock: trio.testing.MockCl
 
 
 @pytest.mark.parametrize(
-    "answer, error",
+    ("answer", "error"),
     [
         (httpx.ConnectError("connection refused"), "POST /prompt: ConnectError: connection refused"),
         (httpx.ReadTimeout("timed out"), "POST /prompt: ReadTimeout: timed out"),

@@ -300,7 +300,7 @@ def test_rejections_cover_every_shape() -> None:
     assert statuses.count(400) == 8 and statuses.count(500) == 1
 
 
-@pytest.mark.parametrize("status, body", REJECTIONS, ids=lambda v: v if isinstance(v, int) else "")
+@pytest.mark.parametrize(("status", "body"), REJECTIONS, ids=lambda v: v if isinstance(v, int) else "")
 def test_format_rejection_of_every_transcript_body(status: int, body: Any) -> None:
     text = format_rejection(status, body)
     assert text and "\n" not in text
@@ -339,7 +339,7 @@ def test_format_rejection_example() -> None:
 
 
 @pytest.mark.parametrize(
-    "body, expected",
+    ("body", "expected"),
     [
         (None, "HTTP 502 with an empty body"),
         ("", "HTTP 502 with an empty body"),

@@ -19,6 +19,8 @@ from conftest import GatewayUnderTest, both_stores, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
 
+RUN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "run"
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TERMINAL = ("completed", "execution_error", "cancelled")
 
@@ -118,7 +120,7 @@ async def run_to_terminal(
 async def test_execution_error_is_refunded(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
-    task, mine = await run_to_terminal(g, "alice", workflow("txt2img_sim_error"))
+    _task, mine = await run_to_terminal(g, "alice", workflow("txt2img_sim_error"))
     err = mine[-1]
     assert err["type"] == "execution_error" and err["reason"] == "execution_error" and err["refunded"] is True
     wf = workflow("txt2img_sim_error")
@@ -251,10 +253,18 @@ async def _read_line_with(stream: Any, needle: bytes, buf: bytearray) -> bytes:
 
 async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
     """What a newcomer gets from `scripts/run --simulate`: the gateway CLI with the bundled simulator."""
-    run = Path(__file__).resolve().parent.parent / "scripts" / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"PYTHONUNBUFFERED": "1"}
     proc = await trio.lowlevel.open_process(
-        [str(run), "--simulate", "--bind", "127.0.0.1:0", "--data", str(tmp_path / "data"), "--sim-step-ms", "5"],
+        [
+            str(RUN_SCRIPT),
+            "--simulate",
+            "--bind",
+            "127.0.0.1:0",
+            "--data",
+            str(tmp_path / "data"),
+            "--sim-step-ms",
+            "5",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,

@@ -54,7 +54,7 @@ async def test_freeze_refused_when_available_would_go_negative(store: Store) -> 
 
 
 async def test_concurrent_freezes_never_overdraw(store: Store) -> None:
-    hub_tx, hub_rx = trio.open_memory_channel[Publish](1000)
+    hub_tx, _hub_rx = trio.open_memory_channel[Publish](1000)
     tx, rx = trio.open_memory_channel[ledger.LedgerMsg](64)
     ok: list[str] = []
     refused: list[str] = []

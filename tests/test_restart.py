@@ -74,7 +74,7 @@ async def start_world(
 
 
 def check(report: Report, gw: GatewayProcess) -> None:
-    assert report.ok, "\n".join(report.problems + [f"gateway log: {gw.log_path}"])
+    assert report.ok, "\n".join([*report.problems, f"gateway log: {gw.log_path}"])
 
 
 @both_stores

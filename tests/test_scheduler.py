@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import trio
@@ -106,9 +107,7 @@ async def test_late_user_is_dispatched_within_two_dispatches_at_any_point(nurser
         b_tx, b_rx = trio.open_memory_channel[Any](100)
         tx, rx = trio.open_memory_channel[sched.SchedulerMsg](100)
         async with trio.open_nursery() as inner:
-            await inner.start(
-                lambda task_status: sched.run(rx, backends={"b0": b_tx}, max_inflight=1, task_status=task_status)
-            )
+            await inner.start(functools.partial(sched.run, rx, backends={"b0": b_tx}, max_inflight=1))
             await tx.send(sched.SetBackend("b0", True))
             for i in range(10):
                 await tx.send(sched.Enqueue(job("A", i)))

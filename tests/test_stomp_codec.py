@@ -10,6 +10,7 @@ them with far more examples: ``check_round_trip``/``check_fuzz`` plus the strate
 from __future__ import annotations
 
 import ast
+import itertools
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
@@ -62,7 +63,7 @@ def steps(wire: bytes, step: int) -> list[bytes]:
 
 def cut(wire: bytes, positions: Iterable[int]) -> list[bytes]:
     bounds = [0, *sorted({min(max(p, 0), len(wire)) for p in positions}), len(wire)]
-    return [wire[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [wire[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def connected(version: str = "1.2", **limits: int) -> StompConnection:
@@ -251,7 +252,7 @@ def test_colons_in_values_of_any_frame() -> None:
 def test_send_escapes_per_version() -> None:
     message = Frame("MESSAGE", (("destination", "/q"), ("x", "a:b\nc\rd")))
     assert b"x:a\\cb\\nc\\rd\n" in connected("1.2").send(message)
-    with pytest.raises(LocalProtocolError, match="1.1"):
+    with pytest.raises(LocalProtocolError, match=r"1\.1"):
         connected("1.1").send(message)
     assert b"x:a\\cb\\nc\n" in connected("1.1").send(Frame("MESSAGE", (("x", "a:b\nc"),)))
     assert b"x:a:b\n" in connected("1.0").send(Frame("MESSAGE", (("x", "a:b"),)))
@@ -376,8 +377,8 @@ def test_frame_too_large_without_nul_is_rejected_before_the_end() -> None:
     conn.receive_data(head + b"x" * (100 - len(head)))
     assert conn.next_event() is NEED_DATA
     assert conn.statistics().buffered_bytes == 100
+    conn.receive_data(b"x")
     with pytest.raises(RemoteProtocolError, match="frame too large"):
-        conn.receive_data(b"x")
         conn.next_event()
 
 
@@ -398,10 +399,14 @@ def test_huge_content_length(length: bytes) -> None:
 def test_frame_too_large_while_headers_accumulate() -> None:
     conn = connected(max_frame_size=100, max_headers=1000)
     conn.receive_data(b"SEND\ndestination:/q\n")
-    with pytest.raises(RemoteProtocolError, match="frame too large"):
+
+    def add_header_lines() -> None:
         for _ in range(20):
             conn.receive_data(b"x-filler:abcdefgh\n")
             assert conn.next_event() is NEED_DATA
+
+    with pytest.raises(RemoteProtocolError, match="frame too large"):
+        add_header_lines()
 
 
 def test_too_many_headers() -> None:
@@ -420,8 +425,8 @@ def test_header_line_too_long() -> None:
     conn = connected(max_header_length=20)
     conn.receive_data(b"SEND\ndestination:/q\n" + line + b"y")  # incomplete: CR LF may still come
     assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"y")
     with pytest.raises(RemoteProtocolError, match="header line too long"):
-        conn.receive_data(b"y")
         conn.next_event()
 
 
@@ -499,7 +504,7 @@ def test_connect_twice_before_the_answer() -> None:
     conn = StompConnection()
     conn.receive_data(connect_wire() + b"STOMP\naccept-version:1.2\n\n\0")
     assert conn.next_event().command == "CONNECT"  # type: ignore[union-attr]
-    with pytest.raises(RemoteProtocolError, match="STOMP.*CONNECTING"):
+    with pytest.raises(RemoteProtocolError, match=r"STOMP.*CONNECTING"):
         conn.next_event()
 
 
@@ -507,7 +512,7 @@ def test_frames_pipelined_before_connected_are_refused() -> None:
     conn = StompConnection()
     conn.receive_data(connect_wire() + b"SEND\ndestination:/q\n\n\0")
     assert conn.next_event().command == "CONNECT"  # type: ignore[union-attr]
-    with pytest.raises(RemoteProtocolError, match="SEND.*CONNECTING"):
+    with pytest.raises(RemoteProtocolError, match=r"SEND.*CONNECTING"):
         conn.next_event()
 
 
@@ -705,7 +710,7 @@ def test_remote_error_default_frame_and_hierarchy() -> None:
 
 def test_send_misuse() -> None:
     conn = StompConnection()
-    with pytest.raises(LocalProtocolError, match="MESSAGE.*CONNECTING"):
+    with pytest.raises(LocalProtocolError, match=r"MESSAGE.*CONNECTING"):
         conn.send(Frame("MESSAGE", (("destination", "/q"),)))
     with pytest.raises(LocalProtocolError, match="before a CONNECT"):
         conn.send(Frame("CONNECTED", (("version", "1.2"),)))
@@ -941,11 +946,14 @@ def check_fuzz(case: tuple[bytes, list[int], dict[str, int]]) -> None:
                         conn.send(Frame("MESSAGE", event.headers, event.body))
             assert conn.statistics().buffered_bytes <= bound
     except RemoteProtocolError as exc:
-        assert conn.state is ConnState.ERROR
-        assert conn.send(exc.error_frame).startswith(b"ERROR\n")
-        with pytest.raises(RemoteProtocolError):
-            conn.next_event()
-        assert conn.statistics().buffered_bytes == 0
+        error = exc
+    else:
+        return
+    assert conn.state is ConnState.ERROR
+    assert conn.send(error.error_frame).startswith(b"ERROR\n")
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.statistics().buffered_bytes == 0
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,6 +10,7 @@ assertions are about order, causality and lower bounds, which a slow machine can
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import socket
 import statistics
@@ -392,7 +393,9 @@ async def test_server_heartbeats_follow_the_negotiated_interval(sim: FakeComfyUI
     # beats k periods apart cannot arrive sooner than k periods after CONNECT ...
     assert beats["slow"][2] - start >= 0.6 and beats["fast"][2] - start >= 0.3
     # ... each client gets them at its own interval, and the client that asked for none got none
-    slow_gap, fast_gap = (statistics.median(b - a for a, b in zip(v, v[1:])) for v in (beats["slow"], beats["fast"]))
+    slow_gap, fast_gap = (
+        statistics.median(b - a for a, b in itertools.pairwise(v)) for v in (beats["slow"], beats["fast"])
+    )
     assert slow_gap >= 0.15 and fast_gap < 0.75 * slow_gap, (slow_gap, fast_gap)
     assert beats["never"] == []
 
@@ -417,7 +420,7 @@ async def test_silent_client_is_closed_and_beating_client_stays(sim: FakeComfyUI
         with trio.fail_after(10):
             async with trio.open_nursery() as n:
                 n.start_soon(beat)
-                frame, code = await error_then_close(silent, "heart-beat timeout")
+                _frame, code = await error_then_close(silent, "heart-beat timeout")
                 closed_after = trio.current_time() - start
                 # the beating client outlives the silent one by as long again, then still answers
                 target = 2 * sent + 4
@@ -623,7 +626,7 @@ async def test_socket_without_connect_is_closed(sim: FakeComfyUI, start_gateway:
     g = await start_gateway([sim.url], web={"connect_timeout": 0.3})
     async with open_websocket_url(g.ws_url, subprotocols=["v12.stomp"]) as ws:
         start = trio.current_time()
-        frame, code = await error_then_close(StompClient(ws), "no CONNECT")
+        _frame, code = await error_then_close(StompClient(ws), "no CONNECT")
         assert trio.current_time() - start >= 0.25 and code == 1008
         await ws._stream.aclose()
 

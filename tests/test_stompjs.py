@@ -167,7 +167,7 @@ async def test_stompjs_reconnects_and_resumes_without_gap_or_duplicate(
 
     # the drop happened mid-task, and the messages the gateway sent while stompjs was away came by replay:
     # the observer had them before stompjs even sent its second SUBSCRIBE
-    assert [m["conn"] for m in mine if m["type"] == "progress"][0] == 1
+    assert next(m["conn"] for m in mine if m["type"] == "progress") == 1
     assert mine[-1]["conn"] == 2
     replayed = [m["seq"] for m in msgs if m["conn"] == 2 and m["seq"] in seen and seen[m["seq"]][0] < second["at"]]
     assert replayed, f"nothing was replayed: the task did not outlive the drop{where}"

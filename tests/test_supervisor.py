@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -41,7 +43,7 @@ async def test_delay_is_capped(autojump_clock: trio.testing.MockClock) -> None:
     policy = RestartPolicy(initial_delay=1.0, max_delay=4.0, max_restarts=6, window=1000.0)
     with pytest.raises(SupervisorGaveUp):
         await supervise("c", refuse, policy, jitter=no_jitter)
-    assert [b - a for a, b in zip(attempts, attempts[1:])] == [1, 2, 4, 4, 4, 4]
+    assert [b - a for a, b in itertools.pairwise(attempts)] == [1, 2, 4, 4, 4, 4]
 
 
 async def test_jitter_gets_the_capped_delay(autojump_clock: trio.testing.MockClock) -> None:
@@ -163,5 +165,5 @@ def test_full_jitter_stays_in_range() -> None:
     "kwargs", [dict(initial_delay=-1), dict(initial_delay=5, max_delay=1), dict(max_restarts=-1), dict(window=-1)]
 )
 def test_policy_validation(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"initial_delay|must be >= 0"):
         RestartPolicy(**kwargs)  # type: ignore[arg-type]

@@ -32,13 +32,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from ..task_machine import ACTIVE_STATES, TERMINAL_STATES  # the task states are the machine's (defined once)
 from ._redis import RedisStore, split_redis_url
 from ._schema import _MIGRATIONS, SCHEMA_VERSION
 from ._sqlite import SqliteStore
 from ._types import (
-    ACTIVE_STATES,
     MAX_AMOUNT,
-    TERMINAL_STATES,
     Account,
     CoreStepDown,
     Hold,

@@ -24,10 +24,10 @@ import coredis
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import RedisError, ResponseError
 
+from ..task_machine import ACTIVE_STATES  # the task states are the machine's (defined once)
 from . import _redis_lua as lua
 from ._audit import audit_ledger, audit_tasks
 from ._types import (
-    ACTIVE_STATES,
     MAX_AMOUNT,
     Account,
     Hold,

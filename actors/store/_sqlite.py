@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..task_machine import ACTIVE_STATES  # the task states are the machine's (defined once)
 from ._audit import audit_ledger, audit_tasks
 from ._schema import migrate
 from ._types import (
-    ACTIVE_STATES,
     MAX_AMOUNT,
     Account,
     Hold,
