@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ class Outbox:
         self._bytes = 0
         self._since: float | None = None  # when the oldest waiting item was queued
         self._wake = trio.Event()
+        self.on_due: Callable[[float], None] | None = None  # told when a deadline (overdue, failed) comes nearer
         self.failed: str | None = None
         self.delivered = 0
         self.dropped = 0
@@ -98,6 +99,8 @@ class Outbox:
         self._bytes += size
         if self._since is None:
             self._since = trio.current_time()
+            if self.on_due is not None:
+                self.on_due(self._since + self.max_delay)
         self._wake.set()
 
     def _evict_droppable(self, size: int) -> None:
@@ -118,11 +121,18 @@ class Outbox:
             self._items.clear()
             self._by_key.clear()
             self._bytes = 0
+            if self.on_due is not None:
+                self.on_due(trio.current_time())
         self._wake.set()
 
+    @property
+    def due(self) -> float | None:
+        """When the oldest waiting frame becomes overdue (None: nothing waits)."""
+        return None if self._since is None else self._since + self.max_delay
+
     def overdue(self) -> bool:
-        """True when the oldest waiting frame has waited longer than ``max_delay``."""
-        return self._since is not None and trio.current_time() - self._since > self.max_delay
+        """True when the oldest waiting frame has waited ``max_delay`` or longer."""
+        return self._since is not None and trio.current_time() - self._since >= self.max_delay
 
     async def get_batch(self) -> list[Outgoing]:
         """Wait for at least one item and take every waiting item. Raises SlowConsumer once failed."""

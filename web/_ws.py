@@ -1,4 +1,4 @@
-"""The STOMP endpoint at /ws: one reader, one writer and one timer task per connection.
+"""The STOMP endpoint at /ws: a reader and a writer task per connection; every deadline in one shared heap.
 
 A connection runs over a ``StompTransport`` (``web._transport``): a plain WebSocket (``serve``), or a SockJS
 session (``web.sockjs``, which calls ``run``); the rules below are the same for both.
@@ -12,18 +12,21 @@ A client disconnect arrives as ``trio.Cancelled`` (STACK-NOTES §2.5): cleanup l
 Every way a connection ends (DISCONNECT, a protocol error, a heart-beat or CONNECT timeout, a slow consumer,
 shutdown) goes the same path: an ERROR/RECEIPT is queued, the writer flushes it, the session is detached, and
 the socket is closed with a code. A client that stopped reading can leave the writer stuck for ever inside
-``websocket.send()`` (Hypercorn shields the socket write, STACK-NOTES §2.6), so the timer task is also a
-watchdog: once a connection is condemned, the writer gets ``CLOSE_GRACE`` seconds to finish, after which the
-TCP connection is cut underneath it (``_transport.transport_closer``).
+``websocket.send()`` (Hypercorn shields the socket write, STACK-NOTES §2.6), so the timers (``web._timers``:
+one heap, one task for every connection, no periodic wake-up) are also a watchdog: once a connection is
+condemned, the writer gets ``CLOSE_GRACE`` seconds to finish, after which the TCP connection is cut underneath it
+(``_transport.transport_closer``).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import logging
+import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -47,6 +50,7 @@ from actors.sessions import (
     SlowConsumer,
 )
 
+from ._timers import Timers
 from ._transport import StompTransport, TransportClosed, WebSocketTransport
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
@@ -56,7 +60,6 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 SERVER_NAME = "comfy-gateway/0.1"
-MAX_TICK = 0.5  # seconds between the timer task's checks of the outbox (its other deadlines are exact)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
 DETACH_TIMEOUT = 2.0  # seconds the cleanup of a closed connection waits for the sessions hub
 REPLAY_WINDOW = 60.0  # seconds over which --max-replays-per-minute counts a connection's replays
@@ -121,6 +124,9 @@ class _Conn:
     transport: str = "ws"  # what carries it: "ws", or "sockjs-<transport>"
     session_held: bool = False  # the hub accepted our Connect: a Disconnect is owed
     replays: deque[float] = field(default_factory=deque)  # trio times of this connection's last-seq replays
+    opened: float = 0.0
+    armed: float = math.inf  # the deadline the shared Timers will fire us at (web._timers)
+    condemned_at: float | None = None  # when the connection was doomed (the writer has CLOSE_GRACE from then)
 
     def raw(self, data: bytes) -> None:
         self.outbox.put_nowait(Outgoing("", 0, data, RAW))
@@ -136,7 +142,7 @@ def pick_subprotocol(offered: list[str]) -> str | None:
 class StompEndpoint:
     def __init__(
         self, handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
-        counter: ConnectionCounter, metrics: Any,
+        counter: ConnectionCounter, metrics: Any, nursery: Callable[[], trio.Nursery],
     ) -> None:
         self.h = handles
         self.cfg = cfg
@@ -145,6 +151,16 @@ class StompEndpoint:
         self.counter = counter
         self.metrics = metrics
         self.live: dict[int, _Conn] = {}  # by connection id
+        self.timers = Timers()  # every connection's deadlines, served by one task in ``nursery``
+        self.timers_nursery = nursery  # the app's nursery (quart-trio): the service outlives any connection
+        self._timers_started = False
+
+    def _announce_shutdown(self) -> None:
+        for conn in list(self.live.values()):
+            self._shutting_down(conn)
+
+    def _shutting_down(self, conn: _Conn) -> None:
+        self._error(conn, "server shutting down", "the gateway is restarting; reconnect", 1001)
 
     async def serve(self, websocket: Any) -> Any:
         origin = websocket.headers.get("Origin")
@@ -162,26 +178,35 @@ class StompEndpoint:
 
     async def run(self, transport: StompTransport) -> None:
         """One STOMP connection over ``transport`` (a plain WebSocket, or a SockJS session), until it ends."""
+        if not self._timers_started:
+            self._timers_started = True
+            self.timers_nursery().start_soon(self.timers.serve, self._fire, self.shutdown, self._announce_shutdown)
+        now = trio.current_time()
         conn = _Conn(
             id=next(_ids),
             outbox=Outbox(max_bytes=self.cfg.outbox_bytes, max_delay=self.cfg.outbox_delay),
             stomp=StompConnection(max_frame_size=self.cfg.max_frame_size),
-            last_rx=trio.current_time(),
+            last_rx=now,
             abort=transport.abort,
             transport=transport.name,
+            opened=now,
         )
+        conn.outbox.on_due = partial(self.timers.arm, conn)
         self.live[conn.id] = conn
         self.metrics.connections_opened()
+        self.timers.arm(conn, now + self.cfg.connect_timeout)
+        if self.shutdown.is_set():
+            self._shutting_down(conn)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, transport, conn)
-                nursery.start_soon(self._timers, conn)
                 close = await self._writer(transport, conn)
                 # detach first: a client that reconnects as soon as it sees the close finds its slot free
                 await self._release(conn)
-                await transport.close(close.code, close.reason)  # the timer task still watches this send
+                await transport.close(close.code, close.reason)  # the timers' watchdog still watches this send
                 nursery.cancel_scope.cancel()
         finally:
+            self.timers.disarm(conn)
             with trio.move_on_after(DETACH_TIMEOUT, shield=True) as scope:
                 await self._release(conn)
             if scope.cancelled_caught:
@@ -203,7 +228,7 @@ class StompEndpoint:
                 # encode_frame, not stomp.error(): an ERROR may already have been sent on this connection
                 err = encode_frame("ERROR", (("message", "slow consumer"), ("content-type", "text/plain")),
                                    f"{exc}; reconnect and resubscribe with last-seq to resume".encode())
-                await transport.send(err.decode())  # bounded by the timer task's watchdog (CLOSE_GRACE)
+                await transport.send(err.decode())  # bounded by the timers' watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
             parts = []
             now = trio.current_time()
@@ -266,51 +291,46 @@ class StompEndpoint:
             if conn.close_after_flush is None:
                 conn.close_after_flush = close
                 conn.outbox.put_nowait(_END)
+                self._condemned(conn)
 
-    async def _timers(self, conn: _Conn) -> None:
-        """Heart-beats out, heart-beat enforcement in, slow-consumer deadline, CONNECT deadline, shutdown, and the
-        watchdog that cuts a connection whose writer cannot finish (see the module docstring).
-
-        It sleeps until the nearest deadline (heart-beats go out and are enforced on time, whatever their period)
-        and at most MAX_TICK, to notice an outbox that overflowed or got overdue."""
-        opened = trio.current_time()
-        condemned_at: float | None = None
-        announced_shutdown = False
-        while True:
-            now = trio.current_time()
-            if self.shutdown.is_set() and not announced_shutdown:
-                announced_shutdown = True
-                self._error(conn, "server shutting down", "the gateway is restarting; reconnect", 1001)
-            if conn.principal is None and now - opened >= self.cfg.connect_timeout:
-                self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
-            if conn.outbox.overdue():
-                conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
-            if conn.expect_every and not conn.busy and now - conn.last_rx >= 2 * conn.expect_every:
-                if conn.close_after_flush is None:
-                    log.info("ws %d: no heart-beat for %.2fs: closing", conn.id, now - conn.last_rx)
-                self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
-            if condemned_at is None and (conn.outbox.failed is not None or conn.close_after_flush is not None):
-                condemned_at = now
-            if condemned_at is not None and now - condemned_at >= CLOSE_GRACE:
-                await self._cut(conn)
-                return
-            if condemned_at is None and conn.send_every and now - conn.last_tx >= conn.send_every:
-                conn.last_tx = now
-                conn.raw(b"\n")
-            wake = now + MAX_TICK
-            if condemned_at is not None:
-                wake = min(wake, condemned_at + CLOSE_GRACE)
+    def _fire(self, conn: _Conn) -> None:
+        """Called by the shared ``Timers`` service when one of ``conn``'s deadlines is due: heart-beats out,
+        heart-beat enforcement in, slow-consumer deadline, CONNECT deadline, and the watchdog that cuts a
+        connection whose writer cannot finish (see the module docstring). Re-arms for the next real deadline."""
+        now = trio.current_time()
+        if conn.principal is None and now - conn.opened >= self.cfg.connect_timeout:
+            self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
+        if conn.outbox.overdue():
+            conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
+        if conn.expect_every and not conn.busy and now - conn.last_rx >= 2 * conn.expect_every:
+            if conn.close_after_flush is None:
+                log.info("ws %d: no heart-beat for %.2fs: closing", conn.id, now - conn.last_rx)
+            self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
+        if conn.condemned_at is None and (conn.outbox.failed is not None or conn.close_after_flush is not None):
+            conn.condemned_at = now
+        if conn.condemned_at is not None:
+            if now - conn.condemned_at >= CLOSE_GRACE:
+                self.timers_nursery().start_soon(self._cut, conn)
             else:
-                if conn.principal is None:
-                    wake = min(wake, opened + self.cfg.connect_timeout)
-                if conn.send_every:
-                    wake = min(wake, conn.last_tx + conn.send_every)
-                if conn.expect_every:
-                    wake = min(wake, conn.last_rx + 2 * conn.expect_every)
-            with trio.move_on_at(wake):
-                if announced_shutdown:
-                    await trio.sleep_forever()
-                await self.shutdown.wait()
+                self.timers.arm(conn, conn.condemned_at + CLOSE_GRACE)
+            return
+        if conn.send_every and now - conn.last_tx >= conn.send_every:
+            conn.last_tx = now
+            conn.raw(b"\n")
+        wake = math.inf
+        if conn.principal is None:
+            wake = conn.opened + self.cfg.connect_timeout
+        if conn.send_every:
+            wake = min(wake, conn.last_tx + conn.send_every)
+        if conn.expect_every:  # while busy, look again later: the reader resets last_rx when it is done
+            wake = min(wake, conn.last_rx + 2 * conn.expect_every if not conn.busy else now + conn.expect_every)
+        if (due := conn.outbox.due) is not None:
+            wake = min(wake, due)
+        self.timers.arm(conn, wake)
+
+    def _condemned(self, conn: _Conn) -> None:
+        """``conn`` will close: the watchdog starts counting CLOSE_GRACE now."""
+        self.timers.arm(conn, trio.current_time())
 
     async def _cut(self, conn: _Conn) -> None:
         """The writer did not finish within CLOSE_GRACE of the connection being condemned: it is stuck in a send
@@ -330,12 +350,14 @@ class StompEndpoint:
                      else encode_frame("ERROR", frame.headers, frame.body))
             conn.close_after_flush = _Close(code, frame.get("message", "") or "")
             conn.outbox.put_nowait(_END)
+            self._condemned(conn)
 
     def _error(self, conn: _Conn, message: str, detail: str, code: int, receipt: str | None = None) -> None:
         if conn.close_after_flush is None:
             conn.raw(conn.stomp.error(message, detail, receipt_id=receipt))
             conn.close_after_flush = _Close(code, message[:100])
             conn.outbox.put_nowait(_END)
+            self._condemned(conn)
 
     async def _handle(self, conn: _Conn, frame: Frame) -> None:
         receipt = frame.get("receipt")
@@ -391,6 +413,8 @@ class StompEndpoint:
             self._fail(conn, exc.error_frame, 1002)
             return
         conn.send_every, conn.expect_every = send_ms / 1000, expect_ms / 1000
+        conn.last_tx = trio.current_time()  # CONNECTED is on its way: the first heart-beat is due one period on
+        self.timers.arm(conn, conn.last_tx)  # recompute the deadlines now that heart-beats are agreed
         conn.raw(conn.stomp.send(Frame("CONNECTED", (
             ("version", conn.stomp.version or "1.2"), ("heart-beat", f"{send_ms},{expect_ms}"),
             ("server", SERVER_NAME), ("session", f"{conn.id}"), ("user-name", who.user_id),

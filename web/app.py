@@ -48,7 +48,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
     app.config["JSON_SORT_KEYS"] = False
     metrics = Metrics(handles)
     counter = ConnectionCounter(cfg.max_connections_per_user)
-    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics)
+    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics, lambda: app.nursery)
     sockjs = install_sockjs(app, endpoint, cfg.sockjs, cfg.origin_allowed)
     metrics.sockjs_sessions.set_function(lambda: len(sockjs.sessions))
     app.extensions["gateway"] = {"handles": handles, "metrics": metrics, "endpoint": endpoint, "sockjs": sockjs}
