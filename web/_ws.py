@@ -44,12 +44,11 @@ from actors.sessions import (
     Detach,
     DetachBroadcast,
     Disconnect,
-    Outbox,
     Outgoing,
     Publish,
-    SlowConsumer,
 )
 
+from ._outbox import Outbox, SlowConsumer
 from ._timers import Timers
 from ._transport import StompTransport, TransportClosed, WebSocketTransport
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
@@ -112,6 +111,8 @@ class _Conn:
     principal: Principal | None = None
     client_id: str | None = None
     subs: dict[str, tuple[str, str]] = field(default_factory=dict)  # destination -> (subscription id, ack mode)
+    prefixes: dict[str, bytes] = field(default_factory=dict)  # destination -> its MESSAGE headers (see _prefix)
+    acks: dict[str, bool] = field(default_factory=dict)  # destination -> its frames carry an ``ack`` header
     last_rx: float = 0.0
     busy: bool = False  # the reader is handling a frame (e.g. waiting for the registry), not reading
     last_tx: float = 0.0
@@ -232,6 +233,7 @@ class StompEndpoint:
                 return _Close(1008, "slow consumer")
             parts = []
             now = trio.current_time()
+            relayed = self.metrics.relayed
             for out in batch:
                 if out.type == END:  # what was queued after the last frame is not sent
                     if parts:
@@ -241,22 +243,33 @@ class StompEndpoint:
                 if out.type == RAW:
                     parts.append(out.body)
                     continue
-                sub = conn.subs.get(out.destination)
-                if sub is None:
-                    continue
+                prefix = conn.prefixes.get(out.destination)
+                if prefix is None:
+                    prefix = self._prefix(conn, out.destination)
+                    if prefix is None:  # not subscribed (any more)
+                        continue
                 conn.messages += 1
-                headers = [
-                    ("destination", out.destination), ("subscription", sub[0]),
-                    ("message-id", f"{conn.id}-{conn.messages}"), ("content-type", "application/json"),
-                    ("seq", str(out.seq)),
-                ]
-                if sub[1] != "auto":
-                    headers.append(("ack", f"{conn.id}-{conn.messages}"))
-                parts.append(encode_frame("MESSAGE", headers, out.body, escape=conn.stomp.version != "1.0"))
-                self.metrics.relayed(out.type, now - out.created)
+                mid = b"%d-%d" % (conn.id, conn.messages)
+                ack = b"ack:" + mid + b"\n" if conn.acks.get(out.destination) else b""
+                parts.append(b"%smessage-id:%s\nseq:%d\n%scontent-length:%d\n\n%s\0"
+                             % (prefix, mid, out.seq, ack, len(out.body), out.body))
+                relayed(out.type, now - out.created)
             if parts:
                 await transport.send(b"".join(parts).decode("utf-8", "replace"))
                 conn.last_tx = trio.current_time()
+
+    def _prefix(self, conn: _Conn, destination: str) -> bytes | None:
+        """The MESSAGE header lines fixed for a subscription (built once per SUBSCRIBE), or None if not subscribed.
+        Each frame adds message-id, seq, ack (client ack modes) and content-length."""
+        sub = conn.subs.get(destination)
+        if sub is None:
+            return None
+        frame = encode_frame("MESSAGE", (("destination", destination), ("subscription", sub[0]),
+                                         ("content-type", "application/json")),
+                             escape=conn.stomp.version != "1.0", content_length=False)
+        prefix = conn.prefixes[destination] = frame[:-2]  # without the blank line and the NUL
+        conn.acks[destination] = sub[1] != "auto"
+        return prefix
 
     async def _reader(self, transport: StompTransport, conn: _Conn) -> None:
         try:
@@ -436,6 +449,7 @@ class StompEndpoint:
             return
         already = dest in conn.subs
         conn.subs[dest] = (sub_id, ack)
+        conn.prefixes.pop(dest, None)  # rebuilt for the new id / ack mode by the writer
         if already:
             return
         if dest == USER_DESTINATION:
@@ -467,6 +481,7 @@ class StompEndpoint:
             if sid == sub_id:
                 await self._detach_dest(conn, dest)
                 del conn.subs[dest]
+                conn.prefixes.pop(dest, None)
 
     async def _detach_dest(self, conn: _Conn, dest: str) -> None:
         assert conn.principal is not None and conn.client_id is not None
@@ -486,6 +501,7 @@ class StompEndpoint:
             except (trio.BrokenResourceError, trio.ClosedResourceError):  # the hub is gone: gateway shutting down
                 log.debug("ws %d: sessions hub gone; %s not detached", conn.id, dest)
             del conn.subs[dest]  # only now: a Detach cancelled before delivery is sent again by the next call
+            conn.prefixes.pop(dest, None)
         if conn.session_held and conn.client_id is not None:
             try:
                 await self.h.sessions.send(Disconnect(conn.principal.user_id, conn.client_id))

@@ -1,39 +1,24 @@
 """A connection's outbound queue (``Outbox``): bounded in bytes, coalescing, never blocking the producer.
 
-Split out of ``sessions`` (re-exported there). Over budget, progress/previews/status are coalesced (the latest per
-task wins) or dropped and counted; any other message that does not fit fails the connection ("slow consumer").
+Its producers are the sessions hub (``actors.sessions``, which sees it as a ``Sink``) and the connection itself
+(control frames); its one consumer is the connection's writer (``web._ws``). Over budget, progress/previews/status
+are coalesced (the latest per task wins) or dropped and counted; any other message that does not fit fails the
+connection ("slow consumer"). It tells the connection's timers (``on_due``) when a deadline comes nearer.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import trio
 
-# message types a full outbox may coalesce or drop (latest per task wins); all others are never dropped
-DROPPABLE_TYPES = frozenset({"progress", "preview", "status"})
+from actors.sessions import DROPPABLE_TYPES, Outgoing
+
 DEFAULT_OUTBOX_BYTES = 1 << 20  # 1 MiB of queued frames per connection
 DEFAULT_OUTBOX_DELAY = 10.0  # seconds the oldest queued frame may wait before the client is "slow"
 
-
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One message ready for a connection's writer. ``seq`` is the session's number (0 for broadcasts)."""
-
-    destination: str
-    seq: int
-    body: bytes
-    type: str
-    coalesce_key: tuple[str, str] | None = None
-    created: float = 0.0
+__all__ = ["DEFAULT_OUTBOX_BYTES", "DEFAULT_OUTBOX_DELAY", "Outbox", "SlowConsumer"]
 
 
 class SlowConsumer(Exception):
@@ -43,7 +28,7 @@ class SlowConsumer(Exception):
 class Outbox:
     """A connection's outbound queue: bounded in bytes, coalescing, never blocking the producer.
 
-    Producers (its session, the hub) call ``put_nowait``; the connection's writer calls ``get_batch``.
+    Producers (the hub's sessions and broadcasts, the connection's control frames) call ``put_nowait``; the connection's writer calls ``get_batch``.
     """
 
     def __init__(self, *, max_bytes: int = DEFAULT_OUTBOX_BYTES, max_delay: float = DEFAULT_OUTBOX_DELAY) -> None:
