@@ -43,7 +43,7 @@ import trio
 
 from . import ledger as ledger_api
 from . import scheduler as sched
-from ._util import ask, reply_once
+from ._util import Forwarder, ask, reply_once
 from .comfy import (
     BackendEvent,
     BackendLost,
@@ -84,6 +84,7 @@ CROSS_CHECK_INTERVAL = 1.0  # seconds: at most one queue_remaining-triggered rec
 # socket's events lag behind HTTP answers, so a `status` read just after the answer may predate the prompt
 CROSS_CHECK_SETTLE = 2.0
 MAX_ABANDONED = 1000  # prompt ids per backend to delete/interrupt when it returns (bounded memory)
+DRAIN_BATCH = 64  # reports taken from the inbox in a row (receive_nowait) before the registry yields
 TIMEOUT_ERROR = "the task exceeded its time limit and was interrupted"
 INTERNAL_ERROR = "the gateway failed while handling this task (internal error); credits returned"
 MAX_BUCKETS = 10_000  # per-user submit buckets kept before full ones are forgotten
@@ -231,6 +232,7 @@ class _Registry:
         self.scheduler = scheduler
         self.comfy = comfy
         self.sessions = sessions
+        self.to_hub = Forwarder(sessions)  # progress bursts reach the hub (and the writers) whole
         self.now = wall_clock
         self.tasks: dict[str, _Task] = {}
         self.by_prompt: dict[str, str] = {}
@@ -299,7 +301,7 @@ class _Registry:
         return kind, key
 
     async def publish(self, rec: TaskRecord, body: dict[str, Any]) -> None:
-        await self.sessions.send(Publish(rec.user_id, rec.client_id, body))
+        await self.to_hub.send(Publish(rec.user_id, rec.client_id, body))
 
     async def save(self, task: _Task, **changes: Any) -> TaskRecord:
         task.rec = replace(task.rec, updated_at=self.now(), **changes)
@@ -938,15 +940,26 @@ async def run(
                     wall_clock=wall_clock)
     await reg.load()
     task_status.started()
+    in_a_row = 0  # messages taken without a checkpoint (receive_nowait while the inbox has some)
     with inbox:
         while True:
             deadline = reg.timers[0][0] if reg.timers else float("inf")
             msg = None
-            with trio.move_on_at(deadline):
+            if in_a_row < DRAIN_BATCH and deadline > trio.current_time():
                 try:
-                    msg = await inbox.receive()
+                    msg = inbox.receive_nowait()
+                    in_a_row += 1
+                except trio.WouldBlock:
+                    pass
                 except trio.EndOfChannel:
                     return
+            if msg is None:
+                in_a_row = 0
+                with trio.move_on_at(deadline):
+                    try:
+                        msg = await inbox.receive()
+                    except trio.EndOfChannel:
+                        return
             if msg is None:
                 timer = reg.pop_timer()
                 if timer is not None:

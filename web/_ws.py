@@ -379,8 +379,9 @@ class StompEndpoint:
             await self._connect(conn, frame)
             return
         if cmd == "SUBSCRIBE":
-            await self._subscribe(conn, frame, receipt)
-        elif cmd == "UNSUBSCRIBE":
+            await self._subscribe(conn, frame, receipt)  # it sends the RECEIPT itself, before any replay
+            return
+        if cmd == "UNSUBSCRIBE":
             await self._unsubscribe(conn, frame.get("id") or frame.get("destination") or "")
         elif cmd == "SEND":
             await self._send(conn, frame, receipt)
@@ -389,6 +390,9 @@ class StompEndpoint:
                 conn.raw(conn.stomp.send(Frame("RECEIPT", (("receipt-id", receipt),))))
             raise _Close(1000, "disconnect")
         # ACK, NACK, BEGIN, COMMIT, ABORT: accepted (messages are auto-acknowledged)
+        self._receipt(conn, receipt)
+
+    def _receipt(self, conn: _Conn, receipt: str | None) -> None:
         if receipt is not None and conn.close_after_flush is None:
             conn.raw(conn.stomp.send(Frame("RECEIPT", (("receipt-id", receipt),))))
 
@@ -451,6 +455,7 @@ class StompEndpoint:
         conn.subs[dest] = (sub_id, ack)
         conn.prefixes.pop(dest, None)  # rebuilt for the new id / ack mode by the writer
         if already:
+            self._receipt(conn, receipt)
             return
         if dest == USER_DESTINATION:
             last_seq = frame.get("last-seq")
@@ -463,8 +468,11 @@ class StompEndpoint:
                 self._error(conn, "too many replays", f"at most {self.cfg.max_replays_per_minute} subscriptions with "
                             "last-seq per connection per minute", 1008, receipt)
                 return
+            # the RECEIPT goes first: the hub queues the replay as soon as it takes the Attach
+            self._receipt(conn, receipt)
             await self.h.sessions.send(Attach(conn.principal.user_id, conn.client_id, conn.outbox, since))
         else:
+            self._receipt(conn, receipt)
             await self.h.sessions.send(AttachBroadcast(conn.outbox))
 
     def _replay_allowed(self, conn: _Conn) -> bool:
