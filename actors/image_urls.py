@@ -42,12 +42,20 @@ class ImageUrls:
     def signature(self, task_id: str, n: int, exp: int) -> str:
         return _b64(hmac.new(self._key(), f"{task_id}\n{n}\n{exp}".encode(), hashlib.sha256).digest())
 
+    @property
+    def step(self) -> int:
+        """Expiries are rounded up to a multiple of this (a tenth of the ttl, at most an hour), so the URL of an
+        image stays the same for a while: a page that reloads its tasks gets the URLs it has, and the browser's
+        cache serves them."""
+        return max(1, min(3600, int(self.ttl // 10)))
+
     def url(self, task_id: str, n: int) -> str:
-        exp = int(self.clock() + self.ttl)
+        step = self.step
+        exp = -(-int(self.clock() + self.ttl) // step) * step
         return f"{self.base}/api/images/{task_id}/{n}?exp={exp}&sig={self.signature(task_id, n, exp)}"
 
     def check(self, task_id: str, n: int, exp: str | None, sig: str | None) -> Verdict:
-        """"ok", "expired" (a genuine URL past its time) or "bad" (missing, malformed or not ours)."""
+        """ "ok", "expired" (a genuine URL past its time) or "bad" (missing, malformed or not ours)."""
         if not exp or not sig or not exp.isdigit() or len(exp) > 12:
             return "bad"
         if not hmac.compare_digest(self.signature(task_id, n, int(exp)), sig):

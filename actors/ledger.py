@@ -6,7 +6,7 @@ amount is a no-op success; a different amount, or resolving the other way, is a 
 changes nothing. Every change is one store transaction plus a journal entry, and is pushed to the user as a
 ``balance`` message. A hold past its deadline is swept by the actor itself (a safety net; the deadline is
 longer than any task's): released, or settled if its task is recorded as succeeded, or given a new deadline
-if its task is still active (``SqliteStore.sweep_holds``).
+if its task is still active (``Store.sweep_holds``).
 
 Crash recovery: before it reports started (so before the registry runs), the actor sweeps every pending hold
 once. A gateway killed between a freeze and saving its task leaves a hold with no task: released. Killed
@@ -27,6 +27,7 @@ import trio
 
 from ._util import ask, reply_once
 from .sessions import Publish
+from .wire import Balance
 from .store import (
     Account,
     HoldConflict,
@@ -100,7 +101,7 @@ LedgerMsg = Freeze | Resolve | Grant | GetAccount | Audit | Sweep
 
 
 def balance_message(acc: Account) -> dict[str, object]:
-    return {"type": "balance", "balance": acc.balance, "frozen": acc.frozen, "available": acc.available}
+    return Balance(acc.balance, acc.frozen, acc.available).to_wire()
 
 
 async def run(
@@ -235,7 +236,7 @@ async def get_account(ledger: trio.MemorySendChannel[LedgerMsg], user_id: str) -
 
 
 async def audit(ledger: trio.MemorySendChannel[LedgerMsg]) -> list[str]:
-    """Rebuild the balances from the journal and check them (``SqliteStore.audit``); [] means consistent."""
+    """Rebuild the balances from the journal and check them (``Store.audit``); [] means consistent."""
     return await ask(ledger, Audit, name="ledger")
 
 

@@ -30,6 +30,7 @@ import trio
 
 from ._outgoing import DROPPABLE_TYPES, Outgoing, encode_body
 from ._util import reply_once
+from .wire import Resync
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Publish:
     user_id: str
     client_id: str | None
     body: Mapping[str, Any]
+    seq: int | None = None  # numbered already (Redis mode: by the store, for every process alike); else here
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +176,13 @@ class _Session:
     def live(self) -> bool:
         return self.connections > 0 or self.connected > 0
 
-    def deliver(self, data: bytes, kind: str, task_id: str) -> None:
-        """Number an encoded message, keep it for replay and queue it on every attached outbox."""
+    def deliver(self, data: bytes, kind: str, task_id: str, given: int | None = None) -> None:
+        """Number an encoded message (or take its ``given`` seq, numbered upstream: then skip what this session
+        already has), keep it for replay and queue it on every attached outbox."""
+        if given is not None:
+            if given <= self.seq:
+                return
+            self.seq = given - 1
         self.seq += 1
         out = _encoded(USER_DESTINATION, self.seq, data, kind, task_id)
         self.replay.append(out)
@@ -195,7 +202,7 @@ class _Session:
             if last_seq > seq or last_seq + 1 < oldest:
                 # the gap cannot be filled: tell the client to reload over HTTP first
                 log.info("session %s: resync (client at %d, have %d..%d)", self.name, last_seq, oldest, seq)
-                outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, {"type": "resync"}))
+                outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, Resync().to_wire()))
                 last_seq = oldest - 1
             for out in replay:
                 if out.seq > last_seq:
@@ -305,10 +312,10 @@ async def run(
                         if data is None:
                             data = encode_body(body)
                         entry.deliver(data, str(body.get("type", "")), str(body.get("taskId", "")))
-            case Publish(user_id, client_id, body):
+            case Publish(user_id, client_id, body, seq):
                 entry = session(user_id, client_id)
                 assert entry is not None
-                entry.deliver(encode_body(body), str(body.get("type", "")), str(body.get("taskId", "")))
+                entry.deliver(encode_body(body), str(body.get("type", "")), str(body.get("taskId", "")), seq)
             case Broadcast(body):
                 broadcast_seq += 1
                 out = _outgoing(BROADCAST_DESTINATION, broadcast_seq, body)  # encoded once for every subscriber

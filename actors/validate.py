@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WorkflowLimits", "Problem", "decode_json", "check_json", "validate_workflow", "lone_surrogate"]
+__all__ = ["Problem", "WorkflowLimits", "check_json", "decode_json", "lone_surrogate", "validate_workflow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +100,16 @@ def check_json(value: Any, limits: WorkflowLimits, where: str = "body") -> Probl
             return Problem("bad_json", f"the {where} has more than {limits.max_items} JSON values")
         if isinstance(v, str):
             if len(v) > limits.max_string_length:
-                return Problem("bad_json", f"string at {where}{_path(path)} is longer than "
-                                           f"{limits.max_string_length} characters")
+                return Problem(
+                    "bad_json", f"string at {where}{_path(path)} is longer than {limits.max_string_length} characters"
+                )
             at = lone_surrogate(v)
             if at is not None:
-                return Problem("bad_json", f"string at {where}{_path(path)} holds a lone surrogate "
-                                           f"U+{ord(v[at]):04X} at index {at}: it cannot be encoded as UTF-8")
+                return Problem(
+                    "bad_json",
+                    f"string at {where}{_path(path)} holds a lone surrogate "
+                    f"U+{ord(v[at]):04X} at index {at}: it cannot be encoded as UTF-8",
+                )
         elif isinstance(v, float):
             if v != v or v in (float("inf"), float("-inf")):
                 return Problem("bad_json", f"number at {where}{_path(path)} is not finite")
@@ -117,15 +121,19 @@ def check_json(value: Any, limits: WorkflowLimits, where: str = "body") -> Probl
                     if not isinstance(key, str):
                         return Problem("bad_json", f"key {key!r} at {where}{_path(path)} is not a string")
                     if len(key) > limits.max_key_length:
-                        return Problem("bad_json", f"a key at {where}{_path(path)} is longer than "
-                                                   f"{limits.max_key_length} characters")
+                        return Problem(
+                            "bad_json",
+                            f"a key at {where}{_path(path)} is longer than {limits.max_key_length} characters",
+                        )
                     at = lone_surrogate(key)
                     if at is not None:
-                        return Problem("bad_json", f"a key at {where}{_path(path)} holds a lone surrogate "
-                                                   f"U+{ord(key[at]):04X} at index {at}")
-                    stack.append((child, depth + 1, path + (key,)))
+                        return Problem(
+                            "bad_json",
+                            f"a key at {where}{_path(path)} holds a lone surrogate U+{ord(key[at]):04X} at index {at}",
+                        )
+                    stack.append((child, depth + 1, (*path, key)))
             else:
-                stack.extend((child, depth + 1, path + (i,)) for i, child in enumerate(v))
+                stack.extend((child, depth + 1, (*path, i)) for i, child in enumerate(v))
         elif not (v is None or isinstance(v, (bool, int))):
             return Problem("bad_json", f"value at {where}{_path(path)} is a {type(v).__name__}, not JSON")
     return None

@@ -79,7 +79,7 @@ async def settle_and_audit(
     initial_credits: int, grants: list[Grant], settle_timeout: float = 60.0, report: Report | None = None,
 ) -> Report:
     report = report or Report()
-    db_path = str(gateway.data / "gateway.db")
+    db_path = gateway.store_spec
     stuck = await wait_no_active_tasks(db_path, timeout=settle_timeout)
     for t in stuck:
         report.add(f"task {t.task_id} of {t.user_id} still {t.state} after {settle_timeout}s "

@@ -22,10 +22,9 @@ from typing import Any
 
 import httpx
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
-
 from _chaos_client import _frame, _parse
 from _chaos_lib import GatewayProcess, make_workflow
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 LONE_VALUE = b'{"clientId": "%s", "workflow": {"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800"}}}}'
 LONE_KEY = b'{"clientId": "%s", "workflow": {"3": {"class_type": "KSampler", "inputs": {"\\udc00": 1}}}}'
@@ -33,9 +32,11 @@ LONE_NODE = b'{"clientId": "%s", "workflow": {"\\ud83d": {"class_type": "KSample
 DEEP = b'{"clientId": "%s", "workflow": ' + b"[" * 1000 + b"]" * 1000 + b"}"
 BAD_UTF8 = b'{"clientId": "%s", "workflow": {"3": {"class_type": "\xff\xfe", "inputs": {}}}}'
 NAN = b'{"clientId": "%s", "workflow": {"3": {"class_type": "KSampler", "inputs": {"cfg": NaN}}}}'
-HUGE = json.dumps({"clientId": "%s", "workflow": {str(i): {"class_type": "Note", "inputs": {}}
-                                                  for i in range(10_000)}}).encode()
+HUGE = json.dumps(
+    {"clientId": "%s", "workflow": {str(i): {"class_type": "Note", "inputs": {}} for i in range(10_000)}}
+).encode()
 POISONS = (LONE_VALUE, LONE_KEY, LONE_NODE, DEEP, BAD_UTF8, NAN, HUGE)
+MAX_FRAME = 64 * 1024  # the gateway's default --max-frame-size
 STOMP_ERRORS = (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError, trio.TooSlowError)
 
 
@@ -60,8 +61,17 @@ class HostileStats:
 async def _stomp(gw: GatewayProcess, user: str, client_id: str) -> Any:
     ws_cm = open_websocket_url(gw.ws_url, subprotocols=["v12.stomp"], connect_timeout=3, disconnect_timeout=2)
     ws = await ws_cm.__aenter__()
-    await ws.send_message(_frame("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "clientId": client_id,
-                                             "Authorization": f"Bearer {gw.issue(user)}"}))
+    await ws.send_message(
+        _frame(
+            "CONNECT",
+            {
+                "accept-version": "1.2",
+                "heart-beat": "0,0",
+                "clientId": client_id,
+                "Authorization": f"Bearer {gw.issue(user)}",
+            },
+        )
+    )
     return ws_cm, ws
 
 
@@ -76,16 +86,18 @@ async def _next(ws: Any, buf: list[bytes], timeout: float = 10) -> Any:
             buf[0] += data.encode() if isinstance(data, str) else data
 
 
-async def poisoner(gw: GatewayProcess, http: httpx.AsyncClient, rng: random.Random, rounds: int,
-                   stats: HostileStats) -> None:
+async def poisoner(
+    gw: GatewayProcess, http: httpx.AsyncClient, rng: random.Random, rounds: int, stats: HostileStats
+) -> None:
     user = "hostile-poison"
     for i in range(rounds):
         await gw.wait_up()
         body = rng.choice(POISONS).replace(b"%s", b"p1")
         stats.poison_http += 1
         try:
-            r = await http.post(gw.url + "/api/tasks", content=body,
-                                headers=gw.headers(user) | {"content-type": "application/json"})
+            r = await http.post(
+                gw.url + "/api/tasks", content=body, headers=gw.headers(user) | {"content-type": "application/json"}
+            )
         except httpx.HTTPError:
             continue  # the gateway is being killed
         if r.status_code == 400 and r.json().get("error") in ("bad_json", "bad_workflow"):
@@ -104,8 +116,7 @@ async def _poison_stomp(gw: GatewayProcess, user: str, rng: random.Random, stats
         return
     try:
         buf = [b""]
-        await ws.send_message(_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages",
-                                                   "receipt": "sub"}))
+        await ws.send_message(_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "sub"}))
         while (await _next(ws, buf)).command != "RECEIPT":
             pass
         body = rng.choice(POISONS).replace(b"%s", b"p1")
@@ -116,8 +127,11 @@ async def _poison_stomp(gw: GatewayProcess, user: str, rng: random.Random, stats
             if frame.command == "MESSAGE" and json.loads(frame.body).get("type") == "rejected":
                 stats.poison_stomp_rejected += 1
                 return
-            if frame.command == "ERROR":
-                stats.problems.append(f"poison over STOMP got ERROR {frame.headers}")
+            if frame.command == "ERROR":  # a body over --max-frame-size is refused by the codec, as it must be
+                if len(body) > MAX_FRAME and frame.headers.get("message") == "frame too large":
+                    stats.poison_stomp_rejected += 1
+                else:
+                    stats.problems.append(f"poison over STOMP got ERROR {frame.headers}")
                 return
     except STOMP_ERRORS:
         return
@@ -125,8 +139,9 @@ async def _poison_stomp(gw: GatewayProcess, user: str, rng: random.Random, stats
         await ws_cm.__aexit__(None, None, None)
 
 
-async def flooder(gw: GatewayProcess, http: httpx.AsyncClient, rng: random.Random, sessions: int,
-                  stats: HostileStats) -> None:
+async def flooder(
+    gw: GatewayProcess, http: httpx.AsyncClient, rng: random.Random, sessions: int, stats: HostileStats
+) -> None:
     user = "hostile-flood"
     for i in range(sessions):
         await gw.wait_up()
@@ -139,8 +154,9 @@ async def flooder(gw: GatewayProcess, http: httpx.AsyncClient, rng: random.Rando
                 if frame.command == "ERROR":
                     stats.flood_refused += 1
                 else:
-                    await ws.send_message(_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages",
-                                                               "receipt": "r"}))
+                    await ws.send_message(
+                        _frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r"})
+                    )
                     await _next(ws, buf)
             finally:
                 await ws_cm.__aexit__(None, None, None)
@@ -149,8 +165,11 @@ async def flooder(gw: GatewayProcess, http: httpx.AsyncClient, rng: random.Rando
         if i % 20 == 0:  # a submit/cancel cycle: every balance change goes to the user's sessions
             stats.flood_submits += 1
             try:
-                r = await http.post(gw.url + "/api/tasks", headers=gw.headers(user), json={
-                    "clientId": f"flood-{i}", "workflow": make_workflow("ok", seed=i)})
+                r = await http.post(
+                    gw.url + "/api/tasks",
+                    headers=gw.headers(user),
+                    json={"clientId": f"flood-{i}", "workflow": make_workflow("ok", seed=i)},
+                )
                 if r.status_code == 202:
                     stats.flood_cycles += 1
                     await http.delete(f"{gw.url}/api/tasks/{r.json()['taskId']}", headers=gw.headers(user))
@@ -171,8 +190,12 @@ async def stormer(gw: GatewayProcess, rounds: int, max_replays: int, stats: Host
             buf = [b""]
             await _next(ws, buf)  # CONNECTED
             for i in range(max_replays + 5):
-                await ws.send_message(_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages",
-                                                           "last-seq": "0", "receipt": f"r{i}"}))
+                await ws.send_message(
+                    _frame(
+                        "SUBSCRIBE",
+                        {"id": "s", "destination": "/user/topic/messages", "last-seq": "0", "receipt": f"r{i}"},
+                    )
+                )
                 frame = await _next(ws, buf)
                 while frame.command == "MESSAGE":
                     frame = await _next(ws, buf)
@@ -191,10 +214,15 @@ async def stormer(gw: GatewayProcess, rounds: int, max_replays: int, stats: Host
             await ws_cm.__aexit__(None, None, None)
 
 
-def queued_latency(submits: list[tuple[str, str, float]], seen: dict[str, list[Any]],
-                   restarts: list[tuple[float, float]]) -> list[float]:
+def queued_latency(
+    submits: list[tuple[str, str, float]],
+    seen: dict[str, list[Any]],
+    restarts: list[tuple[float, float]],
+    settle: float = 2.0,
+) -> list[float]:
     """Seconds from POST to ``queued`` for well-behaved users' accepted tasks ((user, taskId, wall time) each),
-    leaving out those whose window overlaps a gateway kill/restart (plus 2 s)."""
+    leaving out those whose window overlaps a gateway kill/restart plus ``settle`` seconds (a restarted gateway
+    first reloads and reconciles its backlog)."""
     arrival: dict[str, float] = {}
     for messages in seen.values():
         for m in messages:
@@ -203,7 +231,7 @@ def queued_latency(submits: list[tuple[str, str, float]], seen: dict[str, list[A
     out = []
     for _, task_id, t0 in submits:
         t1 = arrival.get(task_id)
-        if t1 is None or any(t0 <= end + 2 and t1 >= start for start, end in restarts):
+        if t1 is None or any(t0 <= end + settle and t1 >= start for start, end in restarts):
             continue
         out.append(t1 - t0)
     return out

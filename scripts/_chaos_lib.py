@@ -85,11 +85,13 @@ class GatewayExited(Exception):
 
 
 class GatewayProcess:
-    """``comfy-gateway serve`` on ``127.0.0.1:port`` with ``--data data``; killable, restartable."""
+    """``comfy-gateway serve`` on ``127.0.0.1:port`` with ``--data data`` (and ``--store`` when given: a
+    ``redis://`` URL, or an SQLite path); killable, restartable."""
 
     def __init__(self, *, data: Path, comfy_urls: list[str], port: int | None = None, args: tuple[str, ...] = (),
-                 log_path: Path | None = None, secret: str = CHAOS_SECRET) -> None:
+                 log_path: Path | None = None, secret: str = CHAOS_SECRET, store: str | None = None) -> None:
         self.data = data
+        self.store = store
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
@@ -108,6 +110,11 @@ class GatewayProcess:
         self._expected_exit = False
         self._exited: trio.Event | None = None
 
+    @property
+    def store_spec(self) -> str:
+        """What ``open_store`` takes to read this gateway's store from outside (audits)."""
+        return self.store or str(self.data / "gateway.db")
+
     def issue(self, user: str, *, admin: bool = False) -> str:
         from web.auth import Authenticator
 
@@ -122,6 +129,8 @@ class GatewayProcess:
         cmd = [str(EXE), "serve", "--bind", f"127.0.0.1:{self.port}", "--data", str(self.data)]
         for url in self.comfy_urls:
             cmd += ["--comfyui", url]
+        if self.store:
+            cmd += ["--store", self.store if "://" in self.store else f"sqlite:{self.store}"]
         cmd += list(self.args)
         env = {**os.environ, "GATEWAY_SECRET": self.secret, "PYTHONUNBUFFERED": "1"}
         self.data.mkdir(parents=True, exist_ok=True)

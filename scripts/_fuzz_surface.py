@@ -31,9 +31,21 @@ from web.config import WebConfig
 
 HTTP_OK = {200, 202, 400, 401, 402, 403, 404, 409, 413, 429}
 TXT2IMG = {
-    "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 2, "cfg": 7, "sampler_name": "euler",
-                                               "scheduler": "normal", "denoise": 1, "model": ["4", 0],
-                                               "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+    "3": {
+        "class_type": "KSampler",
+        "inputs": {
+            "seed": 1,
+            "steps": 2,
+            "cfg": 7,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1,
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+    },
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
     "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
     "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}},
@@ -45,17 +57,37 @@ TXT2IMG = {
 # ---- strategies ---------------------------------------------------------------------------------------------
 
 ODD_TEXT = st.text(st.characters(codec=None, categories=None), max_size=40)  # surrogates, NUL, RTL, emoji...
-SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**53, max_value=2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | ODD_TEXT)
-JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=5)
-                           | st.dictionaries(ODD_TEXT, inner, max_size=5), max_leaves=30)
-NODES = st.fixed_dictionaries({"class_type": ODD_TEXT | st.sampled_from(["KSampler", "SaveImage"]),
-                               "inputs": st.dictionaries(ODD_TEXT, JSON_VALUES, max_size=4)})
-WORKFLOWS = (st.dictionaries(ODD_TEXT, NODES | JSON_VALUES, max_size=6)
-             | st.builds(lambda node, key, value: {**TXT2IMG, node: {**TXT2IMG[node], "inputs": {
-                 **TXT2IMG[node]["inputs"], key: value}}},
-                 st.sampled_from(sorted(TXT2IMG)), ODD_TEXT, JSON_VALUES)
-             | st.just(TXT2IMG) | JSON_VALUES)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**53, max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | ODD_TEXT
+)
+JSON_VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(ODD_TEXT, inner, max_size=5), max_leaves=30
+)
+NODES = st.fixed_dictionaries(
+    {
+        "class_type": ODD_TEXT | st.sampled_from(["KSampler", "SaveImage"]),
+        "inputs": st.dictionaries(ODD_TEXT, JSON_VALUES, max_size=4),
+    }
+)
+WORKFLOWS = (
+    st.dictionaries(ODD_TEXT, NODES | JSON_VALUES, max_size=6)
+    | st.builds(
+        lambda node, key, value: {
+            **TXT2IMG,
+            node: {**TXT2IMG[node], "inputs": {**TXT2IMG[node]["inputs"], key: value}},
+        },
+        st.sampled_from(sorted(TXT2IMG)),
+        ODD_TEXT,
+        JSON_VALUES,
+    )
+    | st.just(TXT2IMG)
+    | JSON_VALUES
+)
 DEEP = st.integers(min_value=1, max_value=5000).map(lambda n: "[" * n + "1" + "]" * n)
 
 
@@ -67,12 +99,20 @@ def _encode(value: Any, how: str) -> bytes:
 
 TASK_BODIES = st.builds(
     lambda wf, size, cid, extra, how: _encode({"clientId": cid, "workflow": wf, "size": size, **extra}, how),
-    WORKFLOWS, st.integers(-5, 100) | JSON_VALUES, st.sampled_from(["c1", "c2"]) | ODD_TEXT,
-    st.dictionaries(ODD_TEXT, JSON_VALUES, max_size=2), st.sampled_from(["ascii", "raw"]),
+    WORKFLOWS,
+    st.integers(-5, 100) | JSON_VALUES,
+    st.sampled_from(["c1", "c2"]) | ODD_TEXT,
+    st.dictionaries(ODD_TEXT, JSON_VALUES, max_size=2),
+    st.sampled_from(["ascii", "raw"]),
 )
-BODIES = TASK_BODIES | DEEP.map(lambda d: ('{"clientId": "c1", "workflow": ' + d + "}").encode()) | st.binary(max_size=300)
-GRANTS = st.builds(lambda amount, neg: json.dumps({"userId": "fuzz-rich", "amount": amount, "allowNegative": neg}).encode(),
-                   st.integers() | st.integers(min_value=2**53 - 2, max_value=2**64) | st.floats(), st.booleans() | SCALARS)
+BODIES = (
+    TASK_BODIES | DEEP.map(lambda d: ('{"clientId": "c1", "workflow": ' + d + "}").encode()) | st.binary(max_size=300)
+)
+GRANTS = st.builds(
+    lambda amount, neg: json.dumps({"userId": "fuzz-rich", "amount": amount, "allowNegative": neg}).encode(),
+    st.integers() | st.integers(min_value=2**53 - 2, max_value=2**64) | st.floats(),
+    st.booleans() | SCALARS,
+)
 
 
 @dataclass(frozen=True)
@@ -85,11 +125,16 @@ class HttpCase:
 HTTP_CASES = st.one_of(
     st.builds(HttpCase, st.just("POST"), st.just("/api/tasks"), BODIES),
     st.builds(HttpCase, st.just("POST"), st.just("/api/admin/credits"), GRANTS | BODIES),
-    st.builds(HttpCase, st.sampled_from(["GET", "DELETE"]), ODD_TEXT.map(
-        lambda t: "/api/tasks/" + t.encode("utf-8", "surrogatepass").hex()[:64]), st.just(b"")),
+    st.builds(
+        HttpCase,
+        st.sampled_from(["GET", "DELETE"]),
+        ODD_TEXT.map(lambda t: "/api/tasks/" + t.encode("utf-8", "surrogatepass").hex()[:64]),
+        st.just(b""),
+    ),
 )
-STOMP_COMMANDS = st.sampled_from(["SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "NACK", "BEGIN", "CONNECT", "STOMP",
-                                  "DISCONNECT", "send", "FOO", ""])
+STOMP_COMMANDS = st.sampled_from(
+    ["SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "NACK", "BEGIN", "CONNECT", "STOMP", "DISCONNECT", "send", "FOO", ""]
+)
 HEADER_TEXT = st.text(st.characters(codec=None, categories=None, exclude_characters="\n\r:\x00"), max_size=20)
 
 
@@ -102,11 +147,17 @@ def _frame(cmd: str, dest: str, headers: dict[str, str], body: bytes, last_seq: 
 LAST_SEQ = st.none() | st.sampled_from(["0", "-1", "99999999999999999999", "x"])
 STOMP_FRAMES = st.one_of(
     st.builds(_frame, st.just("SEND"), st.just("/app/tasks"), st.just({}), BODIES, st.none()),  # the task door
-    st.builds(_frame, st.just("SUBSCRIBE"), st.just("/user/topic/messages"), st.just({"id": "s"}), st.just(b""),
-              LAST_SEQ),
-    st.builds(_frame, STOMP_COMMANDS, st.sampled_from(["/app/tasks", "/app/cancel", "/user/topic/messages",
-                                                      "/topic/messages", "/x"]) | HEADER_TEXT,
-              st.dictionaries(HEADER_TEXT, HEADER_TEXT, max_size=3), BODIES, LAST_SEQ),
+    st.builds(
+        _frame, st.just("SUBSCRIBE"), st.just("/user/topic/messages"), st.just({"id": "s"}), st.just(b""), LAST_SEQ
+    ),
+    st.builds(
+        _frame,
+        STOMP_COMMANDS,
+        st.sampled_from(["/app/tasks", "/app/cancel", "/user/topic/messages", "/topic/messages", "/x"]) | HEADER_TEXT,
+        st.dictionaries(HEADER_TEXT, HEADER_TEXT, max_size=3),
+        BODIES,
+        LAST_SEQ,
+    ),
 )
 
 
@@ -150,8 +201,10 @@ class Surface:
     async def stomp_case(self, frame: bytes) -> None:
         """CONNECT, the fuzzed frame, then a probe SEND with a receipt: the probe's RECEIPT, or an ERROR frame."""
         self.stats.stomp += 1
-        connect = f"CONNECT\naccept-version:1.2\nheart-beat:0,0\nAuthorization:Bearer {self.auth.issue('fuzz')}\n" \
-                  "clientId:c1\n\n\x00"
+        connect = (
+            f"CONNECT\naccept-version:1.2\nheart-beat:0,0\nAuthorization:Bearer {self.auth.issue('fuzz')}\n"
+            "clientId:c1\n\n\x00"
+        )
         probe = 'SEND\ndestination:/app/cancel\nreceipt:probe\n\n{"taskId": "none"}\x00'
         async with self.client.websocket("/ws", subprotocols=["v12.stomp"]) as ws:
             await ws.send(connect)
@@ -163,10 +216,14 @@ class Surface:
                     try:
                         data = await ws.receive()
                     except Exception as exc:  # the endpoint closed the socket: it must have said why first
+                        closed = exc
+                    else:
+                        closed = None
+                    if closed is not None:
                         if frame.startswith(b"DISCONNECT\n"):
                             outcome = "disconnect"
                             break
-                        assert "\nmessage:" in seen, (frame[:200], seen[:300], exc)
+                        assert "\nmessage:" in seen, (frame[:200], seen[:300], closed)
                         outcome = "error"
                         break
                     seen += data if isinstance(data, str) else data.decode("utf-8", "replace")
@@ -196,8 +253,13 @@ async def surface(data_dir: str, comfy_url: str, *, socket_every: int = 50) -> A
     from web import _ws_close
     from web.server import set_permessage_deflate
 
-    gw = GatewayConfig(comfyui_urls=(comfy_url,), store_path=f"{data_dir}/gateway.db", initial_credits=1000,
-                       submit_rate=1000.0, submit_burst=1000)
+    gw = GatewayConfig(
+        comfyui_urls=(comfy_url,),
+        store_path=f"{data_dir}/gateway.db",
+        initial_credits=1000,
+        submit_rate=1000.0,
+        submit_burst=1000,
+    )
     web = WebConfig(bind="127.0.0.1:0")
     auth = Authenticator(b"fuzz-secret-0123456789-abcdefghijklmnop")
     shutdown = trio.Event()
@@ -210,8 +272,9 @@ async def surface(data_dir: str, comfy_url: str, *, socket_every: int = 50) -> A
         hc.bind = ["127.0.0.1:0"]
         hc.accesslog = None
         hc.errorlog = None
-        binds = await nursery.start(lambda task_status: serve(app, hc, shutdown_trigger=shutdown.wait,
-                                                              task_status=task_status))
+        binds = await nursery.start(
+            lambda task_status: serve(app, hc, shutdown_trigger=shutdown.wait, task_status=task_status)
+        )
         s = Surface(handles, app, auth, binds[0], socket_every)
         try:
             yield s
@@ -223,12 +286,29 @@ async def surface(data_dir: str, comfy_url: str, *, socket_every: int = 50) -> A
 
 # ---- a fast generator for long runs (hypothesis spends ~10 ms drawing one of the inputs above) ------------------
 
-_ODD_CHARS = ["\ud800", "\udfff", "\ud83d", "\x00", "\u202e", "\ufeff", "😀", "é", "\\", '"', "\n", "a", "Ω", "\U0010ffff"]
+_ODD_CHARS = [
+    "\ud800",
+    "\udfff",
+    "\ud83d",
+    "\x00",
+    "\u202e",
+    "\ufeff",
+    "😀",
+    "é",
+    "\\",
+    '"',
+    "\n",
+    "a",
+    "Ω",
+    "\U0010ffff",
+]
 
 
 def _odd_text(rng: random.Random) -> str:
-    return "".join(rng.choice(_ODD_CHARS) if rng.random() < 0.5 else chr(rng.randrange(0x20, 0x3000))
-                   for _ in range(rng.randrange(0, 12)))
+    return "".join(
+        rng.choice(_ODD_CHARS) if rng.random() < 0.5 else chr(rng.randrange(0x20, 0x3000))
+        for _ in range(rng.randrange(0, 12))
+    )
 
 
 def _value(rng: random.Random, depth: int = 0) -> Any:
@@ -258,8 +338,10 @@ def _workflow(rng: random.Random) -> Any:
         inputs[rng.choice(sorted(inputs)) if rng.random() < 0.5 else _odd_text(rng)] = _value(rng)
         return {**TXT2IMG, node: {**TXT2IMG[node], "inputs": inputs}}
     if pick == 3:
-        return {_odd_text(rng): {"class_type": _odd_text(rng), "inputs": {_odd_text(rng): _value(rng)}}
-                for _ in range(rng.randrange(1, 5))}
+        return {
+            _odd_text(rng): {"class_type": _odd_text(rng), "inputs": {_odd_text(rng): _value(rng)}}
+            for _ in range(rng.randrange(1, 5))
+        }
     return _value(rng)
 
 
@@ -270,8 +352,11 @@ def fast_body(rng: random.Random) -> bytes:
         return ('{"clientId": "c1", "workflow": ' + "[" * n + "]" * n + "}").encode()
     if pick == 1:
         return rng.randbytes(rng.randrange(0, 200))
-    body = {"clientId": rng.choice(["c1", "c2", _odd_text(rng)]), "workflow": _workflow(rng),
-            "size": rng.choice([1, 1, 2, 0, -1, 65, "1", None, 1.5])}
+    body = {
+        "clientId": rng.choice(["c1", "c2", _odd_text(rng)]),
+        "workflow": _workflow(rng),
+        "size": rng.choice([1, 1, 2, 0, -1, 65, "1", None, 1.5]),
+    }
     if rng.random() < 0.2:
         body[_odd_text(rng)] = _value(rng)
     if rng.random() < 0.5:
@@ -285,10 +370,16 @@ def fast_http_case(rng: random.Random) -> HttpCase:
         return HttpCase("POST", "/api/tasks", fast_body(rng))
     if pick < 9:
         amount = rng.choice([1, -1, -(10**6), 2**53, 2**53 + 1, 2**63, 10**30, 0.5, "5", None])
-        body = {"userId": rng.choice(["fuzz-rich", "fuzz", _odd_text(rng)]), "amount": amount,
-                "allowNegative": rng.choice([True, False, "yes", None])}
-        return HttpCase("POST", "/api/admin/credits", json.dumps(body).encode("utf-8", "surrogatepass")
-                        if rng.random() < 0.9 else fast_body(rng))
+        body = {
+            "userId": rng.choice(["fuzz-rich", "fuzz", _odd_text(rng)]),
+            "amount": amount,
+            "allowNegative": rng.choice([True, False, "yes", None]),
+        }
+        return HttpCase(
+            "POST",
+            "/api/admin/credits",
+            json.dumps(body).encode("utf-8", "surrogatepass") if rng.random() < 0.9 else fast_body(rng),
+        )
     return HttpCase(rng.choice(["GET", "DELETE"]), "/api/tasks/" + rng.randbytes(8).hex(), b"")
 
 
@@ -300,8 +391,10 @@ def fast_stomp_frame(rng: random.Random) -> bytes:
         return _frame("SUBSCRIBE", "/user/topic/messages", {"id": "s"}, b"", rng.choice([None, "0", "-1", "x"]))
     cmd = rng.choice(["SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "BEGIN", "CONNECT", "DISCONNECT", "FOO", ""])
     dest = rng.choice(["/app/tasks", "/app/cancel", "/topic/messages", "/x", _odd_text(rng).replace("\n", "")])
-    headers = {_odd_text(rng).translate(_NO_HEADER_BREAKS): _odd_text(rng).translate(_NO_HEADER_BREAKS)
-               for _ in range(rng.randrange(3))}
+    headers = {
+        _odd_text(rng).translate(_NO_HEADER_BREAKS): _odd_text(rng).translate(_NO_HEADER_BREAKS)
+        for _ in range(rng.randrange(3))
+    }
     return _frame(cmd, dest.translate(_NO_HEADER_BREAKS), headers, fast_body(rng), None)
 
 

@@ -28,3 +28,17 @@ else
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extra:+[$extra]}"
   touch "$stamp"
 fi
+# The page's browser libraries (@stomp/stompjs, pinned in web/package.json + lock) are copied from npm into
+# web/static/vendor/ (gitignored). Without npm the gateway still runs; only the page at / cannot connect.
+vendor="web/static/vendor"
+if [ ! -f "$vendor/stomp.umd.min.js" ] || [ web/package-lock.json -nt "$vendor/stomp.umd.min.js" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "installing the page's browser libraries into $vendor" >&2
+    (cd web && npm ci --silent --no-audit --no-fund >/dev/null)
+    mkdir -p "$vendor"
+    cp web/node_modules/@stomp/stompjs/bundles/stomp.umd.min.js web/node_modules/@stomp/stompjs/LICENSE "$vendor/"
+  else
+    echo "npm not found: the web page at / needs @stomp/stompjs from npm and will say so; the HTTP API and" \
+         "the STOMP endpoint work without it. Install Node.js + npm and run scripts/run again to get the page." >&2
+  fi
+fi

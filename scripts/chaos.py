@@ -4,7 +4,9 @@
 N tasks from M users go through a real ``comfy-gateway serve`` subprocess to the ComfyUI simulator, while, at
 moments chosen by the seed, the simulator is killed and restarted (sometimes forgetting its history), its
 WebSocket connections are cut, clients disconnect and resume with ``last-seq``, admins grant credits, users
-cancel tasks, and the gateway itself is killed with SIGKILL and started again on the same data directory. Some
+cancel tasks, and the gateway itself is killed with SIGKILL and started again on the same data directory (with
+``--store redis``: several gateway processes on a private Redis, any of which is killed, the core or an edge, and
+Redis itself is SIGKILLed and restarted on its AOF; clients are spread over the processes). Some
 workflows fail while running, some are refused by ComfyUI, and users run out of credits (402). Then the auditor
 checks that every task ended, every hold was resolved exactly once, no credit was created or lost, every
 result is in its user's history, every client learnt how each of its tasks ended, and nobody saw anyone
@@ -41,6 +43,7 @@ import trio  # noqa: E402
 from _chaos_audit import Grant, Report, settle_and_audit  # noqa: E402
 from _chaos_hostile import HostileStats, flooder, now, percentile, poisoner, queued_latency, stormer  # noqa: E402
 from _chaos_lib import GatewayProcess, ResumingClient, SimHandle, make_workflow  # noqa: E402
+from _redis_server import RedisServer  # noqa: E402
 
 log = logging.getLogger("chaos")
 
@@ -72,7 +75,11 @@ class ChaosConfig:
     flood_sessions: int = 0  # 0: tasks * 2 (the per-user session limit is 64)
     storm_rounds: int = 0  # 0: tasks // 50, at least 2
     max_replays: int = 10  # the gateway's --max-replays-per-minute in this run
-    latency_bound: float = 0.25  # seconds: p95 of well-behaved users' POST -> queued
+    latency_bound: float = 1.0  # seconds: p95 of well-behaved users' POST -> queued ...
+    restart_settle: float = 10.0  # ... leaving out submits within this long after a gateway restart
+    store: str = "sqlite"  # "redis": a private redis-server and ``processes`` gateways on it (one core, edges)
+    processes: int = 3  # with store "redis"
+    redis_restarts: int = 0  # with store "redis": SIGKILLs of Redis (restarted on its AOF)
 
     def credits(self) -> int:
         if self.initial_credits:
@@ -100,7 +107,9 @@ def make_plan(cfg: ChaosConfig) -> Plan:
         return rng.randint(1, max(1, cfg.tasks - 1))
 
     for _ in range(cfg.gateway_kills):
-        events.append((at(), "gateway_kill", {"down": rng.uniform(0, 0.5)}))
+        events.append((at(), "gateway_kill", {"down": rng.uniform(0, 0.5), "which": rng.random()}))
+    for _ in range(cfg.redis_restarts):
+        events.append((at(), "redis_restart", {"down": rng.uniform(0, 0.5)}))
     for _ in range(cfg.sim_kills):
         events.append((at(), "sim_kill", {"forget": rng.random() < cfg.forget_share, "down": rng.uniform(0, 0.5)}))
     for _ in range(cfg.socket_cuts):
@@ -144,19 +153,33 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
     started = time.monotonic()
     report = Report()
 
+    redis = None
+    if cfg.store == "redis":  # a private Redis (AOF on): several gateway processes act as one
+        redis = RedisServer(workdir / "redis")
+        redis.start()
     async with httpx.AsyncClient(timeout=10) as http, trio.open_nursery() as nursery:
         sims = SimHandle(nursery, step_ms=cfg.step_ms, seed=cfg.seed, previews=False)
         await sims.start()
-        gw = GatewayProcess(
-            data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log",
-            args=("--initial-credits", str(credits), "--price", "1", "--max-inflight", str(cfg.max_inflight),
-                  "--max-queued-per-user", str(cfg.tasks + 1), "--reconnect-max-delay", "0.5",
-                  "--reconnect-max-restarts", "100000", "--submit-rate", "100", "--submit-burst", "100",
-                  "--max-replays-per-minute", str(cfg.max_replays)),
-        )
-        await gw.start(nursery)
+        args = ("--initial-credits", str(credits), "--price", "1", "--max-inflight", str(cfg.max_inflight),
+                "--max-queued-per-user", str(cfg.tasks + 1), "--reconnect-max-delay", "0.5",
+                "--reconnect-max-restarts", "100000", "--submit-rate", "100", "--submit-burst", "100",
+                "--max-replays-per-minute", str(cfg.max_replays))
+        if redis is not None:
+            args += ("--lease-ttl", "1")
+            gws = [GatewayProcess(data=workdir / f"data{i}", comfy_urls=[sims.url], args=args, store=redis.url(),
+                                  log_path=workdir / f"gateway{i}.log") for i in range(cfg.processes)]
+        else:
+            gws = [GatewayProcess(data=workdir / "data", comfy_urls=[sims.url], log_path=workdir / "gateway.log",
+                                  args=args)]
+        gw = gws[0]  # the auditor's view and the hostile users' gateway
+        for g in gws[1:]:  # one gateway to the outside: image URLs name one public URL, whichever process made them
+            g.args += ("--public-url", gw.url)
+        for g in gws:
+            await g.start(nursery)
         users = sorted({u for u, *_ in plan.tasks})
-        clients = {u: ResumingClient(u, f"chaos-{u}", gw, http, pause=lambda: rng.uniform(0, 0.2)) for u in users}
+        # clients spread over the processes; each resumes on its own process (which is restarted when killed)
+        clients = {u: ResumingClient(u, f"chaos-{u}", gws[i % len(gws)], http, pause=lambda: rng.uniform(0, 0.2))
+                   for i, u in enumerate(users)}
         for c in clients.values():
             nursery.start_soon(c.run)
         for c in clients.values():
@@ -164,13 +187,19 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
 
         async def request(method: str, path: str, user: str, *, admin: bool = False,
                           body: Any = None) -> httpx.Response | None:
-            """One request; retried only when it surely did not arrive (refused connection). None: answer lost."""
+            """One request (to a process the seed picks among several); retried only when it surely did not arrive
+            (refused connection). None: answer lost."""
             for _ in range(100):
-                await gw.wait_up()
+                g = gws[rng.randrange(len(gws))]
+                await g.wait_up()
                 try:
-                    return await http.request(method, gw.url + path, json=body, headers=gw.headers(user, admin=admin))
+                    r = await http.request(method, g.url + path, json=body, headers=g.headers(user, admin=admin))
+                    if r.status_code == 503 and redis is not None and r.json().get("error") == "unavailable":
+                        await trio.sleep(0.2)  # no core right now (failover, Redis restarting): it did not arrive
+                        continue
+                    return r
                 except httpx.ConnectError:
-                    await gw.wait_up()  # the gateway is (being) restarted: it never saw this request
+                    await g.wait_up()  # the gateway is (being) restarted: it never saw this request
                 except httpx.HTTPError:
                     return None  # it may or may not have been applied
             raise RuntimeError(f"{method} {path}: the gateway never came back")
@@ -207,10 +236,18 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                 log.info("chaos: after %d submissions: %s %s", progress[0], kind, p)
                 if kind == "gateway_kill":
                     killed = now()
-                    await gw.kill()
+                    victim = gws[int(p["which"] * len(gws))]  # the core or an edge
+                    await victim.kill()
                     await trio.sleep(p["down"])  # seeded downtime
-                    await gw.start(nursery)
-                    restarts.append((killed, now()))
+                    await victim.start(nursery)
+                    restarts.append((killed, now() + (2.0 if redis is not None else 0.0)))  # + lease failover
+                elif kind == "redis_restart":
+                    assert redis is not None
+                    killed = now()
+                    redis.stop(kill=True)
+                    await trio.sleep(p["down"])
+                    redis.start()
+                    restarts.append((killed, now() + 2.0))
                 elif kind == "sim_kill":
                     await sims.kill()
                     await trio.sleep(p["down"])
@@ -244,13 +281,24 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
         loaded = time.monotonic()
         await settle_and_audit(gateway=gw, sims=sims, clients=clients, http=http, initial_credits=credits,
                                grants=grants, settle_timeout=cfg.settle_timeout, report=report)
-        latencies = queued_latency(submits, {u: c.seen for u, c in clients.items()}, restarts)
+        for g in gws[1:]:
+            if await g.stop() != 0:
+                report.add(f"gateway {g.url} exited uncleanly on SIGTERM")
+        seen = {u: c.seen for u, c in clients.items()}
+        every = queued_latency(submits, seen, [])
+        latencies = queued_latency(submits, seen, restarts, cfg.restart_settle)
         for c in clients.values():
             c.stopping = True
             c.drop()
         nursery.cancel_scope.cancel()
+    if redis is not None:
+        redis.stop()
     for problem in hostile.problems:
         report.add(f"hostile: {problem}")
+    for key, values in (("queued_latency_ms", latencies), ("queued_latency_ms_with_restarts", every)):
+        report.stats[key] = {"n": len(values), "p50": round(1000 * percentile(values, 0.5), 1),
+                             "p95": round(1000 * percentile(values, 0.95), 1),
+                             "max": round(1000 * max(values, default=0), 1)}
     if cfg.hostile:
         if hostile.poison_http_refused == 0 or hostile.storms_cut == 0:
             report.add(f"hostile users were not refused as expected: {hostile.as_dict()}")
@@ -259,14 +307,12 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             report.add(f"well-behaved users' queued latency p95 {p95:.3f}s over {len(latencies)} submits "
                        f"(bound {cfg.latency_bound}s)")
         report.stats["hostile"] = hostile.as_dict()
-        report.stats["queued_latency_ms"] = {
-            "n": len(latencies), "p50": round(1000 * percentile(latencies, 0.5), 1),
-            "p95": round(1000 * percentile(latencies, 0.95), 1), "max": round(1000 * max(latencies, default=0), 1)}
 
     report.stats.update({
         "seed": cfg.seed, "users": len(users), "initial_credits": credits, "submitted": stats.submitted,
         "accepted": stats.accepted, "refused": stats.refused, "answers_lost": stats.answers_lost,
-        "cancels_sent": stats.cancels, "faults": stats.events, "gateway_starts": gw.starts,
+        "cancels_sent": stats.cancels, "faults": stats.events, "gateway_starts": sum(g.starts for g in gws),
+        "store": cfg.store if redis is None else f"redis, {len(gws)} processes",
         "simulator_objects": len(sims.sims), "seconds_load": round(loaded - started, 1),
         "seconds_total": round(time.monotonic() - started, 1), "workdir": str(workdir),
     })
@@ -294,6 +340,14 @@ def _parse(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]:
     p.add_argument("--no-hostile", action="store_true", help="no poisoner, session flooder or replay stormer")
     p.add_argument("--latency-bound", type=float, default=d.latency_bound,
                    help="seconds: p95 of well-behaved users' POST -> queued (checked with hostile users)")
+    p.add_argument("--restart-settle", type=float, default=d.restart_settle,
+                   help="seconds after a gateway restart whose submits the latency check leaves out (reported apart)")
+    p.add_argument("--store", choices=("sqlite", "redis"), default=d.store,
+                   help="redis: a private redis-server (AOF) and --processes gateways on it, one core and edges; "
+                        "gateway kills hit any of them, and Redis itself is SIGKILLed and restarted")
+    p.add_argument("--processes", type=int, default=d.processes, help="with --store redis")
+    p.add_argument("--redis-restarts", type=int, default=None, help="with --store redis; default: tasks // 200, at "
+                                                                      "least 1")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
@@ -307,7 +361,9 @@ def _parse(argv: list[str] | None) -> tuple[ChaosConfig, argparse.Namespace]:
         grants=a.grants if a.grants is not None else max(3, n // 30),
         forget_share=a.forget_share, initial_credits=a.initial_credits, step_ms=a.step_ms, steps=a.steps,
         mean_gap=a.mean_gap, settle_timeout=a.settle_timeout, workdir=a.workdir, hostile=not a.no_hostile,
-        latency_bound=a.latency_bound,
+        latency_bound=a.latency_bound, restart_settle=a.restart_settle, store=a.store, processes=a.processes,
+        redis_restarts=(0 if a.store != "redis" else
+                        a.redis_restarts if a.redis_restarts is not None else max(1, n // 200)),
     )
     return cfg, a
 
@@ -326,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"PROBLEM: {problem}")
     verdict = "PASSED" if report.ok else f"FAILED ({len(report.problems)} problems)"
     print(f"chaos: seed {cfg.seed}: {verdict}; replay: scripts/chaos.py --seed {cfg.seed} --tasks {cfg.tasks} "
-          f"--users {cfg.users}" + (f" ({json.dumps(asdict(cfg))})" if not report.ok else ""), flush=True)
+          f"--users {cfg.users}" + (f" --store redis --processes {cfg.processes}" if cfg.store == "redis" else "")
+          + (f" ({json.dumps(asdict(cfg))})" if not report.ok else ""), flush=True)
     return 0 if report.ok else 1
 
 

@@ -9,7 +9,8 @@ Code lines are the lines that are neither blank nor only a comment (docstrings c
 (``scripts/`` and ``tests/`` are on the path, as in pyproject.toml): ``import``/``from`` statements anywhere in a
 module count, deferred ones in functions too, except those under ``if TYPE_CHECKING:`` (annotations only). An
 import cycle is a strongly connected component of more than one module. Importing ``a.b`` is an edge to ``a.b``
-only: its parent package is already being imported when a submodule imports a sibling.
+only: its parent package is already being imported when a submodule imports a sibling; so is ``from . import
+sub`` when ``sub`` is a module.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +56,13 @@ def _type_checking_only(node: ast.If) -> bool:
     )
 
 
-def imported_names(tree: ast.Module, module: str, is_package: bool, *, typing: bool = False) -> Iterator[str]:
-    """Every module name this module may import at run time (candidates: the caller keeps the known ones)."""
+def imported_names(
+    tree: ast.Module, module: str, is_package: bool, *, known: Container[str] = (), typing: bool = False
+) -> Iterator[str]:
+    """Every module name this module may import at run time (the caller keeps the ones in the repository).
+
+    ``from pkg import name`` is an import of the submodule ``pkg.name`` when ``known`` has it, else of ``pkg``.
+    """
     package = module if is_package else module.rpartition(".")[0]
     stack: list[ast.AST] = [tree]
     while stack:
@@ -73,8 +79,9 @@ def imported_names(tree: ast.Module, module: str, is_package: bool, *, typing: b
                 target = ".".join([*base, *([node.module] if node.module else [])])
             else:
                 target = node.module or ""
-            yield target
-            yield from (f"{target}.{alias.name}" if target else alias.name for alias in node.names)
+            for alias in node.names:
+                qualified = f"{target}.{alias.name}" if target else alias.name
+                yield qualified if qualified in known else target
         stack.extend(ast.iter_child_nodes(node))
 
 
@@ -83,7 +90,7 @@ def import_graph(*, typing: bool = False) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        targets = imported_names(tree, name, path.name == "__init__.py", typing=typing)
+        targets = imported_names(tree, name, path.name == "__init__.py", known=modules, typing=typing)
         graph[name] = {t for t in targets if t in modules and t != name}
     return graph
 

@@ -25,16 +25,15 @@ from hypothesis import HealthCheck, given, seed, settings
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _fuzz_surface import HTTP_CASES, STOMP_FRAMES, HttpCase, fast_http_case, fast_stomp_frame, surface  # noqa: E402
-from fake_comfyui import FakeComfyUI  # noqa: E402
+from _fuzz_surface import HTTP_CASES, STOMP_FRAMES, HttpCase, fast_http_case, fast_stomp_frame, surface
+from fake_comfyui import FakeComfyUI
 
 
 def draw(strategy: object, n: int, batch_seed: int) -> list[object]:
     out: list[object] = []
 
     @seed(batch_seed)
-    @settings(max_examples=n, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=n, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck))
     @given(strategy)
     def collect(value: object) -> None:
         out.append(value)
@@ -71,15 +70,21 @@ async def main(args: argparse.Namespace) -> int:
                     done += len(cases) + len(frames)
                     if batch % args.report_every == 0:
                         rate = done / (time.monotonic() - started)
-                        print(f"{done} inputs, {rate:.0f}/s; http {s.stats.http} (socket {s.stats.socket}) "
-                              f"statuses {dict(sorted(s.stats.statuses.items()))}; stomp {s.stats.stomp} "
-                              f"{s.stats.stomp_outcomes}", flush=True)
+                        print(
+                            f"{done} inputs, {rate:.0f}/s; http {s.stats.http} (socket {s.stats.socket}) "
+                            f"statuses {dict(sorted(s.stats.statuses.items()))}; stomp {s.stats.stomp} "
+                            f"{s.stats.stomp_outcomes}",
+                            flush=True,
+                        )
                 problems = await s.check_end()
                 elapsed = time.monotonic() - started
-                print(f"DONE {done} inputs in {elapsed:.0f}s ({done / elapsed:.0f}/s): http {s.stats.http} "
-                      f"(over a socket {s.stats.socket}), statuses {dict(sorted(s.stats.statuses.items()))}; "
-                      f"stomp {s.stats.stomp} {s.stats.stomp_outcomes}; sim ran {len(sim.runs)} prompts; "
-                      f"audit {'clean' if not problems else problems}", flush=True)
+                print(
+                    f"DONE {done} inputs in {elapsed:.0f}s ({done / elapsed:.0f}/s): http {s.stats.http} "
+                    f"(over a socket {s.stats.socket}), statuses {dict(sorted(s.stats.statuses.items()))}; "
+                    f"stomp {s.stats.stomp} {s.stats.stomp_outcomes}; sim ran {len(sim.runs)} prompts; "
+                    f"audit {problems or 'clean'}",
+                    flush=True,
+                )
             nursery.cancel_scope.cancel()
     return 1 if problems else 0
 
@@ -92,8 +97,11 @@ if __name__ == "__main__":
     p.add_argument("--socket-every", type=int, default=50, help="every N-th HTTP input goes over a real socket")
     p.add_argument("--report-every", type=int, default=10, help="batches between progress lines")
     p.add_argument("--max-seconds", type=float, default=6 * 3600)
-    p.add_argument("--hypothesis", action="store_true",
-                   help="draw inputs with the hypothesis strategies (about 10 ms per input) instead of the fast "
-                        "seeded generator of the same kinds of input")
+    p.add_argument(
+        "--hypothesis",
+        action="store_true",
+        help="draw inputs with the hypothesis strategies (about 10 ms per input) instead of the fast "
+        "seeded generator of the same kinds of input",
+    )
     logging.basicConfig(level=logging.CRITICAL)  # the gateway logs every refusal; the numbers are what counts
     sys.exit(trio.run(main, p.parse_args()))

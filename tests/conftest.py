@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import trio
 
 from actors.comfy import ComfyTimeouts, RestartPolicy
 from actors.gateway import GatewayConfig
+from _redis_server import RedisServer
 from web.config import WebConfig
 from web.server import Running, serve_gateway
 
@@ -74,6 +75,37 @@ class GatewayUnderTest:
             await self.done.wait()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server for the session (free port, own directory); tests flush it as they start."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+STORES = ("sqlite", "redis")
+both_stores = pytest.mark.usefixtures("store_kind")  # a test marked so runs once on SQLite, once on Redis
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Parametrizes a test over both stores (``pytestmark = pytest.mark.usefixtures("store_kind")`` does a module);
+    ``store_spec`` and ``start_gateway`` then use the store it names."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """What ``open_store``/``--store`` take for this test: an empty Redis db (flushed now) when the test runs on
+    Redis, else DATA/gateway.db under ``tmp_path``."""
+    if "store_kind" in request.fixturenames and request.getfixturevalue("store_kind") == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.flush()
+        return server.url()
+    return str(tmp_path / "data" / "gateway.db")
+
+
 FAST_RECONNECT = RestartPolicy(initial_delay=0.05, max_delay=0.5, max_restarts=1000, window=60.0, healthy_after=5.0)
 
 
@@ -87,15 +119,16 @@ async def sim(nursery: trio.Nursery) -> Any:
 
 
 @pytest.fixture
-async def start_gateway(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def start_gateway(nursery: trio.Nursery, tmp_path: Path, store_spec: str) -> AsyncIterator[Callable[..., Any]]:
     started: list[GatewayUnderTest] = []
     async with httpx.AsyncClient(timeout=15) as http:
 
         async def start(comfy_urls: list[str], *, data: Path | None = None, web: dict[str, Any] | None = None,
                         **overrides: Any) -> GatewayUnderTest:
-            data = data or tmp_path / "data"
+            # on Redis, ``data`` is ignored: the test's one Redis db is its data (a restart finds it again)
+            path = str(data / "gateway.db") if data is not None and not store_spec.startswith("redis") else store_spec
             gw_kw: dict[str, Any] = dict(
-                comfyui_urls=tuple(comfy_urls), store_path=str(data / "gateway.db"), initial_credits=100, price=3,
+                comfyui_urls=tuple(comfy_urls), store_path=path, initial_credits=100, price=3,
                 comfy_policy=FAST_RECONNECT, comfy_timeouts=ComfyTimeouts(http=10, first_status=5, ping_interval=5,
                                                                           ping_timeout=5, slow_retry=1),
             )

@@ -88,6 +88,13 @@ class StompClient:
                 data = await self.ws.get_message()
                 self.buf += data.encode() if isinstance(data, str) else data
 
+    async def leave(self) -> None:
+        """DISCONNECT and read up to its RECEIPT, so nothing is left unread when the client closes (an unread message
+        leaves trio-websocket's reader stuck, and the close waits for it: 60 s)."""
+        await self.send_frame("DISCONNECT", {"receipt": "bye"})
+        while not ((frame := await self.next_frame()).command == "RECEIPT" and frame.headers["receipt-id"] == "bye"):
+            pass
+
     async def subscribe(self, destination: str = "/user/topic/messages", sub_id: str = "sub-0", **extra: str) -> None:
         await self.send_frame("SUBSCRIBE", {"id": sub_id, "destination": destination, **extra})
 
@@ -133,6 +140,9 @@ async def stomp_connect(
         try:
             yield client
         finally:
+            # a test that stops reading while the gateway still sends leaves trio-websocket's reader blocked on its
+            # full message queue, and the close below would wait for that reader for ever: drop what is unread
+            ws._recv_channel.close()
             try:
                 await ws._stream.aclose()  # trio-websocket leaves it open after a server close (STACK-NOTES 2.9)
             except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):

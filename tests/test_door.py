@@ -7,11 +7,11 @@ import json
 from typing import Any
 
 import pytest
-
-from actors.validate import WorkflowLimits, decode_json, validate_workflow
 from conftest import GatewayUnderTest, workflow
 from stomp_client import stomp_connect
 from test_e2e_skeleton import TERMINAL, subscribed
+
+from actors.validate import WorkflowLimits, decode_json, validate_workflow
 
 LONE = '{"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800 b"}}}'
 
@@ -19,17 +19,20 @@ LONE = '{"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800 b"}}}'
 # ---- the pure validator --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, needle", [
-    (LONE, "lone surrogate U+D800"),
-    ('{"\\udc00x": {"class_type": "A", "inputs": {}}}', "lone surrogate U+DC00"),  # in a node id (a key)
-    ('{"1": {"class_type": "A", "inputs": {"\\ud83d": 1}}}', "lone surrogate U+D83D"),  # in an input key
-    ('{"1": {"class_type": "A", "inputs": {"x": NaN}}}', "not acceptable JSON"),
-    ('{"1": {"class_type": "A", "inputs": {"x": 1e999}}}', "not finite"),
-    ("[" * 5000 + "]" * 5000, "nested deeper than 32"),  # RecursionError inside json never escapes
-    ("[" * 40 + "]" * 40, "nested deeper than 32"),
-    ('{"a": ' + "1" * 5000 + "}", "not acceptable JSON"),  # int with too many digits: a ValueError, caught
-    ('{"a": 1', "not JSON"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (LONE, "lone surrogate U+D800"),
+        ('{"\\udc00x": {"class_type": "A", "inputs": {}}}', "lone surrogate U+DC00"),  # in a node id (a key)
+        ('{"1": {"class_type": "A", "inputs": {"\\ud83d": 1}}}', "lone surrogate U+D83D"),  # in an input key
+        ('{"1": {"class_type": "A", "inputs": {"x": NaN}}}', "not acceptable JSON"),
+        ('{"1": {"class_type": "A", "inputs": {"x": 1e999}}}', "not finite"),
+        ("[" * 5000 + "]" * 5000, "nested deeper than 32"),  # RecursionError inside json never escapes
+        ("[" * 40 + "]" * 40, "nested deeper than 32"),
+        ('{"a": ' + "1" * 5000 + "}", "not acceptable JSON"),  # int with too many digits: a ValueError, caught
+        ('{"a": 1', "not JSON"),
+    ],
+)
 def test_decode_json_names_the_problem(text: str, needle: str) -> None:
     value, problem = decode_json(text.encode(), WorkflowLimits())
     assert value is None and problem is not None and needle in problem.detail, problem
@@ -61,8 +64,9 @@ def test_validate_workflow_limits_each_named() -> None:
 
 
 async def post_raw(g: GatewayUnderTest, user: str, body: bytes, path: str = "/api/tasks") -> Any:
-    return await g.http.post(f"{g.url}{path}", content=body,
-                             headers=g.auth(user) | {"content-type": "application/json"})
+    return await g.http.post(
+        f"{g.url}{path}", content=body, headers=g.auth(user) | {"content-type": "application/json"}
+    )
 
 
 async def test_poison_bodies_over_http_get_400_naming_the_problem(sim: Any, start_gateway: Any) -> None:
@@ -88,7 +92,7 @@ async def test_poison_workflow_over_stomp_is_rejected_and_the_connection_lives(s
         await subscribed(c)
         bodies = [
             ('{"workflow": ' + LONE + "}").encode(),
-            b'{"workflow": ' + b"{\"a\":" * 3000 + b"1" + b"}" * 3000 + b"}",
+            b'{"workflow": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
             b'{"workflow": "\xff"}',
         ]
         for body in bodies:
@@ -98,6 +102,7 @@ async def test_poison_workflow_over_stomp_is_rejected_and_the_connection_lives(s
         await c.send_frame("SEND", {"destination": "/app/tasks"}, json.dumps({"workflow": workflow("txt2img")}))
         msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL)
         assert msgs[-1][1]["type"] == "completed"
+        await c.leave()
     assert (await g.balance("bob"))["balance"] == g.initial_credits - g.price
 
 

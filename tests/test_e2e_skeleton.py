@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
-from conftest import GatewayUnderTest, wait_backends_up, workflow
+from conftest import GatewayUnderTest, both_stores, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient, stomp_connect
 
@@ -55,6 +56,7 @@ async def start_sim(nursery: trio.Nursery, port: int = 0, **kw: Any) -> tuple[Fa
     return sim, scope
 
 
+@both_stores
 async def test_task_travels_end_to_end(sim: FakeComfyUI, start_gateway: Any) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -105,6 +107,7 @@ async def run_to_terminal(g: GatewayUnderTest, user: str, wf: dict[str, Any]) ->
     return task, task_messages(msgs, task["taskId"])
 
 
+@both_stores
 async def test_execution_error_is_refunded(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -119,6 +122,7 @@ async def test_execution_error_is_refunded(sim: FakeComfyUI, start_gateway: Any)
                                          "available": g.initial_credits}
 
 
+@both_stores
 async def test_rejected_workflow_fails_as_validation(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -131,6 +135,7 @@ async def test_rejected_workflow_fails_as_validation(sim: FakeComfyUI, start_gat
     assert r.json()["state"] == "failed" and r.json()["reason"] == "validation"
 
 
+@both_stores
 async def test_simulator_killed_and_restarted_mid_flight(nursery: trio.Nursery, start_gateway: Any) -> None:
     sim, scope = await start_sim(nursery, step_ms=50)
     port = sim.port
@@ -153,6 +158,7 @@ async def test_simulator_killed_and_restarted_mid_flight(nursery: trio.Nursery, 
     assert (await g.balance("alice"))["frozen"] == 0
 
 
+@both_stores
 async def test_max_inflight_bounds_prompts_inside_comfyui(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], max_inflight=2)
     await wait_backends_up(g)
@@ -169,6 +175,7 @@ async def test_max_inflight_bounds_prompts_inside_comfyui(sim: FakeComfyUI, star
                                          "available": g.initial_credits - 5 * g.price}
 
 
+@both_stores
 async def test_a_user_never_receives_another_users_messages(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url])
     await wait_backends_up(g)
@@ -191,6 +198,7 @@ async def test_a_user_never_receives_another_users_messages(sim: FakeComfyUI, st
     assert a["taskId"] != b["taskId"]
 
 
+@both_stores
 async def test_http_errors_are_json(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], initial_credits=2, price=3)
     r = await g.http.post(f"{g.url}/api/tasks", json={"clientId": "c1", "workflow": workflow("txt2img")})
@@ -232,7 +240,11 @@ async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
         with trio.fail_after(30):
             line = await _read_line_with(proc.stdout, b"comfy-gateway serving on ", buf)
         url = line.decode().rsplit(" ", 1)[1].strip()
+        sim_line = await _read_line_with(proc.stdout, b"ComfyUI simulator on ", buf)
+        sim_url = sim_line.decode().split("ComfyUI simulator on ", 1)[1].split()[0]
+        assert "(its own process)" in sim_line.decode()  # so nothing the simulator does can stall the gateway
         async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(f"{sim_url}/queue")).status_code == 200
             page = await http.get(f"{url}/")
             assert page.status_code == 200 and "<html" in page.text.lower()
             demo = (await http.get(f"{url}/api/demo-token")).json()
@@ -244,12 +256,15 @@ async def test_scripts_run_simulate_serves_the_flow(tmp_path: Path) -> None:
                                     json={"clientId": demo["clientId"], "workflow": workflow("txt2img")})
                 assert r.status_code == 202, r.text
                 msgs = await c.collect_until(lambda m: m.get("type") in TERMINAL, timeout=30)
+                await c.leave()
             assert msgs[-1][1]["type"] == "completed"
             img = await http.get(msgs[-1][1]["urls"][0], headers=headers)
             assert img.content.startswith(PNG_SIGNATURE)
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(15):
-            assert await proc.wait() == 0
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                assert await proc.wait() == 0
+            with pytest.raises(httpx.ConnectError):  # the simulator's process was stopped with the gateway
+                await http.get(f"{sim_url}/queue")
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -7,13 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from _fuzz_surface import HTTP_CASES, STOMP_FRAMES, HttpCase, surface
 from hypothesis import HealthCheck, given, settings
 
-from _fuzz_surface import HTTP_CASES, STOMP_FRAMES, HttpCase, surface
-
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 
 
 async def test_fuzzed_http_and_stomp_never_take_the_gateway_down(sim: Any, tmp_path: Path) -> None:

@@ -49,7 +49,9 @@ async def test_readyz_and_metrics(sim: FakeComfyUI, start_gateway: Any, tmp_path
     await wait_backends_up(g)
     r = await g.http.get(f"{g.url}/readyz")
     assert r.status_code == 200 and r.json()["store"] == "up" and r.json()["backends"] == {"up": 1, "total": 1}
-    assert (await g.http.get(f"{g.url}/healthz")).json() == {"status": "ok"}
+    health = (await g.http.get(f"{g.url}/healthz")).json()
+    assert health["status"] == "ok" and health["role"] == "core"  # one process on SQLite is the core
+    assert health["lease"]["holder"] == health["lease"]["self"] == r.json()["lease"]["holder"]
     async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as c:
         await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r"})
         assert (await c.next_frame()).command == "RECEIPT"

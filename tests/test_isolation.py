@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import copy
 import sqlite3
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-
-from actors import registry
-from actors._sqlite_store import SqliteStore
-from actors.comfy import _commands
-from actors.gateway import GatewayConfig
 from conftest import FAST_RECONNECT, TEST_SECRET, GatewayUnderTest, workflow
 from stomp_client import stomp_connect
 from test_e2e_skeleton import TERMINAL, subscribed
+
+from actors import registry
+from actors.store import SqliteStore
+from actors.comfy import _commands
+from actors.gateway import GatewayConfig
 from web.config import WebConfig
 from web.server import Running, serve_gateway
 
@@ -69,7 +70,11 @@ def inject(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
 
 @pytest.mark.parametrize("where", ["comfy", "registry", "ledger"])
 async def test_a_fault_for_one_task_fails_only_that_task(
-    where: str, sim: Any, start_gateway: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    where: str,
+    sim: Any,
+    start_gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     inject(monkeypatch, where)
     g: GatewayUnderTest = await start_gateway([sim.url])
@@ -77,8 +82,10 @@ async def test_a_fault_for_one_task_fails_only_that_task(
         await subscribed(c)
         ids = [(await g.submit("alice", seeded(seed)))["taskId"] for seed in (1, POISON_SEED, 2)]
         ends: dict[str, dict[str, Any]] = {}
-        await c.collect_until(lambda m: m.get("type") in TERMINAL and bool(ends.setdefault(m["taskId"], m))
-                              and len(ends) == 3, timeout=30)
+        await c.collect_until(
+            lambda m: m.get("type") in TERMINAL and bool(ends.setdefault(m["taskId"], m)) and len(ends) == 3, timeout=30
+        )
+        await c.leave()
     good1, bad, good2 = (ends[i] for i in ids)
     assert good1["type"] == good2["type"] == "completed", (good1, good2)
     assert bad["type"] == "execution_error" and bad["reason"] == "internal" and bad["refunded"] is True, bad
@@ -90,7 +97,9 @@ async def test_a_fault_for_one_task_fails_only_that_task(
 
 
 async def test_a_task_that_crashed_the_process_twice_is_quarantined(
-    sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    sim: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The poison task's submit raises SystemExit (a fault no isolation catches: the process dies). Two starts die
     on it; the third fails it (internal, refunded) before dispatching anything, and serves."""
@@ -103,8 +112,14 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
         return await original(self, cmd)
 
     monkeypatch.setattr(_commands.Commands, "_submit", submit)
-    gw = GatewayConfig(comfyui_urls=(sim.url,), store_path=str(tmp_path / "gateway.db"), initial_credits=10, price=3,
-                       comfy_policy=FAST_RECONNECT, quarantine_after=2)
+    gw = GatewayConfig(
+        comfyui_urls=(sim.url,),
+        store_path=str(tmp_path / "gateway.db"),
+        initial_credits=10,
+        price=3,
+        comfy_policy=FAST_RECONNECT,
+        quarantine_after=2,
+    )
     import httpx
 
     async with httpx.AsyncClient(timeout=10) as http:
@@ -114,24 +129,30 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
             try:
                 async with trio.open_nursery() as nursery:
                     running: Running = await nursery.start(
-                        lambda task_status: serve_gateway(gw, WebConfig(bind="127.0.0.1:0"), secret=TEST_SECRET,
-                                                          shutdown=shutdown, task_status=task_status))
+                        partial(serve_gateway, gw, WebConfig(bind="127.0.0.1:0"), secret=TEST_SECRET, shutdown=shutdown)
+                    )
                     headers = {"Authorization": f"Bearer {running.auth.issue('alice')}"}
                     if run == 0:
-                        r = await http.post(f"{running.url}/api/tasks", headers=headers,
-                                            json={"clientId": "c1", "workflow": seeded(POISON_SEED)})
+                        r = await http.post(
+                            f"{running.url}/api/tasks",
+                            headers=headers,
+                            json={"clientId": "c1", "workflow": seeded(POISON_SEED)},
+                        )
                         assert r.status_code == 202, r.text
                         poison_id = r.json()["taskId"]
                     if run < 2:
                         with trio.fail_after(20):
                             await trio.sleep_forever()  # the poison task takes the process down
-                    async with stomp_connect(running.url.replace("http", "ws") + "/ws", token=running.auth.issue("alice"),
-                                             client_id="c1") as c:
+                    async with stomp_connect(
+                        running.url.replace("http", "ws") + "/ws", token=running.auth.issue("alice"), client_id="c1"
+                    ) as c:
                         await subscribed(c, **{"last-seq": "0"})
-                        r = await http.post(f"{running.url}/api/tasks", headers=headers,
-                                            json={"clientId": "c1", "workflow": seeded(5)})
+                        r = await http.post(
+                            f"{running.url}/api/tasks", headers=headers, json={"clientId": "c1", "workflow": seeded(5)}
+                        )
                         assert r.status_code == 202, r.text
                         await c.collect_until(lambda m: m.get("type") == "completed", timeout=30)
+                        await c.leave()
                     view = (await http.get(f"{running.url}/api/tasks/{poison_id}", headers=headers)).json()
                     assert view["state"] == "failed" and view["reason"] == "internal", view
                     account = (await http.get(f"{running.url}/api/balance", headers=headers)).json()
@@ -145,3 +166,32 @@ async def test_a_task_that_crashed_the_process_twice_is_quarantined(
                 crashes += 1
             assert crashed == (run < 2), run
     assert crashes == 2
+
+
+async def test_a_store_error_on_one_request_is_that_requests_5xx(
+    sim: Any,
+    start_gateway: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g: GatewayUnderTest = await start_gateway([sim.url])
+    original_get, original_account = SqliteStore.get_task, SqliteStore.account
+
+    async def get_task(self: Any, task_id: str) -> Any:
+        if task_id == "broken":
+            raise sqlite3.DatabaseError("injected: database disk image is malformed")
+        return await original_get(self, task_id)
+
+    async def account(self: Any, user_id: str, initial: int) -> Any:
+        if user_id == "broken-user":
+            raise OverflowError("injected: Python int too large to convert to SQLite INTEGER")
+        return await original_account(self, user_id, initial)
+
+    monkeypatch.setattr(SqliteStore, "get_task", get_task)
+    monkeypatch.setattr(SqliteStore, "account", account)
+    r = await g.http.get(f"{g.url}/api/tasks/broken", headers=g.auth("alice"))
+    assert r.status_code == 503 and r.json()["error"] in ("unavailable", "busy"), r.text
+    r = await g.http.get(f"{g.url}/api/balance", headers=g.auth("broken-user"))
+    assert r.status_code == 500 and r.json()["error"] == "internal", r.text
+    done = await g.submit("alice", seeded(3))  # the registry and the ledger went on
+    r = await g.http.get(f"{g.url}/api/tasks/{done['taskId']}", headers=g.auth("alice"))
+    assert r.status_code == 200 and (await g.balance("alice"))["frozen"] in (0, g.price)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import trio
@@ -10,16 +9,18 @@ import trio.testing
 
 from actors import ledger
 from actors.sessions import Publish
-from actors.store import HoldConflict, InsufficientCredits, SqliteStore, UnknownHold, open_store
+from actors.store import HoldConflict, InsufficientCredits, Store, UnknownHold, open_store
+
+pytestmark = pytest.mark.usefixtures("store_kind")  # every test on SQLite and on Redis
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> SqliteStore:
-    async with open_store(str(tmp_path / "g.db")) as s:
+async def store(store_spec: str) -> Store:
+    async with open_store(store_spec) as s:
         yield s
 
 
-async def test_freeze_settle_release_exactly_once(store: SqliteStore) -> None:
+async def test_freeze_settle_release_exactly_once(store: Store) -> None:
     acc, changed = await store.freeze("u", "t1", 30, 100, ttl=60)
     assert (acc.balance, acc.frozen, acc.available, changed) == (100, 30, 70, True)
     acc, changed = await store.freeze("u", "t1", 30, 100, ttl=60)  # retry: no-op success
@@ -45,7 +46,7 @@ async def test_freeze_settle_release_exactly_once(store: SqliteStore) -> None:
     assert await store.audit() == []
 
 
-async def test_freeze_refused_when_available_would_go_negative(store: SqliteStore) -> None:
+async def test_freeze_refused_when_available_would_go_negative(store: Store) -> None:
     await store.freeze("u", "a", 60, 100, ttl=60)
     with pytest.raises(InsufficientCredits):
         await store.freeze("u", "b", 41, 100, ttl=60)
@@ -53,7 +54,7 @@ async def test_freeze_refused_when_available_would_go_negative(store: SqliteStor
     assert (acc.balance, acc.frozen) == (100, 60)
 
 
-async def test_concurrent_freezes_never_overdraw(store: SqliteStore) -> None:
+async def test_concurrent_freezes_never_overdraw(store: Store) -> None:
     hub_tx, hub_rx = trio.open_memory_channel[Publish](1000)
     tx, rx = trio.open_memory_channel[ledger.LedgerMsg](64)
     ok: list[str] = []
@@ -79,9 +80,9 @@ async def test_concurrent_freezes_never_overdraw(store: SqliteStore) -> None:
     assert await store.audit() == []
 
 
-async def test_expired_hold_is_released_once_and_pushed(tmp_path: Path) -> None:
+async def test_expired_hold_is_released_once_and_pushed(store_spec: str) -> None:
     wall = [1000.0]  # an injected wall clock the test moves by hand
-    async with open_store(str(tmp_path / "g.db"), wall_clock=lambda: wall[0]) as store:
+    async with open_store(store_spec, wall_clock=lambda: wall[0]) as store:
         hub_tx, hub_rx = trio.open_memory_channel[Publish](100)
         tx, rx = trio.open_memory_channel[ledger.LedgerMsg](8)
         async with trio.open_nursery() as n:
@@ -106,7 +107,7 @@ async def test_expired_hold_is_released_once_and_pushed(tmp_path: Path) -> None:
         assert await store.audit() == []
 
 
-async def test_grant_is_journaled(store: SqliteStore) -> None:
+async def test_grant_is_journaled(store: Store) -> None:
     await store.grant("u", 25, 100, "admin")
     await store.grant("u", -5, 100, "admin")
     acc = await store.account("u", 100)

@@ -36,12 +36,13 @@ from actors.store import (
     InsufficientCredits,
     InvalidAmount,
     LedgerError,
-    SqliteStore,
+    Store,
     TaskRecord,
     UnknownHold,
     open_store,
 )
 from conftest import GatewayUnderTest, wait_backends_up, workflow
+from _redis_server import RedisServer
 
 T = TypeVar("T")
 
@@ -153,20 +154,30 @@ class LedgerModel:
 
 class LedgerMachine(RuleBasedStateMachine):
     portal: TrioThread  # set by the test
+    redis: RedisServer | None = None  # set by the test: run on this (flushed) Redis instead of a fresh SQLite file
 
     def __init__(self) -> None:
         super().__init__()
         self.wall = [1_000_000.0]
         self.model = LedgerModel(self.wall[0])
         self.tmp = tempfile.TemporaryDirectory(prefix="ledger-prop-")
-        self.store = SqliteStore(os.path.join(self.tmp.name, "g.db"), wall_clock=lambda: self.wall[0])
+        if self.redis is not None:
+            self.redis.flush()
+        spec = self.redis.url() if self.redis is not None else os.path.join(self.tmp.name, "g.db")
         self.hub_tx, self.hub_rx = trio.open_memory_channel[Publish](10_000)
         self.tx, rx = trio.open_memory_channel[ledger.LedgerMsg](8)
         self.journal_len = 0
+        self.closed = trio.Event()
+
+        async def keep_open(task_status: trio.TaskStatus[Store]) -> None:
+            # one task opens and closes the store (a Redis client's connection pool is a nursery of its own)
+            async with open_store(spec, wall_clock=lambda: self.wall[0]) as store:
+                task_status.started(store)
+                await self.closed.wait()
 
         async def start() -> None:
-            await self.store.open()
             assert self.portal.nursery is not None
+            self.store = await self.portal.nursery.start(keep_open)
             await self.portal.nursery.start(partial(
                 ledger.run, rx, store=self.store, sessions=self.hub_tx, initial_credits=INITIAL, hold_ttl=TTL,
                 wall_clock=lambda: self.wall[0], expiry_interval=1e9,
@@ -177,7 +188,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         async def stop() -> None:
             await self.tx.aclose()  # the actor ends when its inbox closes
-            await self.store.aclose()
+            self.closed.set()
 
         self.portal.run(stop)
         self.tmp.cleanup()
@@ -290,9 +301,10 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.pushes() == []
 
 
-def test_ledger_matches_a_model() -> None:
+def test_ledger_matches_a_model(store_kind: str, request: pytest.FixtureRequest) -> None:
     with TrioThread() as portal:
         LedgerMachine.portal = portal
+        LedgerMachine.redis = request.getfixturevalue("redis_server") if store_kind == "redis" else None
         run = LedgerMachine.TestCase
         run.settings = settings(max_examples=40, stateful_step_count=30, deadline=None,
                                 suppress_health_check=[HealthCheck.too_slow], print_blob=True)
@@ -303,12 +315,12 @@ def test_ledger_matches_a_model() -> None:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    async with open_store(str(tmp_path / "g.db")) as s:
+async def store(store_spec: str) -> Iterator[Store]:
+    async with open_store(store_spec) as s:
         yield s
 
 
-async def test_refusals_change_nothing(store: SqliteStore) -> None:
+async def test_refusals_change_nothing(store: Store, store_kind: str) -> None:
     """Double settle, settle after release, release after settle, conflicting amounts: refused or no-op, and
     neither the accounts nor the journal move."""
     await store.freeze("u", "a", 10, 100, ttl=60)
@@ -346,11 +358,11 @@ def _task(task_id: str, user: str, cost: int, state: str) -> TaskRecord:
                       updated_at=0.0)
 
 
-async def test_expired_hold_sweep_follows_the_task(tmp_path: Path) -> None:
+async def test_expired_hold_sweep_follows_the_task(store_spec: str, store_kind: str) -> None:
     """Past its deadline a hold is released once if its task is gone or failed, settled if it succeeded, and
     only given a new deadline while its task is still active."""
     wall = [1000.0]
-    async with open_store(str(tmp_path / "g.db"), wall_clock=lambda: wall[0]) as store:
+    async with open_store(store_spec, wall_clock=lambda: wall[0]) as store:
         hub_tx, hub_rx = trio.open_memory_channel[Publish](100)
         tx, rx = trio.open_memory_channel[ledger.LedgerMsg](8)
         async with trio.open_nursery() as n:
@@ -385,11 +397,11 @@ async def test_expired_hold_sweep_follows_the_task(tmp_path: Path) -> None:
         assert await store.audit() == [] and await store.audit_tasks() == []
 
 
-async def test_start_up_recovers_holds_a_crash_left_pending(tmp_path: Path) -> None:
+async def test_start_up_recovers_holds_a_crash_left_pending(store_spec: str, store_kind: str) -> None:
     """What kill -9 can leave behind: a hold whose task was never saved (died between freeze and save), and
     holds of tasks whose outcome was saved but not yet settled or released. Active tasks' holds stay pending
     (the registry reloads those tasks)."""
-    path = str(tmp_path / "g.db")
+    path = store_spec
     async with open_store(path) as store:
         for task_id, state in (("unsaved", None), ("won", "succeeded"), ("lost", "failed"), ("stopped", "cancelled"),
                                ("waiting", "queued"), ("inside", "submitted")):
@@ -454,7 +466,7 @@ async def test_schema_migrates_forward_and_refuses_a_newer_one(tmp_path: Path) -
         assert (await store.account("u", 100)).balance == 42 and await store.audit() == []
         await store.freeze("u", "t", 2, 100, ttl=60)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert db.execute("SELECT 1 FROM sqlite_master WHERE name = 'journal_task'").fetchone() is not None
     assert db.execute("SELECT crashes FROM tasks").fetchall() == []  # version 3: the quarantine counter
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")

@@ -14,12 +14,10 @@ import base64
 import collections
 import copy
 import json
-import sqlite3
 import statistics
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +26,8 @@ import trio.testing
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from actors.comfy import BackendLost, BackendUp, ComfyTimeouts, PromptAccepted, SubmitPrompt
-from conftest import ROOT, GatewayUnderTest, wait_backends_up, workflow
+from actors.store import open_store
+from conftest import ROOT, GatewayUnderTest, both_stores, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import StompClient
 from test_e2e_skeleton import PNG_SIGNATURE, TERMINAL, start_sim, subscribed
@@ -90,10 +89,11 @@ async def stomp(g: GatewayUnderTest, user: str, client_id: str = "c1") -> AsyncI
         yield c
 
 
-def journal(tmp_path: Path, task_id: str) -> list[str]:
-    """The ledger journal's kinds for a task (freeze, then exactly one settle or release)."""
-    with sqlite3.connect(f"file:{tmp_path / 'data' / 'gateway.db'}?mode=ro", uri=True) as db:
-        return [k for (k,) in db.execute("SELECT kind FROM journal WHERE task_id = ? ORDER BY id", (task_id,))]
+async def journal(store_spec: str, task_id: str) -> list[str]:
+    """The ledger journal's kinds for a task (freeze, then exactly one settle or release), read from the store the
+    gateway runs on (a second connection, as an operator's audit would)."""
+    async with open_store(store_spec) as store:
+        return [j.kind for j in await store.journal() if j.task_id == task_id]
 
 
 async def metric(g: GatewayUnderTest, name: str) -> float:
@@ -104,8 +104,9 @@ async def metric(g: GatewayUnderTest, name: str) -> float:
 # ---- several backends -------------------------------------------------------------------------------------------
 
 
+@both_stores
 async def test_two_backends_share_work_and_survive_one_killed_for_good(nursery: trio.Nursery, start_gateway: Any,
-                                                                      tmp_path: Path) -> None:
+                                                                      store_spec: str) -> None:
     s0, _ = await start_sim(nursery)
     s1, kill_s1 = await start_sim(nursery)
     g = await start_gateway([s0.url, s1.url], max_inflight=2, backend_lost_after=1.0)
@@ -129,9 +130,9 @@ async def test_two_backends_share_work_and_survive_one_killed_for_good(nursery: 
 
         for t in on_s1:  # b1's tasks end after backend_lost_after, refunded
             assert ends[t]["type"] == "execution_error" and ends[t]["reason"] == "backend_lost", ends[t]
-            assert ends[t]["refunded"] is True and journal(tmp_path, t) == ["freeze", "release"]
+            assert ends[t]["refunded"] is True and await journal(store_spec, t) == ["freeze", "release"]
         for t in set(first) - on_s1 | set(later):  # everything else ran on b0, the new ones included
-            assert ends[t]["type"] == "completed" and journal(tmp_path, t) == ["freeze", "settle"]
+            assert ends[t]["type"] == "completed" and await journal(store_spec, t) == ["freeze", "settle"]
         assert len(s0.submitted) == 4 and len(s0.runs) == 4
         await observer.collect_until(lambda m: m.get("type") == "status" and m["backends"] == {"up": 1, "total": 2})
     ready = await g.http.get(f"{g.url}/readyz")
@@ -143,6 +144,7 @@ async def test_two_backends_share_work_and_survive_one_killed_for_good(nursery: 
 # ---- reconciliation ---------------------------------------------------------------------------------------------
 
 
+@both_stores
 async def test_prompt_finished_while_socket_down_is_completed_from_history(nursery: trio.Nursery,
                                                                            start_gateway: Any) -> None:
     sim, _ = await start_sim(nursery, step_ms=20)
@@ -168,8 +170,9 @@ async def test_prompt_finished_while_socket_down_is_completed_from_history(nurse
     assert (await g.balance("alice"))["balance"] == g.initial_credits - g.price
 
 
+@both_stores
 async def test_restart_that_forgets_queue_and_history_loses_inflight_tasks(nursery: trio.Nursery, start_gateway: Any,
-                                                                          tmp_path: Path) -> None:
+                                                                          store_spec: str) -> None:
     sim, kill = await start_sim(nursery, step_ms=20)
     port = sim.port
     g = await start_gateway([sim.url], max_inflight=2)
@@ -185,7 +188,7 @@ async def test_restart_that_forgets_queue_and_history_loses_inflight_tasks(nurse
         ends = await until_terminal(c, {running, pending})
         for t in (running, pending):
             assert ends[t]["type"] == "execution_error" and ends[t]["reason"] == "backend_lost"
-            assert ends[t]["refunded"] is True and journal(tmp_path, t) == ["freeze", "release"]
+            assert ends[t]["refunded"] is True and await journal(store_spec, t) == ["freeze", "release"]
         assert fresh.submitted == []  # reconciled, never submitted again
         nxt = (await g.submit("alice", workflow("txt2img"), "c1"))["taskId"]
         assert (await until_terminal(c, {nxt}))[nxt]["type"] == "completed"
@@ -193,6 +196,7 @@ async def test_restart_that_forgets_queue_and_history_loses_inflight_tasks(nurse
                                          "available": g.initial_credits - g.price}
 
 
+@both_stores
 async def test_same_client_id_trap_is_detected_by_the_missing_status(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], comfy_timeouts=ComfyTimeouts(**TIMEOUTS, status_after_submit=0.5))
     await wait_backends_up(g)
@@ -211,6 +215,7 @@ async def test_same_client_id_trap_is_detected_by_the_missing_status(sim: FakeCo
     assert gateway_id in sim._sockets and await metric(g, "gateway_backend_reconnects{") >= 1
 
 
+@both_stores
 async def test_silent_socket_while_work_is_queued_is_reconnected(sim: FakeComfyUI, start_gateway: Any) -> None:
     g = await start_gateway([sim.url], comfy_timeouts=ComfyTimeouts(**TIMEOUTS, silence=0.3))
     await wait_backends_up(g)
@@ -225,6 +230,7 @@ async def test_silent_socket_while_work_is_queued_is_reconnected(sim: FakeComfyU
 # ---- fair queue and caps ----------------------------------------------------------------------------------------
 
 
+@both_stores
 async def test_one_users_batch_delays_another_users_task_by_at_most_one_dispatch(sim: FakeComfyUI,
                                                                                  start_gateway: Any) -> None:
     g = await start_gateway([sim.url], max_inflight=2)
@@ -248,6 +254,7 @@ async def test_one_users_batch_delays_another_users_task_by_at_most_one_dispatch
     assert bob_prompt in dispatched_after[:2], dispatched_after.index(bob_prompt)
 
 
+@both_stores
 async def test_queued_cap_per_user_is_429_and_rejected(start_gateway: Any) -> None:
     with trio.socket.socket() as s:  # a backend nobody listens on: tasks stay queued
         await s.bind(("127.0.0.1", 0))
@@ -271,8 +278,9 @@ async def test_queued_cap_per_user_is_429_and_rejected(start_gateway: Any) -> No
 # ---- cancel -------------------------------------------------------------------------------------------------------
 
 
+@both_stores
 async def test_cancel_queued_comfy_queued_and_running_each_refunded_once(sim: FakeComfyUI, start_gateway: Any,
-                                                                         tmp_path: Path) -> None:
+                                                                         store_spec: str) -> None:
     g = await start_gateway([sim.url], max_inflight=2)
     await wait_backends_up(g)
     sim.pause()
@@ -310,7 +318,7 @@ async def test_cancel_queued_comfy_queued_and_running_each_refunded_once(sim: Fa
     assert await delete("alice", running) == (409, {"error": "finished", "detail": f"task {running} has already finished"})
     for t in (queued, in_comfy, running):
         assert (await task_view(g, "alice", t))["state"] == "cancelled"
-        assert journal(tmp_path, t) == ["freeze", "release"]  # exactly one refund each
+        assert await journal(store_spec, t) == ["freeze", "release"]  # exactly one refund each
     outcome = {r.prompt_id: r.outcome for r in sim.runs}
     assert outcome[pid[running]] == "interrupted" and pid[in_comfy] not in outcome
     assert set(sim.interrupts) <= {pid[running], pid[in_comfy]}  # targeted: never anyone else's prompt
@@ -322,8 +330,9 @@ async def test_cancel_queued_comfy_queued_and_running_each_refunded_once(sim: Fa
 # ---- deadlines ----------------------------------------------------------------------------------------------------
 
 
+@both_stores
 async def test_task_past_its_deadline_is_interrupted_and_refunded(sim: FakeComfyUI, start_gateway: Any,
-                                                                  tmp_path: Path) -> None:
+                                                                  store_spec: str) -> None:
     g = await start_gateway([sim.url], task_timeout=0.5)
     await wait_backends_up(g)
     async with stomp(g, "alice") as c:
@@ -335,7 +344,7 @@ async def test_task_past_its_deadline_is_interrupted_and_refunded(sim: FakeComfy
     pid = (await task_view(g, "alice", task))["prompt_id"]
     assert sim.interrupts == [pid]  # ComfyUI was told to interrupt exactly that prompt
     assert [(r.prompt_id, r.outcome) for r in sim.runs] == [(pid, "interrupted")]
-    assert journal(tmp_path, task) == ["freeze", "release"]
+    assert await journal(store_spec, task) == ["freeze", "release"]
     view = await task_view(g, "alice", task)
     assert view["state"] == "failed" and view["reason"] == "timeout"
 
@@ -343,6 +352,7 @@ async def test_task_past_its_deadline_is_interrupted_and_refunded(sim: FakeComfy
 # ---- previews and results -----------------------------------------------------------------------------------------
 
 
+@both_stores
 async def test_previews_and_paged_results_with_public_urls(sim: FakeComfyUI, start_gateway: Any) -> None:
     public = "https://gw.example/comfy"  # behind a proxy: URLs name the gateway's public address, never ComfyUI
     g = await start_gateway([sim.url], public_url=public)

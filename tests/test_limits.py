@@ -9,13 +9,13 @@ from typing import Any
 
 import trio
 import trio.testing
+from conftest import GatewayUnderTest, workflow
+from stomp_client import stomp_connect
+from test_e2e_skeleton import subscribed
 
 from actors import sessions as s
 from actors._util import ask
 from web._outbox import Outbox
-from conftest import GatewayUnderTest, workflow
-from stomp_client import stomp_connect
-from test_e2e_skeleton import subscribed
 
 
 async def test_sessions_per_user_drop_the_least_recently_used_idle_one(nursery: trio.Nursery) -> None:
@@ -56,10 +56,13 @@ async def test_balance_goes_to_live_sessions_and_idle_ones_catch_up_on_attach(nu
 async def test_connect_refused_when_every_session_is_live(sim: Any, start_gateway: Any) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url], max_sessions_per_user=2)
     token = g.token("erin")
-    async with stomp_connect(g.ws_url, token=token, client_id="t1"), stomp_connect(g.ws_url, token=token, client_id="t2"):
-        async with stomp_connect(g.ws_url, token=token, client_id="t3", expect_connected=False) as c:
-            frame = await c.next_frame()
-            assert frame.command == "ERROR" and frame.headers["message"] == "too many sessions", frame
+    async with (
+        stomp_connect(g.ws_url, token=token, client_id="t1"),
+        stomp_connect(g.ws_url, token=token, client_id="t2"),
+        stomp_connect(g.ws_url, token=token, client_id="t3", expect_connected=False) as c,
+    ):
+        frame = await c.next_frame()
+        assert frame.command == "ERROR" and frame.headers["message"] == "too many sessions", frame
     async with stomp_connect(g.ws_url, token=token, client_id="t3"):  # both closed: t1 makes room
         pass
 
@@ -68,8 +71,9 @@ async def test_replay_storm_is_cut_with_too_many_replays(sim: Any, start_gateway
     g: GatewayUnderTest = await start_gateway([sim.url], web={"max_replays_per_minute": 5})
     async with stomp_connect(g.ws_url, token=g.token("frank"), client_id="c1") as c:
         for i in range(5):
-            await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "last-seq": "0",
-                                             "receipt": f"r{i}"})
+            await c.send_frame(
+                "SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "last-seq": "0", "receipt": f"r{i}"}
+            )
             assert (await c.next_frame()).command == "RECEIPT"
             await c.send_frame("UNSUBSCRIBE", {"id": "s"})
         await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "last-seq": "0"})
@@ -81,8 +85,7 @@ async def test_replay_storm_is_cut_with_too_many_replays(sim: Any, start_gateway
 async def test_submits_per_second_are_limited_over_http_and_stomp(sim: Any, start_gateway: Any) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url], submit_rate=0.01, submit_burst=2, initial_credits=1000)
     body = {"clientId": "c1", "workflow": workflow("txt2img")}
-    codes = [(await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("gina"))).status_code
-             for _ in range(3)]
+    codes = [(await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("gina"))).status_code for _ in range(3)]
     assert codes == [202, 202, 429]
     r = await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("gina"))
     assert r.json()["error"] == "too_many_submits"
@@ -91,23 +94,31 @@ async def test_submits_per_second_are_limited_over_http_and_stomp(sim: Any, star
         await c.send_frame("SEND", {"destination": "/app/tasks"}, json.dumps(body))
         msgs = await c.collect_until(lambda m: m.get("type") == "rejected")
         assert msgs[-1][1]["error"] == "too_many_submits", msgs[-1]
+        await c.leave()
     assert (await g.http.post(f"{g.url}/api/tasks", json=body, headers=g.auth("hank"))).status_code == 202
 
 
 async def test_a_session_flood_does_not_slow_another_user(sim: Any, start_gateway: Any) -> None:
     """A smaller-scale CI version of the issue's 2,000 sessions + 50 submit/cancel cycles (full size: scripts/flood.py).
     The flooder's sessions stay bounded by the per-user limit and another user's `queued` arrives quickly."""
-    g: GatewayUnderTest = await start_gateway([sim.url], max_sessions_per_user=64, initial_credits=10_000,
-                                              submit_burst=1000, submit_rate=1000, max_queued_per_user=1000)
+    g: GatewayUnderTest = await start_gateway(
+        [sim.url],
+        max_sessions_per_user=64,
+        initial_credits=10_000,
+        submit_burst=1000,
+        submit_rate=1000,
+        max_queued_per_user=1000,
+    )
     token = g.token("mallory")
     for i in range(200):
         async with stomp_connect(g.ws_url, token=token, client_id=f"f{i}") as c:
             await c.subscribe()
+            await c.leave()
     for _ in range(10):  # each balance change is fanned out; cancels refund
         task = await g.submit("mallory", workflow("txt2img"), client_id="f0")
         await g.http.delete(f"{g.url}/api/tasks/{task['taskId']}", headers=g.auth("mallory"))
     metrics = (await g.http.get(f"{g.url}/metrics")).text
-    line = next(l for l in metrics.splitlines() if l.startswith("gateway_sessions"))
+    line = next(x for x in metrics.splitlines() if x.startswith("gateway_sessions"))
     assert float(line.split()[-1]) <= 64 + 2, line
     latencies = []
     async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="a") as c:
@@ -117,4 +128,5 @@ async def test_a_session_flood_does_not_slow_another_user(sim: Any, start_gatewa
             await g.submit("alice", workflow("txt2img"), client_id="a")
             await c.collect_until(lambda m: m.get("type") == "queued")
             latencies.append(time.monotonic() - t0)
+        await c.leave()  # unread messages would leave trio-websocket's reader stuck at close (60 s)
     assert max(latencies) < 0.25, latencies

@@ -121,8 +121,12 @@ class Harness:
         return await ask(self.registry, lambda r: reg.GetTask(user, task_id, r))
 
 
-async def fake_ledger(inbox: trio.MemoryReceiveChannel[Any], resolves: list[tuple[str, str]]) -> None:
+async def fake_ledger(inbox: trio.MemoryReceiveChannel[Any], resolves: list[tuple[str, str]],
+                      open_: list[trio.Event] | None = None) -> None:
+    """Answers at once; with ``open_``, each answer waits until ``open_[0]`` is set (a slow ledger)."""
     async for msg in inbox:
+        if open_ is not None:
+            await open_[0].wait()
         match msg:
             case ledger_api.Freeze(user_id, _task_id, amount, reply):
                 reply_once(reply, Account(user_id, 100, amount))
@@ -134,7 +138,8 @@ async def fake_ledger(inbox: trio.MemoryReceiveChannel[Any], resolves: list[tupl
 
 @asynccontextmanager
 async def registry(
-    *, tasks: list[TaskRecord] | None = None, max_inflight: int = 2, up: tuple[str, ...] = ("b0",), **cfg: Any
+    *, tasks: list[TaskRecord] | None = None, max_inflight: int = 2, up: tuple[str, ...] = ("b0",),
+    ledger_open: list[trio.Event] | None = None, **cfg: Any
 ) -> AsyncIterator[Harness]:
     reg_tx, reg_rx = trio.open_memory_channel[Any](64)
     sched_tx, sched_rx = trio.open_memory_channel[Any](64)
@@ -146,7 +151,7 @@ async def registry(
     h = Harness(reg_tx, b0_rx, b1_rx, hub_rx, store)
     comfy = {"b0": b0_tx, "b1": b1_tx}
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fake_ledger, ledger_rx, h.resolves)
+        nursery.start_soon(fake_ledger, ledger_rx, h.resolves, ledger_open)
         await nursery.start(lambda task_status: sched.run(
             sched_rx, backends=comfy, max_inflight=max_inflight, task_status=task_status))
         config = reg.RegistryConfig(public_url="http://gw", backend_urls={"b0": "http://c0", "b1": "http://c1"}, **cfg)
@@ -177,6 +182,44 @@ def history(prompt_id: str, terminal: str = "execution_success", **data: Any) ->
                    "messages": [["execution_start", {"prompt_id": prompt_id}],
                                 [terminal, {"prompt_id": prompt_id, **data}]]},
     }
+
+
+# ---- the registry never waits for another actor in its loop --------------------------------------------------
+
+
+async def test_a_slow_ledger_stalls_no_other_task(autojump_clock: trio.testing.MockClock) -> None:
+    """While the ledger sits on a freeze and a settle, the registry goes on relaying, answering and cancelling; each
+    waiting task is told its outcome, in order, once the ledger answers."""
+    gate = [trio.Event()]
+    gate[0].set()
+    async with registry(max_inflight=1, ledger_open=gate) as h, trio.open_nursery() as nursery:
+        t1 = await h.submit()
+        [cmd] = await dispatched(h)
+        pid = cmd.prompt_id
+        await accepted(h, cmd)
+        await h.event(ExecutionStart(pid))
+        assert [m["type"] for m in await h.messages()] == ["queued", "started"]
+        gate[0] = trio.Event()  # the ledger stops answering
+        late: list[Any] = []
+
+        async def submit_late() -> None:
+            late.append(await ask(h.registry, lambda r: reg.Submit("bob", "c2", WORKFLOW, 1, r)))
+        nursery.start_soon(submit_late)
+        await h.event(ExecutionSuccess(pid))  # t1's settle waits for the ledger too
+        await h.event(ExecutionStart("someone-elses-prompt"))
+        view = await h.state(t1)  # answered although two ledger answers are outstanding
+        assert view is not None and view["state"] == "succeeded"
+        stats = await ask(h.registry, reg.GetStats)
+        assert stats.by_state == {"queued": 0, "submitted": 0, "running": 0}  # bob's task exists once frozen
+        assert await h.messages() == [] and late == []  # nobody is told before the ledger answers
+        before = trio.current_time()
+        await trio.sleep(30)
+        gate[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == before + 30
+        assert [m["type"] for m in await h.messages()] == ["completed", "queued"]
+        assert len(late) == 1 and isinstance(late[0], reg.Accepted)
+        assert h.resolves == [(t1, "settled")]
 
 
 # ---- the orders ComfyUI really produces -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import trio
 
 from _chaos_audit import Report, settle_and_audit
 from _chaos_lib import GatewayProcess, ResumingClient, SimHandle, make_workflow
+from conftest import both_stores
 
 INITIAL = 20
 GATEWAY_ARGS = ("--initial-credits", str(INITIAL), "--price", "1", "--max-inflight", "2",
@@ -38,12 +39,12 @@ async def wait_until_ran(sims: SimHandle, n: int, timeout: float = 30) -> None:
             await trio.sleep(0.01)
 
 
-async def start_world(nursery: trio.Nursery, tmp_path: Path, http: httpx.AsyncClient,
+async def start_world(nursery: trio.Nursery, tmp_path: Path, store_spec: str, http: httpx.AsyncClient,
                       users: tuple[str, ...]) -> tuple[SimHandle, GatewayProcess, dict[str, ResumingClient]]:
     sims = SimHandle(nursery, step_ms=40, seed=1, previews=False)
     await sims.start()
     gw = GatewayProcess(data=tmp_path / "data", comfy_urls=[sims.url], args=GATEWAY_ARGS,
-                        log_path=tmp_path / "gateway.log")
+                        log_path=tmp_path / "gateway.log", store=store_spec)
     await gw.start(nursery)
     clients = {u: ResumingClient(u, f"c-{u}", gw, http, pause=lambda: 0.02) for u in users}
     for c in clients.values():
@@ -57,12 +58,13 @@ def check(report: Report, gw: GatewayProcess) -> None:
     assert report.ok, "\n".join(report.problems + [f"gateway log: {gw.log_path}"])
 
 
-async def test_kill_9_mid_run_then_restart_completes_from_history(tmp_path: Path) -> None:
+@both_stores
+async def test_kill_9_mid_run_then_restart_completes_from_history(tmp_path: Path, store_spec: str) -> None:
     """ComfyUI keeps running while the gateway is dead: what finished meanwhile is completed from /history, what
     is still waiting inside ComfyUI (submitted under the dead process's clientId, so its events go nowhere) is
     found by reconciliation and followed until it ends, and tasks still queued in the gateway are dispatched."""
     async with httpx.AsyncClient(timeout=15) as http, trio.open_nursery() as nursery:
-        sims, gw, clients = await start_world(nursery, tmp_path, http, ("alice", "bob"))
+        sims, gw, clients = await start_world(nursery, tmp_path, store_spec, http, ("alice", "bob"))
         ids = [await submit(http, gw, "alice") for _ in range(4)]
         ids += [await submit(http, gw, "bob"), await submit(http, gw, "bob", "fail", size=2)]
         first = await clients["alice"].wait_for(lambda m: m.get("type") == "progress")  # running; one more waits
@@ -86,11 +88,12 @@ async def test_kill_9_mid_run_then_restart_completes_from_history(tmp_path: Path
     assert gw.kills == 1 and gw.starts == 2
 
 
-async def test_kill_9_with_comfyui_restarted_empty_loses_only_what_was_inside(tmp_path: Path) -> None:
+@both_stores
+async def test_kill_9_with_comfyui_restarted_empty_loses_only_what_was_inside(tmp_path: Path, store_spec: str) -> None:
     """The gateway and ComfyUI both die; ComfyUI comes back with nothing: the prompts that were inside it end as
     backend_lost (refunded), the tasks still queued in the gateway run on the new ComfyUI."""
     async with httpx.AsyncClient(timeout=15) as http, trio.open_nursery() as nursery:
-        sims, gw, clients = await start_world(nursery, tmp_path, http, ("alice", "bob"))
+        sims, gw, clients = await start_world(nursery, tmp_path, store_spec, http, ("alice", "bob"))
         ids = [await submit(http, gw, u) for u in ("alice", "bob", "alice", "bob", "alice", "bob")]
         await clients["bob"].wait_for(lambda m: m.get("type") == "progress")
         await gw.kill()

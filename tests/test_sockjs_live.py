@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 import trio
+from conftest import GatewayUnderTest, wait_backends_up, workflow
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from conftest import GatewayUnderTest, wait_backends_up, workflow
 from web.sockjs import SockJSConfig
 
 ORIGIN = "http://127.0.0.1:9"  # a page on another origin
@@ -66,11 +66,20 @@ async def test_info_and_cors(start_gateway: Any) -> None:
     assert r1.headers["cache-control"] == "no-store, no-cache, no-transform, must-revalidate, max-age=0"
     body = r1.json()
     assert {k: body[k] for k in ("websocket", "origins", "cookie_needed")} == {
-        "websocket": True, "origins": ["*:*"], "cookie_needed": False}
+        "websocket": True,
+        "origins": ["*:*"],
+        "cookie_needed": False,
+    }
     r2 = await g.http.get(f"{g.url}/ws/info")
     assert isinstance(body["entropy"], int) and body["entropy"] != r2.json()["entropy"]
-    pre = await g.http.options(f"{g.url}/ws/000/abc/xhr_send", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    pre = await g.http.options(
+        f"{g.url}/ws/000/abc/xhr_send",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert pre.status_code == 204
     assert pre.headers["access-control-allow-origin"] == ORIGIN
     assert pre.headers["access-control-allow-credentials"] == "true"
@@ -98,13 +107,24 @@ async def test_xhr_polling_carries_a_stomp_session_end_to_end(start_gateway: Any
     assert (r.text, r.headers["content-type"]) == ("o\n", "application/javascript;charset=UTF-8")
     assert r.headers["access-control-allow-origin"] == ORIGIN
     # sockjs-client sends each STOMP frame as one message; a frame may also be split over messages
-    connect = stomp("CONNECT", {"accept-version": "1.1,1.0", "heart-beat": "0,0", "clientId": "sj-1",
-                                "Authorization": f"Bearer {g.token('alice')}"})
+    connect = stomp(
+        "CONNECT",
+        {
+            "accept-version": "1.1,1.0",
+            "heart-beat": "0,0",
+            "clientId": "sj-1",
+            "Authorization": f"Bearer {g.token('alice')}",
+        },
+    )
     await send(g.http, url, connect[:20], connect[20:])
     frames = await poll_stomp(g.http, url, "CONNECTED")
     assert "user-name:alice" in frames[0] and "version:1.1" in frames[0]
-    await send(g.http, url, stomp("SUBSCRIBE", {"id": "sub-0", "destination": "/user/topic/messages"}),
-               stomp("SEND", {"destination": "/app/tasks"}, json.dumps({"workflow": workflow("txt2img")})))
+    await send(
+        g.http,
+        url,
+        stomp("SUBSCRIBE", {"id": "sub-0", "destination": "/user/topic/messages"}),
+        stomp("SEND", {"destination": "/app/tasks"}, json.dumps({"workflow": workflow("txt2img")})),
+    )
     seen: list[dict[str, Any]] = []
     seqs: list[int] = []
     with trio.fail_after(20):
@@ -144,9 +164,13 @@ async def test_xhr_send_errors(start_gateway: Any) -> None:
 
 
 async def test_abandoned_session_times_out_and_frees_its_stomp_slot(start_gateway: Any) -> None:
-    g = await start_gateway([NO_COMFY], web={"sockjs": SockJSConfig(disconnect_delay=0.5), "max_connections_per_user": 1})
-    connect = stomp("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "clientId": "c",
-                                "Authorization": f"Bearer {g.token('bob')}"})
+    g = await start_gateway(
+        [NO_COMFY], web={"sockjs": SockJSConfig(disconnect_delay=0.5), "max_connections_per_user": 1}
+    )
+    connect = stomp(
+        "CONNECT",
+        {"accept-version": "1.2", "heart-beat": "0,0", "clientId": "c", "Authorization": f"Bearer {g.token('bob')}"},
+    )
     url = session_url(g)
     assert await poll(g.http, url) == "o\n"
     await send(g.http, url, connect)
@@ -210,8 +234,20 @@ async def test_websocket_transport(start_gateway: Any) -> None:
             assert await ws.get_message() == "o"
             await ws.send_message("")  # ignored
             await ws.send_message("[]")  # ignored
-            await ws.send_message(json.dumps([stomp("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0",
-                                                                "Authorization": f"Bearer {g.token('carol')}"})]))
+            await ws.send_message(
+                json.dumps(
+                    [
+                        stomp(
+                            "CONNECT",
+                            {
+                                "accept-version": "1.2",
+                                "heart-beat": "0,0",
+                                "Authorization": f"Bearer {g.token('carol')}",
+                            },
+                        )
+                    ]
+                )
+            )
             frame = await ws.get_message()
             assert messages(frame)[0].startswith("CONNECTED\n")
         async with open_websocket_url(ws_url) as ws:  # a session id may be reused for a new WebSocket

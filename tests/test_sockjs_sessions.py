@@ -73,8 +73,9 @@ async def test_second_receiver_is_refused(nursery: trio.Nursery, autojump_clock:
     assert got == ['a["STILL MINE"]']
 
 
-async def test_a_waiting_poll_keeps_the_session_alive(nursery: trio.Nursery,
-                                                      autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_waiting_poll_keeps_the_session_alive(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     ep = EchoEndpoint()
     svc = service(ep, nursery, heartbeat=25.0, disconnect_delay=5.0)
     sess = svc.open_session("s2", "xhr")
@@ -84,8 +85,9 @@ async def test_a_waiting_poll_keeps_the_session_alive(nursery: trio.Nursery,
     assert "s2" in svc.sessions and not ep.ended.is_set()
 
 
-async def test_client_that_stops_polling_holds_bounded_memory(nursery: trio.Nursery,
-                                                              autojump_clock: trio.testing.MockClock) -> None:
+async def test_client_that_stops_polling_holds_bounded_memory(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     ep = EchoEndpoint(flood=100_000)
     svc = service(ep, nursery, max_pending=1 << 20, disconnect_delay=5.0)
     sess = svc.open_session("s3", "xhr")
@@ -99,8 +101,9 @@ async def test_client_that_stops_polling_holds_bounded_memory(nursery: trio.Nurs
     assert "s3" not in svc.sessions
 
 
-async def test_abort_closes_the_session_for_its_next_poll(nursery: trio.Nursery,
-                                                          autojump_clock: trio.testing.MockClock) -> None:
+async def test_abort_closes_the_session_for_its_next_poll(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     ep = EchoEndpoint()
     svc = service(ep, nursery, disconnect_delay=5.0)
     sess = svc.open_session("s4", "xhr")

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import trio
-
 from conftest import GatewayUnderTest, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
+
 from web.cli import build_parser
 
 STATES = {"queued", "submitted", "running", "succeeded", "failed", "cancelled"}
@@ -47,7 +47,7 @@ async def test_every_tab_sees_the_same_tasks_newest_first(nursery: trio.Nursery,
     r = await g.http.delete(f"{g.url}/api/tasks/{ids[2]}", headers=g.auth("alice"))
     assert r.json()["state"] == "cancelled"
     every = (await tasks(g, "alice"))["tasks"]  # default state=all
-    assert [(t["taskId"], t["state"]) for t in every][0] == (ids[2], "cancelled")
+    assert (every[0]["taskId"], every[0]["state"]) == (ids[2], "cancelled")
     assert all(t["state"] in STATES for t in every)
     assert "where" not in every[0]
     assert [t["taskId"] for t in (await tasks(g, "alice", state="finished"))["tasks"]] == [ids[2]]
@@ -69,9 +69,14 @@ async def test_submit_without_client_id_is_refused(start_gateway: Any) -> None:
 
 async def test_unknown_routes_and_methods_answer_json(start_gateway: Any) -> None:
     g = await start_gateway(["http://127.0.0.1:9"])
-    for method, path, status in (("GET", "/nope", 404), ("GET", "/api/nope", 404), ("GET", "/static/nope.js", 404),
-                                 ("PUT", "/api/tasks", 405), ("DELETE", "/api/balance", 405),
-                                 ("POST", "/healthz", 405)):
+    for method, path, status in (
+        ("GET", "/nope", 404),
+        ("GET", "/api/nope", 404),
+        ("GET", "/static/nope.js", 404),
+        ("PUT", "/api/tasks", 405),
+        ("DELETE", "/api/balance", 405),
+        ("POST", "/healthz", 405),
+    ):
         r = await g.http.request(method, f"{g.url}{path}", headers=g.auth("alice"))
         assert r.status_code == status, (method, path, r.text)
         assert r.headers["content-type"] == "application/json", (method, path)

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import trio
-
 from conftest import GatewayUnderTest
 
 
@@ -17,9 +16,13 @@ async def open_raw(g: GatewayUnderTest) -> trio.SocketStream:
     port = int(g.url.rsplit(":", 1)[1])
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
-    await stream.send_all((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                           "Sec-WebSocket-Protocol: v12.stomp\r\n\r\n").encode())
+    await stream.send_all(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: v12.stomp\r\n\r\n"
+        ).encode()
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         head += await stream.receive_some(4096)
@@ -50,17 +53,21 @@ async def close_code(stream: trio.SocketStream) -> int | None:
                     break
                 if data[0] & 0x0F == 0x8:
                     return struct.unpack("!H", data[2:4])[0]
-                data = data[2 + length:]
+                data = data[2 + length :]
 
 
-@pytest.mark.parametrize("bad, code", [
-    (frame(0x81, b"CONNECT\n\n\xff\x00"), 1007),  # a text frame that is not UTF-8
-    (frame(0xC1, b"x"), 1002),  # RSV1 without an extension
-    (frame(0x81, b"x", masked=False), 1002),  # a client frame must be masked
-    (frame(0x83, b"x"), 1002),  # reserved opcode
-])
-async def test_malformed_frames_close_with_their_rfc6455_code(sim: Any, start_gateway: Any, bad: bytes,
-                                                              code: int) -> None:
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(0x81, b"CONNECT\n\n\xff\x00"), 1007),  # a text frame that is not UTF-8
+        (frame(0xC1, b"x"), 1002),  # RSV1 without an extension
+        (frame(0x81, b"x", masked=False), 1002),  # a client frame must be masked
+        (frame(0x83, b"x"), 1002),  # reserved opcode
+    ],
+)
+async def test_malformed_frames_close_with_their_rfc6455_code(
+    sim: Any, start_gateway: Any, bad: bytes, code: int
+) -> None:
     g: GatewayUnderTest = await start_gateway([sim.url])
     stream = await open_raw(g)
     await stream.send_all(bad)

@@ -39,8 +39,11 @@ def transport_closer(websocket: Any) -> Callable[[], Awaitable[None]] | None:
         global _warned
         if not _warned:
             _warned = True
-            log.warning("ws: cannot reach the TCP stream under %r (hypercorn layout changed?): "
-                        "a client that stops reading will hold its connection until it goes away", ws)
+            log.warning(
+                "ws: cannot reach the TCP stream under %r (hypercorn layout changed?): "
+                "a client that stops reading will hold its connection until it goes away",
+                ws,
+            )
         return None
     return partial(tcp_send, Closed())
 

@@ -35,6 +35,7 @@ from actors import registry
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
 from actors.validate import decode_json
+from actors.wire import DomainError
 from actors.sessions import (
     BROADCAST_DESTINATION,
     USER_DESTINATION,
@@ -49,10 +50,12 @@ from actors.sessions import (
 )
 
 from ._outbox import Outbox, SlowConsumer
+from ._templates import TemplateLibrary
 from ._timers import Timers
 from ._transport import StompTransport, TransportClosed, WebSocketTransport
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
+from .errors import rejected
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame, negotiate_heartbeat
 
 log = logging.getLogger(__name__)
@@ -143,9 +146,10 @@ def pick_subprotocol(offered: list[str]) -> str | None:
 class StompEndpoint:
     def __init__(
         self, handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
-        counter: ConnectionCounter, metrics: Any, nursery: Callable[[], trio.Nursery],
+        counter: ConnectionCounter, metrics: Any, templates: TemplateLibrary, nursery: Callable[[], trio.Nursery],
     ) -> None:
         self.h = handles
+        self.templates = templates
         self.cfg = cfg
         self.auth = auth
         self.shutdown = shutdown
@@ -540,9 +544,9 @@ class StompEndpoint:
             if body.get("clientId") not in (None, client):
                 await self._reject(user, client, "forbidden", "clientId in the body does not match this connection")
                 return
-            result = await submit(self.h, self.cfg, user, client, body)
+            result = await submit(self.h, self.cfg, self.templates, conn.principal, client, body)
             if isinstance(result, registry.Refused):
-                await self._reject(user, client, result.error, result.detail)
+                await self._reject(user, client, result.code, result.detail)
         else:
             task_id = body.get("taskId")
             if not isinstance(task_id, str):
@@ -559,7 +563,4 @@ class StompEndpoint:
                                    None if outcome == "not_found" else task_id)
 
     async def _reject(self, user: str, client: str, error: str, detail: str, task_id: str | None = None) -> None:
-        body: dict[str, Any] = {"type": "rejected", "error": error, "detail": detail}
-        if task_id is not None:
-            body["taskId"] = task_id
-        await self.h.sessions.send(Publish(user, client, body))
+        await self.h.sessions.send(Publish(user, client, rejected(DomainError(error, detail), task_id).to_wire()))

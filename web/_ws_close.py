@@ -44,4 +44,4 @@ async def _handle_events(self: Any) -> None:
 
 
 def install() -> None:
-    _ws_stream.WSStream._handle_events = _handle_events
+    _ws_stream.WSStream._handle_events = _handle_events  # type: ignore[method-assign]

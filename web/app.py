@@ -21,12 +21,14 @@ from actors import ledger, registry, scheduler, sessions
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
 from actors.store import MAX_AMOUNT
-from actors.validate import decode_json, validate_workflow
+from actors.validate import decode_json
 
 from ._metrics import Metrics
+from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
 from ._ws import ConnectionCounter, StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
+from .errors import http_status
 from .sockjs import install as install_sockjs
 
 log = logging.getLogger(__name__)
@@ -42,16 +44,20 @@ class ApiError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
-def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event) -> QuartTrio:
+def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
+               templates: TemplateLibrary | None = None) -> QuartTrio:
     app = QuartTrio(__name__, static_folder=str(STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_size
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep key order: a template's parameters are its form's
     metrics = Metrics(handles)
     counter = ConnectionCounter(cfg.max_connections_per_user)
-    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics, lambda: app.nursery)
+    library = templates if templates is not None else TemplateLibrary(cfg.templates_dir)
+    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics, library, lambda: app.nursery)
     sockjs = install_sockjs(app, endpoint, cfg.sockjs, cfg.origin_allowed)
     metrics.sockjs_sessions.set_function(lambda: len(sockjs.sessions))
-    app.extensions["gateway"] = {"handles": handles, "metrics": metrics, "endpoint": endpoint, "sockjs": sockjs}
+    app.extensions["gateway"] = {
+        "handles": handles, "metrics": metrics, "endpoint": endpoint, "sockjs": sockjs, "templates": library,
+    }
 
     def error(status: int, code: str, detail: str) -> Response:
         return Response(json.dumps({"error": code, "detail": detail}), status=status, content_type="application/json")
@@ -68,7 +74,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             try:
                 return await ask(target if target is not None else handles.registry, build, name=name)
             except ActorGone:
-                raise ApiError(503, "unavailable", f"the {name} is not running") from None
+                raise ApiError(503, "unavailable", f"the {name} could not answer this request") from None
         assert scope.cancelled_caught
         raise ApiError(503, "busy", f"the {name} did not answer within {ASK_TIMEOUT:.0f}s")
 
@@ -157,9 +163,9 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             raise ApiError(400, "bad_request", "clientId must be a non-empty string without ':'")
         if who.client_id is not None and client_id != who.client_id:
             raise ApiError(403, "forbidden", "clientId does not match the token")
-        result = await submit(handles, cfg, who.user_id, client_id, body)
+        result = await submit(handles, cfg, library, who, client_id, body)
         if isinstance(result, registry.Refused):
-            raise ApiError(result.status, result.error, result.detail)
+            raise ApiError(http_status(result.code), result.code, result.detail)
         return {"taskId": result.task_id, "state": "queued", "position": result.position, "cost": result.cost}, 202
 
     @app.get("/api/tasks/<task_id>")
@@ -223,6 +229,28 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
             raise ApiError(404, "not_found", f"no image {n} for task {task_id}")
         return await stream_image(handles.http, where, f"{task_id}/{n}")
 
+    # ---- templates
+
+    @app.get("/api/templates")
+    async def list_templates() -> dict[str, Any]:
+        who = principal()
+        return {"templates": library.current.schema(),
+                "rawWorkflows": raw_workflows_allowed(cfg.raw_workflows, who.admin)}
+
+    @app.post("/api/admin/templates/reload")
+    async def reload_templates() -> dict[str, Any]:
+        who = principal()
+        if not who.admin:
+            raise ApiError(403, "forbidden", "an admin token is required")
+        try:
+            catalog = await library.reload()
+        except OSError as exc:
+            log.error("templates: reload by %s failed: %s", who.user_id, exc)
+            raise ApiError(500, "reload_failed", f"cannot read the templates directory {library.directory}: "
+                           f"{exc.strerror or exc}; the templates loaded before stay") from None
+        log.info("templates: reloaded by %s", who.user_id)
+        return {"templates": list(catalog.templates), "errors": [e.as_json() for e in catalog.errors]}
+
     # ---- accounts
 
     @app.get("/api/balance")
@@ -262,7 +290,7 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", **handles.lease.as_json()}
 
     @app.get("/readyz")
     async def readyz() -> tuple[dict[str, Any], int]:
@@ -272,14 +300,18 @@ def create_app(handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: 
                 parts["store"] = "up" if await handles.store.ping() else "down"
         except Exception as exc:  # sqlite errors, timeouts: report, don't crash the probe
             parts["store"] = f"down: {exc!r}"
-        try:
-            stats = await call(lambda r: scheduler.GetStats(r), "scheduler", handles.scheduler)
-            parts["backends"] = {"up": len(stats.backends_up), "total": stats.backends_total}
-        except ApiError as exc:
-            parts["backends"] = {"up": 0, "total": len(handles.backend_urls), "error": exc.detail}
+        parts.update(handles.lease.as_json())
+        if handles.lease.role == "core":
+            try:
+                stats = await call(lambda r: scheduler.GetStats(r), "scheduler", handles.scheduler)
+                parts["backends"] = {"up": len(stats.backends_up), "total": stats.backends_total}
+            except ApiError as exc:
+                parts["backends"] = {"up": 0, "total": len(handles.backend_urls), "error": exc.detail}
+            ready = parts["store"] == "up" and parts["backends"]["up"] > 0
+        else:  # an edge: ready while the store is up and some process holds the core lease
+            ready = parts["store"] == "up" and handles.lease.holder is not None
         if auth.open:
             parts["warning"] = "auth mode 'open': anyone can act as any user"
-        ready = parts["store"] == "up" and parts["backends"]["up"] > 0
         return {"status": "ready" if ready else "not ready", **parts}, 200 if ready else 503
 
     @app.get("/metrics")
@@ -338,21 +370,21 @@ async def stream_image(http: Any, where: tuple[str, Any], what: str) -> Response
     return resp
 
 
-async def submit(handles: Handles, cfg: WebConfig, user_id: str, client_id: str, body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:
-    """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry."""
-    workflow = body.get("workflow")
-    problem = validate_workflow(workflow, cfg.limits)
-    if problem is not None:
-        return registry.Refused(400, problem.code, problem.detail)
-    size = body.get("size", 1)
-    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= cfg.max_task_size:
-        return registry.Refused(400, "bad_request", f"size must be an integer from 1 to {cfg.max_task_size}")
+async def submit(handles: Handles, cfg: WebConfig, templates: TemplateLibrary, who: Principal, client_id: str,
+                 body: Mapping[str, Any]) -> registry.Accepted | registry.Refused:
+    """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry: a template
+    call is resolved into its graph, price and parameters; a raw workflow is held to --raw-workflows and
+    --allowed-nodes. A refusal here freezes nothing."""
+    req = prepare_task(body, templates, cfg, admin=who.admin)
+    if isinstance(req, registry.Refused):
+        return req
     try:
         with trio.fail_after(ASK_TIMEOUT):
-            return await ask(handles.registry, lambda r: registry.Submit(user_id, client_id, workflow, size, r),
-                             name="registry")
+            return await ask(handles.registry, lambda r: registry.Submit(
+                who.user_id, client_id, req.workflow, req.size, r, cost=req.cost, template=req.template,
+                params=req.params), name="registry")
     except (trio.TooSlowError, ActorGone):
-        return registry.Refused(503, "unavailable", "the gateway is busy; try again")
+        return registry.Refused("unavailable", "the gateway is busy; try again")
 
 
 __all__ = ["create_app", "submit", "sessions"]

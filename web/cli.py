@@ -1,4 +1,4 @@
-"""``comfy-gateway``: serve, token, credits. The flags and their environment variables: ``web.settings``."""
+"""``comfy-gateway``: serve, token, credits, status. The flags and their environment variables: ``web.settings``."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
+from actors import bridge
+from actors.store import LedgerError, RedisStore, StoreUnavailable, is_redis, open_store, parse_store_spec
 from actors.validate import WorkflowLimits
-from actors.store import LedgerError, open_store, parse_store_spec
 
 from . import settings
+from ._templates import parse_allowed_nodes
 from .auth import Authenticator, load_secret, valid_id
 from .config import WebConfig
 from .server import Running, serve_gateway
@@ -53,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--audit", action="store_true",
                    help="rebuild every balance from the journal and check the ledger (exit 1 on a discrepancy)")
     settings.add_arguments(c, "credits")
+
+    st = sub.add_parser("status", help="the processes sharing a Redis store: their roles, and the lease holder")
+    settings.add_arguments(st, "status")
     return p
 
 
@@ -67,7 +74,7 @@ def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -
         comfy_policy=RestartPolicy(initial_delay=min(0.5, args.reconnect_max_delay),
                                    max_delay=args.reconnect_max_delay, max_restarts=args.reconnect_max_restarts),
         max_sessions_per_user=args.max_sessions_per_user, submit_rate=args.submit_rate,
-        submit_burst=args.submit_burst, quarantine_after=args.quarantine_after,
+        submit_burst=args.submit_burst, quarantine_after=args.quarantine_after, lease_ttl=args.lease_ttl,
     )
     web = WebConfig(
         bind=args.bind, auth=args.auth,
@@ -80,8 +87,34 @@ def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -
         limits=WorkflowLimits(max_depth=args.max_json_depth, max_items=args.max_json_items,
                               max_nodes=args.max_workflow_nodes, max_key_length=args.max_key_length,
                               max_string_length=args.max_string_length),
+        **_template_policy(args),
     )
     return gw, web
+
+
+def _template_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """--templates, --raw-workflows, --allowed-nodes, checked before anything starts (SystemExit with the reason)."""
+    if args.templates and not Path(args.templates).is_dir():
+        raise SystemExit(f"--templates {args.templates}: not a directory")
+    try:
+        allowed = parse_allowed_nodes(args.allowed_nodes)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return {"templates_dir": args.templates, "raw_workflows": args.raw_workflows, "allowed_nodes": allowed}
+
+
+async def _reload_on_sighup(running: Running) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if running.templates is None:
+                continue
+            try:
+                catalog = await running.templates.reload()
+            except OSError as exc:
+                log.error("SIGHUP: cannot read the templates directory (%s); the templates loaded before stay", exc)
+                continue
+            log.info("SIGHUP: templates reloaded: %s%s", ", ".join(catalog.templates) or "none",
+                     f" ({len(catalog.errors)} file(s) refused)" if catalog.errors else "")
 
 
 async def run_simulator(step_ms: float, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,6 +174,7 @@ async def _serve(args: argparse.Namespace) -> None:
                 gateway_done.set()
 
         running: Running = await nursery.start(run_gateway)
+        nursery.start_soon(_reload_on_sighup, running)
         print(f"comfy-gateway serving on {running.url}", flush=True)
         if args.simulate:
             print(f"open {running.url}/ in a browser (demo user 'demo', token issued by the page itself)", flush=True)
@@ -173,12 +207,33 @@ async def _credits(args: argparse.Namespace) -> int:
         return 0
 
 
+async def _status(args: argparse.Namespace) -> int:
+    spec = parse_store_spec(args.store, args.data)
+    if not is_redis(spec):
+        print(f"store {spec}: one process (SQLite), which is always the core; see its /healthz")
+        return 0
+    async with open_store(spec) as store:
+        assert isinstance(store, RedisStore)
+        procs = await bridge.processes(store)
+        holder = await store.lease_holder()
+        fence = await store.client.get(store.prefix + "fence")
+        print(f"store {store.path}: lease held by {holder or 'nobody'} (fencing token {fence or 0}), "
+              f"{len(procs)} live process(es)")
+        now = time.time()
+        for p in procs:
+            print(f"  {p['id']}  {p['role']:<4}  {p['url']}  pid {p['pid']} on {p['host']}  up {now - p['since']:.0f}s"
+                  f"  seen {now - p['seen']:.1f}s ago")
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request to ComfyUI is noise
+    logging.getLogger("coredis").setLevel(logging.WARNING)  # "Retry attempt" lines when a script is first loaded
     if args.command == "serve":
+        _template_policy(args)  # a bad --templates or --allowed-nodes stops here, before anything starts
         try:
             trio.run(_serve, args)
         except KeyboardInterrupt:
@@ -191,8 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         auth = Authenticator(load_secret(args.data))
         print(auth.issue(args.user, client_id=args.client, ttl=args.ttl, admin=args.admin))
         return 0
-    if args.command == "credits":
-        return trio.run(_credits, args)
+    try:
+        if args.command == "credits":
+            return trio.run(_credits, args)
+        if args.command == "status":
+            return trio.run(_status, args)
+    except StoreUnavailable as exc:
+        print(f"{args.command}: the store is unavailable: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

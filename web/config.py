@@ -13,6 +13,7 @@ from .sockjs._protocol import SockJSConfig
 from .stomp import MAX_FRAME_SIZE
 
 DEFAULT_BIND = "127.0.0.1:8080"
+RAW_WORKFLOW_POLICIES = ("all", "admin", "none")  # --raw-workflows: who may submit a graph that is not a template
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,14 @@ class WebConfig:
     sockjs: SockJSConfig = field(default_factory=SockJSConfig)
     image_url_ttl: float = DEFAULT_IMAGE_URL_TTL  # seconds a signed image URL stays valid
     wall_clock: Callable[[], float] = time.time  # for image URL expiry (tests inject their own)
+    templates_dir: str = ""  # directory of workflow templates ("" = the bundled ones)
+    raw_workflows: str = "all"  # one of RAW_WORKFLOW_POLICIES
+    allowed_nodes: frozenset[str] | None = None  # node classes a raw workflow may use (None: any)
+
+    def __post_init__(self) -> None:
+        if self.raw_workflows not in RAW_WORKFLOW_POLICIES:
+            raise ValueError(f"raw_workflows must be one of {', '.join(RAW_WORKFLOW_POLICIES)}, "
+                             f"not {self.raw_workflows!r}")
 
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None or "*" in self.allowed_origins:

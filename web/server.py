@@ -22,6 +22,7 @@ from actors.gateway import GatewayConfig, run_gateway
 from actors.image_urls import ImageUrls
 
 from . import _ws_close
+from ._templates import TemplateLibrary
 from .app import create_app
 from .auth import Authenticator
 from .config import WebConfig
@@ -48,6 +49,7 @@ class Running:
     url: str  # e.g. "http://127.0.0.1:8080"
     port: int
     auth: Authenticator
+    templates: TemplateLibrary | None = None  # reload() on SIGHUP
 
 
 def parse_bind(bind: str) -> tuple[str, int]:
@@ -73,6 +75,7 @@ async def serve_gateway(
     shutdown: trio.Event,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    templates = TemplateLibrary(web.templates_dir)  # OSError if the directory cannot be read: nothing started
     host, port = parse_bind(web.bind)
     sock = _listen(host, port)
     port = sock.getsockname()[1]
@@ -100,11 +103,12 @@ async def serve_gateway(
 
     async with trio.open_nursery() as nursery:
         handles = await nursery.start(run_gateway, gw)
-        app = create_app(handles, web, auth, shutdown)
+        app = create_app(handles, web, auth, shutdown, templates)
         await nursery.start(_serve, app)
-        task_status.started(Running(url, port, auth))
+        task_status.started(Running(url, port, auth, templates))
         await shutdown.wait()
         # every connection's watcher sends ERROR + 1001 at once; Hypercorn returns when they are gone
         with trio.move_on_after(web.shutdown_grace + 1):
             await serve_done.wait()
+        await handles.lease.resign(timeout=2)  # Redis: stop the core and hand the lease on at once
         nursery.cancel_scope.cancel()

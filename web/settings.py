@@ -24,7 +24,7 @@ from actors.comfy import RestartPolicy
 from actors.gateway import GatewayConfig
 from actors.validate import WorkflowLimits
 
-from .config import WebConfig
+from .config import RAW_WORKFLOW_POLICIES, WebConfig
 from .sockjs._protocol import SockJSConfig
 
 __all__ = ["SETTINGS", "Setting", "add_arguments", "readme_table", "replace_readme_table"]
@@ -112,13 +112,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--comfyui", "COMFYUI_URL", "list", list(_field(GatewayConfig, "comfyui_urls")),
             "ComfyUI base URL; repeat for several backends", "ComfyUI backends; repeat the flag for several",
             metavar="URL"),
-    Setting("--store", "GATEWAY_STORE", "str", "", "sqlite:PATH or redis://...",
-            "the store: `sqlite:PATH` (`redis://…` is not implemented yet)", metavar="SPEC",
+    Setting("--store", "GATEWAY_STORE", "str", "", "sqlite:PATH or redis://[user:password@]HOST:PORT/DB[?prefix=P]",
+            "the store: `sqlite:PATH`, or `redis://[user:password@]HOST:PORT/DB[?prefix=P]` (`rediss://` for TLS; "
+            "keys start with `P`, default `cg:`); several processes may share one Redis", metavar="SPEC",
             shown="`sqlite:DATA/gateway.db`",
-            commands=("serve", "credits")),
+            commands=("serve", "credits", "status")),
+    Setting("--lease-ttl", "GATEWAY_LEASE_TTL", "float", _field(GatewayConfig, "lease_ttl"),
+            "Redis store: seconds the core lease lasts unless renewed",
+            "Redis store: seconds the core lease lasts unless renewed (renewed every third of it); after the core "
+            "dies another process takes over within about this long", metavar="S"),
     Setting("--data", "GATEWAY_DATA", "str", "data", "data directory (store, token secret)",
             "data directory (store, token secret)", metavar="DIR", shown="`./data`",
-            commands=("serve", "token", "credits")),
+            commands=("serve", "token", "credits", "status")),
     Setting("--auth", "GATEWAY_AUTH", "str", _field(WebConfig, "auth"),
             "'open' trusts the clientId as the user: development only",
             "`open` trusts the clientId as the user: development only, warned loudly", choices=("token", "open")),
@@ -209,6 +214,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--sockjs-max-sessions", "GATEWAY_SOCKJS_MAX_SESSIONS", "int", _field(SockJSConfig, "max_sessions"),
             "live HTTP SockJS sessions per process", "live HTTP SockJS sessions per process (503 beyond)",
             metavar="N"),
+    Setting("--templates", "GATEWAY_TEMPLATES", "str", _field(WebConfig, "templates_dir"),
+            "directory of workflow templates, one JSON file each; SIGHUP reloads it",
+            "directory of [workflow templates](#workflow-templates), one JSON file each; `SIGHUP` reloads it",
+            metavar="DIR", shown="the bundled templates"),
+    Setting("--raw-workflows", "GATEWAY_RAW_WORKFLOWS", "str", _field(WebConfig, "raw_workflows"),
+            "who may submit a raw workflow instead of a template: all, admin (admin tokens) or none",
+            "who may submit a raw workflow instead of a template (others: 403 / `rejected`); see "
+            "[In production](#in-production)", choices=RAW_WORKFLOW_POLICIES),
+    Setting("--allowed-nodes", "GATEWAY_ALLOWED_NODES", "str", "",
+            "node classes a raw workflow may use: comma-separated, or @FILE with one per line",
+            "node classes a raw workflow may use, comma-separated, or `@FILE` with one per line (`#` comments); "
+            "others: 400 / `rejected` naming the node", metavar="LIST", shown="any node"),
     Setting("--simulate", None, "flag", _field(WebConfig, "simulate"),
             "also start the bundled ComfyUI simulator, in its own process, and use it",
             "also start the bundled ComfyUI simulator, in its own process, and use it"),

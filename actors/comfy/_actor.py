@@ -55,8 +55,16 @@ async def run(
     base = spec.url.rstrip("/")
     dial = Dial.from_url(spec.url, client_id)
     connection = Connection(spec.name, base, dial, reports, http, timeouts, counters)
-    commands = Commands(spec.name, base, reports, http, client_id, timeouts.http, on_accepted=connection.note_submitted,
-                        on_dispatch=on_dispatch)
+    commands = Commands(
+        spec.name,
+        base,
+        reports,
+        http,
+        client_id,
+        timeouts.http,
+        on_accepted=connection.note_submitted,
+        on_dispatch=on_dispatch,
+    )
     with reports, inbox:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connection.keep_connected, policy, jitter)

@@ -93,11 +93,12 @@ class Commands:
                     await self._cancel(prompt_id)
                 case CheckPrompts(prompt_ids):
                     await self._check(prompt_ids)
-                case _:
-                    log.warning("%s: ignored unknown command %r", self.name, command)
+                case _:  # only if a caller ignored the inbox's type
+                    log.warning("%s: ignored unknown command %r", self.name, command)  # type: ignore[unreachable]
         except Exception as exc:  # trio.Cancelled is a BaseException: it passes
-            log.exception("%s: %s failed (task %s)", self.name, type(command).__name__,
-                          getattr(command, "task_id", "-"))
+            log.exception(
+                "%s: %s failed (task %s)", self.name, type(command).__name__, getattr(command, "task_id", "-")
+            )
             if isinstance(command, SubmitPrompt):
                 report = PromptFailed(self.name, command.task_id, command.prompt_id, f"{type(exc).__name__}: {exc}")
         if report is not None:

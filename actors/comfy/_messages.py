@@ -125,6 +125,12 @@ class PromptFailed:
 
 
 ComfyReport = (
-    BackendUp | BackendLost | BackendEvent | PromptAccepted | PromptRejected | PromptSubmitUnknown | PromptLocated
+    BackendUp
+    | BackendLost
+    | BackendEvent
+    | PromptAccepted
+    | PromptRejected
+    | PromptSubmitUnknown
+    | PromptLocated
     | PromptFailed
 )

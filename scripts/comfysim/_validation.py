@@ -263,7 +263,8 @@ def execution_order(prompt: Mapping[str, Any], outputs: Iterable[str], cached: I
             block_count[node_id] = 0
             blocking[node_id] = {}
             for value in prompt[node_id]["inputs"].values():
-                if _is_link(value):
+                # an extra input (not in the node's spec, so never validated) may "link" to no node: not a link
+                if _is_link(value) and value[0] in prompt:
                     if value[0] not in skip:
                         stack.append(value[0])
                     links.append((value[0], node_id))

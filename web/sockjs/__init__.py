@@ -10,5 +10,13 @@ from ._protocol import (
 )
 from ._server import SockJSService, install
 
-__all__ = ["PayloadError", "SessionState", "SockJSConfig", "SockJSService", "close_frame", "decode_payload",
-           "install", "message_frame"]
+__all__ = [
+    "PayloadError",
+    "SessionState",
+    "SockJSConfig",
+    "SockJSService",
+    "close_frame",
+    "decode_payload",
+    "install",
+    "message_frame",
+]

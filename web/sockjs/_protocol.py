@@ -34,8 +34,9 @@ TRANSPORTS = ("xhr", "xhr_send", "xhr_streaming", "eventsource", "websocket")
 
 # characters a browser's JSON.parse or its transport may mangle: always sent as \uXXXX (sockjs-protocol
 # "escapable_by_server"); json.dumps already escapes quotes, backslashes and C0 controls
-_ESCAPE = re.compile("[\x7f-\x9f\u00ad\u0600-\u0604\u070f\u17b4\u17b5\u200c-\u200f\u2028-\u202f\u2060-\u206f"
-                     "\ufeff\ufff0-\uffff]")
+_ESCAPE = re.compile(
+    "[\x7f-\x9f\u00ad\u0600-\u0604\u070f\u17b4\u17b5\u200c-\u200f\u2028-\u202f\u2060-\u206f\ufeff\ufff0-\uffff]"
+)
 
 
 class PayloadError(ValueError):
@@ -121,8 +122,9 @@ class Refused:
 class SessionState:
     """One SockJS session: pending outbound messages, its receiver, its timers. Not thread-safe; one owner."""
 
-    def __init__(self, *, now: float, heartbeat: float = DEFAULT_HEARTBEAT,
-                 disconnect_delay: float = DEFAULT_DISCONNECT_DELAY) -> None:
+    def __init__(
+        self, *, now: float, heartbeat: float = DEFAULT_HEARTBEAT, disconnect_delay: float = DEFAULT_DISCONNECT_DELAY
+    ) -> None:
         if heartbeat <= 0 or disconnect_delay <= 0:
             raise ValueError(f"heartbeat and disconnect_delay must be > 0, not {heartbeat!r}, {disconnect_delay!r}")
         self.heartbeat = heartbeat
@@ -136,8 +138,10 @@ class SessionState:
         self.close_reason: tuple[int, str] | None = None
 
     def __repr__(self) -> str:
-        return (f"<SessionState {self.state.value} receiving={self.receiving} pending={len(self.pending)} "
-                f"({self.pending_bytes} B)>")
+        return (
+            f"<SessionState {self.state.value} receiving={self.receiving} pending={len(self.pending)} "
+            f"({self.pending_bytes} B)>"
+        )
 
     # -- the application side
 

@@ -49,8 +49,9 @@ class _HttpSession:
         self.key = key
         self.cfg = cfg
         self.name = f"sockjs-{transport}"
-        self.state = p.SessionState(now=trio.current_time(), heartbeat=cfg.heartbeat,
-                                    disconnect_delay=cfg.disconnect_delay)
+        self.state = p.SessionState(
+            now=trio.current_time(), heartbeat=cfg.heartbeat, disconnect_delay=cfg.disconnect_delay
+        )
         self.inbox_send, self.inbox = trio.open_memory_channel[str](INBOX)
         self.changed = trio.Event()
         self.scope = trio.CancelScope()
@@ -135,8 +136,13 @@ class _SockJSWebSocket:
 class SockJSService:
     """The SockJS routes at ``/ws`` and the live HTTP sessions (owned here; only the trio thread touches them)."""
 
-    def __init__(self, endpoint: Any, cfg: SockJSConfig, origin_allowed: Callable[[str | None], bool],
-                 nursery: Callable[[], trio.Nursery]) -> None:
+    def __init__(
+        self,
+        endpoint: Any,
+        cfg: SockJSConfig,
+        origin_allowed: Callable[[str | None], bool],
+        nursery: Callable[[], trio.Nursery],
+    ) -> None:
         self.endpoint = endpoint
         self.cfg = cfg
         self.origin_allowed = origin_allowed
@@ -145,7 +151,9 @@ class SockJSService:
 
     # -- HTTP helpers
 
-    def _response(self, body: str | bytes, status: int = 200, ctype: str = "text/plain;charset=UTF-8") -> Response:
+    def _response(
+        self, body: str | bytes | AsyncIterator[bytes], status: int = 200, ctype: str = "text/plain;charset=UTF-8"
+    ) -> Response:
         resp = Response(body, status=status, content_type=ctype)
         resp.headers["Cache-Control"] = p.NO_CACHE
         return self._cors(resp)
@@ -164,14 +172,19 @@ class SockJSService:
         origin = request.headers.get("Origin")
         if self.origin_allowed(origin):
             return None
-        log.warning("sockjs: refused %s %s from origin %r (not in --allowed-origins)", request.method,
-                    request.path, origin)
-        return Response(json.dumps({"error": "forbidden", "detail": f"origin {origin!r} is not allowed"}),
-                        status=403, content_type="application/json")
+        log.warning(
+            "sockjs: refused %s %s from origin %r (not in --allowed-origins)", request.method, request.path, origin
+        )
+        return Response(
+            json.dumps({"error": "forbidden", "detail": f"origin {origin!r} is not allowed"}),
+            status=403,
+            content_type="application/json",
+        )
 
     def _error(self, status: int, error: str, detail: str) -> Response:
-        return self._cors(Response(json.dumps({"error": error, "detail": detail}), status=status,
-                                   content_type="application/json"))
+        return self._cors(
+            Response(json.dumps({"error": error, "detail": detail}), status=status, content_type="application/json")
+        )
 
     async def options(self, methods: str) -> Response:
         if (refused := self._refused_origin()) is not None:
@@ -213,7 +226,9 @@ class SockJSService:
         if transport not in ("xhr", "xhr_streaming", "eventsource"):
             return self._error(404, "not_found", f"unknown SockJS transport {transport!r}")
         if (request.method == "GET") != (transport == "eventsource"):
-            resp = self._error(405, "method_not_allowed", f"{transport} takes {'GET' if transport == 'eventsource' else 'POST'}")
+            resp = self._error(
+                405, "method_not_allowed", f"{transport} takes {'GET' if transport == 'eventsource' else 'POST'}"
+            )
             resp.headers["Allow"] = "GET" if transport == "eventsource" else "POST"
             return resp
         sess = self.sessions.get(session)
@@ -224,8 +239,12 @@ class SockJSService:
         if transport == "xhr":
             frame = await self.poll(sess)
             return self._response(p.frame_for("xhr", frame), ctype="application/javascript;charset=UTF-8")
-        resp = self._response(self._stream(sess, transport), ctype="text/event-stream;charset=UTF-8"
-                              if transport == "eventsource" else "application/javascript;charset=UTF-8")
+        resp = self._response(
+            self._stream(sess, transport),
+            ctype="text/event-stream;charset=UTF-8"
+            if transport == "eventsource"
+            else "application/javascript;charset=UTF-8",
+        )
         resp.timeout = None  # a streaming response lasts as long as the session wants (Quart's default cuts it)
         return resp
 
@@ -320,7 +339,7 @@ class SockJSService:
             return self._error(404, "not_found", "no such SockJS session")
         body = await request.get_data(as_text=False)
         try:
-            messages = p.decode_payload(body.decode("utf-8"))
+            messages = p.decode_payload(body.decode("utf-8") if isinstance(body, bytes) else body)
         except (UnicodeDecodeError, p.PayloadError) as exc:
             return self._response(str(exc) if isinstance(exc, p.PayloadError) else "Broken JSON encoding.", 500)
         if messages:

@@ -2,13 +2,15 @@
 
 The default store is one SQLite file in WAL mode under the data directory. SQLite calls are blocking, so
 they run in a worker thread (``trio.to_thread``) behind the store's own ``CapacityLimiter(1)``: one writer,
-no lock contention, and the default thread limiter stays free for others. A Redis store will implement the
-same async methods (ledger primitives atomically, as Lua scripts), so actors never know which one runs.
+no lock contention, and the default thread limiter stays free for others. ``--store redis://…`` selects
+``RedisStore``, the same async methods on Redis (ledger primitives and task writes as atomic Lua scripts,
+fenced by the core lease), so actors never know which one runs.
 
-Modules: ``_store_types`` (records, errors, the ``Store`` interface), ``_sqlite_store`` (``SqliteStore``),
-``_store_schema`` (schema version and forward migrations), ``_store_audit`` (journal and task/hold audits).
+Modules: ``_types`` (records, errors, the ``Store`` interface), ``_sqlite`` (``SqliteStore``),
+``_schema`` (schema version and forward migrations), ``_audit`` (journal and task/hold audits, shared),
+``_redis`` (``RedisStore``) and ``_redis_lua`` (its scripts and key layout).
 
-Tables (schema version 3; ``_store_schema.migrate`` brings any older file forward on open, a transaction a step):
+Tables (schema version 3; ``_schema.migrate`` brings any older file forward on open, a transaction a step):
     accounts(user_id, balance, frozen)                   -- the ledger's accounts; available = balance - frozen
     holds(task_id, user_id, amount, state, ...)          -- two-phase holds: pending -> settled | released
     journal(id, ts, user_id, kind, task_id, amount, ...) -- append-only; balances can be rebuilt from it
@@ -17,7 +19,7 @@ Tables (schema version 3; ``_store_schema.migrate`` brings any older file forwar
     meta(key, value)                                     -- 'boot' (``next_boot``), 'running' (``begin_run``)
 
 Ledger primitives are single transactions and idempotent by task id (see ``actors/ledger.py``). ``Store`` is the
-interface (a ``Protocol``): ``SqliteStore`` implements it, a Redis store will implement the same methods.
+interface (a ``Protocol``): ``SqliteStore`` and ``RedisStore`` implement it.
 
 Durability: WAL with ``synchronous=NORMAL`` survives a killed process (kill -9) with every committed transaction;
 only an OS crash or power loss may lose the last few (then ``synchronous=FULL`` would be needed).
@@ -30,12 +32,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from ._sqlite_store import SqliteStore
-from ._store_schema import _MIGRATIONS, SCHEMA_VERSION
-from ._store_types import (
+from ._redis import RedisStore, split_redis_url
+from ._sqlite import SqliteStore
+from ._schema import _MIGRATIONS, SCHEMA_VERSION
+from ._types import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     Account,
+    CoreStepDown,
     Hold,
     HoldConflict,
     ImageRef,
@@ -43,37 +47,45 @@ from ._store_types import (
     InvalidAmount,
     MAX_AMOUNT,
     JournalEntry,
+    LeaseLost,
     LedgerError,
     LedgerFault,
     NegativeBalance,
     Store,
+    StoreUnavailable,
     SweptHold,
     TaskRecord,
     UnknownHold,
 )
 
 __all__ = [
-    "ACTIVE_STATES", "SCHEMA_VERSION", "TERMINAL_STATES", "Account", "Hold", "HoldConflict", "ImageRef",
-    "InsufficientCredits", "InvalidAmount", "JournalEntry", "LedgerError", "LedgerFault", "MAX_AMOUNT",
-    "NegativeBalance", "SqliteStore", "Store", "SweptHold",
-    "TaskRecord", "UnknownHold", "_MIGRATIONS", "open_store", "parse_store_spec",
+    "ACTIVE_STATES", "SCHEMA_VERSION", "TERMINAL_STATES", "Account", "CoreStepDown", "Hold", "HoldConflict", "ImageRef",
+    "InsufficientCredits", "InvalidAmount", "JournalEntry", "LeaseLost", "LedgerError", "LedgerFault", "MAX_AMOUNT",
+    "NegativeBalance", "RedisStore", "SqliteStore", "Store", "StoreUnavailable", "SweptHold", "TaskRecord",
+    "UnknownHold", "_MIGRATIONS", "is_redis", "open_store", "parse_store_spec",
 ]
 
 
 def parse_store_spec(spec: str, data_dir: str) -> str:
-    """``sqlite:PATH`` (or empty: DATA/gateway.db) -> the SQLite path. Redis is not implemented yet."""
+    """``sqlite:PATH`` (or empty: DATA/gateway.db) -> the SQLite path; ``redis://…``/``rediss://…`` -> the URL."""
     if not spec:
         return str(Path(data_dir) / "gateway.db")
     if spec.startswith("sqlite:"):
         return spec[len("sqlite:"):] or str(Path(data_dir) / "gateway.db")
-    if spec.startswith("redis://") or spec.startswith("rediss://"):
-        raise ValueError("the Redis store is not implemented yet; use sqlite:PATH (the default)")
+    if is_redis(spec):
+        split_redis_url(spec)  # refuses a malformed one now, not at start-up
+        return spec
     raise ValueError(f"--store must be sqlite:PATH or redis://..., not {spec!r}")
 
 
+def is_redis(spec: str) -> bool:
+    return spec.startswith(("redis://", "rediss://"))
+
+
 @asynccontextmanager
-async def open_store(path: str, *, wall_clock: Callable[[], float] = time.time) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(path, wall_clock=wall_clock)
+async def open_store(path: str, *, wall_clock: Callable[[], float] = time.time) -> AsyncIterator[Store]:
+    """Open the store ``path`` names: a ``redis://``/``rediss://`` URL, or an SQLite file."""
+    store: SqliteStore | RedisStore = (RedisStore if is_redis(path) else SqliteStore)(path, wall_clock=wall_clock)
     await store.open()
     try:
         yield store

@@ -12,7 +12,7 @@ import sqlite3
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: dict[int, str] = {
     # version -> SQL that brings the previous version to this one. Append only; never edit a shipped one.
@@ -87,6 +87,12 @@ _MIGRATIONS: dict[int, str] = {
     3: """
     ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tasks ADD COLUMN dispatched_boot INTEGER;
+    """,
+    # 4: a task built from a workflow template keeps the template's name and its resolved parameters (JSON);
+    #    both NULL for a raw workflow
+    4: """
+    ALTER TABLE tasks ADD COLUMN template TEXT;
+    ALTER TABLE tasks ADD COLUMN params TEXT;
     """,
 }
 

@@ -1,6 +1,6 @@
-"""``SqliteStore``: the default store, one SQLite file in WAL mode (see ``actors/store.py`` for the tables).
+"""``SqliteStore``: the default store, one SQLite file in WAL mode (see ``actors/store/__init__.py`` for the tables).
 
-All SQL but the audits (``_store_audit.py``) lives here. Every public method is async and runs one blocking
+All SQL but the audits (``_audit.py``) lives here. Every public method is async and runs one blocking
 transaction in a worker thread behind the store's own ``CapacityLimiter(1)``: one writer, no lock contention.
 """
 
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._store_audit import audit_ledger, audit_tasks
-from ._store_schema import migrate
-from ._store_types import (
+from ._audit import audit_ledger, audit_tasks
+from ._schema import migrate
+from ._types import (
     ACTIVE_STATES,
     Account,
     Hold,
@@ -290,33 +290,33 @@ class SqliteStore:
         return await self._run(q)
 
     async def accounts(self) -> list[Account]:
-        def q() -> list[Account]:
-            rows = self.db.execute("SELECT user_id, balance, frozen FROM accounts ORDER BY user_id").fetchall()
-            return [Account(r["user_id"], r["balance"], r["frozen"]) for r in rows]
-
-        return await self._run(q)
+        return await self._run(self._accounts)
 
     async def journal(self, user_id: str | None = None) -> list[JournalEntry]:
         """The journal in order (one user's lines, or all)."""
+        return await self._run(self._journal_lines, user_id)
 
-        def q() -> list[JournalEntry]:
-            if user_id is None:
-                rows = self.db.execute("SELECT * FROM journal ORDER BY id").fetchall()
-            else:
-                rows = self.db.execute("SELECT * FROM journal WHERE user_id = ? ORDER BY id", (user_id,)).fetchall()
-            return [JournalEntry(r["id"], r["ts"], r["user_id"], r["kind"], r["task_id"], r["amount"],
-                                 r["balance_after"], r["frozen_after"], r["note"]) for r in rows]
+    async def audit(self) -> list[str]:
+        """Rebuild every balance from the journal and check the ledger (``_audit.audit_ledger``): one line
+        per problem, [] when consistent. One read transaction, so the three tables agree."""
+
+        def q() -> list[str]:
+            with _tx(self.db):
+                return audit_ledger(self._journal_lines(None), self._accounts(), self._holds())
 
         return await self._run(q)
 
-    async def audit(self) -> list[str]:
-        """Rebuild every balance from the journal and check the ledger (``_store_audit.audit_ledger``): one line
-        per problem, [] when consistent."""
-        return await self._run(lambda: audit_ledger(self.db))
-
     async def audit_tasks(self) -> list[str]:
-        """Tasks against their holds, for a quiescent store (``_store_audit.audit_tasks``)."""
-        return await self._run(lambda: audit_tasks(self.db))
+        """Tasks against their holds, for a quiescent store (``_audit.audit_tasks``)."""
+
+        def q() -> list[str]:
+            with _tx(self.db):
+                rows = self.db.execute("SELECT task_id, seq, user_id, state, cost FROM tasks").fetchall()
+                tasks = [TaskRecord(r["task_id"], r["seq"], r["user_id"], "", "", r["state"], 0, r["cost"], {}, 0, 0)
+                         for r in rows]
+                return audit_tasks(tasks, self._holds())
+
+        return await self._run(q)
 
     # -- tasks
 
@@ -325,8 +325,8 @@ class SqliteStore:
             with _tx(self.db):
                 self.db.execute(
                     """INSERT INTO tasks(task_id, seq, user_id, client_id, prompt_id, state, reason, backend, size,
-                                         cost, workflow, error, created_at, updated_at)
-                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                                         cost, workflow, error, created_at, updated_at, template, params)
+                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                        ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,
                            prompt_id=excluded.prompt_id, backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at,
                            crashes=0""",
@@ -334,6 +334,7 @@ class SqliteStore:
                         rec.task_id, rec.seq, rec.user_id, rec.client_id, rec.prompt_id, rec.state, rec.reason,
                         rec.backend, rec.size, rec.cost, json.dumps(rec.workflow, separators=(",", ":")),
                         json.dumps(rec.error) if rec.error is not None else None, rec.created_at, rec.updated_at,
+                        rec.template, json.dumps(rec.params) if rec.params is not None else None,
                     ),
                 )
                 for n, img in enumerate(rec.images):
@@ -433,6 +434,21 @@ class SqliteStore:
             self._write_account(acc, "release", hold.task_id, hold.amount, note)
         return acc
 
+    def _accounts(self) -> list[Account]:
+        rows = self.db.execute("SELECT user_id, balance, frozen FROM accounts ORDER BY user_id").fetchall()
+        return [Account(r["user_id"], r["balance"], r["frozen"]) for r in rows]
+
+    def _journal_lines(self, user_id: str | None) -> list[JournalEntry]:
+        if user_id is None:
+            rows = self.db.execute("SELECT * FROM journal ORDER BY id").fetchall()
+        else:
+            rows = self.db.execute("SELECT * FROM journal WHERE user_id = ? ORDER BY id", (user_id,)).fetchall()
+        return [JournalEntry(r["id"], r["ts"], r["user_id"], r["kind"], r["task_id"], r["amount"],
+                             r["balance_after"], r["frozen_after"], r["note"]) for r in rows]
+
+    def _holds(self) -> list[Hold]:
+        return [_hold_row(r) for r in self.db.execute("SELECT * FROM holds ORDER BY rowid")]
+
     def _hold(self, task_id: str) -> Hold | None:
         r = self.db.execute("SELECT * FROM holds WHERE task_id = ?", (task_id,)).fetchone()
         return _hold_row(r) if r is not None else None
@@ -447,6 +463,7 @@ class SqliteStore:
             workflow=json.loads(r["workflow"]), created_at=r["created_at"], updated_at=r["updated_at"],
             reason=r["reason"], backend=r["backend"], error=json.loads(r["error"]) if r["error"] else None,
             images=tuple(ImageRef(i["backend"], i["filename"], i["subfolder"], i["type"]) for i in imgs),
+            template=r["template"], params=json.loads(r["params"]) if r["params"] else None,
         )
 
 def _check_amount(amount: object) -> None:

@@ -1,12 +1,11 @@
-"""The store's records, its errors and the ``Store`` interface (see ``actors/store.py``)."""
+"""The store's records, its errors and the ``Store`` interface (see ``actors/store/__init__.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE_STATES = frozenset({"queued", "submitted", "running"})
+from ..task_machine import ACTIVE_STATES, TERMINAL_STATES  # the task states are the machine's (defined once)
 
 
 # ---- records ------------------------------------------------------------------------------------
@@ -85,6 +84,8 @@ class TaskRecord:
     backend: str | None = None
     error: dict[str, Any] | None = None
     images: tuple[ImageRef, ...] = field(default=())
+    template: str | None = None  # the template it was built from (None: a raw workflow)
+    params: dict[str, Any] | None = None  # the template's resolved parameters (the drawn seed included)
 
 
 class LedgerError(Exception):
@@ -121,9 +122,24 @@ class LedgerFault(LedgerError):
 MAX_AMOUNT = 2**53  # every amount and balance stays within +-2^53 (exact in a JavaScript number and in SQLite)
 
 
+class CoreStepDown(BaseException):
+    """The core must stop its actors now (Redis store only). Deliberately not an ``Exception``: the actors' crash
+    isolation (``except Exception``: fail one task, go on) must not contain it; it ends the core's term, and the
+    lease keeper (``actors/lease.py``) decides what comes next. Nothing was changed when it is raised."""
+
+
+class StoreUnavailable(CoreStepDown):
+    """The store cannot be reached or refused us (Redis down, a wrong password): the reason is in the message."""
+
+
+class LeaseLost(CoreStepDown):
+    """A write carried a stale fencing token: another process took the core lease, so this one may no longer
+    change a task or a balance."""
+
+
 class Store(Protocol):
-    """What actors persist through. ``SqliteStore`` implements it; a Redis store will implement the same methods
-    (each ledger primitive one atomic Lua script). Every method is one transaction; ledger refusals raise a
+    """What actors persist through. ``SqliteStore`` and ``RedisStore`` implement it (in Redis each ledger
+    primitive is one atomic Lua script). Every method is one transaction; ledger refusals raise a
     ``LedgerError`` subclass and change nothing."""
 
     path: str

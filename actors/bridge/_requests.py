@@ -1,0 +1,174 @@
+"""Requests from edges to the core over Redis, and their answers back.
+
+An edge's web layer sends to the same front inboxes as on the core (``Handles.registry``, ``Handles.ledger``);
+on an edge ``ask_core`` takes each message off that inbox, appends it to the request stream ``<prefix>req``
+(``rid``, the asking ``edge``, a ``deadline``, the request as JSON) and keeps its reply channel; a reader on the
+edge's own answer stream ``<prefix>rep:<edge>`` hands each answer to the channel waiting for it.
+
+On the core, ``serve_edges`` reads the request stream through the consumer group ``core``: it asks its own actors,
+appends the answer to the asking edge's stream, and only then acknowledges the entry. A core that dies between
+reading and acknowledging leaves the entry pending; the next core reads its pending entries first. A submit is
+idempotent across that: its task id is the request id, and the registry answers a repeated one with the task
+it already has. A request past its deadline is acknowledged unanswered (its asker gave up: a task must not be
+created after the client was told 503).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+from coredis.exceptions import RedisError, StreamDuplicateConsumerGroupError
+from coredis.tokens import PureToken
+
+from .._util import ActorGone, ask
+from ..store import RedisStore
+from ._stream import read_after
+from ._wire import WireError, decode_answer, decode_request, encode_answer, encode_request
+
+log = logging.getLogger(__name__)
+
+GROUP = "core"
+CONSUMER = "core"  # one consumer name for every core: a new core inherits its predecessor's pending entries
+REQUEST_DEADLINE = 5.0  # seconds a request may wait for a core (the web layer waits ASK_TIMEOUT = 10 s)
+ANSWER_TIMEOUT = 8.0  # seconds the core waits for its own actor
+ANSWERS_MAXLEN = 1000  # answers kept per edge stream
+BATCH = 64  # requests read at once
+BLOCK_MS = 1000
+PENDING_MAX_AGE = 60.0  # seconds an edge remembers a reply channel whose answer never came
+
+
+async def ask_core(
+    store: RedisStore,
+    edge_id: str,
+    fronts: Mapping[str, trio.MemoryReceiveChannel[Any]],
+    *,
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The edge's side: forward each front inbox's requests (``{"registry": rx, "ledger": rx}``) to the core."""
+    client = store.client
+    answers = store.prefix + "rep:" + edge_id
+    waiting: dict[str, tuple[float, trio.MemorySendChannel[Any]]] = {}
+
+    async def read_answers() -> None:
+        last = "0-0"  # this edge's stream is new (its id is per process): nothing to skip
+        while True:
+            entries = await read_after(store, answers, last)
+            now = trio.current_time()
+            for rid, (since, _) in list(waiting.items()):
+                if now - since > PENDING_MAX_AGE:
+                    waiting.pop(rid)[1].close()
+            for entry in entries:
+                last = entry.identifier
+                f = entry.field_values
+                pending = waiting.pop(f["rid"], None)
+                if pending is None:
+                    continue
+                try:
+                    value = decode_answer(f["body"])
+                except WireError as exc:
+                    log.error("bridge: %s", exc)
+                    pending[1].close()
+                    continue
+                with pending[1] as reply:
+                    try:
+                        reply.send_nowait(value)
+                    except (trio.BrokenResourceError, trio.WouldBlock):
+                        pass  # the asker gave up
+
+    async def forward(target: str, front: trio.MemoryReceiveChannel[Any]) -> None:
+        with front:
+            async for msg in front:
+                try:
+                    body = encode_request(target, msg)
+                except WireError as exc:  # not something an edge may ask: its asker sees ActorGone (503)
+                    log.warning("bridge: %s", exc)
+                    msg.reply.close()
+                    continue
+                rid = uuid.uuid4().hex
+                waiting[rid] = (trio.current_time(), msg.reply)
+                try:
+                    await client.xadd(store.prefix + "req", {"rid": rid, "edge": edge_id, "body": body,
+                                                             "deadline": repr(wall_clock() + REQUEST_DEADLINE)})
+                except (RedisError, OSError) as exc:  # Redis is away: the asker gets ActorGone (503) now
+                    log.warning("bridge: cannot hand a request to the core: %s", exc)
+                    waiting.pop(rid)[1].close()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_answers)
+            for target, front in fronts.items():
+                nursery.start_soon(forward, target, front)
+            task_status.started()
+    finally:  # this process stops being an edge: whoever still waits gets ActorGone now, not a timeout
+        for _, reply in waiting.values():
+            reply.close()
+
+
+async def serve_edges(
+    store: RedisStore,
+    targets: Mapping[str, trio.MemorySendChannel[Any]],
+    *,
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The core's side: answer the edges' requests with this term's actors (``{"registry": tx, "ledger": tx}``)."""
+    client = store.client
+    key = store.prefix + "req"
+    try:
+        await client.xgroup_create(key, GROUP, "0", mkstream=True)
+    except StreamDuplicateConsumerGroupError:
+        pass  # an earlier core made it
+    task_status.started()
+
+    async def handle(entry: Any) -> None:
+        f = entry.field_values
+        try:
+            if wall_clock() <= float(f["deadline"]):
+                target, cls, fields = decode_request(f["body"])
+                if cls.__name__ == "Submit":
+                    fields["task_id"] = f["rid"]  # a repeated submit (core died before the ack) finds its task
+                with trio.fail_after(ANSWER_TIMEOUT):
+                    value = await ask(targets[target], lambda r: cls(**fields, reply=r), name=target)
+                await client.xadd(store.prefix + "rep:" + f["edge"], {"rid": f["rid"], "body": encode_answer(value)},
+                                  trim_strategy=PureToken.MAXLEN, threshold=ANSWERS_MAXLEN,
+                                  trim_operator=PureToken.APPROXIMATELY)
+                await client.expire(store.prefix + "rep:" + f["edge"], 3600)
+            else:
+                log.warning("bridge: request %s from %s expired before a core read it", f["rid"], f["edge"])
+        except WireError as exc:
+            log.error("bridge: %s", exc)
+        except (ActorGone, trio.TooSlowError) as exc:  # this term is ending: the next core answers it
+            log.warning("bridge: request %s left for the next core: %r", f.get("rid"), exc)
+            return
+        await client.xack(key, GROUP, [entry.identifier])
+
+    # first what a previous core read but never acknowledged (each once), then new requests
+    start = "0"
+    while True:
+        got = await client.xreadgroup(GROUP, CONSUMER, {key: start}, count=BATCH)
+        entries = (got or {}).get(key, ())
+        if not entries:
+            break
+        for entry in entries:
+            await handle(entry)
+        start = entries[-1].identifier
+    async with trio.open_nursery() as nursery:
+        slots = trio.Semaphore(BATCH)  # requests answered at once
+        while True:
+            got = await client.xreadgroup(GROUP, CONSUMER, {key: ">"}, count=BATCH, block=BLOCK_MS)
+            for entry in (got or {}).get(key, ()):
+                await slots.acquire()
+                nursery.start_soon(_then_release, slots, handle, entry)
+
+
+async def _then_release(slots: trio.Semaphore, fn: Callable[[Any], Any], arg: Any) -> None:
+    try:
+        await fn(arg)
+    finally:
+        slots.release()
