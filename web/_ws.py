@@ -20,6 +20,7 @@ condemned, the writer gets ``CLOSE_GRACE`` seconds to finish, after which the TC
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 SERVER_NAME = "comfy-gateway/0.1"
+FREEZE_EVERY = 1000  # connections opened between two gc.freeze() calls (see ``run``)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
 DETACH_TIMEOUT = 2.0  # seconds the cleanup of a closed connection waits for the sessions hub
 REPLAY_WINDOW = 60.0  # seconds over which --max-replays-per-minute counts a connection's replays
@@ -159,6 +161,7 @@ class StompEndpoint:
         self.timers = Timers()  # every connection's deadlines, served by one task in ``nursery``
         self.timers_nursery = nursery  # the app's nursery (quart-trio): the service outlives any connection
         self._timers_started = False
+        self._opened_since_freeze = 0
 
     def _announce_shutdown(self) -> None:
         for conn in list(self.live.values()):
@@ -199,6 +202,11 @@ class StompEndpoint:
         conn.outbox.on_due = partial(self.timers.arm, conn)
         self.live[conn.id] = conn
         self.metrics.connections_opened()
+        self._opened_since_freeze += 1
+        if self._opened_since_freeze >= FREEZE_EVERY:  # a burst of connects: their long-lived objects leave the
+            self._opened_since_freeze = 0  # collected generations, so full collections stay short; the young
+            gc.collect(1)  # garbage goes first (a frozen cycle is never collected: freezing only what survived
+            gc.freeze()  # two collections keeps that leak to objects that were long-lived anyway)
         self.timers.arm(conn, now + self.cfg.connect_timeout)
         if self.shutdown.is_set():
             self._shutting_down(conn)
