@@ -24,9 +24,7 @@ import gc
 import itertools
 import logging
 import math
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -35,8 +33,6 @@ import trio
 from actors import registry
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
-from actors.validate import decode_json
-from actors.wire import DomainError
 from actors.sessions import (
     BROADCAST_DESTINATION,
     USER_DESTINATION,
@@ -46,103 +42,32 @@ from actors.sessions import (
     Detach,
     DetachBroadcast,
     Disconnect,
-    Outgoing,
     Publish,
 )
+from actors.validate import decode_json
+from actors.wire import DomainError
 
+from ._conn import END, RAW, ConnectionCounter, pick_subprotocol
+from ._conn import END_MARKER as _END
+from ._conn import Close as _Close
+from ._conn import Conn as _Conn
 from ._outbox import Outbox, SlowConsumer
 from ._templates import TemplateLibrary
 from ._timers import Timers
 from ._transport import StompTransport, TransportClosed, WebSocketTransport
-from .auth import Authenticator, AuthError, Principal, bearer, valid_id
+from .auth import Authenticator, AuthError, bearer, valid_id
 from .config import WebConfig
 from .errors import rejected
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame, negotiate_heartbeat
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 SERVER_NAME = "comfy-gateway/0.1"
 FREEZE_EVERY = 1000  # connections opened between two gc.freeze() calls (see ``run``)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
 DETACH_TIMEOUT = 2.0  # seconds the cleanup of a closed connection waits for the sessions hub
 REPLAY_WINDOW = 60.0  # seconds over which --max-replays-per-minute counts a connection's replays
-RAW = "raw"  # Outgoing.type of an already-encoded control frame
-END = "end"  # Outgoing.type of the marker after a connection's last frame (its ERROR or RECEIPT)
-_END = Outgoing("", 0, b"", END)
 _ids = itertools.count(1)
-
-
-class ConnectionCounter:
-    """Live STOMP connections per user, for the per-user cap. Used only from the trio thread."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.by_user: dict[str, int] = {}
-
-    def acquire(self, user_id: str) -> bool:
-        n = self.by_user.get(user_id, 0)
-        if n >= self.limit:
-            return False
-        self.by_user[user_id] = n + 1
-        return True
-
-    def release(self, user_id: str) -> None:
-        n = self.by_user.get(user_id, 0) - 1
-        if n > 0:
-            self.by_user[user_id] = n
-        else:
-            self.by_user.pop(user_id, None)
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_user.values())
-
-
-class _Close(Exception):
-    """Stop this connection after flushing: ``code`` is the WebSocket close code."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-@dataclass(slots=True)
-class _Conn:
-    id: int
-    outbox: Outbox
-    stomp: StompConnection
-    principal: Principal | None = None
-    client_id: str | None = None
-    subs: dict[str, tuple[str, str]] = field(default_factory=dict)  # destination -> (subscription id, ack mode)
-    prefixes: dict[str, bytes] = field(default_factory=dict)  # destination -> its MESSAGE headers (see _prefix)
-    acks: dict[str, bool] = field(default_factory=dict)  # destination -> its frames carry an ``ack`` header
-    last_rx: float = 0.0
-    busy: bool = False  # the reader is handling a frame (e.g. waiting for the registry), not reading
-    last_tx: float = 0.0
-    send_every: float = 0.0  # seconds; 0 = no heart-beats
-    expect_every: float = 0.0
-    messages: int = 0
-    close_after_flush: _Close | None = None
-    abort: Callable[[], Awaitable[None]] | None = None  # cuts the TCP connection (for a stuck writer)
-    released: bool = False  # session detached and per-user slot given back
-    transport: str = "ws"  # what carries it: "ws", or "sockjs-<transport>"
-    session_held: bool = False  # the hub accepted our Connect: a Disconnect is owed
-    replays: deque[float] = field(default_factory=deque)  # trio times of this connection's last-seq replays
-    opened: float = 0.0
-    armed: float = math.inf  # the deadline the shared Timers will fire us at (web._timers)
-    condemned_at: float | None = None  # when the connection was doomed (the writer has CLOSE_GRACE from then)
-
-    def raw(self, data: bytes) -> None:
-        self.outbox.put_nowait(Outgoing("", 0, data, RAW))
-
-
-def pick_subprotocol(offered: list[str]) -> str | None:
-    for proto in SUBPROTOCOLS:
-        if proto in offered:
-            return proto
-    return None
 
 
 class StompEndpoint:
