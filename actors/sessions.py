@@ -83,7 +83,7 @@ class Attach:
 
     user_id: str
     client_id: str
-    outbox: Outbox
+    outbox: Sink
     last_seq: int | None
     reply: trio.MemorySendChannel[int] | None = None
 
@@ -110,17 +110,17 @@ class Disconnect:
 class Detach:
     user_id: str
     client_id: str
-    outbox: Outbox
+    outbox: Sink
 
 
 @dataclass(frozen=True, slots=True)
 class AttachBroadcast:
-    outbox: Outbox
+    outbox: Sink
 
 
 @dataclass(frozen=True, slots=True)
 class DetachBroadcast:
-    outbox: Outbox
+    outbox: Sink
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +300,7 @@ async def run(
 
     def handle(msg: HubMsg) -> None:
         nonlocal broadcast_seq, latest_status
+        entry: _Session | None
         match msg:
             case Publish(user_id, None, body):
                 if user_id in by_user:
@@ -307,12 +308,12 @@ async def run(
                     user_latest[user_id] = (version, body)
                     data = None  # encoded once for all of the user's live sessions
                     for cid in live_by_user.get(user_id, ()):
-                        entry = sessions[(user_id, cid)]
-                        entry.user_version = version
+                        live = sessions[(user_id, cid)]
+                        live.user_version = version
                         if data is None:
                             data = encode_body(body)
-                        entry.deliver(data, str(body.get("type", "")), str(body.get("taskId", "")))
-            case Publish(user_id, client_id, body, seq):
+                        live.deliver(data, str(body.get("type", "")), str(body.get("taskId", "")))
+            case Publish(user_id, str() as client_id, body, seq):
                 entry = session(user_id, client_id)
                 assert entry is not None
                 entry.deliver(encode_body(body), str(body.get("type", "")), str(body.get("taskId", "")), seq)

@@ -168,7 +168,7 @@ class StompEndpoint:
                                    f"{exc}; reconnect and resubscribe with last-seq to resume".encode())
                 await transport.send(err.decode())  # bounded by the timers' watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
-            parts = []
+            parts: list[bytes] = []
             now = trio.current_time()
             relayed = self.metrics.relayed
             for out in batch:

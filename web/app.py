@@ -25,7 +25,8 @@ from actors.validate import decode_json
 
 from ._metrics import Metrics
 from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
-from ._ws import ConnectionCounter, StompEndpoint
+from ._conn import ConnectionCounter
+from ._ws import StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
 from .errors import http_status
