@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from actors import sessions as s
-from actors._util import ask
+from actors._util import Forwarder, ask
 from web._outbox import Outbox, SlowConsumer
 
 
@@ -98,3 +98,26 @@ async def test_outbox_overdue_after_max_delay(autojump_clock: trio.testing.MockC
     assert not ob.overdue()
     await trio.sleep(0.2)
     assert ob.overdue()
+
+
+async def test_a_burst_reaches_the_writer_whole(nursery: trio.Nursery) -> None:
+    """Coalescing engages: a producer that forwards without a checkpoint per message (as the registry does) gets a
+    burst through the hub before the connection's writer runs, so the writer takes it in a few batches (each one
+    WebSocket message), in order, not one message at a time."""
+    hub = await start_hub(nursery)
+    ob = Outbox()
+    await ask(hub, lambda r: s.Attach("u", "c", ob, None, r))
+    batches: list[list[int]] = []
+
+    async def writer() -> None:
+        while True:
+            batches.append([o.seq for o in await ob.get_batch()])
+
+    nursery.start_soon(writer)
+    await trio.testing.wait_all_tasks_blocked()
+    to_hub = Forwarder(hub, every=64)
+    for i in range(200):
+        await to_hub.send(s.Publish("u", "c", {"type": "progress", "taskId": "t", "value": i}))
+    await trio.testing.wait_all_tasks_blocked()
+    assert [q for b in batches for q in b] == list(range(1, 201))  # every one, in order
+    assert len(batches) <= 200 // 64 + 2, [len(b) for b in batches]
