@@ -27,7 +27,6 @@ import trio
 
 from ._util import ask, reply_once
 from .sessions import Publish
-from .wire import Balance
 from .store import (
     Account,
     HoldConflict,
@@ -40,6 +39,7 @@ from .store import (
     SweptHold,
     UnknownHold,
 )
+from .wire import Balance
 
 log = logging.getLogger(__name__)
 

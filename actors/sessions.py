@@ -347,7 +347,7 @@ async def run(
             case Detach(user_id, client_id, outbox):
                 entry = sessions.get((user_id, client_id))
                 if entry is not None:
-                    entry.connections -= 1
+                    entry.connections = max(0, entry.connections - 1)  # never below: a defensive floor
                     set_live(user_id, client_id, entry)
                     entry.detach(outbox)
             case AttachBroadcast(outbox):

@@ -21,8 +21,18 @@ import enum
 from collections.abc import Mapping
 
 __all__ = [
-    "ACTIVE_STATES", "INFLIGHT_STATES", "TERMINAL_STATES", "TRANSITIONS", "Event", "IllegalTransition", "Reason",
-    "State", "TimerKind", "allowed", "check_outcome", "transition",
+    "ACTIVE_STATES",
+    "INFLIGHT_STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "Event",
+    "IllegalTransition",
+    "Reason",
+    "State",
+    "TimerKind",
+    "allowed",
+    "check_outcome",
+    "transition",
 ]
 
 

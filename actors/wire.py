@@ -13,8 +13,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = [
-    "MESSAGE_TYPES", "Balance", "Cancelled", "Completed", "DomainError", "ExecutionErrorMsg", "ImageResult",
-    "Preview", "ProgressMsg", "Queued", "Rejected", "Resync", "Started", "Status", "WireMessage",
+    "MESSAGE_TYPES",
+    "Balance",
+    "Cancelled",
+    "Completed",
+    "DomainError",
+    "ExecutionErrorMsg",
+    "ImageResult",
+    "Preview",
+    "ProgressMsg",
+    "Queued",
+    "Rejected",
+    "Resync",
+    "Started",
+    "Status",
+    "WireMessage",
 ]
 
 
@@ -46,8 +59,7 @@ class Queued(WireMessage):
     params: Mapping[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": self.type, "taskId": self.task_id, "position": self.position,
-                                "cost": self.cost}
+        body: dict[str, Any] = {"type": self.type, "taskId": self.task_id, "position": self.position, "cost": self.cost}
         if self.template is not None:
             body |= {"template": self.template, "params": self.params}
         return body
@@ -73,8 +85,14 @@ class ProgressMsg(WireMessage):
     node: str | None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.type, "taskId": self.task_id, "prompt_id": self.prompt_id, "value": self.value,
-                "max": self.max, "node": self.node}
+        return {
+            "type": self.type,
+            "taskId": self.task_id,
+            "prompt_id": self.prompt_id,
+            "value": self.value,
+            "max": self.max,
+            "node": self.node,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +104,13 @@ class Preview(WireMessage):
     data: str  # base64
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.type, "taskId": self.task_id, "prompt_id": self.prompt_id, "mime": self.mime,
-                "data": self.data}
+        return {
+            "type": self.type,
+            "taskId": self.task_id,
+            "prompt_id": self.prompt_id,
+            "mime": self.mime,
+            "data": self.data,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +149,14 @@ class ExecutionErrorMsg(WireMessage):
     node_type: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": self.type, "taskId": self.task_id, "prompt_id": self.prompt_id,
-                                "error": self.error, "reason": self.reason, "refunded": self.refunded}
+        body: dict[str, Any] = {
+            "type": self.type,
+            "taskId": self.task_id,
+            "prompt_id": self.prompt_id,
+            "error": self.error,
+            "reason": self.reason,
+            "refunded": self.refunded,
+        }
         if self.node_id is not None:
             body["node_id"] = self.node_id
         if self.node_type is not None:
@@ -189,12 +218,28 @@ class Status(WireMessage):
     backends_total: int
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.type, "queued": self.queued, "running": self.running,
-                "backends": {"up": self.backends_up, "total": self.backends_total}}
+        return {
+            "type": self.type,
+            "queued": self.queued,
+            "running": self.running,
+            "backends": {"up": self.backends_up, "total": self.backends_total},
+        }
 
 
 MESSAGE_TYPES: Mapping[str, type[WireMessage]] = {
     cls.type: cls
-    for cls in (Queued, Started, ProgressMsg, Preview, ImageResult, Completed, ExecutionErrorMsg, Cancelled, Balance,
-                Rejected, Resync, Status)
+    for cls in (
+        Queued,
+        Started,
+        ProgressMsg,
+        Preview,
+        ImageResult,
+        Completed,
+        ExecutionErrorMsg,
+        Cancelled,
+        Balance,
+        Rejected,
+        Resync,
+        Status,
+    )
 }

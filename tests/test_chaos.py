@@ -24,7 +24,8 @@ SEEDS = (3, 4, 13, 42)
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_chaos_run_loses_nothing(seed: int, tmp_path: Path) -> None:
     cfg = ChaosConfig(seed=seed, tasks=40, users=3, gateway_kills=2, sim_kills=2, socket_cuts=2, client_drops=4,
-                      grants=3, settle_timeout=60, workdir=str(tmp_path))
+                      grants=3, settle_timeout=60, workdir=str(tmp_path),
+                      latency_bound=5.0)  # CI shares 2 cores with other runs: catch the 5.9 s median of issue 10, not noise
     report = await run_chaos(cfg)
     assert report.ok, "\n".join([f"seed {seed} (replay: scripts/chaos.py --seed {seed} --tasks 40 --users 3)",
                                  *report.problems, f"stats: {report.stats}"])

@@ -44,8 +44,8 @@ async def test_an_edge_takes_over_when_the_core_stops(sim: Any, start_gateway: A
     """The core releases the lease on SIGTERM-style shutdown; the edge takes it at its next attempt (fencing token
     one higher), reloads the task the core left and finishes it."""
     redis_server.flush()
-    core: GatewayUnderTest = await start_gateway([sim.url], store_path=redis_server.url(), lease_ttl=0.5)
-    edge: GatewayUnderTest = await start_gateway([sim.url], store_path=redis_server.url(), lease_ttl=0.5)
+    core: GatewayUnderTest = await start_gateway([sim.url], store_path=redis_server.url(), lease_ttl=2)
+    edge: GatewayUnderTest = await start_gateway([sim.url], store_path=redis_server.url(), lease_ttl=2)
     c, e = await health(core.http, core.url), await health(edge.http, edge.url)
     assert c["role"] == "core" and e["role"] == "edge" and e["lease"]["holder"] == c["lease"]["self"]
     r = await edge.http.get(f"{edge.url}/readyz")

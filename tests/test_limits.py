@@ -130,3 +130,20 @@ async def test_a_session_flood_does_not_slow_another_user(sim: Any, start_gatewa
             latencies.append(time.monotonic() - t0)
         await c.leave()  # unread messages would leave trio-websocket's reader stuck at close (60 s)
     assert max(latencies) < 0.25, latencies
+
+
+async def test_a_refused_subscribe_leaves_the_session_count_right(sim: Any, start_gateway: Any) -> None:
+    """A SUBSCRIBE refused (bad last-seq) must not leave a Detach owed: the session's live count stays exact, so a
+    later connection's balance messages still reach it live."""
+    g: GatewayUnderTest = await start_gateway([sim.url])
+    async with stomp_connect(g.ws_url, token=g.token("ivy"), client_id="c1") as bad:
+        await bad.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "last-seq": "x"})
+        assert (await bad.next_frame()).command == "ERROR"
+    async with stomp_connect(g.ws_url, token=g.token("ivy"), client_id="c1") as c:
+        await subscribed(c)
+        admin = {"Authorization": f"Bearer {g.token('root', admin=True)}"}
+        r = await g.http.post(f"{g.url}/api/admin/credits", json={"userId": "ivy", "amount": 5}, headers=admin)
+        assert r.status_code == 200
+        _, msg = await c.next_message()
+        assert msg["type"] == "balance" and msg["balance"] == g.initial_credits + 5, msg
+        await c.leave()

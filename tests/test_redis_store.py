@@ -110,14 +110,14 @@ async def test_a_stale_fencing_token_changes_nothing(redis: RedisServer) -> None
 async def test_the_lease_lapses_unless_renewed(redis: RedisServer) -> None:
     async with open_store(redis.url()) as a, open_store(redis.url()) as b:
         assert isinstance(a, RedisStore) and isinstance(b, RedisStore)
-        token = await a.acquire_lease("a", ttl=0.2)
-        assert await a.renew_lease("a", token, 0.2) and await a.lease_holder() == "a"
-        assert await b.acquire_lease("b", ttl=0.2) == 0
+        token = await a.acquire_lease("a", ttl=1.0)
+        assert await a.renew_lease("a", token, 1.0) and await a.lease_holder() == "a"
+        assert await b.acquire_lease("b", ttl=1.0) == 0
         with trio.fail_after(5):  # Redis's own clock expires the key: a condition polled under a deadline
             while await a.lease_holder() is not None:
                 await trio.sleep(0.02)
         assert await b.acquire_lease("b", ttl=5) == token + 1
-        assert not await a.renew_lease("a", token, 0.2)
+        assert not await a.renew_lease("a", token, 1.0)
 
 
 async def test_audit_catches_tampering_in_redis(redis: RedisServer) -> None:

@@ -50,8 +50,11 @@ class MemoryStore:
 
     def __init__(self, tasks: list[TaskRecord] | None = None) -> None:
         self.tasks = {t.task_id: t for t in tasks or ()}
+        self.writable: trio.Event | None = None  # set to an unset Event: saves wait (a slow disk)
 
     async def save_task(self, rec: TaskRecord) -> None:
+        if self.writable is not None:
+            await self.writable.wait()
         self.tasks[rec.task_id] = rec
 
     async def load_active_tasks(self) -> list[TaskRecord]:
@@ -61,9 +64,15 @@ class MemoryStore:
         return self.tasks.get(task_id)
 
     async def list_results(self, user_id: str, limit: int, before: int | None) -> list[TaskRecord]:
-        done = [t for t in self.tasks.values() if t.user_id == user_id and t.state not in reg.ACTIVE_STATES
-                and (before is None or t.seq < before)]
+        done = [
+            t
+            for t in self.tasks.values()
+            if t.user_id == user_id and t.state not in reg.ACTIVE_STATES and (before is None or t.seq < before)
+        ]
         return sorted(done, key=lambda t: -t.seq)[:limit]
+
+    async def hold(self, task_id: str) -> None:
+        return None  # the fake ledger keeps no holds here
 
     async def max_task_seq(self) -> int:
         return max((t.seq for t in self.tasks.values()), default=0)
@@ -121,8 +130,9 @@ class Harness:
         return await ask(self.registry, lambda r: reg.GetTask(user, task_id, r))
 
 
-async def fake_ledger(inbox: trio.MemoryReceiveChannel[Any], resolves: list[tuple[str, str]],
-                      open_: list[trio.Event] | None = None) -> None:
+async def fake_ledger(
+    inbox: trio.MemoryReceiveChannel[Any], resolves: list[tuple[str, str]], open_: list[trio.Event] | None = None
+) -> None:
     """Answers at once; with ``open_``, each answer waits until ``open_[0]`` is set (a slow ledger)."""
     async for msg in inbox:
         if open_ is not None:
@@ -138,8 +148,12 @@ async def fake_ledger(inbox: trio.MemoryReceiveChannel[Any], resolves: list[tupl
 
 @asynccontextmanager
 async def registry(
-    *, tasks: list[TaskRecord] | None = None, max_inflight: int = 2, up: tuple[str, ...] = ("b0",),
-    ledger_open: list[trio.Event] | None = None, **cfg: Any
+    *,
+    tasks: list[TaskRecord] | None = None,
+    max_inflight: int = 2,
+    up: tuple[str, ...] = ("b0",),
+    ledger_open: list[trio.Event] | None = None,
+    **cfg: Any,
 ) -> AsyncIterator[Harness]:
     reg_tx, reg_rx = trio.open_memory_channel[Any](64)
     sched_tx, sched_rx = trio.open_memory_channel[Any](64)
@@ -152,12 +166,23 @@ async def registry(
     comfy = {"b0": b0_tx, "b1": b1_tx}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fake_ledger, ledger_rx, h.resolves, ledger_open)
-        await nursery.start(lambda task_status: sched.run(
-            sched_rx, backends=comfy, max_inflight=max_inflight, task_status=task_status))
+        await nursery.start(
+            lambda task_status: sched.run(sched_rx, backends=comfy, max_inflight=max_inflight, task_status=task_status)
+        )
         config = reg.RegistryConfig(public_url="http://gw", backend_urls={"b0": "http://c0", "b1": "http://c1"}, **cfg)
-        await nursery.start(lambda task_status: reg.run(
-            reg_rx, config, store=store, ledger=ledger_tx, scheduler=sched_tx, comfy=comfy, sessions=hub_tx,
-            wall_clock=trio.current_time, task_status=task_status))
+        await nursery.start(
+            lambda task_status: reg.run(
+                reg_rx,
+                config,
+                store=store,
+                ledger=ledger_tx,
+                scheduler=sched_tx,
+                comfy=comfy,
+                sessions=hub_tx,
+                wall_clock=trio.current_time,
+                task_status=task_status,
+            )
+        )
         for backend in up:
             await reg_tx.send(BackendUp(backend, 0))
         await trio.testing.wait_all_tasks_blocked()
@@ -177,10 +202,11 @@ def history(prompt_id: str, terminal: str = "execution_success", **data: Any) ->
     return {
         "prompt": [1, prompt_id, {}, {}, ["9"]],
         "outputs": {"9": {"images": IMAGES}},
-        "status": {"status_str": "success" if terminal == "execution_success" else "error",
-                   "completed": terminal == "execution_success",
-                   "messages": [["execution_start", {"prompt_id": prompt_id}],
-                                [terminal, {"prompt_id": prompt_id, **data}]]},
+        "status": {
+            "status_str": "success" if terminal == "execution_success" else "error",
+            "completed": terminal == "execution_success",
+            "messages": [["execution_start", {"prompt_id": prompt_id}], [terminal, {"prompt_id": prompt_id, **data}]],
+        },
     }
 
 
@@ -204,6 +230,7 @@ async def test_a_slow_ledger_stalls_no_other_task(autojump_clock: trio.testing.M
 
         async def submit_late() -> None:
             late.append(await ask(h.registry, lambda r: reg.Submit("bob", "c2", WORKFLOW, 1, r)))
+
         nursery.start_soon(submit_late)
         await h.event(ExecutionSuccess(pid))  # t1's settle waits for the ledger too
         await h.event(ExecutionStart("someone-elses-prompt"))
@@ -220,6 +247,53 @@ async def test_a_slow_ledger_stalls_no_other_task(autojump_clock: trio.testing.M
         assert [m["type"] for m in await h.messages()] == ["completed", "queued"]
         assert len(late) == 1 and isinstance(late[0], reg.Accepted)
         assert h.resolves == [(t1, "settled")]
+
+
+async def test_a_repeated_submit_while_the_first_is_being_frozen_is_the_same_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An edge that lost a submit's answer repeats it with the same request id; the registry no longer waits for
+    the ledger in its loop, so the repeat can arrive before the first freeze is answered: it still gets that task."""
+    gate = [trio.Event()]
+    async with registry(ledger_open=gate) as h, trio.open_nursery() as nursery:
+        answers: list[Any] = []
+
+        async def submit() -> None:
+            answers.append(await ask(h.registry, lambda r: reg.Submit("alice", "c1", WORKFLOW, 1, r, task_id="req-1")))
+
+        nursery.start_soon(submit)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(submit)
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == []
+        gate[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [type(a) for a in answers] == [reg.Accepted, reg.Accepted]
+        assert {a.task_id for a in answers} == {"req-1"}
+        assert list(h.store.tasks) == ["req-1"] and len(await dispatched(h)) == 1
+
+
+async def test_images_and_results_are_served_while_the_loop_is_busy(autojump_clock: trio.testing.MockClock) -> None:
+    """Store-only reads run beside the registry's loop: a slow save of one task's transition does not hold up an
+    image request or a results page."""
+    async with registry() as h:
+        t1, t2 = await h.submit(), await h.submit()
+        cmd, cmd2 = await dispatched(h)
+        await accepted(h, cmd)
+        await h.event(Executed(cmd.prompt_id, "9", {"images": IMAGES}))
+        await h.event(ExecutionSuccess(cmd.prompt_id))
+        assert [m["type"] for m in await h.messages()][-1] == "completed"
+        h.store.writable = trio.Event()
+        await h.event(ExecutionStart(cmd2.prompt_id))  # the loop waits on this event's save
+        with trio.fail_after(1):  # answered at once (virtual time) although the loop is stuck
+            where = await ask(h.registry, lambda r: reg.ImageLocation("alice", t1, 0, r))
+            results, _ = await ask(h.registry, lambda r: reg.ListResults("alice", 10, None, r))
+            assert await ask(h.registry, lambda r: reg.ImageLocation("bob", t1, 0, r)) is None  # owner only
+        assert where is not None and where[0] == "http://c0" and where[1].filename == IMAGES[0]["filename"]
+        assert [r["taskId"] for r in results] == [t1]
+        assert h.store.tasks[t2].state == "queued"  # its save for "submitted" really is still waiting
+        h.store.writable.set()
+        assert (await h.state(t2) or {}).get("state") == "running"
 
 
 # ---- the orders ComfyUI really produces -------------------------------------------------------------------------
@@ -299,8 +373,9 @@ async def test_missed_terminal_event_applied_from_history_with_stripped_error(
         await accepted(h, cmd)
         await h.report(BackendLost("b0", "x"), BackendUp("b0", 0))
         assert await h.commands_now() == [CheckPrompts((cmd.prompt_id,))]
-        entry = history(cmd.prompt_id, "execution_error", node_id="3", node_type="KSampler",
-                        exception_message="out of cheese\n")
+        entry = history(
+            cmd.prompt_id, "execution_error", node_id="3", node_type="KSampler", exception_message="out of cheese\n"
+        )
         await h.report(PromptLocated("b0", cmd.prompt_id, "done", entry))
         [err] = await h.messages("execution_error")
         assert err["error"] == "KSampler 3: out of cheese" and err["reason"] == "execution_error"
@@ -387,8 +462,10 @@ async def test_cancel_in_every_state_refunds_once(autojump_clock: trio.testing.M
         assert await h.commands_now() == [CancelPrompt(cmds[pending].prompt_id)]  # delete, then targeted interrupt
         await h.event(Status(1))  # ComfyUI deleted it: fewer than ours, so we ask where it went
         assert await h.commands_now() == [CheckPrompts((cmds[running].prompt_id, cmds[pending].prompt_id))]
-        await h.report(PromptLocated("b0", cmds[running].prompt_id, "running"),
-                       PromptLocated("b0", cmds[pending].prompt_id, "missing"))
+        await h.report(
+            PromptLocated("b0", cmds[running].prompt_id, "running"),
+            PromptLocated("b0", cmds[pending].prompt_id, "missing"),
+        )
 
         assert await ask(h.registry, lambda r: reg.Cancel("alice", running, r)) == "cancelling"
         assert await h.commands_now() == [CancelPrompt(cmds[running].prompt_id)]
@@ -500,9 +577,20 @@ async def test_backend_back_in_time_is_reconciled(autojump_clock: trio.testing.M
 
 
 def record(task_id: str, state: str, backend: str | None, updated_at: float = 0.0) -> TaskRecord:
-    return TaskRecord(task_id=task_id, seq=int(task_id[1:]), user_id="alice", client_id="c1", prompt_id=f"p-{task_id}",
-                      state=state, size=1, cost=1, workflow=WORKFLOW, created_at=0.0, updated_at=updated_at,
-                      backend=backend)
+    return TaskRecord(
+        task_id=task_id,
+        seq=int(task_id[1:]),
+        user_id="alice",
+        client_id="c1",
+        prompt_id=f"p-{task_id}",
+        state=state,
+        size=1,
+        cost=1,
+        workflow=WORKFLOW,
+        created_at=0.0,
+        updated_at=updated_at,
+        backend=backend,
+    )
 
 
 async def test_start_up_reconciles_and_fails_what_never_comes_back(autojump_clock: trio.testing.MockClock) -> None:

@@ -96,7 +96,7 @@ async def test_three_processes_survive_a_sigkill_of_the_core(tmp_path: Path, red
     node = node_or_fail()
     redis_server.flush()
     url = redis_server.url()
-    args = ("--lease-ttl", "1", "--initial-credits", "20", "--price", "2", "--reconnect-max-delay", "0.5")
+    args = ("--lease-ttl", "2", "--initial-credits", "20", "--price", "2", "--reconnect-max-delay", "0.5")
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(make_workflow(steps=30)))
     async with httpx.AsyncClient(timeout=15) as http, trio.open_nursery() as nursery:

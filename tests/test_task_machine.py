@@ -24,10 +24,20 @@ S, E = State, Event
 # The whole machine, written out: what each event does in each state ("-" = refused).
 EXPECTED: dict[State, dict[Event, State | str]] = {
     S.QUEUED: {E.SUBMIT: S.SUBMITTED, E.START: "-", E.SUCCEED: "-", E.FAIL: S.FAILED, E.CANCEL: S.CANCELLED},
-    S.SUBMITTED: {E.SUBMIT: S.SUBMITTED, E.START: S.RUNNING, E.SUCCEED: S.SUCCEEDED, E.FAIL: S.FAILED,
-                  E.CANCEL: S.CANCELLED},
-    S.RUNNING: {E.SUBMIT: S.RUNNING, E.START: S.RUNNING, E.SUCCEED: S.SUCCEEDED, E.FAIL: S.FAILED,
-                E.CANCEL: S.CANCELLED},
+    S.SUBMITTED: {
+        E.SUBMIT: S.SUBMITTED,
+        E.START: S.RUNNING,
+        E.SUCCEED: S.SUCCEEDED,
+        E.FAIL: S.FAILED,
+        E.CANCEL: S.CANCELLED,
+    },
+    S.RUNNING: {
+        E.SUBMIT: S.RUNNING,
+        E.START: S.RUNNING,
+        E.SUCCEED: S.SUCCEEDED,
+        E.FAIL: S.FAILED,
+        E.CANCEL: S.CANCELLED,
+    },
     S.SUCCEEDED: dict.fromkeys(Event, "-"),
     S.FAILED: dict.fromkeys(Event, "-"),
     S.CANCELLED: dict.fromkeys(Event, "-"),
@@ -60,8 +70,8 @@ def test_a_refused_event_raises_and_changes_nothing(state: State, event: Event) 
 
 
 def test_terminal_states_accept_nothing_and_active_ones_can_always_fail_or_be_cancelled() -> None:
-    assert TERMINAL_STATES == {S.SUCCEEDED, S.FAILED, S.CANCELLED}
-    assert ACTIVE_STATES | TERMINAL_STATES == set(State) and not ACTIVE_STATES & TERMINAL_STATES
+    assert {S.SUCCEEDED, S.FAILED, S.CANCELLED} == TERMINAL_STATES
+    assert set(State) == ACTIVE_STATES | TERMINAL_STATES and not ACTIVE_STATES & TERMINAL_STATES
     for state in ACTIVE_STATES:
         assert transition(state, E.FAIL) is S.FAILED and transition(state, E.CANCEL) is S.CANCELLED
     assert not any(allowed(s, e) for s, e in itertools.product(TERMINAL_STATES, Event))
@@ -99,7 +109,13 @@ def test_an_outcome_must_be_terminal() -> None:
 
 def test_the_vocabulary_is_the_wire_vocabulary() -> None:
     assert [s.value for s in State] == ["queued", "submitted", "running", "succeeded", "failed", "cancelled"]
-    assert [r.value for r in Reason] == ["validation", "execution_error", "interrupted", "backend_lost", "timeout",
-                                         "internal"]
+    assert [r.value for r in Reason] == [
+        "validation",
+        "execution_error",
+        "interrupted",
+        "backend_lost",
+        "timeout",
+        "internal",
+    ]
     assert {k for k in TimerKind if k.per_backend} == {TimerKind.VERIFY, TimerKind.RECONCILE, TimerKind.BACKEND_LOST}
     assert "queued" in ACTIVE_STATES and State.QUEUED == "queued"  # records and the store use the plain strings

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from fake_comfyui import NODE_SPECS
 
-from actors.store import _MIGRATIONS
-from actors.store import TaskRecord, open_store
+from actors.store import _MIGRATIONS, TaskRecord, open_store
 from actors.templates import (
     BUNDLED_DIR,
     MAX_COST,

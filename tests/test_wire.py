@@ -24,7 +24,7 @@ def contract_messages() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for row in re.finditer(r"^\| `(\w+)` \| ([^|]*) \|", table, re.M):
         described = re.sub(r"\([^)]*\)", "", row[2])  # "(`validation`, …)" lists values, not fields
-        out[row[1]] = {f for f in re.findall(r"`(\w+)`", described)}
+        out[row[1]] = set(re.findall(r"`(\w+)`", described))
     for name, body in re.findall(r'`\{"type": "(\w+)", ([^`]*)\}`', rest):
         out[name] = set(re.findall(r'"(\w+)"', re.sub(r"\{[^}]*\}", "", body)))
     return out
@@ -33,8 +33,9 @@ def contract_messages() -> dict[str, set[str]]:
 def test_every_documented_message_has_exactly_one_class_and_vice_versa() -> None:
     documented = contract_messages()
     assert len(documented) >= 12, documented
-    classes = [c for c in vars(wire).values()
-               if isinstance(c, type) and issubclass(c, wire.WireMessage) and "type" in vars(c)]
+    classes = [
+        c for c in vars(wire).values() if isinstance(c, type) and issubclass(c, wire.WireMessage) and "type" in vars(c)
+    ]
     names = [c.type for c in classes]
     assert sorted(names) == sorted(set(names)), "two classes for one message type"
     assert set(names) == set(documented) == set(wire.MESSAGE_TYPES)
@@ -67,13 +68,18 @@ def test_each_message_has_the_documented_fields(msg: wire.WireMessage) -> None:
 def test_optional_fields_are_left_out_when_absent() -> None:
     assert wire.Queued("t", 1, 1).to_wire() == {"type": "queued", "taskId": "t", "position": 1, "cost": 1}
     assert wire.ExecutionErrorMsg("t", "p", "lost", "backend_lost", True).to_wire() == {
-        "type": "execution_error", "taskId": "t", "prompt_id": "p", "error": "lost", "reason": "backend_lost",
-        "refunded": True}
+        "type": "execution_error",
+        "taskId": "t",
+        "prompt_id": "p",
+        "error": "lost",
+        "reason": "backend_lost",
+        "refunded": True,
+    }
     assert wire.Rejected("bad_json", "no").to_wire() == {"type": "rejected", "error": "bad_json", "detail": "no"}
 
 
 def test_message_shapes_are_written_only_in_the_wire_module() -> None:
-    literal = re.compile(r"""["']type["']\s*:\s*["'](%s)["']""" % "|".join(wire.MESSAGE_TYPES))
+    literal = re.compile(r"""["']type["']\s*:\s*["']({})["']""".format("|".join(wire.MESSAGE_TYPES)))
     offenders = [
         f"{path.relative_to(ROOT)}:{n}"
         for top in ("actors", "web")
@@ -91,5 +97,8 @@ def test_domain_error_codes_map_to_statuses_in_one_table() -> None:
     assert http_status("no_such_code") == 500  # an unknown code is the gateway's fault, never a 2xx
     assert all(400 <= s < 600 for s in HTTP_STATUS.values())
     refused = wire.DomainError("insufficient_credits", "need 3, have 1")
-    assert rejected(refused).to_wire() == {"type": "rejected", "error": "insufficient_credits",
-                                           "detail": "need 3, have 1"}
+    assert rejected(refused).to_wire() == {
+        "type": "rejected",
+        "error": "insufficient_credits",
+        "detail": "need 3, have 1",
+    }

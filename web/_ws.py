@@ -388,12 +388,12 @@ class StompEndpoint:
         if dest not in conn.subs and len(conn.subs) >= self.cfg.max_subscriptions:
             self._error(conn, "too many subscriptions", f"at most {self.cfg.max_subscriptions}", 1008, receipt)
             return
-        already = dest in conn.subs
-        conn.subs[dest] = (sub_id, ack)
-        conn.prefixes.pop(dest, None)  # rebuilt for the new id / ack mode by the writer
-        if already:
+        if dest in conn.subs:
+            conn.subs[dest] = (sub_id, ack)
+            conn.prefixes.pop(dest, None)  # rebuilt for the new id / ack mode by the writer
             self._receipt(conn, receipt)
             return
+        since = None
         if dest == USER_DESTINATION:
             last_seq = frame.get("last-seq")
             try:
@@ -405,12 +405,20 @@ class StompEndpoint:
                 self._error(conn, "too many replays", f"at most {self.cfg.max_replays_per_minute} subscriptions with "
                             "last-seq per connection per minute", 1008, receipt)
                 return
-            # the RECEIPT goes first: the hub queues the replay as soon as it takes the Attach
-            self._receipt(conn, receipt)
-            await self.h.sessions.send(Attach(conn.principal.user_id, conn.client_id, conn.outbox, since))
-        else:
-            self._receipt(conn, receipt)
-            await self.h.sessions.send(AttachBroadcast(conn.outbox))
+        # in conn.subs before the hub can queue the replay (the writer routes by it); a send that raised did not
+        # deliver, so it leaves no Detach owed (a Detach without its Attach would miscount the session's connections)
+        conn.subs[dest] = (sub_id, ack)
+        conn.prefixes.pop(dest, None)
+        self._receipt(conn, receipt)  # the RECEIPT goes first: the hub queues the replay as soon as it takes the Attach
+        try:
+            if dest == USER_DESTINATION:
+                await self.h.sessions.send(Attach(conn.principal.user_id, conn.client_id, conn.outbox, since))
+            else:
+                await self.h.sessions.send(AttachBroadcast(conn.outbox))
+        except BaseException:
+            del conn.subs[dest]
+            conn.prefixes.pop(dest, None)
+            raise
 
     def _replay_allowed(self, conn: _Conn) -> bool:
         now = trio.current_time()

@@ -25,8 +25,8 @@ import trio
 from coredis.exceptions import RedisError
 
 from ..sessions import Attach, Broadcast, Detach, HubMsg, Publish, encode_body
-from ..wire import Resync
 from ..store import RedisStore
+from ..wire import Resync
 from ._stream import BATCH, RETRY_DELAY, read_after
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,14 @@ from ..store import Store
 from ._api import Cancel, GetStats, GetTask, ImageLocation, ListResults, ListTasks, RegistryConfig, RegistryMsg, Submit
 from ._base import Answer
 from ._core import Registry
+from ._views import StoreReads
 
 __all__ = ["handle", "run"]
 
 log = logging.getLogger(__name__)
 
 _CLOSED = object()  # the inbox ended: the loop returns
+READERS = 4  # store-only reads (results, image locations) served at once beside the loop
 
 
 async def run(
@@ -45,14 +47,19 @@ async def run(
     wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    reg = Registry(cfg, store=store, ledger=ledger, scheduler=scheduler, comfy=comfy, sessions=sessions,
-                   wall_clock=wall_clock)
+    reg = Registry(
+        cfg, store=store, ledger=ledger, scheduler=scheduler, comfy=comfy, sessions=sessions, wall_clock=wall_clock
+    )
     # unbuffered: the inbox (bounded) stays the registry's only queue; answers wait in their forwarders
     loop_send, loop_recv = trio.open_memory_channel[Any](0)
     async with trio.open_nursery() as nursery:
         reg.nursery, reg.answers = nursery, loop_send
         await reg.load()
-        nursery.start_soon(_pump, inbox, loop_send.clone())
+        reads_send, reads_recv = trio.open_memory_channel[ListResults | ImageLocation](0)
+        for _ in range(READERS):
+            nursery.start_soon(_read, reads_recv.clone(), StoreReads(cfg, store))
+        reads_recv.close()
+        nursery.start_soon(_pump, inbox, loop_send.clone(), reads_send)
         task_status.started()
         with loop_recv:
             while True:
@@ -76,12 +83,33 @@ async def run(
         nursery.cancel_scope.cancel()  # the answer forwarders
 
 
-async def _pump(inbox: trio.MemoryReceiveChannel[RegistryMsg], loop: trio.MemorySendChannel[Any]) -> None:
-    async with loop:
+async def _pump(
+    inbox: trio.MemoryReceiveChannel[RegistryMsg],
+    loop: trio.MemorySendChannel[Any],
+    reads: trio.MemorySendChannel[ListResults | ImageLocation],
+) -> None:
+    """The inbox, in order, into the loop; store-only reads to the readers instead."""
+    async with loop, reads:
         with inbox:
             async for msg in inbox:
-                await loop.send(msg)
+                if isinstance(msg, ListResults | ImageLocation):
+                    await reads.send(msg)
+                else:
+                    await loop.send(msg)
         await loop.send(_CLOSED)
+
+
+async def _read(requests: trio.MemoryReceiveChannel[ListResults | ImageLocation], reads: StoreReads) -> None:
+    async with requests:
+        async for msg in requests:
+            try:
+                if isinstance(msg, ListResults):
+                    await reads.list_results(msg)
+                else:
+                    await reads.image_location(msg)
+            except Exception as exc:  # this request fails (the asker sees no answer: a 503), not the registry
+                log.error("registry: %s failed: %r", type(msg).__name__, exc, exc_info=exc)
+                msg.reply.close()
 
 
 async def handle(reg: Registry, msg: RegistryMsg | Answer) -> None:
@@ -94,12 +122,12 @@ async def handle(reg: Registry, msg: RegistryMsg | Answer) -> None:
             await reg.get_task(msg)
         case Cancel():
             await reg.cancel(msg)
-        case ListResults():
-            await reg.list_results(msg)
         case ListTasks():
             await reg.list_tasks(msg)
+        case ListResults():  # the loop's pump gives these to the readers; handled here when called directly
+            await StoreReads(reg.cfg, reg.store).list_results(msg)
         case ImageLocation():
-            await reg.image_location(msg)
+            await StoreReads(reg.cfg, reg.store).image_location(msg)
         case GetStats(reply):
             reply_once(reply, reg.stats())
         case _:

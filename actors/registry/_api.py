@@ -14,10 +14,29 @@ from ..store import ImageRef
 from ..wire import DomainError
 
 __all__ = [
-    "CANCEL_CHECK_DELAY", "CROSS_CHECK_INTERVAL", "CROSS_CHECK_SETTLE", "HISTORY_RETRY_DELAY", "INTERNAL_ERROR",
-    "MAX_ABANDONED", "MAX_BUCKETS", "RECHECK_DELAY", "TIMEOUT_ERROR", "TIMEOUT_GRACE", "Accepted", "Cancel",
-    "GetStats", "GetTask", "ImageLocation", "ListResults", "ListTasks", "Refused", "RegistryConfig", "RegistryMsg",
-    "RegistryStats", "Submit",
+    "CANCEL_CHECK_DELAY",
+    "CROSS_CHECK_INTERVAL",
+    "CROSS_CHECK_SETTLE",
+    "HISTORY_RETRY_DELAY",
+    "INTERNAL_ERROR",
+    "MAX_ABANDONED",
+    "MAX_BUCKETS",
+    "RECHECK_DELAY",
+    "TIMEOUT_ERROR",
+    "TIMEOUT_GRACE",
+    "Accepted",
+    "Cancel",
+    "GetStats",
+    "GetTask",
+    "ImageLocation",
+    "ListResults",
+    "ListTasks",
+    "Refused",
+    "RegistryConfig",
+    "RegistryMsg",
+    "RegistryStats",
+    "Submit",
+    "image_url",
 ]
 
 CANCEL_CHECK_DELAY = 2.0  # seconds after a cancel before asking ComfyUI where the prompt went
@@ -48,6 +67,13 @@ class RegistryConfig:
     unclean_start: bool = False  # the previous run on this store did not stop cleanly (set by run_gateway)
     boot: int = 1  # this run's boot number on the store (the crashed run, if unclean, is boot - 1)
     image_urls: ImageUrls | None = None  # signs image URLs (re-signed each time a view is made)
+
+
+def image_url(cfg: RegistryConfig, task_id: str, n: int) -> str:
+    """The URL of image ``n`` of a task, signed when the gateway signs them (re-signed each time a view is made)."""
+    if cfg.image_urls is not None:
+        return cfg.image_urls.url(task_id, n)
+    return f"{cfg.public_url}/api/images/{task_id}/{n}"
 
 
 # ---- requests from the web layer --------------------------------------------------------------------

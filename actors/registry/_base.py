@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -19,7 +19,7 @@ from ..sessions import Broadcast, Publish
 from ..store import Store, TaskRecord
 from ..task_machine import ACTIVE_STATES, INFLIGHT_STATES, TimerKind
 from ..wire import Status, WireMessage
-from ._api import RegistryConfig
+from ._api import RegistryConfig, image_url
 
 __all__ = ["PENDING_REPLIES", "Continuation", "RegistryBase", "Task"]
 
@@ -103,6 +103,7 @@ class RegistryBase:
         self._timer_ids = 0
         self.last_status: Status | None = None
         self.buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, trio time) for the submit rate
+        self.answering: dict[str, list[Any]] = {}  # task id -> Submits waiting for its answer (repeats included)
         self.freezing: dict[str, int] = {}  # user -> submits waiting for the ledger's freeze (count as queued)
         self.nursery: trio.Nursery | None = None  # set by run(): where the answer forwarders live
         self.answers: trio.MemorySendChannel[Any] | None = None  # into the loop (set by run())
@@ -150,9 +151,7 @@ class RegistryBase:
     # -- helpers
 
     def url(self, task_id: str, n: int) -> str:
-        if self.cfg.image_urls is not None:
-            return self.cfg.image_urls.url(task_id, n)
-        return f"{self.cfg.public_url}/api/images/{task_id}/{n}"
+        return image_url(self.cfg, task_id, n)
 
     def urls(self, rec: TaskRecord) -> list[str]:
         return [self.url(rec.task_id, n) for n in range(len(rec.images))]
@@ -192,11 +191,15 @@ class RegistryBase:
         return [t for t in self.tasks.values() if t.rec.backend == backend and t.rec.state in INFLIGHT_STATES]
 
     async def broadcast_status(self) -> None:
-        counts = {s: 0 for s in ACTIVE_STATES}
+        counts: dict[str, int] = dict.fromkeys(ACTIVE_STATES, 0)  # a StrEnum state is its string
         for t in self.tasks.values():
-            counts[t.rec.state] += 1  # type: ignore[index]  # a StrEnum state is its string
-        status = Status(queued=counts["queued"], running=counts["submitted"] + counts["running"],
-                        backends_up=len(self.up), backends_total=len(self.comfy))
+            counts[t.rec.state] += 1
+        status = Status(
+            queued=counts["queued"],
+            running=counts["submitted"] + counts["running"],
+            backends_up=len(self.up),
+            backends_total=len(self.comfy),
+        )
         if status != self.last_status:
             self.last_status = status
             await self.sessions.send(Broadcast(status.to_wire()))

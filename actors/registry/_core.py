@@ -63,6 +63,8 @@ __all__ = ["Registry"]
 
 log = logging.getLogger(__name__)
 
+SUBMIT_FAILED = Refused("internal", "the gateway failed on this submit; nothing was charged")
+
 
 class Registry(Timers):
     # -- start-up
@@ -78,24 +80,35 @@ class Registry(Timers):
             quarantined = set(await self.store.count_crash(self.cfg.quarantine_after, self.cfg.boot - 1))
         for rec in await self.store.load_active_tasks():
             if rec.task_id in quarantined:
-                log.error("registry: task %s was active across %d unclean restarts without progress: quarantined "
-                          "(failed internal, refunded)", rec.task_id, self.cfg.quarantine_after)
+                log.error(
+                    "registry: task %s was active across %d unclean restarts without progress: quarantined "
+                    "(failed internal, refunded)",
+                    rec.task_id,
+                    self.cfg.quarantine_after,
+                )
                 task = self.tasks[rec.task_id] = Task(rec)
                 self.by_prompt[rec.prompt_id] = rec.task_id
-                await self.finish(task, State.FAILED, Reason.INTERNAL, {
-                    "error": "the task was in flight across repeated gateway crashes and was quarantined; "
-                             "credits returned"})
+                await self.finish(
+                    task,
+                    State.FAILED,
+                    Reason.INTERNAL,
+                    {
+                        "error": "the task was in flight across repeated gateway crashes and was quarantined; "
+                        "credits returned"
+                    },
+                )
                 continue
             task = Task(rec, gap=rec.state in INFLIGHT_STATES)  # nobody listened while we were down
             self.tasks[rec.task_id] = task
             self.by_prompt[rec.prompt_id] = rec.task_id
             if rec.state == State.QUEUED:
                 self.unverified[rec.prompt_id] = set()  # asked of every backend once it is up (verify_queued)
-            elif rec.backend in self.comfy:
+            elif rec.backend is not None and rec.backend in self.comfy:
                 await self.scheduler.send(sched.Occupy(rec.task_id, rec.backend, rec.user_id))
             if rec.state == State.RUNNING:  # the deadline goes on from the last recorded change
-                self.after(max(0.0, self.cfg.task_timeout - (self.now() - rec.updated_at)), TimerKind.TIMEOUT,
-                           rec.task_id)
+                self.after(
+                    max(0.0, self.cfg.task_timeout - (self.now() - rec.updated_at)), TimerKind.TIMEOUT, rec.task_id
+                )
             log.info("registry: reloaded task %s (%s)", rec.task_id, rec.state)
 
     # -- requests
@@ -119,6 +132,9 @@ class Registry(Timers):
         (``frozen``), and is announced once the scheduler has said where it queues (``enqueued``).
         A repeated request (an edge's ``task_id`` whose answer was lost) gets that task again, once."""
         chosen = msg.task_id
+        if chosen is not None and chosen in self.answering:  # its first attempt is still being answered
+            self.answering[chosen].append(msg)
+            return
         if chosen is not None:
             rec = await self.record(chosen)
             if rec is not None and rec.user_id == msg.user_id:
@@ -126,32 +142,50 @@ class Registry(Timers):
 
                 async def again(positions: dict[str, int | None]) -> None:
                     reply_once(msg.reply, Accepted(found.task_id, positions.get(found.task_id) or 0, found.cost))
+
                 await self.with_positions([rec], again, msg.reply)
                 return
             if await self.store.hold(chosen) is not None:
                 chosen = None  # an earlier attempt froze and died before saving: its hold was released; start afresh
         if not self.take_submit_token(msg.user_id):
-            reply_once(msg.reply, Refused("too_many_submits", f"more than {self.cfg.submit_rate:g} submits per "
-                                                              f"second (burst {self.cfg.submit_burst}); slow down"))
+            reply_once(
+                msg.reply,
+                Refused(
+                    "too_many_submits",
+                    f"more than {self.cfg.submit_rate:g} submits per second (burst {self.cfg.submit_burst}); slow down",
+                ),
+            )
             return
         queued = self.freezing.get(msg.user_id, 0) + sum(
-            1 for t in self.tasks.values() if t.rec.user_id == msg.user_id and t.rec.state == State.QUEUED)
+            1 for t in self.tasks.values() if t.rec.user_id == msg.user_id and t.rec.state == State.QUEUED
+        )
         if queued >= self.cfg.max_queued_per_user:
-            reply_once(msg.reply, Refused("too_many_tasks",
-                                          f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})"))
+            reply_once(
+                msg.reply,
+                Refused("too_many_tasks", f"{queued} tasks already queued (limit {self.cfg.max_queued_per_user})"),
+            )
             return
         task_id = chosen or uuid.uuid4().hex
         cost = msg.cost if msg.cost is not None else msg.size * self.cfg.price
         self.freezing[msg.user_id] = self.freezing.get(msg.user_id, 0) + 1
+        self.answering[task_id] = [msg]
 
         async def frozen(answer: Any) -> None:
             self.unfreezing(msg.user_id)
             await self.frozen(msg, task_id, cost, answer)
+
         try:
-            await self.request(self.ledger, lambda r: ledger_api.Freeze(msg.user_id, task_id, cost, r), frozen,
-                               task_id=task_id, name="ledger", on_error=lambda: self.submit_failed(msg))
+            await self.request(
+                self.ledger,
+                lambda r: ledger_api.Freeze(msg.user_id, task_id, cost, r),
+                frozen,
+                task_id=task_id,
+                name="ledger",
+                on_error=lambda: self.answer(task_id, SUBMIT_FAILED),
+            )
         except BaseException:
             self.unfreezing(msg.user_id)
+            self.answering.pop(task_id, None)
             raise
 
     def unfreezing(self, user_id: str) -> None:
@@ -161,27 +195,41 @@ class Registry(Timers):
 
     @staticmethod
     def submit_failed(msg: Submit) -> None:
-        reply_once(msg.reply, Refused("internal", "the gateway failed on this submit; nothing was charged"))
+        reply_once(msg.reply, SUBMIT_FAILED)
+
+    def answer(self, task_id: str, result: Accepted | Refused) -> None:
+        """Answer a submit, and every repeat of it that arrived meanwhile (an edge retrying a lost answer)."""
+        for waiting in self.answering.pop(task_id, ()):
+            reply_once(waiting.reply, result)
 
     async def frozen(self, msg: Submit, task_id: str, cost: int, answer: Any) -> None:
         if isinstance(answer, InsufficientCredits):
-            reply_once(msg.reply, Refused("insufficient_credits", str(answer)))
+            self.answer(task_id, Refused("insufficient_credits", str(answer)))
             return
         if isinstance(answer, ledger_api.LedgerFault):  # nothing frozen: the ledger failed on this request
-            reply_once(msg.reply, Refused("internal", str(answer)))
+            self.answer(task_id, Refused("internal", str(answer)))
             return
         if isinstance(answer, LedgerError):  # pragma: no cover - a fresh task id cannot conflict
-            reply_once(msg.reply, Refused("ledger_conflict", str(answer)))
+            self.answer(task_id, Refused("ledger_conflict", str(answer)))
             return
         if not isinstance(answer, Account):
             raise answer  # the ledger is gone: contained (nothing frozen that the ledger knows of)
         self.seq += 1
         now = self.now()
         rec = TaskRecord(
-            task_id=task_id, seq=self.seq, user_id=msg.user_id, client_id=msg.client_id,
-            prompt_id=str(uuid.uuid4()), state=State.QUEUED, size=msg.size, cost=cost,
-            workflow=dict(msg.workflow), created_at=now, updated_at=now,
-            template=msg.template, params=dict(msg.params) if msg.params is not None else None,
+            task_id=task_id,
+            seq=self.seq,
+            user_id=msg.user_id,
+            client_id=msg.client_id,
+            prompt_id=str(uuid.uuid4()),
+            state=State.QUEUED,
+            size=msg.size,
+            cost=cost,
+            workflow=dict(msg.workflow),
+            created_at=now,
+            updated_at=now,
+            template=msg.template,
+            params=dict(msg.params) if msg.params is not None else None,
         )
         await self.store.save_task(rec)
         task = self.tasks[task_id] = Task(rec, held=[])
@@ -190,8 +238,15 @@ class Registry(Timers):
 
         async def enqueued(position: Any) -> None:
             await self.enqueued(msg, task, position)
-        await self.request(self.scheduler, lambda r: sched.Enqueue(job, r), enqueued, task_id=task_id,
-                           name="scheduler", on_error=lambda: self.submit_failed(msg))
+
+        await self.request(
+            self.scheduler,
+            lambda r: sched.Enqueue(job, r),
+            enqueued,
+            task_id=task_id,
+            name="scheduler",
+            on_error=lambda: self.answer(task_id, SUBMIT_FAILED),
+        )
         await self.broadcast_status()
 
     async def enqueued(self, msg: Submit, task: Task, position: Any) -> None:
@@ -203,7 +258,7 @@ class Registry(Timers):
         await self.publish(task, Queued(task.id, position, rec.cost, rec.template, rec.params))
         for later in held:  # what happened to it while the scheduler's answer was on its way
             await self.publish(task, later)
-        reply_once(msg.reply, Accepted(task.id, position, rec.cost))
+        self.answer(task.id, Accepted(task.id, position, rec.cost))
 
     async def cancel(self, msg: Cancel) -> None:
         task = self.tasks.get(msg.task_id)
@@ -215,6 +270,7 @@ class Registry(Timers):
             reply_once(msg.reply, "not_found")
             return
         if task.rec.state == State.QUEUED:
+
             async def withdrawn(answer: Any) -> None:
                 if answer is True and task.rec.state == State.QUEUED:
                     await self.finish(task, State.CANCELLED, None)
@@ -224,8 +280,15 @@ class Registry(Timers):
                     reply_once(msg.reply, "cancelling")
                 else:
                     reply_once(msg.reply, "finished")
-            await self.request(self.scheduler, lambda r: sched.Withdraw(task.id, r), withdrawn, task_id=task.id,
-                               name="scheduler", on_error=msg.reply.close)
+
+            await self.request(
+                self.scheduler,
+                lambda r: sched.Withdraw(task.id, r),
+                withdrawn,
+                task_id=task.id,
+                name="scheduler",
+                on_error=msg.reply.close,
+            )
             return
         await self.cancel_dispatched(task)
         reply_once(msg.reply, "cancelling")
@@ -236,7 +299,7 @@ class Registry(Timers):
         await self.ask_backend_to_cancel(task)
 
     def stats(self) -> RegistryStats:
-        counts: dict[str, int] = {s: 0 for s in ACTIVE_STATES}
+        counts: dict[str, int] = dict.fromkeys(ACTIVE_STATES, 0)
         for t in self.tasks.values():
             counts[t.rec.state] = counts.get(t.rec.state, 0) + 1
         return RegistryStats(counts, len(self.up), len(self.comfy))
@@ -275,10 +338,17 @@ class Registry(Timers):
                 await self.cross_check(backend, remaining)
             case ExecutionError(prompt_id=pid, blocked=False) as err:
                 if (task := self.task_for_prompt(pid)) is not None:
-                    await self.finish(task, State.FAILED, Reason.EXECUTION_ERROR, {
-                        "error": f"{err.node_type or 'node'} {err.node_id or ''}: {err.exception_message}".strip(),
-                        "node_id": err.node_id, "node_type": err.node_type, "exception_type": err.exception_type,
-                    })
+                    await self.finish(
+                        task,
+                        State.FAILED,
+                        Reason.EXECUTION_ERROR,
+                        {
+                            "error": f"{err.node_type or 'node'} {err.node_id or ''}: {err.exception_message}".strip(),
+                            "node_id": err.node_id,
+                            "node_type": err.node_type,
+                            "exception_type": err.exception_type,
+                        },
+                    )
             case ExecutionInterrupted(prompt_id=pid, node_id=node_id, node_type=node_type):
                 if (task := self.task_for_prompt(pid)) is not None:
                     await self.interrupted(task, node_id, node_type)
@@ -301,8 +371,9 @@ class Registry(Timers):
                         await self.finish(task, State.FAILED, Reason.VALIDATION, {"error": detail, "status": status})
             case PromptFailed(backend, task_id, prompt_id, error):
                 if (task := self.tasks.get(task_id)) is not None:
-                    log.error("registry: task %s: submitting it to %s failed inside the gateway: %s", task_id, backend,
-                              error)
+                    log.error(
+                        "registry: task %s: submitting it to %s failed inside the gateway: %s", task_id, backend, error
+                    )
                     await self.comfy[backend].send(CancelPrompt(prompt_id))  # in case it got there after all
                     await self.finish(task, State.FAILED, Reason.INTERNAL, {"error": INTERNAL_ERROR})
             case PromptSubmitUnknown(backend, task_id, prompt_id, error):

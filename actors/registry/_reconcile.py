@@ -21,7 +21,7 @@ import trio
 
 from .. import scheduler as sched
 from ..comfy import BackendLost, BackendUp, CancelPrompt, CheckPrompts, PromptLocated
-from ..task_machine import INFLIGHT_STATES, Reason, State, TimerKind
+from ..task_machine import Reason, State, TimerKind
 from ._api import CROSS_CHECK_INTERVAL, CROSS_CHECK_SETTLE, HISTORY_RETRY_DELAY, MAX_ABANDONED, RECHECK_DELAY
 from ._base import Task
 from ._transitions import Transitions
@@ -95,8 +95,10 @@ class Reconcile(Transitions):
         status = entry.get("status") or {}
         terminal = None
         for item in status.get("messages") or ():
-            if isinstance(item, (list, tuple)) and len(item) == 2 and item[0] in (
-                "execution_success", "execution_error", "execution_interrupted"
+            if (
+                isinstance(item, (list, tuple))
+                and len(item) == 2
+                and item[0] in ("execution_success", "execution_error", "execution_interrupted")
             ):
                 terminal = item
         success = status.get("status_str") == "success"
@@ -108,10 +110,16 @@ class Reconcile(Transitions):
             await self.interrupted(task, data.get("node_id"), data.get("node_type"))
         else:
             message = str(data.get("exception_message", "failed")).strip()  # ComfyUI ends it with "\n"
-            await self.finish(task, State.FAILED, Reason.EXECUTION_ERROR, {
-                "error": f"{data.get('node_type') or 'node'} {data.get('node_id') or ''}: {message}".strip(),
-                "node_id": data.get("node_id"), "node_type": data.get("node_type"),
-            })
+            await self.finish(
+                task,
+                State.FAILED,
+                Reason.EXECUTION_ERROR,
+                {
+                    "error": f"{data.get('node_type') or 'node'} {data.get('node_id') or ''}: {message}".strip(),
+                    "node_id": data.get("node_id"),
+                    "node_type": data.get("node_type"),
+                },
+            )
 
     async def verify_queued(self, backend: str) -> None:
         """Ask ``backend`` about reloaded queued prompts it has not answered for yet (never submit one twice)."""
@@ -160,8 +168,12 @@ class Reconcile(Transitions):
                 self.by_prompt.pop(prompt_id, None)
                 await self.save(task, prompt_id=str(uuid.uuid4()))
                 self.by_prompt[task.rec.prompt_id] = task.id
-                log.info("registry: reloaded task %s: %s not reachable, dispatching as prompt %s", task.id,
-                         sorted(unanswered), task.rec.prompt_id)
+                log.info(
+                    "registry: reloaded task %s: %s not reachable, dispatching as prompt %s",
+                    task.id,
+                    sorted(unanswered),
+                    task.rec.prompt_id,
+                )
             rec = task.rec
             await self.scheduler.send(sched.Enqueue(sched.Job(rec.task_id, rec.user_id, rec.prompt_id, rec.workflow)))
 
@@ -222,8 +234,12 @@ class Reconcile(Transitions):
         await self.release_verified()
         lost = self.inflight_on(backend)
         if lost:
-            log.warning("registry: %s unreachable for %.0fs: giving up on %d task(s)", backend,
-                        self.cfg.backend_lost_after, len(lost))
+            log.warning(
+                "registry: %s unreachable for %.0fs: giving up on %d task(s)",
+                backend,
+                self.cfg.backend_lost_after,
+                len(lost),
+            )
         for task in lost:
             self.abandon(task)
             await self.finish_gone(task, self.unreachable(backend))

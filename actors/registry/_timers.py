@@ -36,12 +36,12 @@ class Timers(Reconcile):
             self.after(TIMEOUT_GRACE, TimerKind.TIMEOUT_GRACE, key)
         elif kind == TimerKind.TIMEOUT_GRACE:  # the interrupt was not obeyed (or not heard): give up on the prompt
             log.warning("registry: task %s ignored its interrupt for %ss: failing it", key, TIMEOUT_GRACE)
-            if backend in self.comfy:
+            if backend is not None and backend in self.comfy:
                 await self.comfy[backend].send(CancelPrompt(task.rec.prompt_id))
             await self.finish_gone(task, "the prompt did not stop")
         elif kind == TimerKind.CANCEL:
             await self.ask_backend_to_cancel(task)
-        elif kind == TimerKind.CHECK and backend in self.comfy:
+        elif kind == TimerKind.CHECK and backend is not None and backend in self.comfy:
             if backend in self.up:
                 await self.check(backend, (task.rec.prompt_id,))
             elif self.lost_too_long(backend):

@@ -73,8 +73,9 @@ class Transitions(Views):
         urls = tuple(self.url(task.id, n) for n in range(first, len(rec.images)))
         await self.publish(task, ImageResult(task.id, rec.prompt_id, urls))
 
-    async def finish(self, task: Task, state: State, reason: Reason | None,
-                     error: dict[str, Any] | None = None) -> None:
+    async def finish(
+        self, task: Task, state: State, reason: Reason | None, error: dict[str, Any] | None = None
+    ) -> None:
         """The one way into a terminal state: persist, free the permit, settle or release, then tell the user."""
         if task.rec.state in TERMINAL_STATES:
             return  # ended already
@@ -87,8 +88,14 @@ class Transitions(Views):
 
         async def resolved(answer: Any) -> None:
             await self.resolved(task, rec, answer)
-        await self.request(self.ledger, lambda r: ledger_api.Resolve(task.id, outcome, rec.cost, r), resolved,
-                           task_id=None, name="ledger")
+
+        await self.request(
+            self.ledger,
+            lambda r: ledger_api.Resolve(task.id, outcome, rec.cost, r),
+            resolved,
+            task_id=None,
+            name="ledger",
+        )
         await self.broadcast_status()
 
     async def resolved(self, task: Task, rec: TaskRecord, answer: Any) -> None:
@@ -96,8 +103,13 @@ class Transitions(Views):
         if isinstance(answer, ledger_api.LedgerFault):  # never charge what we cannot record
             log.error("registry: task %s: the ledger failed to resolve its hold: %s", task.id, answer)
             if rec.state == State.SUCCEEDED:
-                rec = replace(rec, state=State.FAILED, reason=Reason.INTERNAL, error={"error": INTERNAL_ERROR},
-                              updated_at=self.now())
+                rec = replace(
+                    rec,
+                    state=State.FAILED,
+                    reason=Reason.INTERNAL,
+                    error={"error": INTERNAL_ERROR},
+                    updated_at=self.now(),
+                )
                 await self.store.save_task(rec)
                 failed = rec
 
@@ -105,8 +117,14 @@ class Transitions(Views):
                     if not isinstance(again, Account):  # the hold stays pending; the ledger's sweep releases it
                         log.error("registry: task %s: releasing its hold failed too: %s", task.id, again)
                     await self.tell_outcome(task, failed, isinstance(again, Account))
-                await self.request(self.ledger, lambda r: ledger_api.Resolve(task.id, "released", rec.cost, r),
-                                   released, task_id=None, name="ledger")
+
+                await self.request(
+                    self.ledger,
+                    lambda r: ledger_api.Resolve(task.id, "released", rec.cost, r),
+                    released,
+                    task_id=None,
+                    name="ledger",
+                )
                 return
             refunded = False
         elif isinstance(answer, LedgerError):  # e.g. the hold expired and was released already
@@ -126,9 +144,18 @@ class Transitions(Views):
             await self.publish(task, Cancelled(task.id, refunded))
         else:
             error = rec.error or {}
-            await self.publish(task, ExecutionErrorMsg(
-                task.id, rec.prompt_id, error.get("error", rec.reason or "failed"), rec.reason or "failed", refunded,
-                error.get("node_id"), error.get("node_type")))
+            await self.publish(
+                task,
+                ExecutionErrorMsg(
+                    task.id,
+                    rec.prompt_id,
+                    error.get("error", rec.reason or "failed"),
+                    rec.reason or "failed",
+                    refunded,
+                    error.get("node_id"),
+                    error.get("node_type"),
+                ),
+            )
 
     async def finish_gone(self, task: Task, detail: str) -> None:
         """The prompt is gone from ComfyUI, or its backend stayed unreachable too long: end the task by what we know."""
@@ -148,12 +175,17 @@ class Transitions(Views):
         elif task.timed_out:
             await self.finish(task, State.FAILED, Reason.TIMEOUT, {"error": TIMEOUT_ERROR})
         else:
-            await self.finish(task, State.FAILED, Reason.INTERRUPTED, {
-                "error": "the prompt was interrupted on ComfyUI", "node_id": node_id, "node_type": node_type})
+            await self.finish(
+                task,
+                State.FAILED,
+                Reason.INTERRUPTED,
+                {"error": "the prompt was interrupted on ComfyUI", "node_id": node_id, "node_type": node_type},
+            )
 
     async def ask_backend_to_cancel(self, task: Task) -> None:
-        if task.rec.backend in self.comfy:
-            await self.comfy[task.rec.backend].send(CancelPrompt(task.rec.prompt_id))
+        backend = task.rec.backend
+        if backend is not None and backend in self.comfy:
+            await self.comfy[backend].send(CancelPrompt(task.rec.prompt_id))
             self.after(CANCEL_CHECK_DELAY, TimerKind.CHECK, task.id)
         else:  # dispatched but not yet accepted: retry once the backend is known
             self.after(CANCEL_CHECK_DELAY, TimerKind.CANCEL, task.id)
