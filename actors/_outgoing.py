@@ -27,5 +27,3 @@ class Outgoing(NamedTuple):
     type: str
     coalesce_key: tuple[str, str] | None = None
     created: float = 0.0
-
-

@@ -47,8 +47,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--size", type=int, default=100, help="JSON body bytes of the hub and bare messages (default 100)")
     p.add_argument("--seconds", type=float, default=20.0, help="time bound of each phase's sending (default 20)")
-    p.add_argument("--paths", type=parse_paths, default=[p for p in PATHS if p != "idle"], help="which of hub,comfy,bare,idle (default hub,comfy,bare); idle: connect, subscribe and hold "
-                   "--idle-seconds, on the gateway and the bare relay")
+    p.add_argument(
+        "--paths",
+        type=parse_paths,
+        default=[p for p in PATHS if p != "idle"],
+        help="which of hub,comfy,bare,idle (default hub,comfy,bare); idle: connect, subscribe and hold "
+        "--idle-seconds, on the gateway and the bare relay",
+    )
     p.add_argument(
         "--backends",
         type=int,

@@ -18,9 +18,9 @@ from ._common import CLIENT_ID, SECRET, bench_body, calibrate, control_loop, inj
 
 async def gateway_server(cfg: dict[str, Any]) -> None:
     import web.server as server_mod
+    from actors._util import Forwarder
     from actors.comfy import RestartPolicy
     from actors.gateway import GatewayConfig
-    from actors._util import Forwarder
     from actors.sessions import Publish
     from web.app import create_app
     from web.config import WebConfig
