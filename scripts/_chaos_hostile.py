@@ -50,8 +50,9 @@ class HostileStats:
     flood_refused: int = 0
     flood_submits: int = 0  # POSTs sent (a lost answer may still have made a task)
     flood_cycles: int = 0  # accepted (then cancelled)
-    storms: int = 0
+    storms: int = 0  # storms that ran to an answer (cut, or not cut: a problem)
     storms_cut: int = 0
+    storms_interrupted: int = 0  # cut short by a gateway kill or a dropped socket: tried again
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -178,14 +179,17 @@ async def flooder(
 
 
 async def stormer(gw: GatewayProcess, rounds: int, max_replays: int, stats: HostileStats) -> None:
+    """``rounds`` storms that run to an answer. One cut short by a gateway kill proves nothing either way, so it
+    is counted apart and tried again (at most ``5 × rounds`` attempts in all)."""
     user = "hostile-storm"
-    for _ in range(rounds):
+    for _ in range(5 * rounds):
+        if stats.storms >= rounds:
+            return
         await gw.wait_up()
         try:
             ws_cm, ws = await _stomp(gw, user, "storm")
         except STOMP_ERRORS:
             continue
-        stats.storms += 1
         try:
             buf = [b""]
             await _next(ws, buf)  # CONNECTED
@@ -200,6 +204,7 @@ async def stormer(gw: GatewayProcess, rounds: int, max_replays: int, stats: Host
                 while frame.command == "MESSAGE":
                     frame = await _next(ws, buf)
                 if frame.command == "ERROR":
+                    stats.storms += 1
                     if frame.headers.get("message") == "too many replays":
                         stats.storms_cut += 1
                     else:
@@ -207,9 +212,10 @@ async def stormer(gw: GatewayProcess, rounds: int, max_replays: int, stats: Host
                     break
                 await ws.send_message(_frame("UNSUBSCRIBE", {"id": "s"}))
             else:
+                stats.storms += 1
                 stats.problems.append(f"a replay storm of {max_replays + 5} was never cut")
         except STOMP_ERRORS:
-            pass
+            stats.storms_interrupted += 1
         finally:
             await ws_cm.__aexit__(None, None, None)
 
