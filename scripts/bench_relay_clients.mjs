@@ -1,7 +1,7 @@
 // The benchmark's clients (scripts/bench_relay.py starts this with a JSON config file as its last argument):
 // one Node process, N connections, STOMP over `ws` with @stomp/stompjs (cfg.mode "stomp") or bare `ws`
-// ("bare"). Commands come as JSON lines on stdin (measure, quit), events go out as JSON lines on stdout
-// (ready, armed, tick, result, failed).
+// ("bare"). Commands come as JSON lines on stdin (measure, status, quit), events go out as JSON lines on stdout
+// (ready, armed, tick, result, status, failed).
 import { createRequire } from 'node:module';
 import readline from 'node:readline';
 import { readFileSync } from 'node:fs';
@@ -114,6 +114,8 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
               ticker: cmd.tickMs ? setInterval(() => { if (phase) out({ event: 'tick', count: phase.count }); }, cmd.tickMs) : null };
     perClient.fill(0);
     out({ event: 'armed' });
+  } else if (cmd.cmd === 'status') {
+    out({ event: 'status', closed, errors });
   } else if (cmd.cmd === 'quit') {
     for (const c of conns) { try { cfg.mode === 'stomp' ? c.deactivate() : c.close(); } catch (e) {} }
     setTimeout(() => process.exit(0), 300);

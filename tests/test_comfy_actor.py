@@ -42,6 +42,7 @@ from actors.comfy import (
     ExecutionSuccess,
     PreviewImage,
     Progress,
+    ProgressState,
     PromptAccepted,
     PromptLocated,
     PromptRejected,
@@ -299,12 +300,17 @@ async def test_events_forwarded_in_order_with_preview_attribution(autojump_clock
                     await ws.send_message(junk)
         await idle(ws)
 
-    # What the registry must see: every frame parsed, in order; each type-1 preview takes the prompt and node of
-    # the progress before it. Computed here independently of the actor's code.
+    # What the registry must see: every frame parsed, in order, but progress_state and executing-a-node (noise
+    # nobody needs, dropped unparsed); each type-1 preview takes the prompt and node of the progress before it.
+    # Computed here independently of the actor's code.
     expected = []
     last: Progress | None = None
+    dropped = 0
     for frame in recorded:
         event = parse_comfy_message(frame)
+        if isinstance(event, ProgressState) or (isinstance(event, Executing) and event.node is not None):
+            dropped += 1
+            continue
         if isinstance(event, Progress):
             last = event
         if isinstance(event, PreviewImage):
@@ -323,6 +329,7 @@ async def test_events_forwarded_in_order_with_preview_attribution(autojump_clock
         assert h.reports.statistics().current_buffer_used == 0  # nothing else (malformed, unknown, flags) came out
         stats = h.counters.statistics()
         assert (stats.malformed, stats.unknown, stats.frames) == (2, 1, 1 + len(recorded) + len(noise))
+        assert dropped > 0 and h.counters.noise == dropped
 
 
 async def test_preview_before_any_progress_keeps_no_ids(autojump_clock: trio.testing.MockClock) -> None:
@@ -745,6 +752,8 @@ async def test_txt2img_against_the_simulator(autojump_clock: trio.testing.MockCl
     assert accepted.prompt_id == "p-txt2img" and accepted.node_errors == {}
     kinds = [type(e) for e in events]
     assert kinds[0] is ExecutionStart and kinds[-2:] == [ExecutionSuccess, Executing]
+    # noise is dropped before the registry hop: no progress_state, no executing for a node
+    assert ProgressState not in kinds and [e.node for e in events if isinstance(e, Executing)] == [None]
     executed = [e for e in events if isinstance(e, Executed)]
     assert executed and executed[0].node == "9" and executed[0].output is not None
     images = executed[0].output["images"]

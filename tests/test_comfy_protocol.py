@@ -28,6 +28,7 @@ from actors.comfy import (
     Status,
     UnknownComfyEvent,
     format_rejection,
+    is_noise,
     parse_comfy_message,
 )
 
@@ -73,6 +74,19 @@ def test_every_transcript_text_frame_parses(name: str) -> None:
             _check_text_frame(frame)
         except Exception as exc:
             raise AssertionError(f"{name}: {json.dumps(frame)[:300]}") from exc
+
+
+@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":")])
+def test_noise_is_told_by_its_head_and_nothing_else_is_dropped(separators: tuple[str, str]) -> None:
+    """The comfy actor drops progress_state and executing-a-node unparsed; every other frame of the real
+    transcripts (executing with node null ends a prompt) is kept."""
+    seen = set()
+    for frame in _recv("text"):
+        kind, data = frame["type"], frame.get("data") or {}
+        noise = kind == "progress_state" or (kind == "executing" and data.get("node") is not None)
+        assert is_noise(json.dumps(frame, separators=separators)) is noise, json.dumps(frame)[:200]
+        seen.add((kind, noise))
+    assert {("progress_state", True), ("executing", True), ("executing", False), ("progress", False)} <= seen
 
 
 def _check_text_frame(frame: dict[str, Any]) -> None:

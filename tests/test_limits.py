@@ -15,6 +15,7 @@ from test_e2e_skeleton import subscribed
 
 from actors import sessions as s
 from actors._util import ask
+from web._outbox import Outbox
 
 
 async def test_sessions_per_user_drop_the_least_recently_used_idle_one(nursery: trio.Nursery) -> None:
@@ -36,7 +37,7 @@ async def test_sessions_per_user_drop_the_least_recently_used_idle_one(nursery: 
 async def test_balance_goes_to_live_sessions_and_idle_ones_catch_up_on_attach(nursery: trio.Nursery) -> None:
     hub, rx = trio.open_memory_channel[s.HubMsg](64)
     await nursery.start(lambda task_status: s.run(rx, max_sessions_per_user=1000, task_status=task_status))
-    live = s.Outbox()
+    live = Outbox()
     await ask(hub, lambda r: s.Attach("u", "live", live, None, r))
     for i in range(500):  # sessions made and left: each still exists, idle
         await hub.send(s.Publish("u", f"old{i}", {"type": "queued", "taskId": str(i)}))
@@ -46,7 +47,7 @@ async def test_balance_goes_to_live_sessions_and_idle_ones_catch_up_on_attach(nu
     await trio.testing.wait_all_tasks_blocked()
     got = [json.loads(o.body) for o in await live.get_batch()]
     assert [m["balance"] for m in got if m["type"] == "balance"] == [0, 1, 2]
-    late = s.Outbox()  # an idle session attaching later gets the latest balance, once, then what it missed
+    late = Outbox()  # an idle session attaching later gets the latest balance, once, then what it missed
     seq = await ask(hub, lambda r: s.Attach("u", "old7", late, 0, r))
     got = [json.loads(o.body) for o in await late.get_batch()]
     assert got == [{"type": "queued", "taskId": "7"}, {"type": "balance", "balance": 2}] and seq == 2

@@ -31,7 +31,7 @@ from wsproto.extensions import PerMessageDeflate
 import web.server
 from actors import sessions
 from actors._util import ask
-from web._ws import CLOSE_GRACE, MAX_TICK
+from web._ws import CLOSE_GRACE
 from web.auth import Authenticator
 
 TERMINAL = ("completed", "execution_error", "cancelled")
@@ -121,7 +121,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None
 
 
 def endpoint_tasks() -> list[str]:
-    """Names of the endpoint's per-connection tasks (``_reader``, ``_timers``) alive anywhere in this run."""
+    """Names of the endpoint's per-connection child tasks (``_reader``) alive anywhere in this run."""
     names: list[str] = []
     todo = [trio.lowlevel.current_root_task()]
     while todo:
@@ -583,7 +583,7 @@ async def test_slow_consumer_is_cut_off_without_slowing_the_others(
         assert (stats.connections, stats.broadcast_subscribers) == (3, 0)
         assert "slow" not in endpoint.counter.by_user
         assert sorted(c.client_id for c in endpoint.live.values()) == ["c1"] * 3
-        assert len(endpoint_tasks()) == 2 * 3  # a reader and a timer task per remaining connection
+        assert len(endpoint_tasks()) == 3  # a reader task per remaining connection (its writer is the handler)
         n.cancel_scope.cancel()
 
     # (a) cut off once its outbox passed its budget: the socket is closed under the unread data
@@ -602,8 +602,8 @@ async def test_slow_consumer_is_cut_off_without_slowing_the_others(
     await slow.aclose()
     # seqs start above the run's base (actors/sessions.py seq_base): consecutive from the first one
     assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs))) and len(seqs) < sent, "arrived in order"
-    # the writer was stuck in a send: the watchdog cut it CLOSE_GRACE after the outbox failed (plus a poll tick)
-    assert failed_at is not None and gone_at - failed_at <= CLOSE_GRACE + MAX_TICK + 2.0
+    # the writer was stuck in a send: the watchdog cut it CLOSE_GRACE after the outbox failed
+    assert failed_at is not None and gone_at - failed_at <= CLOSE_GRACE + 2.0
     # (b) memory for it stayed bounded
     assert 0 < peak <= budget
     await wait_until(lambda: not endpoint.live and not endpoint_tasks())

@@ -13,6 +13,8 @@ from actors import registry, scheduler, sessions
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
 
+from ._outbox import Outbox
+
 log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT = 2.0  # seconds to wait for each actor's statistics
@@ -26,6 +28,7 @@ class Metrics:
         self.ws_closed = Counter("gateway_ws_connections_closed", "WebSocket connections closed", registry=reg)
         self.ws_open = Gauge("gateway_ws_connections", "WebSocket connections open now", registry=reg)
         self.sent = Counter("gateway_messages_sent", "STOMP messages written to clients", ["type"], registry=reg)
+        self._sent_by_kind: dict[str, Any] = {}
         self.dropped = Counter(
             "gateway_messages_dropped", "progress/preview messages dropped for full outboxes", registry=reg
         )
@@ -52,7 +55,7 @@ class Metrics:
         self.ws_opened.inc()
         self.ws_open.inc()
 
-    def connections_closed(self, outbox: sessions.Outbox) -> None:
+    def connections_closed(self, outbox: Outbox) -> None:
         self.ws_closed.inc()
         self.ws_open.dec()
         if outbox.dropped:
@@ -62,7 +65,10 @@ class Metrics:
         self.slow.inc()
 
     def relayed(self, kind: str, latency: float) -> None:
-        self.sent.labels(kind).inc()
+        child = self._sent_by_kind.get(kind)
+        if child is None:  # labels() costs a lock and a lookup: once per message type, not per message
+            child = self._sent_by_kind[kind] = self.sent.labels(kind)
+        child.inc()
         self.latency.observe(latency)
 
     async def _ask(self, target: Any, build: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The STOMP endpoint at /ws: one reader, one writer and one timer task per connection.
+"""The STOMP endpoint at /ws: a reader and a writer task per connection; every deadline in one shared heap.
 
 A connection runs over a ``StompTransport`` (``web._transport``): a plain WebSocket (``serve``), or a SockJS
 session (``web.sockjs``, which calls ``run``); the rules below are the same for both.
@@ -12,18 +12,20 @@ A client disconnect arrives as ``trio.Cancelled`` (STACK-NOTES §2.5): cleanup l
 Every way a connection ends (DISCONNECT, a protocol error, a heart-beat or CONNECT timeout, a slow consumer,
 shutdown) goes the same path: an ERROR/RECEIPT is queued, the writer flushes it, the session is detached, and
 the socket is closed with a code. A client that stopped reading can leave the writer stuck for ever inside
-``websocket.send()`` (Hypercorn shields the socket write, STACK-NOTES §2.6), so the timer task is also a
-watchdog: once a connection is condemned, the writer gets ``CLOSE_GRACE`` seconds to finish, after which the
-TCP connection is cut underneath it (``_transport.transport_closer``).
+``websocket.send()`` (Hypercorn shields the socket write, STACK-NOTES §2.6), so the timers (``web._timers``:
+one heap, one task for every connection, no periodic wake-up) are also a watchdog: once a connection is
+condemned, the writer gets ``CLOSE_GRACE`` seconds to finish, after which the TCP connection is cut underneath it
+(``_transport.transport_closer``).
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
-from collections import deque
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -31,8 +33,6 @@ import trio
 from actors import registry
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
-from actors.validate import decode_json
-from actors.wire import DomainError
 from actors.sessions import (
     BROADCAST_DESTINATION,
     USER_DESTINATION,
@@ -42,104 +42,38 @@ from actors.sessions import (
     Detach,
     DetachBroadcast,
     Disconnect,
-    Outbox,
-    Outgoing,
     Publish,
-    SlowConsumer,
 )
+from actors.validate import decode_json
+from actors.wire import DomainError
 
+from ._conn import END, RAW, ConnectionCounter, pick_subprotocol
+from ._conn import END_MARKER as _END
+from ._conn import Close as _Close
+from ._conn import Conn as _Conn
+from ._outbox import Outbox, SlowConsumer
 from ._templates import TemplateLibrary
+from ._timers import Timers
 from ._transport import StompTransport, TransportClosed, WebSocketTransport
-from .auth import Authenticator, AuthError, Principal, bearer, valid_id
+from .auth import Authenticator, AuthError, bearer, valid_id
 from .config import WebConfig
 from .errors import rejected
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame, negotiate_heartbeat
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 SERVER_NAME = "comfy-gateway/0.1"
-MAX_TICK = 0.5  # seconds between the timer task's checks of the outbox (its other deadlines are exact)
+FREEZE_EVERY = 1000  # connections opened between two gc.freeze() calls (see ``run``)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
 DETACH_TIMEOUT = 2.0  # seconds the cleanup of a closed connection waits for the sessions hub
 REPLAY_WINDOW = 60.0  # seconds over which --max-replays-per-minute counts a connection's replays
-RAW = "raw"  # Outgoing.type of an already-encoded control frame
-END = "end"  # Outgoing.type of the marker after a connection's last frame (its ERROR or RECEIPT)
-_END = Outgoing("", 0, b"", END)
 _ids = itertools.count(1)
-
-
-class ConnectionCounter:
-    """Live STOMP connections per user, for the per-user cap. Used only from the trio thread."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.by_user: dict[str, int] = {}
-
-    def acquire(self, user_id: str) -> bool:
-        n = self.by_user.get(user_id, 0)
-        if n >= self.limit:
-            return False
-        self.by_user[user_id] = n + 1
-        return True
-
-    def release(self, user_id: str) -> None:
-        n = self.by_user.get(user_id, 0) - 1
-        if n > 0:
-            self.by_user[user_id] = n
-        else:
-            self.by_user.pop(user_id, None)
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_user.values())
-
-
-class _Close(Exception):
-    """Stop this connection after flushing: ``code`` is the WebSocket close code."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-@dataclass(slots=True)
-class _Conn:
-    id: int
-    outbox: Outbox
-    stomp: StompConnection
-    principal: Principal | None = None
-    client_id: str | None = None
-    subs: dict[str, tuple[str, str]] = field(default_factory=dict)  # destination -> (subscription id, ack mode)
-    last_rx: float = 0.0
-    busy: bool = False  # the reader is handling a frame (e.g. waiting for the registry), not reading
-    last_tx: float = 0.0
-    send_every: float = 0.0  # seconds; 0 = no heart-beats
-    expect_every: float = 0.0
-    messages: int = 0
-    close_after_flush: _Close | None = None
-    abort: Callable[[], Awaitable[None]] | None = None  # cuts the TCP connection (for a stuck writer)
-    released: bool = False  # session detached and per-user slot given back
-    transport: str = "ws"  # what carries it: "ws", or "sockjs-<transport>"
-    session_held: bool = False  # the hub accepted our Connect: a Disconnect is owed
-    replays: deque[float] = field(default_factory=deque)  # trio times of this connection's last-seq replays
-
-    def raw(self, data: bytes) -> None:
-        self.outbox.put_nowait(Outgoing("", 0, data, RAW))
-
-
-def pick_subprotocol(offered: list[str]) -> str | None:
-    for proto in SUBPROTOCOLS:
-        if proto in offered:
-            return proto
-    return None
 
 
 class StompEndpoint:
     def __init__(
         self, handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
-        counter: ConnectionCounter, metrics: Any, templates: TemplateLibrary,
+        counter: ConnectionCounter, metrics: Any, templates: TemplateLibrary, nursery: Callable[[], trio.Nursery],
     ) -> None:
         self.h = handles
         self.templates = templates
@@ -149,6 +83,17 @@ class StompEndpoint:
         self.counter = counter
         self.metrics = metrics
         self.live: dict[int, _Conn] = {}  # by connection id
+        self.timers = Timers()  # every connection's deadlines, served by one task in ``nursery``
+        self.timers_nursery = nursery  # the app's nursery (quart-trio): the service outlives any connection
+        self._timers_started = False
+        self._opened_since_freeze = 0
+
+    def _announce_shutdown(self) -> None:
+        for conn in list(self.live.values()):
+            self._shutting_down(conn)
+
+    def _shutting_down(self, conn: _Conn) -> None:
+        self._error(conn, "server shutting down", "the gateway is restarting; reconnect", 1001)
 
     async def serve(self, websocket: Any) -> Any:
         origin = websocket.headers.get("Origin")
@@ -166,26 +111,40 @@ class StompEndpoint:
 
     async def run(self, transport: StompTransport) -> None:
         """One STOMP connection over ``transport`` (a plain WebSocket, or a SockJS session), until it ends."""
+        if not self._timers_started:
+            self._timers_started = True
+            self.timers_nursery().start_soon(self.timers.serve, self._fire, self.shutdown, self._announce_shutdown)
+        now = trio.current_time()
         conn = _Conn(
             id=next(_ids),
             outbox=Outbox(max_bytes=self.cfg.outbox_bytes, max_delay=self.cfg.outbox_delay),
             stomp=StompConnection(max_frame_size=self.cfg.max_frame_size),
-            last_rx=trio.current_time(),
+            last_rx=now,
             abort=transport.abort,
             transport=transport.name,
+            opened=now,
         )
+        conn.outbox.on_due = partial(self.timers.arm, conn)
         self.live[conn.id] = conn
         self.metrics.connections_opened()
+        self._opened_since_freeze += 1
+        if self._opened_since_freeze >= FREEZE_EVERY:  # a burst of connects: their long-lived objects leave the
+            self._opened_since_freeze = 0  # collected generations, so full collections stay short; the young
+            gc.collect(1)  # garbage goes first (a frozen cycle is never collected: freezing only what survived
+            gc.freeze()  # two collections keeps that leak to objects that were long-lived anyway)
+        self.timers.arm(conn, now + self.cfg.connect_timeout)
+        if self.shutdown.is_set():
+            self._shutting_down(conn)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, transport, conn)
-                nursery.start_soon(self._timers, conn)
                 close = await self._writer(transport, conn)
                 # detach first: a client that reconnects as soon as it sees the close finds its slot free
                 await self._release(conn)
-                await transport.close(close.code, close.reason)  # the timer task still watches this send
+                await transport.close(close.code, close.reason)  # the timers' watchdog still watches this send
                 nursery.cancel_scope.cancel()
         finally:
+            self.timers.disarm(conn)
             with trio.move_on_after(DETACH_TIMEOUT, shield=True) as scope:
                 await self._release(conn)
             if scope.cancelled_caught:
@@ -207,10 +166,11 @@ class StompEndpoint:
                 # encode_frame, not stomp.error(): an ERROR may already have been sent on this connection
                 err = encode_frame("ERROR", (("message", "slow consumer"), ("content-type", "text/plain")),
                                    f"{exc}; reconnect and resubscribe with last-seq to resume".encode())
-                await transport.send(err.decode())  # bounded by the timer task's watchdog (CLOSE_GRACE)
+                await transport.send(err.decode())  # bounded by the timers' watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
-            parts = []
+            parts: list[bytes] = []
             now = trio.current_time()
+            relayed = self.metrics.relayed
             for out in batch:
                 if out.type == END:  # what was queued after the last frame is not sent
                     if parts:
@@ -220,22 +180,33 @@ class StompEndpoint:
                 if out.type == RAW:
                     parts.append(out.body)
                     continue
-                sub = conn.subs.get(out.destination)
-                if sub is None:
-                    continue
+                prefix = conn.prefixes.get(out.destination)
+                if prefix is None:
+                    prefix = self._prefix(conn, out.destination)
+                    if prefix is None:  # not subscribed (any more)
+                        continue
                 conn.messages += 1
-                headers = [
-                    ("destination", out.destination), ("subscription", sub[0]),
-                    ("message-id", f"{conn.id}-{conn.messages}"), ("content-type", "application/json"),
-                    ("seq", str(out.seq)),
-                ]
-                if sub[1] != "auto":
-                    headers.append(("ack", f"{conn.id}-{conn.messages}"))
-                parts.append(encode_frame("MESSAGE", headers, out.body, escape=conn.stomp.version != "1.0"))
-                self.metrics.relayed(out.type, now - out.created)
+                mid = b"%d-%d" % (conn.id, conn.messages)
+                ack = b"ack:" + mid + b"\n" if conn.acks.get(out.destination) else b""
+                parts.append(b"%smessage-id:%s\nseq:%d\n%scontent-length:%d\n\n%s\0"
+                             % (prefix, mid, out.seq, ack, len(out.body), out.body))
+                relayed(out.type, now - out.created)
             if parts:
                 await transport.send(b"".join(parts).decode("utf-8", "replace"))
                 conn.last_tx = trio.current_time()
+
+    def _prefix(self, conn: _Conn, destination: str) -> bytes | None:
+        """The MESSAGE header lines fixed for a subscription (built once per SUBSCRIBE), or None if not subscribed.
+        Each frame adds message-id, seq, ack (client ack modes) and content-length."""
+        sub = conn.subs.get(destination)
+        if sub is None:
+            return None
+        frame = encode_frame("MESSAGE", (("destination", destination), ("subscription", sub[0]),
+                                         ("content-type", "application/json")),
+                             escape=conn.stomp.version != "1.0", content_length=False)
+        prefix = conn.prefixes[destination] = frame[:-2]  # without the blank line and the NUL
+        conn.acks[destination] = sub[1] != "auto"
+        return prefix
 
     async def _reader(self, transport: StompTransport, conn: _Conn) -> None:
         try:
@@ -270,51 +241,46 @@ class StompEndpoint:
             if conn.close_after_flush is None:
                 conn.close_after_flush = close
                 conn.outbox.put_nowait(_END)
+                self._condemned(conn)
 
-    async def _timers(self, conn: _Conn) -> None:
-        """Heart-beats out, heart-beat enforcement in, slow-consumer deadline, CONNECT deadline, shutdown, and the
-        watchdog that cuts a connection whose writer cannot finish (see the module docstring).
-
-        It sleeps until the nearest deadline (heart-beats go out and are enforced on time, whatever their period)
-        and at most MAX_TICK, to notice an outbox that overflowed or got overdue."""
-        opened = trio.current_time()
-        condemned_at: float | None = None
-        announced_shutdown = False
-        while True:
-            now = trio.current_time()
-            if self.shutdown.is_set() and not announced_shutdown:
-                announced_shutdown = True
-                self._error(conn, "server shutting down", "the gateway is restarting; reconnect", 1001)
-            if conn.principal is None and now - opened >= self.cfg.connect_timeout:
-                self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
-            if conn.outbox.overdue():
-                conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
-            if conn.expect_every and not conn.busy and now - conn.last_rx >= 2 * conn.expect_every:
-                if conn.close_after_flush is None:
-                    log.info("ws %d: no heart-beat for %.2fs: closing", conn.id, now - conn.last_rx)
-                self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
-            if condemned_at is None and (conn.outbox.failed is not None or conn.close_after_flush is not None):
-                condemned_at = now
-            if condemned_at is not None and now - condemned_at >= CLOSE_GRACE:
-                await self._cut(conn)
-                return
-            if condemned_at is None and conn.send_every and now - conn.last_tx >= conn.send_every:
-                conn.last_tx = now
-                conn.raw(b"\n")
-            wake = now + MAX_TICK
-            if condemned_at is not None:
-                wake = min(wake, condemned_at + CLOSE_GRACE)
+    def _fire(self, conn: _Conn) -> None:
+        """Called by the shared ``Timers`` service when one of ``conn``'s deadlines is due: heart-beats out,
+        heart-beat enforcement in, slow-consumer deadline, CONNECT deadline, and the watchdog that cuts a
+        connection whose writer cannot finish (see the module docstring). Re-arms for the next real deadline."""
+        now = trio.current_time()
+        if conn.principal is None and now - conn.opened >= self.cfg.connect_timeout:
+            self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
+        if conn.outbox.overdue():
+            conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
+        if conn.expect_every and not conn.busy and now - conn.last_rx >= 2 * conn.expect_every:
+            if conn.close_after_flush is None:
+                log.info("ws %d: no heart-beat for %.2fs: closing", conn.id, now - conn.last_rx)
+            self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
+        if conn.condemned_at is None and (conn.outbox.failed is not None or conn.close_after_flush is not None):
+            conn.condemned_at = now
+        if conn.condemned_at is not None:
+            if now - conn.condemned_at >= CLOSE_GRACE:
+                self.timers_nursery().start_soon(self._cut, conn)
             else:
-                if conn.principal is None:
-                    wake = min(wake, opened + self.cfg.connect_timeout)
-                if conn.send_every:
-                    wake = min(wake, conn.last_tx + conn.send_every)
-                if conn.expect_every:
-                    wake = min(wake, conn.last_rx + 2 * conn.expect_every)
-            with trio.move_on_at(wake):
-                if announced_shutdown:
-                    await trio.sleep_forever()
-                await self.shutdown.wait()
+                self.timers.arm(conn, conn.condemned_at + CLOSE_GRACE)
+            return
+        if conn.send_every and now - conn.last_tx >= conn.send_every:
+            conn.last_tx = now
+            conn.raw(b"\n")
+        wake = math.inf
+        if conn.principal is None:
+            wake = conn.opened + self.cfg.connect_timeout
+        if conn.send_every:
+            wake = min(wake, conn.last_tx + conn.send_every)
+        if conn.expect_every:  # while busy, look again later: the reader resets last_rx when it is done
+            wake = min(wake, conn.last_rx + 2 * conn.expect_every if not conn.busy else now + conn.expect_every)
+        if (due := conn.outbox.due) is not None:
+            wake = min(wake, due)
+        self.timers.arm(conn, wake)
+
+    def _condemned(self, conn: _Conn) -> None:
+        """``conn`` will close: the watchdog starts counting CLOSE_GRACE now."""
+        self.timers.arm(conn, trio.current_time())
 
     async def _cut(self, conn: _Conn) -> None:
         """The writer did not finish within CLOSE_GRACE of the connection being condemned: it is stuck in a send
@@ -334,12 +300,14 @@ class StompEndpoint:
                      else encode_frame("ERROR", frame.headers, frame.body))
             conn.close_after_flush = _Close(code, frame.get("message", "") or "")
             conn.outbox.put_nowait(_END)
+            self._condemned(conn)
 
     def _error(self, conn: _Conn, message: str, detail: str, code: int, receipt: str | None = None) -> None:
         if conn.close_after_flush is None:
             conn.raw(conn.stomp.error(message, detail, receipt_id=receipt))
             conn.close_after_flush = _Close(code, message[:100])
             conn.outbox.put_nowait(_END)
+            self._condemned(conn)
 
     async def _handle(self, conn: _Conn, frame: Frame) -> None:
         receipt = frame.get("receipt")
@@ -348,8 +316,9 @@ class StompEndpoint:
             await self._connect(conn, frame)
             return
         if cmd == "SUBSCRIBE":
-            await self._subscribe(conn, frame, receipt)
-        elif cmd == "UNSUBSCRIBE":
+            await self._subscribe(conn, frame, receipt)  # it sends the RECEIPT itself, before any replay
+            return
+        if cmd == "UNSUBSCRIBE":
             await self._unsubscribe(conn, frame.get("id") or frame.get("destination") or "")
         elif cmd == "SEND":
             await self._send(conn, frame, receipt)
@@ -358,6 +327,9 @@ class StompEndpoint:
                 conn.raw(conn.stomp.send(Frame("RECEIPT", (("receipt-id", receipt),))))
             raise _Close(1000, "disconnect")
         # ACK, NACK, BEGIN, COMMIT, ABORT: accepted (messages are auto-acknowledged)
+        self._receipt(conn, receipt)
+
+    def _receipt(self, conn: _Conn, receipt: str | None) -> None:
         if receipt is not None and conn.close_after_flush is None:
             conn.raw(conn.stomp.send(Frame("RECEIPT", (("receipt-id", receipt),))))
 
@@ -395,6 +367,8 @@ class StompEndpoint:
             self._fail(conn, exc.error_frame, 1002)
             return
         conn.send_every, conn.expect_every = send_ms / 1000, expect_ms / 1000
+        conn.last_tx = trio.current_time()  # CONNECTED is on its way: the first heart-beat is due one period on
+        self.timers.arm(conn, conn.last_tx)  # recompute the deadlines now that heart-beats are agreed
         conn.raw(conn.stomp.send(Frame("CONNECTED", (
             ("version", conn.stomp.version or "1.2"), ("heart-beat", f"{send_ms},{expect_ms}"),
             ("server", SERVER_NAME), ("session", f"{conn.id}"), ("user-name", who.user_id),
@@ -416,6 +390,8 @@ class StompEndpoint:
             return
         if dest in conn.subs:
             conn.subs[dest] = (sub_id, ack)
+            conn.prefixes.pop(dest, None)  # rebuilt for the new id / ack mode by the writer
+            self._receipt(conn, receipt)
             return
         since = None
         if dest == USER_DESTINATION:
@@ -432,6 +408,8 @@ class StompEndpoint:
         # in conn.subs before the hub can queue the replay (the writer routes by it); a send that raised did not
         # deliver, so it leaves no Detach owed (a Detach without its Attach would miscount the session's connections)
         conn.subs[dest] = (sub_id, ack)
+        conn.prefixes.pop(dest, None)
+        self._receipt(conn, receipt)  # the RECEIPT goes first: the hub queues the replay as soon as it takes the Attach
         try:
             if dest == USER_DESTINATION:
                 await self.h.sessions.send(Attach(conn.principal.user_id, conn.client_id, conn.outbox, since))
@@ -439,6 +417,7 @@ class StompEndpoint:
                 await self.h.sessions.send(AttachBroadcast(conn.outbox))
         except BaseException:
             del conn.subs[dest]
+            conn.prefixes.pop(dest, None)
             raise
 
     def _replay_allowed(self, conn: _Conn) -> bool:
@@ -455,6 +434,7 @@ class StompEndpoint:
             if sid == sub_id:
                 await self._detach_dest(conn, dest)
                 del conn.subs[dest]
+                conn.prefixes.pop(dest, None)
 
     async def _detach_dest(self, conn: _Conn, dest: str) -> None:
         assert conn.principal is not None and conn.client_id is not None
@@ -474,6 +454,7 @@ class StompEndpoint:
             except (trio.BrokenResourceError, trio.ClosedResourceError):  # the hub is gone: gateway shutting down
                 log.debug("ws %d: sessions hub gone; %s not detached", conn.id, dest)
             del conn.subs[dest]  # only now: a Detach cancelled before delivery is sent again by the next call
+            conn.prefixes.pop(dest, None)
         if conn.session_held and conn.client_id is not None:
             try:
                 await self.h.sessions.send(Disconnect(conn.principal.user_id, conn.client_id))

@@ -25,7 +25,8 @@ from actors.validate import decode_json
 
 from ._metrics import Metrics
 from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
-from ._ws import ConnectionCounter, StompEndpoint
+from ._conn import ConnectionCounter
+from ._ws import StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
 from .errors import http_status
@@ -57,7 +58,7 @@ def create_app(
     metrics = Metrics(handles)
     counter = ConnectionCounter(cfg.max_connections_per_user)
     library = templates if templates is not None else TemplateLibrary(cfg.templates_dir)
-    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics, library)
+    endpoint = StompEndpoint(handles, cfg, auth, shutdown, counter, metrics, library, lambda: app.nursery)
     sockjs = install_sockjs(app, endpoint, cfg.sockjs, cfg.origin_allowed)
     metrics.sockjs_sessions.set_function(lambda: len(sockjs.sessions))
     app.extensions["gateway"] = {

@@ -9,6 +9,7 @@ the store and are reconciled on the next start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 from dataclasses import dataclass, replace
@@ -105,6 +106,7 @@ async def serve_gateway(
         handles = await nursery.start(run_gateway, gw)
         app = create_app(handles, web, auth, shutdown, templates)
         await nursery.start(_serve, app)
+        gc.freeze()  # what start-up made (modules, actors, the app) is never scanned by a collection again
         task_status.started(Running(url, port, auth, templates))
         await shutdown.wait()
         # every connection's watcher sends ERROR + 1001 at once; Hypercorn returns when they are gone

@@ -48,7 +48,7 @@ from ._messages import (
     PromptSubmitUnknown,
     SubmitPrompt,
 )
-from ._protocol import ComfyProtocolError, format_rejection, parse_comfy_message
+from ._protocol import ComfyProtocolError, format_rejection, is_noise, parse_comfy_message
 from ._supervisor import RestartPolicy, SupervisorGaveUp, full_jitter, supervise
 
 __all__ = [
@@ -91,6 +91,7 @@ __all__ = [
     "UnknownComfyEvent",
     "format_rejection",
     "full_jitter",
+    "is_noise",
     "parse_comfy_message",
     "run",
     "supervise",

@@ -47,7 +47,7 @@ class ComfyStats:
 class ComfyCounters:
     """Live counters of one comfy actor. Only the actor writes them; anyone may call ``statistics()`` (e.g. /metrics)."""
 
-    __slots__ = ("attempts", "connected", "down", "frames", "malformed", "unknown")
+    __slots__ = ("attempts", "connected", "down", "frames", "malformed", "noise", "unknown")
 
     def __init__(self) -> None:
         self.connected = False
@@ -56,6 +56,7 @@ class ComfyCounters:
         self.frames = 0
         self.malformed = 0
         self.unknown = 0
+        self.noise = 0  # progress_state / executing-a-node frames dropped unparsed (``_protocol.is_noise``)
 
     def statistics(self) -> ComfyStats:
         return ComfyStats(

@@ -39,7 +39,7 @@ from ._commands import HTTPFailed, request
 from ._config import ComfyCounters, ComfyTimeouts
 from ._events import ComfyEvent, FeatureFlags, PreviewImage, Progress, Status, UnknownComfyEvent
 from ._messages import BackendEvent, BackendLost, BackendUp, ComfyReport
-from ._protocol import ComfyProtocolError, parse_comfy_message
+from ._protocol import ComfyProtocolError, is_noise, parse_comfy_message
 from ._supervisor import RestartPolicy, SupervisorGaveUp, supervise
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,9 @@ class Connection:
             message = await ws.get_message()
             self.counters.frames += 1
             self._saw_activity()
+            if isinstance(message, str) and is_noise(message):
+                self.counters.noise += 1
+                continue
             try:
                 event = parse_comfy_message(message)
             except ComfyProtocolError as exc:

@@ -17,6 +17,7 @@ well-formed message of a type we do not model (``logs``, ``display_component``, 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -242,6 +243,21 @@ def _parse_binary(msg: bytes) -> ComfyEvent:
         except UnicodeDecodeError:
             raise ComfyProtocolError("text frame is not UTF-8", _snippet(msg)) from None
     return UnknownComfyEvent(kind, msg[4:])
+
+
+_NOISE_HEAD = re.compile(r'\s*\{\s*"type"\s*:\s*"(progress_state|executing)"')
+_IDLE_NODE = re.compile(r'"node"\s*:\s*null')
+
+
+def is_noise(msg: str) -> bool:
+    """True for a text message no user and no gateway decision needs, told by its head, before any JSON parse:
+    ``progress_state`` (about 1 KB per sampler step, cumulative node states) and ``executing`` for a node (only
+    ``executing`` with ``"node": null``, the end of a prompt, matters). ComfyUI writes ``"type"`` first
+    (``json.dumps({"type": ..., "data": ...})``); a message in another shape is parsed as usual."""
+    head = _NOISE_HEAD.match(msg, 0, 64)
+    if head is None:
+        return False
+    return head.group(1) == "progress_state" or _IDLE_NODE.search(msg) is None
 
 
 def parse_comfy_message(msg: str | bytes) -> ComfyEvent:

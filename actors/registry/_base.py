@@ -13,7 +13,7 @@ import trio
 
 from .. import ledger as ledger_api
 from .. import scheduler as sched
-from .._util import ActorGone
+from .._util import ActorGone, Forwarder
 from ..comfy import ComfyCommand
 from ..sessions import Broadcast, Publish
 from ..store import Store, TaskRecord
@@ -86,6 +86,7 @@ class RegistryBase:
         self.scheduler = scheduler
         self.comfy = comfy
         self.sessions = sessions
+        self.to_hub = Forwarder(sessions)  # no checkpoint per message: progress bursts reach the hub whole
         self.now = wall_clock
         self.tasks: dict[str, Task] = {}
         self.by_prompt: dict[str, str] = {}
@@ -179,7 +180,7 @@ class RegistryBase:
         if task.held is not None:  # its "queued" announcement has not gone out yet: keep the order
             task.held.append(msg)
             return
-        await self.sessions.send(Publish(task.rec.user_id, task.rec.client_id, msg.to_wire()))
+        await self.to_hub.send(Publish(task.rec.user_id, task.rec.client_id, msg.to_wire()))
 
     async def save(self, task: Task, **changes: Any) -> TaskRecord:
         task.rec = replace(task.rec, updated_at=self.now(), **changes)

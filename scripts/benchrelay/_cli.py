@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from ._common import DESCRIPTION, NODE_DIR, PATHS, ROOT
+from ._common import DESCRIPTION, IDLE_SECONDS, NODE_DIR, PATHS, ROOT
 from ._driver import Driver
 from ._report import LABELS, fmt_rate, table
 from ._servers import bare_server, gateway_server
@@ -47,7 +47,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--size", type=int, default=100, help="JSON body bytes of the hub and bare messages (default 100)")
     p.add_argument("--seconds", type=float, default=20.0, help="time bound of each phase's sending (default 20)")
-    p.add_argument("--paths", type=parse_paths, default=list(PATHS), help="which of hub,comfy,bare (default all)")
+    p.add_argument(
+        "--paths",
+        type=parse_paths,
+        default=[p for p in PATHS if p != "idle"],
+        help="which of hub,comfy,bare,idle (default hub,comfy,bare); idle: connect, subscribe and hold "
+        "--idle-seconds, on the gateway and the bare relay",
+    )
     p.add_argument(
         "--backends",
         type=int,
@@ -71,6 +77,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="experiment: gc.freeze() in the server once the clients are connected (what GC pauses cost)",
     )
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=IDLE_SECONDS,
+        help=f"how long the connected clients idle while the server's CPU and GC are measured (default {IDLE_SECONDS:g})",
+    )
     p.add_argument("--profile", action="store_true", help="cProfile the server process per phase (slows it ~2x)")
     p.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the clients to CPU 1")
     p.add_argument(
@@ -84,8 +96,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("role_config", nargs="?", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.clients < 1 or a.messages < 1 or a.seconds <= 0 or a.size < 0:
-        p.error("--clients and --messages must be >= 1, --seconds > 0, --size >= 0")
+    if a.clients < 1 or a.messages < 1 or a.seconds <= 0 or a.size < 0 or not 0 < a.idle_seconds <= 600:
+        p.error("--clients and --messages must be >= 1, --seconds > 0, --size >= 0, 0 < --idle-seconds <= 600")
     return a
 
 

@@ -23,7 +23,6 @@ from ._common import (
     COMFY_SETTLE,
     CONNECT_BATCH,
     DRAIN_GRACE,
-    IDLE_SECONDS,
     MAX_SAMPLER_STEPS,
     NODE_DIR,
     QUIET_BUSY,
@@ -99,15 +98,27 @@ class Driver:
         await trio.sleep(1)
         await server.send({"cmd": "stats"})
         connected = await server.expect("stats", 10)
-        await trio.sleep(IDLE_SECONDS)
-        await server.send({"cmd": "stats"})
-        idle = await server.expect("stats", 10)
+        idle_s = self.a.idle_seconds
+        await server.send({"cmd": "begin"})
+        await server.expect("begun", 10)
+        await trio.sleep(idle_s)
+        await server.send({"cmd": "end"})
+        idle = await server.expect("ended", 60)
+        await p.send({"cmd": "status"})
+        status = await p.expect("status", 10)
         setup = {
             "connect_seconds": round(ready["seconds"], 2),
             "rss_before_mb": round(before["rss_kb"] / 1024, 1),
             "rss_connected_mb": round(connected["rss_kb"] / 1024, 1),
+            "rss_idle_mb": round(idle["rss_kb"] / 1024, 1),
             "kb_per_connection": round((connected["rss_kb"] - before["rss_kb"]) / self.a.clients, 1),
-            "idle_cpu_percent": round(100 * (idle["cpu"] - connected["cpu"]) / IDLE_SECONDS, 1),
+            "kb_per_connection_after_idle": round((idle["rss_kb"] - before["rss_kb"]) / self.a.clients, 1),
+            "idle_seconds": idle_s,
+            "idle_cpu_percent": round(100 * idle["cpu"] / idle_s, 1),
+            "idle_gc_full": idle["gc_full"],
+            "idle_gc_max_ms": idle["gc_max_ms"],
+            "closed_while_idle": status["closed"],
+            "client_errors": status["errors"],
             "calibration_us": info["calibration_us"],
         }
         if self.a.gc_freeze:
@@ -117,7 +128,9 @@ class Driver:
         self.say(
             f"  {self.a.clients} {mode} clients connected in {setup['connect_seconds']}s; server RSS "
             f"{setup['rss_before_mb']} -> {setup['rss_connected_mb']} MB ({setup['kb_per_connection']} KB per "
-            f"connection), idle CPU {setup['idle_cpu_percent']}%; json.dumps(100 B) {info['calibration_us']} µs"
+            f"connection), idle CPU {setup['idle_cpu_percent']}% over {idle_s:g}s ({setup['closed_while_idle']} "
+            f"closed, {setup['idle_gc_full']} full GC, longest GC {setup['idle_gc_max_ms']} ms); json.dumps(100 B) "
+            f"{info['calibration_us']} µs"
         )
         return p
 
@@ -356,13 +369,15 @@ class Driver:
         paths = a.paths
         if any(p in paths for p in ("hub", "comfy")):
             await self.run_gateway(rates, paths)
-        if "bare" in paths:
+        if paths == ["idle"]:  # only connections held idle: gateway, then the bare relay
+            await self.run_gateway((), paths)
+        if "bare" in paths or paths == ["idle"]:
             self.say("bare relay (Quart-Trio on Hypercorn, one WebSocket message per event)")
             server, info = await self.start_server("bare", {})
             try:
                 clients = await self.start_clients("bare", server, info)
                 try:
-                    for rate in rates:
+                    for rate in rates if paths != ["idle"] else ():
                         self.report(await self.run_injected("bare", {"clients": self.a.clients}, rate, server, clients))
                 finally:
                     await clients.stop()
@@ -373,7 +388,7 @@ class Driver:
         from fake_comfyui import FakeComfyUI
 
         a = self.a
-        nsims = a.backends or max(2, min(16, math.ceil(max(rates) * 2 / 1000)))
+        nsims = a.backends or max(2, min(16, math.ceil(max(rates, default=0) * 2 / 1000)))
         sims = [FakeComfyUI(step_ms=0, seed=i, previews=False) for i in range(nsims)]
         async with trio.open_nursery() as nursery:
             for sim in sims:

@@ -88,12 +88,15 @@ def table(results: list[Result], setup: dict[str, dict[str, Any]]) -> str:
             f"{LABELS[r.path]} at {fmt_rate(r.rate)}: server RSS {sv['rss_kb'] / 1024:.0f} MB after the phase, "
             f"{sv['gc_objects']:,} objects tracked by the GC (most: "
             f"{', '.join(f'{k} {v:,}' for k, v in sv['gc_top_types'][:3])}), {sv['gc_full']} full "
-            f"collection(s) (longest {sv['gc_full_max_ms']} ms)" + (f"; {r.note}" if r.note else "")
+            f"collection(s) (longest {sv['gc_full_max_ms']} ms), longest collection of any generation "
+            f"{sv.get('gc_max_ms', 0.0)} ms" + (f"; {r.note}" if r.note else "")
         )
     for name, st in setup.items():
         lines.append(
             f"{name}: {st['rss_before_mb']} -> {st['rss_connected_mb']} MB RSS with the clients connected "
-            f"({st['kb_per_connection']} KB per connection), idle CPU {st['idle_cpu_percent']}%, "
+            f"({st['kb_per_connection']} KB per connection; {st['kb_per_connection_after_idle']} KB after idling), "
+            f"idle CPU {st['idle_cpu_percent']}% over {st['idle_seconds']:g}s, {st['closed_while_idle']} closed "
+            f"while idle, {st['idle_gc_full']} full GC (longest collection {st['idle_gc_max_ms']} ms), "
             f"json.dumps(100 B) {st['calibration_us']} µs on the server core"
         )
 

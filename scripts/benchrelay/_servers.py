@@ -18,6 +18,7 @@ from ._common import CLIENT_ID, SECRET, bench_body, calibrate, control_loop, inj
 
 async def gateway_server(cfg: dict[str, Any]) -> None:
     import web.server as server_mod
+    from actors._util import Forwarder
     from actors.comfy import RestartPolicy
     from actors.gateway import GatewayConfig
     from actors.sessions import Publish
@@ -46,7 +47,7 @@ async def gateway_server(cfg: dict[str, Any]) -> None:
     shutdown = trio.Event()
 
     async def handle(cmd: dict[str, Any]) -> dict[str, Any]:
-        hub = handles[0].sessions
+        hub = Forwarder(handles[0].sessions)  # as the registry publishes: send_nowait, a checkpoint every 64
         size = cmd["size"]
 
         async def send(user: str, body: dict[str, Any]) -> None:

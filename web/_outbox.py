@@ -1,39 +1,24 @@
 """A connection's outbound queue (``Outbox``): bounded in bytes, coalescing, never blocking the producer.
 
-Split out of ``sessions`` (re-exported there). Over budget, progress/previews/status are coalesced (the latest per
-task wins) or dropped and counted; any other message that does not fit fails the connection ("slow consumer").
+Its producers are the sessions hub (``actors.sessions``, which sees it as a ``Sink``) and the connection itself
+(control frames); its one consumer is the connection's writer (``web._ws``). Over budget, progress/previews/status
+are coalesced (the latest per task wins) or dropped and counted; any other message that does not fit fails the
+connection ("slow consumer"). It tells the connection's timers (``on_due``) when a deadline comes nearer.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import trio
 
-# message types a full outbox may coalesce or drop (latest per task wins); all others are never dropped
-DROPPABLE_TYPES = frozenset({"progress", "preview", "status"})
+from actors.sessions import DROPPABLE_TYPES, Outgoing
+
 DEFAULT_OUTBOX_BYTES = 1 << 20  # 1 MiB of queued frames per connection
 DEFAULT_OUTBOX_DELAY = 10.0  # seconds the oldest queued frame may wait before the client is "slow"
 
-
-def encode_body(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One message ready for a connection's writer. ``seq`` is the session's number (0 for broadcasts)."""
-
-    destination: str
-    seq: int
-    body: bytes
-    type: str
-    coalesce_key: tuple[str, str] | None = None
-    created: float = 0.0
+__all__ = ["DEFAULT_OUTBOX_BYTES", "DEFAULT_OUTBOX_DELAY", "Outbox", "SlowConsumer"]
 
 
 class SlowConsumer(Exception):
@@ -43,7 +28,7 @@ class SlowConsumer(Exception):
 class Outbox:
     """A connection's outbound queue: bounded in bytes, coalescing, never blocking the producer.
 
-    Producers (its session, the hub) call ``put_nowait``; the connection's writer calls ``get_batch``.
+    Producers (the hub's sessions and broadcasts, the connection's control frames) call ``put_nowait``; the connection's writer calls ``get_batch``.
     """
 
     def __init__(self, *, max_bytes: int = DEFAULT_OUTBOX_BYTES, max_delay: float = DEFAULT_OUTBOX_DELAY) -> None:
@@ -56,6 +41,7 @@ class Outbox:
         self._bytes = 0
         self._since: float | None = None  # when the oldest waiting item was queued
         self._wake = trio.Event()
+        self.on_due: Callable[[float], None] | None = None  # told when a deadline (overdue, failed) comes nearer
         self.failed: str | None = None
         self.delivered = 0
         self.dropped = 0
@@ -98,6 +84,8 @@ class Outbox:
         self._bytes += size
         if self._since is None:
             self._since = trio.current_time()
+            if self.on_due is not None:
+                self.on_due(self._since + self.max_delay)
         self._wake.set()
 
     def _evict_droppable(self, size: int) -> None:
@@ -118,11 +106,18 @@ class Outbox:
             self._items.clear()
             self._by_key.clear()
             self._bytes = 0
+            if self.on_due is not None:
+                self.on_due(trio.current_time())
         self._wake.set()
 
+    @property
+    def due(self) -> float | None:
+        """When the oldest waiting frame becomes overdue (None: nothing waits)."""
+        return None if self._since is None else self._since + self.max_delay
+
     def overdue(self) -> bool:
-        """True when the oldest waiting frame has waited longer than ``max_delay``."""
-        return self._since is not None and trio.current_time() - self._since > self.max_delay
+        """True when the oldest waiting frame has waited ``max_delay`` or longer."""
+        return self._since is not None and trio.current_time() - self._since >= self.max_delay
 
     async def get_batch(self) -> list[Outgoing]:
         """Wait for at least one item and take every waiting item. Raises SlowConsumer once failed."""

@@ -1,0 +1,87 @@
+"""Every connection's deadlines in one heap, served by one task: no periodic wake-up per connection.
+
+A connection (anything with an ``armed`` float attribute) is ``arm``-ed for the moment its next deadline falls
+due (heart-beat out, heart-beat in, CONNECT timeout, outbox overdue, the writer's close grace). When that moment
+comes the service calls ``fire(conn)``, which does what is due and arms the connection again for its next real
+deadline. An idle connection with 10 s heart-beats therefore costs one wake-up per 10 s (the heart-beat it has to
+send anyway), and no task of its own.
+
+``arm`` only ever moves a connection's deadline earlier; a later one is left to ``fire``, which recomputes it.
+Entries made stale by an earlier ``arm`` stay in the heap and are skipped when they come up (``conn.armed`` no
+longer matches), so the heap holds at most a few entries per connection.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Armable", "Timers"]
+
+
+class Armable(Protocol):
+    armed: float  # the deadline this connection is armed for (math.inf: none)
+
+
+class Timers:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._order = itertools.count()
+        self._wake = trio.Event()
+        self._sleeping_until = math.inf
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def arm(self, conn: Armable, when: float) -> None:
+        """Make sure ``fire(conn)`` runs at ``when`` or earlier."""
+        if when >= conn.armed:
+            return
+        conn.armed = when
+        heapq.heappush(self._heap, (when, next(self._order), conn))
+        if when < self._sleeping_until:
+            self._wake.set()
+
+    def disarm(self, conn: Armable) -> None:
+        """``conn`` is gone: its heap entries are skipped from now on."""
+        conn.armed = -math.inf
+
+    async def run(self, fire: Callable[[Any], None]) -> None:
+        """Serve the heap for ever: ``fire`` each connection whose deadline has come (it re-arms itself)."""
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                when, _, conn = heapq.heappop(heap)
+                if conn.armed != when:  # superseded by an earlier arm, or disarmed
+                    continue
+                conn.armed = math.inf
+                try:
+                    fire(conn)
+                except Exception:  # a bug costs that connection its timers, never every connection's
+                    log.exception("timers: firing %r failed", conn)
+            self._sleeping_until = heap[0][0] if heap else math.inf
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            with trio.move_on_at(self._sleeping_until):
+                await self._wake.wait()
+            self._sleeping_until = -math.inf  # awake: an arm() needs no wake-up until we sleep again
+
+    async def serve(self, fire: Callable[[Any], None], shutdown: trio.Event, on_shutdown: Callable[[], None]) -> None:
+        """``run``, plus one call of ``on_shutdown`` once ``shutdown`` is set (not one waiter per connection)."""
+
+        async def watch() -> None:
+            await shutdown.wait()
+            on_shutdown()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await self.run(fire)
