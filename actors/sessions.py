@@ -35,9 +35,26 @@ from .wire import Resync
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BROADCAST_DESTINATION", "DEFAULT_MAX_SESSIONS_PER_USER", "DEFAULT_REPLAY_AGE", "DEFAULT_REPLAY_MAX",
-    "DROPPABLE_TYPES", "USER_DESTINATION", "Attach", "AttachBroadcast", "Broadcast", "Connect", "Detach",
-    "DetachBroadcast", "Disconnect", "GetStats", "HubMsg", "HubStats", "Outgoing", "Publish", "Sink", "encode_body",
+    "BROADCAST_DESTINATION",
+    "DEFAULT_MAX_SESSIONS_PER_USER",
+    "DEFAULT_REPLAY_AGE",
+    "DEFAULT_REPLAY_MAX",
+    "DROPPABLE_TYPES",
+    "USER_DESTINATION",
+    "Attach",
+    "AttachBroadcast",
+    "Broadcast",
+    "Connect",
+    "Detach",
+    "DetachBroadcast",
+    "Disconnect",
+    "GetStats",
+    "HubMsg",
+    "HubStats",
+    "Outgoing",
+    "Publish",
+    "Sink",
+    "encode_body",
     "run",
 ]
 
@@ -157,11 +174,22 @@ class _Session:
     Replay entries are ``Outgoing`` named tuples of atoms (the body already encoded): the GC stops tracking them.
     """
 
-    __slots__ = ("connected", "connections", "idle_since", "name", "outboxes", "replay", "replay_age", "seq",
-                 "seq_base", "user_version")
+    __slots__ = (
+        "connected",
+        "connections",
+        "idle_since",
+        "name",
+        "outboxes",
+        "replay",
+        "replay_age",
+        "seq",
+        "seq_base",
+        "user_version",
+    )
 
-    def __init__(self, name: str, *, replay_max: int, replay_age: float, seq_base: int, now: float,
-                 user_version: int) -> None:
+    def __init__(
+        self, name: str, *, replay_max: int, replay_age: float, seq_base: int, now: float, user_version: int
+    ) -> None:
         self.name = name
         self.seq = self.seq_base = seq_base
         self.replay: deque[Outgoing] = deque(maxlen=replay_max)
@@ -277,8 +305,14 @@ async def run(
                 elif not force:
                     return None
             version = user_latest[user_id][0] if user_id in user_latest else 0
-            entry = sessions[key] = _Session(f"{user_id}/{client_id}", replay_max=replay_max, replay_age=replay_age,
-                                             seq_base=seq_base, now=trio.current_time(), user_version=version)
+            entry = sessions[key] = _Session(
+                f"{user_id}/{client_id}",
+                replay_max=replay_max,
+                replay_age=replay_age,
+                seq_base=seq_base,
+                now=trio.current_time(),
+                user_version=version,
+            )
             by_user.setdefault(user_id, {})[client_id] = None
         else:
             touch(user_id, client_id)
@@ -358,7 +392,9 @@ async def run(
                 if outbox in broadcast:
                     broadcast.remove(outbox)
             case GetStats(reply):
-                reply_once(reply, HubStats(len(sessions), sum(e.connections for e in sessions.values()), len(broadcast)))
+                reply_once(
+                    reply, HubStats(len(sessions), sum(e.connections for e in sessions.values()), len(broadcast))
+                )
 
     task_status.started()
     next_sweep = trio.current_time() + idle_ttl

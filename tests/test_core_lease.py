@@ -102,8 +102,12 @@ async def test_a_core_paused_past_its_lease_cannot_change_anything(tmp_path: Pat
                 assert (await health(http, b.url))["role"] == "core"
                 sims.sim.resume()  # the prompt runs; its events go to A's socket (A submitted it)
                 with trio.fail_after(30):  # B follows it through /queue and /history, then settles it
-                    while ((rec := await store.get_task(task_id)) is None or rec.state != "succeeded"
-                           or (hold := await store.hold(task_id)) is None or hold.state != "settled"):
+                    while (
+                        (rec := await store.get_task(task_id)) is None
+                        or rec.state != "succeeded"
+                        or (hold := await store.hold(task_id)) is None
+                        or hold.state != "settled"
+                    ):
                         await trio.sleep(0.05)
                 before = (await store.journal(), await store.all_tasks(), await store.accounts())
             finally:

@@ -72,8 +72,15 @@ _ids = itertools.count(1)
 
 class StompEndpoint:
     def __init__(
-        self, handles: Handles, cfg: WebConfig, auth: Authenticator, shutdown: trio.Event,
-        counter: ConnectionCounter, metrics: Any, templates: TemplateLibrary, nursery: Callable[[], trio.Nursery],
+        self,
+        handles: Handles,
+        cfg: WebConfig,
+        auth: Authenticator,
+        shutdown: trio.Event,
+        counter: ConnectionCounter,
+        metrics: Any,
+        templates: TemplateLibrary,
+        nursery: Callable[[], trio.Nursery],
     ) -> None:
         self.h = handles
         self.templates = templates
@@ -164,8 +171,11 @@ class StompEndpoint:
             except SlowConsumer as exc:
                 log.warning("ws %d: %s", conn.id, exc)
                 # encode_frame, not stomp.error(): an ERROR may already have been sent on this connection
-                err = encode_frame("ERROR", (("message", "slow consumer"), ("content-type", "text/plain")),
-                                   f"{exc}; reconnect and resubscribe with last-seq to resume".encode())
+                err = encode_frame(
+                    "ERROR",
+                    (("message", "slow consumer"), ("content-type", "text/plain")),
+                    f"{exc}; reconnect and resubscribe with last-seq to resume".encode(),
+                )
                 await transport.send(err.decode())  # bounded by the timers' watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
             parts: list[bytes] = []
@@ -188,8 +198,10 @@ class StompEndpoint:
                 conn.messages += 1
                 mid = b"%d-%d" % (conn.id, conn.messages)
                 ack = b"ack:" + mid + b"\n" if conn.acks.get(out.destination) else b""
-                parts.append(b"%smessage-id:%s\nseq:%d\n%scontent-length:%d\n\n%s\0"
-                             % (prefix, mid, out.seq, ack, len(out.body), out.body))
+                parts.append(
+                    b"%smessage-id:%s\nseq:%d\n%scontent-length:%d\n\n%s\0"
+                    % (prefix, mid, out.seq, ack, len(out.body), out.body)
+                )
                 relayed(out.type, now - out.created)
             if parts:
                 await transport.send(b"".join(parts).decode("utf-8", "replace"))
@@ -201,9 +213,12 @@ class StompEndpoint:
         sub = conn.subs.get(destination)
         if sub is None:
             return None
-        frame = encode_frame("MESSAGE", (("destination", destination), ("subscription", sub[0]),
-                                         ("content-type", "application/json")),
-                             escape=conn.stomp.version != "1.0", content_length=False)
+        frame = encode_frame(
+            "MESSAGE",
+            (("destination", destination), ("subscription", sub[0]), ("content-type", "application/json")),
+            escape=conn.stomp.version != "1.0",
+            content_length=False,
+        )
         prefix = conn.prefixes[destination] = frame[:-2]  # without the blank line and the NUL
         conn.acks[destination] = sub[1] != "auto"
         return prefix
@@ -285,8 +300,12 @@ class StompEndpoint:
     async def _cut(self, conn: _Conn) -> None:
         """The writer did not finish within CLOSE_GRACE of the connection being condemned: it is stuck in a send
         to a client that does not read. Close the TCP connection under it; Hypercorn then cancels this handler."""
-        log.warning("ws %d: writer still busy %.1fs after the connection was condemned (%s): cutting the "
-                    "TCP connection", conn.id, CLOSE_GRACE, conn.outbox.failed or conn.close_after_flush)
+        log.warning(
+            "ws %d: writer still busy %.1fs after the connection was condemned (%s): cutting the TCP connection",
+            conn.id,
+            CLOSE_GRACE,
+            conn.outbox.failed or conn.close_after_flush,
+        )
         if conn.abort is None:
             log.error("ws %d: no way to cut the TCP connection; it stays open until the client goes away", conn.id)
             return
@@ -296,8 +315,9 @@ class StompEndpoint:
 
     def _fail(self, conn: _Conn, frame: Frame, code: int) -> None:
         if conn.close_after_flush is None:
-            conn.raw(conn.stomp.send(frame) if frame.command == "ERROR"
-                     else encode_frame("ERROR", frame.headers, frame.body))
+            conn.raw(
+                conn.stomp.send(frame) if frame.command == "ERROR" else encode_frame("ERROR", frame.headers, frame.body)
+            )
             conn.close_after_flush = _Close(code, frame.get("message", "") or "")
             conn.outbox.put_nowait(_END)
             self._condemned(conn)
@@ -334,7 +354,11 @@ class StompEndpoint:
             conn.raw(conn.stomp.send(Frame("RECEIPT", (("receipt-id", receipt),))))
 
     async def _connect(self, conn: _Conn, frame: Frame) -> None:
-        token = bearer(frame.get("Authorization") or frame.get("authorization")) or frame.get("token") or frame.get("passcode")
+        token = (
+            bearer(frame.get("Authorization") or frame.get("authorization"))
+            or frame.get("token")
+            or frame.get("passcode")
+        )
         client_id = frame.get("clientId")
         try:
             who = self.auth.authenticate(token, client_id)
@@ -352,14 +376,20 @@ class StompEndpoint:
         conn.principal, conn.client_id = who, client_id
         try:
             with trio.fail_after(DETACH_TIMEOUT * 5):
-                conn.session_held = await ask(self.h.sessions, lambda r: Connect(who.user_id, client_id, r),
-                                              name="sessions")
+                conn.session_held = await ask(
+                    self.h.sessions, lambda r: Connect(who.user_id, client_id, r), name="sessions"
+                )
         except (trio.TooSlowError, ActorGone):
             self._error(conn, "unavailable", "the gateway is busy; reconnect later", 1013)
             return
         if not conn.session_held:
-            self._error(conn, "too many sessions", f"every one of your {self.h.config.max_sessions_per_user} "
-                        "sessions has a live connection; close one or reuse a clientId", 1008)
+            self._error(
+                conn,
+                "too many sessions",
+                f"every one of your {self.h.config.max_sessions_per_user} "
+                "sessions has a live connection; close one or reuse a clientId",
+                1008,
+            )
             return
         try:
             send_ms, expect_ms = negotiate_heartbeat(frame.get("heart-beat"), self.cfg.heartbeat_ms)
@@ -369,12 +399,28 @@ class StompEndpoint:
         conn.send_every, conn.expect_every = send_ms / 1000, expect_ms / 1000
         conn.last_tx = trio.current_time()  # CONNECTED is on its way: the first heart-beat is due one period on
         self.timers.arm(conn, conn.last_tx)  # recompute the deadlines now that heart-beats are agreed
-        conn.raw(conn.stomp.send(Frame("CONNECTED", (
-            ("version", conn.stomp.version or "1.2"), ("heart-beat", f"{send_ms},{expect_ms}"),
-            ("server", SERVER_NAME), ("session", f"{conn.id}"), ("user-name", who.user_id),
-        ))))
-        log.info("ws %d: %s/%s connected (STOMP %s over %s)", conn.id, who.user_id, client_id, conn.stomp.version,
-                 conn.transport)
+        conn.raw(
+            conn.stomp.send(
+                Frame(
+                    "CONNECTED",
+                    (
+                        ("version", conn.stomp.version or "1.2"),
+                        ("heart-beat", f"{send_ms},{expect_ms}"),
+                        ("server", SERVER_NAME),
+                        ("session", f"{conn.id}"),
+                        ("user-name", who.user_id),
+                    ),
+                )
+            )
+        )
+        log.info(
+            "ws %d: %s/%s connected (STOMP %s over %s)",
+            conn.id,
+            who.user_id,
+            client_id,
+            conn.stomp.version,
+            conn.transport,
+        )
 
     async def _subscribe(self, conn: _Conn, frame: Frame, receipt: str | None) -> None:
         assert conn.principal is not None and conn.client_id is not None
@@ -382,8 +428,13 @@ class StompEndpoint:
         sub_id = frame.get("id") or dest
         ack = frame.get("ack") or "auto"
         if dest not in (USER_DESTINATION, BROADCAST_DESTINATION):
-            self._error(conn, "unknown destination", f"cannot subscribe to {dest!r}; use {USER_DESTINATION} or "
-                        f"{BROADCAST_DESTINATION}", 1008, receipt)
+            self._error(
+                conn,
+                "unknown destination",
+                f"cannot subscribe to {dest!r}; use {USER_DESTINATION} or {BROADCAST_DESTINATION}",
+                1008,
+                receipt,
+            )
             return
         if dest not in conn.subs and len(conn.subs) >= self.cfg.max_subscriptions:
             self._error(conn, "too many subscriptions", f"at most {self.cfg.max_subscriptions}", 1008, receipt)
@@ -402,8 +453,13 @@ class StompEndpoint:
                 self._error(conn, "bad last-seq", f"last-seq must be an integer, not {last_seq!r}", 1002, receipt)
                 return
             if since is not None and not self._replay_allowed(conn):
-                self._error(conn, "too many replays", f"at most {self.cfg.max_replays_per_minute} subscriptions with "
-                            "last-seq per connection per minute", 1008, receipt)
+                self._error(
+                    conn,
+                    "too many replays",
+                    f"at most {self.cfg.max_replays_per_minute} subscriptions with last-seq per connection per minute",
+                    1008,
+                    receipt,
+                )
                 return
         # in conn.subs before the hub can queue the replay (the writer routes by it); a send that raised did not
         # deliver, so it leaves no Detach owed (a Detach without its Attach would miscount the session's connections)
@@ -469,8 +525,9 @@ class StompEndpoint:
         dest = frame.get("destination")
         user, client = conn.principal.user_id, conn.client_id
         if dest not in ("/app/tasks", "/app/cancel"):
-            self._error(conn, "unknown destination", f"cannot send to {dest!r}; use /app/tasks or /app/cancel",
-                        1008, receipt)
+            self._error(
+                conn, "unknown destination", f"cannot send to {dest!r}; use /app/tasks or /app/cancel", 1008, receipt
+            )
             return
         body, problem = decode_json(frame.body, self.cfg.limits) if frame.body else ({}, None)
         if problem is not None:
@@ -491,7 +548,7 @@ class StompEndpoint:
         else:
             task_id = body.get("taskId")
             if not isinstance(task_id, str):
-                await self._reject(user, client, "bad_request", "body must be {\"taskId\": str}")
+                await self._reject(user, client, "bad_request", 'body must be {"taskId": str}')
                 return
             try:
                 with trio.fail_after(10):
@@ -500,8 +557,13 @@ class StompEndpoint:
                 outcome = "unavailable"
             if outcome in ("not_found", "finished", "unavailable"):
                 # a taskId that is not this user's is not echoed as a field: messages carry only the user's own ids
-                await self._reject(user, client, outcome, f"cannot cancel task {task_id}: {outcome.replace('_', ' ')}",
-                                   None if outcome == "not_found" else task_id)
+                await self._reject(
+                    user,
+                    client,
+                    outcome,
+                    f"cannot cancel task {task_id}: {outcome.replace('_', ' ')}",
+                    None if outcome == "not_found" else task_id,
+                )
 
     async def _reject(self, user: str, client: str, error: str, detail: str, task_id: str | None = None) -> None:
         await self.h.sessions.send(Publish(user, client, rejected(DomainError(error, detail), task_id).to_wire()))

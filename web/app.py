@@ -23,9 +23,9 @@ from actors.gateway import Handles
 from actors.store import MAX_AMOUNT
 from actors.validate import decode_json
 
+from ._conn import ConnectionCounter
 from ._metrics import Metrics
 from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
-from ._conn import ConnectionCounter
 from ._ws import StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
