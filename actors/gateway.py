@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar, cast
 
 import httpx
 import trio
@@ -30,6 +31,7 @@ from .lease import DEFAULT_LEASE_TTL, LeaseState, hold_core
 from .store import RedisStore, Store, open_store
 
 log = logging.getLogger(__name__)
+M = TypeVar("M")  # the message type _forward passes on
 
 REGISTRY_INBOX = 256  # comfy progress events arrive in bursts
 SCHEDULER_INBOX = 64
@@ -123,7 +125,10 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
         lease = LeaseState(holder_id=f"{run_id}")
         shared = isinstance(store, RedisStore)  # Redis: session messages go through it, for every process
         # where the core actors' messages for the sessions go: this process's hub, or Redis (publish_to_redis)
-        pub_tx, pub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX) if shared else (hub_tx, hub_rx)
+        pub_tx: trio.MemorySendChannel[sessions.Publish | sessions.Broadcast] = hub_tx
+        pub_rx: trio.MemoryReceiveChannel[sessions.Publish | sessions.Broadcast] | None = None
+        if shared:
+            pub_tx, pub_rx = trio.open_memory_channel[sessions.Publish | sessions.Broadcast](HUB_INBOX)
 
         first_run: list[tuple[bool, int]] = []  # SQLite: the process's run, begun before the hub starts
 
@@ -223,8 +228,9 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                     if unclean:  # the dead core's unpublished messages are lost: clients reload over HTTP
                         told = await bridge.resync_sessions(store, pub_tx)
                         log.warning("gateway: the previous core died mid-term: %d session(s) told to resync", told)
-                for front, inbox in ((reg_rx, t_reg_tx), (sched_rx, t_sched_tx), (ledger_rx, t_ledger_tx)):
-                    nursery.start_soon(_forward, front.clone(), inbox)
+                nursery.start_soon(_forward, reg_rx.clone(), t_reg_tx)
+                nursery.start_soon(_forward, sched_rx.clone(), t_sched_tx)
+                nursery.start_soon(_forward, ledger_rx.clone(), t_ledger_tx)
                 task_status.started()
 
         async def run_edge(task_status: trio.TaskStatus[None]) -> None:
@@ -255,7 +261,11 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                         max_sessions_per_user=cfg.max_sessions_per_user,
                     )
                 )
-                await nursery.start(partial(bridge.feed_hub, store, hub_rx, hub_tx.clone(), real_tx))
+                # with Redis the hub's front carries the events stream's Live messages too, put there by feed_hub,
+                # its only reader (sessions.run reads real_rx); hub_tx is typed for what the web layer sends
+                live_tx = cast("trio.MemorySendChannel[sessions.HubMsg | bridge.Live]", hub_tx.clone())
+                await nursery.start(partial(bridge.feed_hub, store, hub_rx, live_tx, real_tx))
+                assert pub_rx is not None  # made above when shared
                 await nursery.start(partial(bridge.publish_to_redis, store, pub_rx, replay_max=cfg.replay_max))
                 await nursery.start(partial(hold_core, store, lease, run_core, run_edge, ttl=cfg.lease_ttl))
                 await nursery.start(partial(bridge.announce, store, lease, cfg.public_url, every=cfg.lease_ttl / 3))
@@ -325,7 +335,7 @@ async def _refuse(front: trio.MemoryReceiveChannel[object]) -> None:
                 reply.close()
 
 
-async def _forward(front: trio.MemoryReceiveChannel[object], inbox: trio.MemorySendChannel[object]) -> None:
+async def _forward(front: trio.MemoryReceiveChannel[M], inbox: trio.MemorySendChannel[M]) -> None:
     """Hand the web layer's requests to this term's actor (the term's end cancels it; a request taken but not
     delivered then has its reply channel closed, so its asker gets ``ActorGone``, a 503)."""
     with front, inbox:

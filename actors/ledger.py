@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ._util import ask, reply_once
+from ._util import Request, ask, reply_once
 from .sessions import Publish
 from .store import (
     Account,
@@ -240,7 +240,10 @@ async def run(
 # ---- client side: what other actors and the web layer call ------------------------------------------
 
 
-async def _ask_ledger(ledger: trio.MemorySendChannel[LedgerMsg], build: Callable) -> Account:
+async def _ask_ledger(
+    ledger: trio.MemorySendChannel[LedgerMsg],
+    build: Callable[[trio.MemorySendChannel[Account | LedgerError]], Request[Account | LedgerError]],
+) -> Account:
     result = await ask(ledger, build, name="ledger")
     if isinstance(result, LedgerError):
         raise result

@@ -175,7 +175,8 @@ async def run(
         return max_inflight_per_user <= 0 or inflight_by_user.get(user, 0) < max_inflight_per_user
 
     def best_backend() -> str | None:
-        best, free = None, 0
+        best: str | None = None
+        free: float = 0
         for name in backends:  # ties go to the first configured backend
             if name in up and limiters[name].available_tokens > free:
                 best, free = name, limiters[name].available_tokens
@@ -218,9 +219,9 @@ async def run(
                         except trio.WouldBlock:
                             log.warning("scheduler: %s on %s found with no free permit", task_id, backend)
                 case Release(task_id):
-                    backend = holder.pop(task_id, None)
-                    if backend is not None:
-                        limiters[backend].release_on_behalf_of(task_id)
+                    released = holder.pop(task_id, None)
+                    if released is not None:
+                        limiters[released].release_on_behalf_of(task_id)
                         user = user_of.pop(task_id)
                         inflight_by_user[user] -= 1
                         if not inflight_by_user[user]:

@@ -233,7 +233,7 @@ class StompEndpoint:
                     event = conn.stomp.next_event()
                     if event is NEED_DATA:
                         break
-                    if event is HEARTBEAT:
+                    if event is HEARTBEAT or not isinstance(event, Frame):
                         continue
                     conn.busy = True  # while we wait on an actor we read nothing: not the client's silence
                     try:
@@ -448,7 +448,7 @@ class StompEndpoint:
         if dest == USER_DESTINATION:
             last_seq = frame.get("last-seq")
             try:
-                since = int(last_seq) if last_seq not in (None, "") else None
+                since = int(last_seq) if last_seq else None
             except ValueError:
                 self._error(conn, "bad last-seq", f"last-seq must be an integer, not {last_seq!r}", 1002, receipt)
                 return

@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from actors import ledger, registry, scheduler, sessions
 from actors._util import ActorGone, ask
 from actors.gateway import Handles
-from actors.store import MAX_AMOUNT
+from actors.store import MAX_AMOUNT, Account
 from actors.validate import decode_json
 
 from ._conn import ConnectionCounter
@@ -186,7 +186,7 @@ def create_app(
     @app.get("/api/tasks/<task_id>")
     async def get_task(task_id: str) -> dict[str, Any]:
         who = principal()
-        view = await call(lambda r: registry.GetTask(who.user_id, task_id, r), "registry")
+        view: dict[str, Any] | None = await call(lambda r: registry.GetTask(who.user_id, task_id, r), "registry")
         if view is None:
             raise ApiError(404, "not_found", f"no task {task_id}")
         return view
@@ -277,7 +277,7 @@ def create_app(
     @app.get("/api/balance")
     async def balance() -> dict[str, Any]:
         who = principal()
-        acc = await ledger_call(lambda: ledger.get_account(handles.ledger, who.user_id))
+        acc: Account = await ledger_call(lambda: ledger.get_account(handles.ledger, who.user_id))
         return acc.as_json()
 
     @app.post("/api/admin/credits")
@@ -296,7 +296,7 @@ def create_app(
             raise ApiError(400, "bad_request", 'body must be {"userId": str, "amount": int, "allowNegative"?: bool}')
         if abs(amount) > MAX_AMOUNT:
             raise ApiError(400, "bad_amount", f"amount must be within +-2^53 ({MAX_AMOUNT}), not {amount}")
-        acc = await ledger_call(
+        acc: Account = await ledger_call(
             lambda: ledger.grant(handles.ledger, user_id, amount, f"admin {who.user_id}", allow_negative=allow_negative)
         )
         return acc.as_json()

@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import jwt
 
@@ -34,7 +35,7 @@ class Principal:
     admin: bool = False
 
 
-def valid_id(value: object) -> bool:
+def valid_id(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and value.isprintable() and ":" not in value
 
 
@@ -82,7 +83,7 @@ class Authenticator:
                 return self.verify(token)
             if not valid_id(client_id):
                 raise AuthError("a clientId is required (auth mode 'open')")
-            return Principal(client_id, client_id)  # type: ignore[arg-type]
+            return Principal(client_id, client_id)
         if not token:
             raise AuthError("missing token")
         principal = self.verify(token)

@@ -18,6 +18,7 @@ import hypercorn.protocol.ws_stream as _ws_stream
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from wsproto.extensions import PerMessageDeflate as _DeflateOn  # the class hypercorn's ws_stream uses
 
 from actors.gateway import GatewayConfig, run_gateway
 from actors.image_urls import ImageUrls
@@ -30,10 +31,8 @@ from .config import WebConfig
 
 log = logging.getLogger(__name__)
 
-_DeflateOn = _ws_stream.PerMessageDeflate
 
-
-class _NoDeflate(_ws_stream.PerMessageDeflate):  # type: ignore[misc]
+class _NoDeflate(_DeflateOn):
     """Decline permessage-deflate (STACK-NOTES §2.8: ~100 KB per connection and 2x latency). Hypercorn
     hard-codes the extension, so this patches a private detail: pyproject pins hypercorn to 0.18.x."""
 
@@ -42,7 +41,7 @@ class _NoDeflate(_ws_stream.PerMessageDeflate):  # type: ignore[misc]
 
 
 def set_permessage_deflate(enabled: bool) -> None:
-    _ws_stream.PerMessageDeflate = _DeflateOn if enabled else _NoDeflate
+    vars(_ws_stream)["PerMessageDeflate"] = _DeflateOn if enabled else _NoDeflate  # hypercorn's private name
 
 
 @dataclass(frozen=True, slots=True)

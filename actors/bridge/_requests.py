@@ -26,7 +26,7 @@ from coredis.exceptions import RedisError, StreamDuplicateConsumerGroupError
 from coredis.tokens import PureToken
 
 from .._util import ActorGone, ask
-from ..store import RedisStore
+from ..store import RedisStore, as_text
 from ._stream import read_after
 from ._wire import WireError, decode_answer, decode_request, encode_answer, encode_request
 
@@ -163,7 +163,7 @@ async def serve_edges(
             break
         for entry in entries:
             await handle(entry)
-        start = entries[-1].identifier
+        start = as_text(entries[-1].identifier)
     async with trio.open_nursery() as nursery:
         slots = trio.Semaphore(BATCH)  # requests answered at once
         while True:

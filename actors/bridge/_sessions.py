@@ -25,7 +25,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from ..sessions import Attach, Broadcast, Detach, HubMsg, Publish, encode_body
-from ..store import RedisStore
+from ..store import RedisStore, as_text
 from ..wire import Resync
 from ._stream import BATCH, RETRY_DELAY, read_after
 
@@ -119,14 +119,14 @@ async def feed_hub(
     client = store.client
     events = store.prefix + "events"
     newest = await client.xrevrange(events, "+", "-", count=1)
-    start = newest[0].identifier if newest else "0-0"
+    start = as_text(newest[0].identifier) if newest else "0-0"
 
     async def read_events() -> None:
         last = start
         with live:
             while True:
                 for entry in await read_after(store, events, last):
-                    last = entry.identifier
+                    last = as_text(entry.identifier)
                     f = entry.field_values
                     body = json.loads(f["b"])
                     await live.send(Live(f.get("u"), f.get("c", ""), int(f.get("s", 0)), body))
@@ -144,7 +144,7 @@ async def feed_hub(
                     case Live(None, _, _, body):
                         await hub.send(Broadcast(body))
                     case Live(user_id, client_id, seq, body):
-                        if (user_id, client_id) in attached:
+                        if user_id is not None and (user_id, client_id) in attached:
                             await hub.send(Publish(user_id, client_id, body, seq))
                     case Attach(user_id, client_id):
                         attached[(user_id, client_id)] += 1

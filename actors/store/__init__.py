@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ..task_machine import ACTIVE_STATES, TERMINAL_STATES  # the task states are the machine's (defined once)
-from ._redis import RedisStore, split_redis_url
+from ._redis import RedisStore, as_text, split_redis_url
 from ._schema import _MIGRATIONS, SCHEMA_VERSION
 from ._sqlite import SqliteStore
 from ._types import (
@@ -82,6 +82,7 @@ __all__ = [
     "SweptHold",
     "TaskRecord",
     "UnknownHold",
+    "as_text",
     "is_redis",
     "open_store",
     "parse_store_spec",

@@ -239,13 +239,15 @@ class RedisStore:
         h = await self._io(
             self.client.hmget(self.prefix + "hold:" + task_id, ["user", "amount", "state", "expires_at"])
         )
-        if h[0] is None:
+        user, amount, state, expires_at = h
+        if user is None or amount is None or state is None or expires_at is None:
             return None
-        return Hold(task_id, h[0], int(h[1]), h[2], float(h[3]))
+        return Hold(task_id, user, int(amount), state, float(expires_at))
 
     async def expired_holds(self, now: float) -> list[Hold]:
-        ids = await self._io(self.client.zrangebyscore(self.prefix + "holds:pending", "-inf", repr(float(now))))
-        return [h for h in [await self.hold(t) for t in ids] if h is not None]
+        ids = await self._io(self.client.zrangebyscore(self.prefix + "holds:pending", float("-inf"), float(now)))
+        holds = [await self.hold(as_text(t)) for t in ids if isinstance(t, (str, bytes))]  # members, no scores
+        return [h for h in holds if h is not None]
 
     async def _snapshot(self) -> tuple[list[Account], list[Hold]]:
         accts, holds = await self._script("SNAPSHOT")
@@ -267,13 +269,13 @@ class RedisStore:
                 JournalEntry(
                     int(f["id"]),
                     float(f["ts"]),
-                    f["user"],
-                    f["kind"],
-                    f.get("task"),
+                    as_text(f["user"]),
+                    as_text(f["kind"]),
+                    _optional_text(f.get("task")),
                     int(f["amount"]),
                     int(f["bal"]),
                     int(f["frz"]),
-                    f.get("note"),
+                    _optional_text(f.get("note")),
                 )
             )
         return out
@@ -379,10 +381,19 @@ def _redis_failure(exc: BaseException) -> BaseException | None:
     return exc if isinstance(exc, (RedisError, OSError)) else None
 
 
-def _arg(a: Any) -> str | int:
+def _arg(a: str | int | bool) -> str | int:
     if isinstance(a, bool):
         return "1" if a else "0"
     return a
+
+
+def as_text(value: str | bytes) -> str:
+    """A value read from Redis: str (the client decodes responses), typed by coredis as str or bytes."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _optional_text(value: str | bytes | None) -> str | None:
+    return None if value is None else as_text(value)
 
 
 def _task(r: dict[str, str] | Sequence[str]) -> TaskRecord:

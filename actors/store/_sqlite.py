@@ -91,7 +91,7 @@ class SqliteStore:
 
     async def ping(self) -> bool:
         def q() -> bool:
-            return self.db.execute("SELECT 1").fetchone()[0] == 1
+            return bool(self.db.execute("SELECT 1").fetchone()[0] == 1)
 
         return await self._run(q)
 
@@ -411,7 +411,7 @@ class SqliteStore:
 
     async def max_task_seq(self) -> int:
         def q() -> int:
-            return self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()[0]
+            return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()[0])
 
         return await self._run(q)
 
