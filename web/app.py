@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from actors.validate import decode_json
 
 from ._conn import ConnectionCounter
 from ._metrics import Metrics
-from ._templates import TemplateLibrary, prepare_task, raw_workflows_allowed
+from ._submit import ASK_TIMEOUT, submit
+from ._templates import TemplateLibrary, raw_workflows_allowed
 from ._ws import StompEndpoint
 from .auth import Authenticator, AuthError, Principal, bearer, valid_id
 from .config import WebConfig
@@ -35,7 +36,6 @@ from .sockjs import install as install_sockjs
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-ASK_TIMEOUT = 10.0  # seconds an HTTP request waits for an actor
 MAX_IMAGE_BYTES = 64 << 20
 
 
@@ -396,40 +396,6 @@ async def stream_image(http: Any, where: tuple[str, Any], what: str) -> Response
         resp.headers["Content-Length"] = declared
     resp.headers["Cache-Control"] = "private, max-age=3600"
     return resp
-
-
-async def submit(
-    handles: Handles,
-    cfg: WebConfig,
-    templates: TemplateLibrary,
-    who: Principal,
-    client_id: str,
-    body: Mapping[str, Any],
-) -> registry.Accepted | registry.Refused:
-    """Validate a task body (shared by POST /api/tasks and SEND /app/tasks) and hand it to the registry: a template
-    call is resolved into its graph, price and parameters; a raw workflow is held to --raw-workflows and
-    --allowed-nodes. A refusal here freezes nothing."""
-    req = prepare_task(body, templates, cfg, admin=who.admin)
-    if isinstance(req, registry.Refused):
-        return req
-    try:
-        with trio.fail_after(ASK_TIMEOUT):
-            return await ask(
-                handles.registry,
-                lambda r: registry.Submit(
-                    who.user_id,
-                    client_id,
-                    req.workflow,
-                    req.size,
-                    r,
-                    cost=req.cost,
-                    template=req.template,
-                    params=req.params,
-                ),
-                name="registry",
-            )
-    except (trio.TooSlowError, ActorGone):
-        return registry.Refused("unavailable", "the gateway is busy; try again")
 
 
 __all__ = ["create_app", "sessions", "submit"]
