@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
-
-import trio
 
 from ..task_machine import ACTIVE_STATES  # the task states are the machine's (defined once)
 from ._audit import audit_ledger, audit_tasks
-from ._schema import migrate
+from ._sqlite_base import SqliteBase, Tx, check_amount, hold_row
 from ._types import (
     MAX_AMOUNT,
     Account,
@@ -33,74 +27,16 @@ from ._types import (
     UnknownHold,
 )
 
-T = TypeVar("T")
 
-
-class SqliteStore:
+class SqliteStore(SqliteBase):
     """All SQL lives here (but the audits). Public methods are async and run one blocking transaction each."""
-
-    def __init__(self, path: str, *, wall_clock: Callable[[], float] = time.time) -> None:
-        self.path = path
-        self._now = wall_clock
-        self._limiter = trio.CapacityLimiter(1)  # one writer; SQLite serialises anyway
-        self._db: sqlite3.Connection | None = None
-        self._tx_time = 0.0
-
-    def __repr__(self) -> str:
-        return f"<SqliteStore {self.path!r}>"
-
-    # -- lifecycle
-
-    async def open(self) -> None:
-        await self._run(self._open_sync)
-
-    async def aclose(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(db.close, limiter=self._limiter)
-
-    def _open_sync(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes (kill -9)
-        db.execute("PRAGMA foreign_keys=ON")
-        try:
-            migrate(db, self.path)
-        except BaseException:
-            db.close()
-            raise
-        self._db = db
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        # the clock is read here, in the trio thread (it may be trio's MockClock in tests), not in the worker
-        self._tx_time = self._now()
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
-    def _time(self) -> float:
-        return self._tx_time
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("store is not open")
-        return self._db
-
-    async def ping(self) -> bool:
-        def q() -> bool:
-            return bool(self.db.execute("SELECT 1").fetchone()[0] == 1)
-
-        return await self._run(q)
 
     async def next_boot(self) -> int:
         """Count this start of the gateway (1, 2, ...): numbers that differ between runs on the same data, e.g.
         so that session seqs of a new run are all above those of any earlier run (resume across a restart)."""
 
         def q() -> int:
-            with _Tx(self.db):
+            with Tx(self.db):
                 self.db.execute(
                     "INSERT INTO meta(key, value) VALUES ('boot', 1) ON CONFLICT(key) DO UPDATE SET value = value + 1"
                 )
@@ -112,7 +48,7 @@ class SqliteStore:
         """Mark a gateway as running on this store; True if the previous run did not stop cleanly (crashed)."""
 
         def q() -> bool:
-            with _Tx(self.db):
+            with Tx(self.db):
                 r = self.db.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()
                 self.db.execute(
                     "INSERT INTO meta(key, value) VALUES ('running', 1) ON CONFLICT(key) DO UPDATE SET value = 1"
@@ -125,7 +61,7 @@ class SqliteStore:
         """The gateway stopped cleanly (its next start is not a crash)."""
 
         def q() -> None:
-            with _Tx(self.db):
+            with Tx(self.db):
                 self.db.execute("UPDATE meta SET value = 0 WHERE key = 'running'")
 
         await self._run(q)
@@ -135,7 +71,7 @@ class SqliteStore:
         process, the next start knows this task was in flight)."""
 
         def q() -> None:
-            with _Tx(self.db):
+            with Tx(self.db):
                 self.db.execute("UPDATE tasks SET dispatched_boot = ? WHERE task_id = ?", (boot, task_id))
 
         await self._run(q)
@@ -146,7 +82,7 @@ class SqliteStore:
         so ``limit`` times in a row without progress (a save), to be quarantined."""
 
         def q() -> list[str]:
-            with _Tx(self.db):
+            with Tx(self.db):
                 self.db.execute(
                     "UPDATE tasks SET crashes = crashes + 1 WHERE state NOT IN ('succeeded', 'failed', "
                     "'cancelled') AND (state != 'queued' OR dispatched_boot = ?)",
@@ -165,7 +101,7 @@ class SqliteStore:
 
     async def account(self, user_id: str, initial: int) -> Account:
         def q() -> Account:
-            with _Tx(self.db):
+            with Tx(self.db):
                 return self._account(user_id, initial)
 
         return await self._run(q)
@@ -179,7 +115,7 @@ class SqliteStore:
             raise InvalidAmount(f"a grant must be an int within +-2^53, not {amount!r}")
 
         def q() -> Account:
-            with _Tx(self.db):
+            with Tx(self.db):
                 acc = self._account(user_id, initial)
                 if abs(acc.balance + amount) > MAX_AMOUNT:
                     raise InvalidAmount(f"the balance of {user_id!r} would leave +-2^53")
@@ -199,10 +135,10 @@ class SqliteStore:
 
         The same task id with another amount or user is a ``HoldConflict``; a freeze that would make ``available``
         negative is ``InsufficientCredits``. Either way nothing changes (the transaction rolls back)."""
-        _check_amount(amount)
+        check_amount(amount)
 
         def q() -> tuple[Account, bool]:
-            with _Tx(self.db):
+            with Tx(self.db):
                 acc = self._account(user_id, initial)
                 hold = self._hold(task_id)
                 if hold is not None:
@@ -234,7 +170,7 @@ class SqliteStore:
             raise ValueError(f"outcome must be 'settled' or 'released', not {outcome!r}")
 
         def q() -> tuple[Account, bool]:
-            with _Tx(self.db):
+            with Tx(self.db):
                 hold = self._hold(task_id)
                 if hold is None:
                     raise UnknownHold(f"no hold for task {task_id!r}")
@@ -262,7 +198,7 @@ class SqliteStore:
 
         def q() -> list[SweptHold]:
             out: list[SweptHold] = []
-            with _Tx(self.db):
+            with Tx(self.db):
                 if now is None:
                     rows = self.db.execute("SELECT * FROM holds WHERE state = 'pending' ORDER BY rowid").fetchall()
                 else:
@@ -271,7 +207,7 @@ class SqliteStore:
                         (now,),
                     ).fetchall()
                 for r in rows:
-                    hold = _hold_row(r)
+                    hold = hold_row(r)
                     t = self.db.execute("SELECT state FROM tasks WHERE task_id = ?", (hold.task_id,)).fetchone()
                     task_state = t["state"] if t is not None else None
                     if task_state in ACTIVE_STATES:
@@ -296,7 +232,7 @@ class SqliteStore:
             rows = self.db.execute(
                 "SELECT * FROM holds WHERE state = 'pending' AND expires_at <= ? ORDER BY expires_at", (now,)
             ).fetchall()
-            return [_hold_row(r) for r in rows]
+            return [hold_row(r) for r in rows]
 
         return await self._run(q)
 
@@ -312,7 +248,7 @@ class SqliteStore:
         per problem, [] when consistent. One read transaction, so the three tables agree."""
 
         def q() -> list[str]:
-            with _Tx(self.db):
+            with Tx(self.db):
                 return audit_ledger(self._journal_lines(None), self._accounts(), self._holds())
 
         return await self._run(q)
@@ -321,7 +257,7 @@ class SqliteStore:
         """Tasks against their holds, for a quiescent store (``_audit.audit_tasks``)."""
 
         def q() -> list[str]:
-            with _Tx(self.db):
+            with Tx(self.db):
                 rows = self.db.execute("SELECT task_id, seq, user_id, state, cost FROM tasks").fetchall()
                 tasks = [
                     TaskRecord(r["task_id"], r["seq"], r["user_id"], "", "", r["state"], 0, r["cost"], {}, 0, 0)
@@ -335,7 +271,7 @@ class SqliteStore:
 
     async def save_task(self, rec: TaskRecord) -> None:
         def q() -> None:
-            with _Tx(self.db):
+            with Tx(self.db):
                 self.db.execute(
                     """INSERT INTO tasks(task_id, seq, user_id, client_id, prompt_id, state, reason, backend, size,
                                          cost, workflow, error, created_at, updated_at, template, params)
@@ -486,11 +422,11 @@ class SqliteStore:
         ]
 
     def _holds(self) -> list[Hold]:
-        return [_hold_row(r) for r in self.db.execute("SELECT * FROM holds ORDER BY rowid")]
+        return [hold_row(r) for r in self.db.execute("SELECT * FROM holds ORDER BY rowid")]
 
     def _hold(self, task_id: str) -> Hold | None:
         r = self.db.execute("SELECT * FROM holds WHERE task_id = ?", (task_id,)).fetchone()
-        return _hold_row(r) if r is not None else None
+        return hold_row(r) if r is not None else None
 
     def _task_row(self, r: sqlite3.Row) -> TaskRecord:
         imgs = self.db.execute(
@@ -515,25 +451,3 @@ class SqliteStore:
             template=r["template"],
             params=json.loads(r["params"]) if r["params"] else None,
         )
-
-
-def _check_amount(amount: object) -> None:
-    if not isinstance(amount, int) or isinstance(amount, bool) or not 0 <= amount <= MAX_AMOUNT:
-        raise InvalidAmount(f"amount must be an int from 0 to 2^53, not {amount!r}")
-
-
-def _hold_row(r: sqlite3.Row) -> Hold:
-    return Hold(r["task_id"], r["user_id"], r["amount"], r["state"], r["expires_at"])
-
-
-class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (the exception propagates)."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
