@@ -4,8 +4,8 @@ A connection runs over a ``StompTransport`` (``web._transport``): a plain WebSoc
 session (``web.sockjs``, which calls ``run``); the rules below are the same for both.
 
 The protocol itself is the sans-IO ``web.stomp.StompConnection``; this module is only the trio loop around it:
-receive -> ``receive_data`` -> ``next_event`` -> dispatch, and a writer that drains the connection's
-``Outbox`` and packs every frame waiting into one WebSocket message (STACK-NOTES §3.1: 30x+ on this stack).
+receive -> ``receive_data`` -> ``next_event`` -> dispatch (to the commands of ``web._ws_commands``), and a
+writer that drains the connection's ``Outbox`` and packs every frame waiting into one WebSocket message (STACK-NOTES §3.1: 30x+ on this stack).
 Control frames (CONNECTED, RECEIPT, ERROR, heart-beats) go through the same outbox, so order is preserved.
 A client disconnect arrives as ``trio.Cancelled`` (STACK-NOTES §2.5): cleanup lives in ``finally`` blocks.
 
@@ -29,9 +29,7 @@ from typing import Any
 
 import trio
 
-from actors.sessions import (
-    Disconnect,
-)
+from actors.sessions import Disconnect
 
 from ._conn import END, RAW, pick_subprotocol
 from ._conn import END_MARKER as _END
