@@ -9,8 +9,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from actors import registry, scheduler, sessions
-from actors._util import ActorGone, ask
+from actors import ActorGone, ask, registry, scheduler, sessions
 from actors.gateway import Handles
 
 from ._outbox import Outbox

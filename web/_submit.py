@@ -7,8 +7,7 @@ from typing import Any
 
 import trio
 
-from actors import registry
-from actors._util import ActorGone, ask
+from actors import ActorGone, ask, registry
 from actors.gateway import Handles
 
 from ._templates import TemplateLibrary, prepare_task

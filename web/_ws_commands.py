@@ -11,8 +11,7 @@ from typing import Any
 
 import trio
 
-from actors import registry
-from actors._util import ActorGone, ask
+from actors import ActorGone, ask, registry
 from actors.gateway import Handles
 from actors.sessions import (
     BROADCAST_DESTINATION,

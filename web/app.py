@@ -17,8 +17,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors import ledger, registry, scheduler, sessions
-from actors._util import ActorGone, ask
+from actors import ActorGone, ask, ledger, registry, scheduler, sessions
 from actors.gateway import Handles
 from actors.store import MAX_AMOUNT, Account
 from actors.validate import decode_json
