@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-__all__ = ["ActorGone", "Forwarder", "Request", "ask", "reply_once"]
+__all__ = ["ActorGone", "Forwarder", "NoAnswer", "Request", "ask", "ask_within", "reply_once"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,33 @@ async def ask(
             return await reply_recv.receive()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
             raise ActorGone(name) from None
+
+
+class NoAnswer(Exception):
+    """``ask_within`` got no answer: the actor has stopped (``gone``) or did not answer in time."""
+
+    def __init__(self, name: str, *, gone: bool) -> None:
+        super().__init__(f"actor {name!r} {'is gone' if gone else 'did not answer in time'}")
+        self.name = name
+        self.gone = gone
+
+
+async def ask_within(
+    inbox: trio.MemorySendChannel[Any],
+    build: Callable[[trio.MemorySendChannel[T]], Request[T]],
+    seconds: float,
+    *,
+    name: str = "actor",
+) -> T:
+    """``ask`` with a time limit: the one way a caller outside the actors (an HTTP request, a STOMP frame, a
+    scrape) waits for an answer. Both ways of getting none become ``NoAnswer``."""
+    try:
+        with trio.fail_after(seconds):
+            return await ask(inbox, build, name=name)
+    except trio.TooSlowError:
+        raise NoAnswer(name, gone=False) from None
+    except ActorGone:
+        raise NoAnswer(name, gone=True) from None
 
 
 class Forwarder:

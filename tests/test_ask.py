@@ -8,8 +8,9 @@ from typing import assert_type
 
 import pytest
 import trio
+import trio.testing
 
-from actors._util import ActorGone, ask, reply_once
+from actors._util import ActorGone, NoAnswer, ask, ask_within, reply_once
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +65,23 @@ async def test_an_actor_that_drops_the_request_is_actor_gone() -> None:
         nursery.start_soon(drop_one)
         with pytest.raises(ActorGone):
             await ask(send, lambda r: Double(1, r))
+
+
+async def test_ask_within_answers_or_says_why_not(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    send, receive = trio.open_memory_channel[Msg](4)
+    nursery.start_soon(serve, receive)
+    assert_type(await ask_within(send, lambda r: Double(4, r), 1.0, name="doubler"), int)
+    assert await ask_within(send, lambda r: Double(4, r), 1.0, name="doubler") == 8
+
+    silent_send, silent_receive = trio.open_memory_channel[Msg](4)  # an actor that never answers
+    start = trio.current_time()
+    with pytest.raises(NoAnswer, match="did not answer in time") as slow:
+        await ask_within(silent_send, lambda r: Double(1, r), 2.5, name="silent")
+    assert not slow.value.gone and trio.current_time() - start == 2.5
+
+    silent_receive.close()  # the actor has stopped
+    with pytest.raises(NoAnswer, match="is gone") as gone:
+        await ask_within(silent_send, lambda r: Double(1, r), 2.5, name="silent")
+    assert gone.value.gone and gone.value.name == "silent"

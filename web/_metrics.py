@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from actors import ActorGone, ask, registry, scheduler, sessions
+from actors import NoAnswer, ask_within, registry, scheduler, sessions
 from actors.gateway import Handles
 
 from ._outbox import Outbox
@@ -71,12 +70,10 @@ class Metrics:
         self.latency.observe(latency)
 
     async def _ask(self, target: Any, build: Any) -> Any:
-        with trio.move_on_after(SCRAPE_TIMEOUT):
-            try:
-                return await ask(target, build)
-            except ActorGone:
-                return None
-        return None
+        try:
+            return await ask_within(target, build, SCRAPE_TIMEOUT)
+        except NoAnswer:
+            return None
 
     async def render(self) -> tuple[bytes, str]:
         hub = await self._ask(self.h.sessions, lambda r: sessions.GetStats(r))

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import trio
-
-from actors import ActorGone, ask, registry
+from actors import NoAnswer, ask_within, registry
 from actors.gateway import Handles
 
 from ._templates import TemplateLibrary, prepare_task
@@ -32,22 +30,22 @@ async def submit(
     if isinstance(req, registry.Refused):
         return req
     try:
-        with trio.fail_after(ASK_TIMEOUT):
-            return await ask(
-                handles.registry,
-                lambda r: registry.Submit(
-                    who.user_id,
-                    client_id,
-                    req.workflow,
-                    req.size,
-                    r,
-                    cost=req.cost,
-                    template=req.template,
-                    params=req.params,
-                ),
-                name="registry",
-            )
-    except (trio.TooSlowError, ActorGone):
+        return await ask_within(
+            handles.registry,
+            lambda r: registry.Submit(
+                who.user_id,
+                client_id,
+                req.workflow,
+                req.size,
+                r,
+                cost=req.cost,
+                template=req.template,
+                params=req.params,
+            ),
+            ASK_TIMEOUT,
+            name="registry",
+        )
+    except NoAnswer:
         return registry.Refused("unavailable", "the gateway is busy; try again")
 
 

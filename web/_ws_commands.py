@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from actors import ActorGone, ask, registry
+from actors import NoAnswer, ask_within, registry
 from actors.gateway import Handles
 from actors.sessions import (
     BROADCAST_DESTINATION,
@@ -30,7 +30,7 @@ from ._conn import END_MARKER as _END
 from ._conn import Close as _Close
 from ._conn import Conn as _Conn
 from ._conn import ConnectionCounter
-from ._submit import submit
+from ._submit import ASK_TIMEOUT, submit
 from ._templates import TemplateLibrary
 from ._timers import Timers
 from .auth import Authenticator, AuthError, bearer, valid_id
@@ -118,11 +118,10 @@ class StompCommands:
             return
         conn.principal, conn.client_id = who, client_id
         try:
-            with trio.fail_after(DETACH_TIMEOUT * 5):
-                conn.session_held = await ask(
-                    self.h.sessions, lambda r: Connect(who.user_id, client_id, r), name="sessions"
-                )
-        except (trio.TooSlowError, ActorGone):
+            conn.session_held = await ask_within(
+                self.h.sessions, lambda r: Connect(who.user_id, client_id, r), DETACH_TIMEOUT * 5, name="sessions"
+            )
+        except NoAnswer:
             self._error(conn, "unavailable", "the gateway is busy; reconnect later", 1013)
             return
         if not conn.session_held:
@@ -271,9 +270,10 @@ class StompCommands:
                 await self._reject(user, client, "bad_request", 'body must be {"taskId": str}')
                 return
             try:
-                with trio.fail_after(10):
-                    outcome = await ask(self.h.registry, lambda r: registry.Cancel(user, task_id, r), name="registry")
-            except (trio.TooSlowError, ActorGone):
+                outcome = await ask_within(
+                    self.h.registry, lambda r: registry.Cancel(user, task_id, r), ASK_TIMEOUT, name="registry"
+                )
+            except NoAnswer:
                 outcome = "unavailable"
             if outcome in ("not_found", "finished", "unavailable"):
                 # a taskId that is not this user's is not echoed as a field: messages carry only the user's own ids

@@ -17,7 +17,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors import ActorGone, ask, ledger, registry, scheduler, sessions
+from actors import ActorGone, NoAnswer, ask_within, ledger, registry, scheduler, sessions
 from actors.gateway import Handles
 from actors.store import MAX_AMOUNT, Account
 from actors.validate import decode_json
@@ -79,13 +79,12 @@ def create_app(
             raise ApiError(401, "unauthorized", str(exc)) from None
 
     async def call(build: Any, name: str, target: trio.MemorySendChannel[Any] | None = None) -> Any:
-        with trio.move_on_after(ASK_TIMEOUT) as scope:
-            try:
-                return await ask(target if target is not None else handles.registry, build, name=name)
-            except ActorGone:
+        try:
+            return await ask_within(target if target is not None else handles.registry, build, ASK_TIMEOUT, name=name)
+        except NoAnswer as exc:
+            if exc.gone:
                 raise ApiError(503, "unavailable", f"the {name} could not answer this request") from None
-        assert scope.cancelled_caught
-        raise ApiError(503, "busy", f"the {name} did not answer within {ASK_TIMEOUT:.0f}s")
+            raise ApiError(503, "busy", f"the {name} did not answer within {ASK_TIMEOUT:.0f}s") from None
 
     async def ledger_call(call: Any) -> Any:
         """Ask the ledger; its refusals and failures become this request's 4xx/5xx."""
