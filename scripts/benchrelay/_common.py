@@ -161,6 +161,8 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
                 text = ""
                 if prof is not None:
                     prof.disable()
+                    if os.environ.get("BENCH_PROFILE_DUMP"):  # the raw stats, for pstats/snakeviz
+                        prof.dump_stats(os.environ["BENCH_PROFILE_DUMP"])
                     buf = io.StringIO()
                     stats = pstats.Stats(prof, stream=buf)
                     stats.sort_stats("tottime").print_stats(25)
