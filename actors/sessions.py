@@ -172,6 +172,7 @@ class _Session:
     ``last-seq`` remembered from an earlier run is always "older than the buffer" and gets a ``resync`` instead
     of silently skipping this run's first messages. ``last-seq: 0`` still means "everything buffered".
     Replay entries are ``Outgoing`` named tuples of atoms (the body already encoded): the GC stops tracking them.
+    The replay deque is made with the session's first message: an idle session does not carry one (issue 11).
     """
 
     __slots__ = (
@@ -182,6 +183,7 @@ class _Session:
         "outboxes",
         "replay",
         "replay_age",
+        "replay_max",
         "seq",
         "seq_base",
         "user_version",
@@ -192,7 +194,8 @@ class _Session:
     ) -> None:
         self.name = name
         self.seq = self.seq_base = seq_base
-        self.replay: deque[Outgoing] = deque(maxlen=replay_max)
+        self.replay: deque[Outgoing] | None = None  # made by the first deliver
+        self.replay_max = replay_max
         self.replay_age = replay_age
         self.outboxes: list[Sink] = []
         self.connections = 0  # attached outboxes
@@ -213,6 +216,8 @@ class _Session:
             self.seq = given - 1
         self.seq += 1
         out = _encoded(USER_DESTINATION, self.seq, data, kind, task_id)
+        if self.replay is None:
+            self.replay = deque(maxlen=self.replay_max)
         self.replay.append(out)
         for ob in self.outboxes:
             ob.put_nowait(out)
@@ -232,7 +237,7 @@ class _Session:
                 log.info("session %s: resync (client at %d, have %d..%d)", self.name, last_seq, oldest, seq)
                 outbox.put_nowait(_outgoing(USER_DESTINATION, oldest - 1, Resync().to_wire()))
                 last_seq = oldest - 1
-            for out in replay:
+            for out in replay or ():
                 if out.seq > last_seq:
                     outbox.put_nowait(out)
         self.outboxes.append(outbox)

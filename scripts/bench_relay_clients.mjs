@@ -89,7 +89,9 @@ function connectBare(i) {
       if (phase) phase.wsMessages++;
       onMessage(i, s);
     });
-    ws.on('close', (code) => { closed++; if (!up) reject(new Error(`client ${i}: closed ${code}`)); });
+    let beat = null;  // idle mode: a "\n" every cfg.heartbeatMs, as the stompjs clients' heart-beats
+    if (cfg.heartbeatMs) ws.on('open', () => { beat = setInterval(() => ws.send('\n'), cfg.heartbeatMs); });
+    ws.on('close', (code) => { closed++; if (beat) clearInterval(beat); if (!up) reject(new Error(`client ${i}: closed ${code}`)); });
     ws.on('error', (e) => { err(`client ${i}: ${e.message}`); if (!up) reject(e); });
   });
 }

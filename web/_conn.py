@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from actors.sessions import Outgoing
 
 from ._outbox import Outbox
+from ._transport import StompTransport
 from .auth import Principal
 from .stomp import StompConnection
 
@@ -73,11 +73,11 @@ class Conn:
     expect_every: float = 0.0
     messages: int = 0
     close_after_flush: Close | None = None
-    abort: Callable[[], Awaitable[None]] | None = None  # cuts the TCP connection (for a stuck writer)
+    io: StompTransport | None = None  # what carries it (its ``abort`` cuts the TCP connection under a stuck writer)
     released: bool = False  # session detached and per-user slot given back
     transport: str = "ws"  # what carries it: "ws", or "sockjs-<transport>"
     session_held: bool = False  # the hub accepted our Connect: a Disconnect is owed
-    replays: deque[float] = field(default_factory=deque)  # trio times of this connection's last-seq replays
+    replays: deque[float] | None = None  # trio times of this connection's last-seq replays (made by the first)
     opened: float = 0.0
     armed: float = math.inf  # the deadline the shared Timers will fire us at (web._timers)
     condemned_at: float | None = None  # when the connection was doomed (the writer has CLOSE_GRACE from then)

@@ -22,13 +22,15 @@ from functools import partial
 from typing import Any, Protocol
 
 from hypercorn.events import Closed
+from hypercorn.protocol.ws_stream import ASGIWebsocketState
 
 log = logging.getLogger(__name__)
 _warned = False  # the layout check fails for every connection or none: say it once
+_CONNECTED = ASGIWebsocketState.CONNECTED
 
 
-def transport_closer(websocket: Any) -> Callable[[], Awaitable[None]] | None:
-    """A coroutine function that closes ``websocket``'s TCP connection at once, or None if it cannot be found."""
+def _layers(websocket: Any) -> tuple[Any, Any] | None:
+    """(Hypercorn's ``WSStream``, its ``TCPServer``) under a quart websocket, or None if the layout is not 0.18's."""
     ws = websocket._get_current_object() if hasattr(websocket, "_get_current_object") else websocket
     send = getattr(ws, "_send", None)
     asgi_send = send.args[0] if isinstance(send, partial) and send.args else None
@@ -36,16 +38,24 @@ def transport_closer(websocket: Any) -> Callable[[], Awaitable[None]] | None:
     protocol = getattr(getattr(ws_stream, "send", None), "__self__", None)
     tcp_send = getattr(protocol, "send", None)
     if tcp_send is None or getattr(tcp_send, "__name__", "") != "protocol_send":
+        return None
+    return ws_stream, tcp_send.__self__
+
+
+def transport_closer(websocket: Any) -> Callable[[], Awaitable[None]] | None:
+    """A coroutine function that closes ``websocket``'s TCP connection at once, or None if it cannot be found."""
+    layers = _layers(websocket)
+    if layers is None:
         global _warned
         if not _warned:
             _warned = True
             log.warning(
                 "ws: cannot reach the TCP stream under %r (hypercorn layout changed?): "
                 "a client that stops reading will hold its connection until it goes away",
-                ws,
+                websocket,
             )
         return None
-    return partial(tcp_send, Closed())
+    return partial(layers[1].protocol_send, Closed())
 
 
 class TransportClosed(Exception):
@@ -61,7 +71,9 @@ class StompTransport(Protocol):
     code; ``abort`` (or None) cuts it at once when ``send`` is stuck on a client that stopped reading."""
 
     name: str
-    abort: Callable[[], Awaitable[None]] | None
+
+    @property
+    def abort(self) -> Callable[[], Awaitable[None]] | None: ...
 
     async def receive(self) -> str | bytes: ...
 
@@ -70,14 +82,22 @@ class StompTransport(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
-class WebSocketTransport:
-    """A Quart websocket (already accepted) as a ``StompTransport``."""
+# A heart-beat as a whole WebSocket message: FIN + text opcode, unmasked (server to client), the 1-byte payload "\n"
+HEARTBEAT_MESSAGE = b"\x81\x01\n"
 
+
+class WebSocketTransport:
+    """A Quart websocket (already accepted) as a ``StompTransport``. Small: an idle connection holds one."""
+
+    __slots__ = ("_ws",)
     name = "ws"
 
     def __init__(self, websocket: Any) -> None:
-        self._ws = websocket
-        self.abort = transport_closer(websocket)
+        self._ws = websocket._get_current_object() if hasattr(websocket, "_get_current_object") else websocket
+
+    @property
+    def abort(self) -> Callable[[], Awaitable[None]] | None:
+        return transport_closer(self._ws)
 
     async def receive(self) -> str | bytes:
         return await self._ws.receive()  # type: ignore[no-any-return]
@@ -87,3 +107,26 @@ class WebSocketTransport:
 
     async def close(self, code: int, reason: str) -> None:
         await self._ws.close(code, reason)
+
+    def send_heartbeat_nowait(self) -> bool:
+        """Write a heart-beat straight into the socket, past quart, Hypercorn and wsproto: no task wakes, nothing
+        is allocated. Only when nothing else is being written (Hypercorn's send lock is free, so no message is half
+        sent) and the WebSocket is open; the caller makes sure nothing of its own is queued. False: not possible
+        now (the caller queues the heart-beat the ordinary way). A partial write (the kernel's buffer full to the
+        byte) leaves the stream broken: TransportClosed, and the caller cuts the connection."""
+        layers = _layers(self._ws)
+        if layers is None:
+            return False
+        ws_stream, tcp = layers
+        if ws_stream.closed or ws_stream.state is not _CONNECTED or tcp.send_lock.locked():
+            return False
+        try:
+            sock = tcp.stream.socket._sock  # trio's socket wraps the stdlib one, non-blocking
+            sent = sock.send(HEARTBEAT_MESSAGE)
+        except (BlockingIOError, AttributeError):
+            return False
+        except OSError:  # the peer is gone: the ordinary path finds out and ends the connection
+            return False
+        if sent != len(HEARTBEAT_MESSAGE):
+            raise TransportClosed(f"heart-beat written in part ({sent} of {len(HEARTBEAT_MESSAGE)} bytes)")
+        return True

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FREEZE_EVERY = 1000  # connections opened between two gc.freeze() calls (see ``run``)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
+HEARTBEAT_SLACK = 1.0  # seconds (at most a tenth of the period) a heart-beat may go early, to share a timer wake-up
 _ids = itertools.count(1)
 
 
@@ -82,7 +83,7 @@ class StompEndpoint(StompCommands):
             outbox=Outbox(max_bytes=self.cfg.outbox_bytes, max_delay=self.cfg.outbox_delay),
             stomp=StompConnection(max_frame_size=self.cfg.max_frame_size),
             last_rx=now,
-            abort=transport.abort,
+            io=transport,
             transport=transport.name,
             opened=now,
         )
@@ -121,8 +122,8 @@ class StompEndpoint(StompCommands):
     async def _writer(self, transport: StompTransport, conn: _Conn) -> _Close:
         """Drain the outbox, one WebSocket message per batch; returns how to close."""
         while True:
-            try:
-                batch = await conn.outbox.get_batch()
+            try:  # the batch lives in _send_batch's frame only: an idle writer holds no frames of the last one
+                close = await self._send_batch(transport, conn, await conn.outbox.get_batch())
             except SlowConsumer as exc:
                 log.warning("ws %d: %s", conn.id, exc)
                 # encode_frame, not stomp.error(): an ERROR may already have been sent on this connection
@@ -133,34 +134,40 @@ class StompEndpoint(StompCommands):
                 )
                 await transport.send(err.decode())  # bounded by the timers' watchdog (CLOSE_GRACE)
                 return _Close(1008, "slow consumer")
-            parts: list[bytes] = []
-            now = trio.current_time()
-            relayed = self.metrics.relayed
-            for out in batch:
-                if out.type == END:  # what was queued after the last frame is not sent
-                    if parts:
-                        await transport.send(b"".join(parts).decode("utf-8", "replace"))
-                    assert conn.close_after_flush is not None
-                    return conn.close_after_flush
-                if out.type == RAW:
-                    parts.append(out.body)
+            if close is not None:
+                return close
+
+    async def _send_batch(self, transport: StompTransport, conn: _Conn, batch: list[Any]) -> _Close | None:
+        """One batch as one WebSocket message; returns how to close once the batch ends the connection."""
+        parts: list[bytes] = []
+        now = trio.current_time()
+        relayed = self.metrics.relayed
+        for out in batch:
+            if out.type == END:  # what was queued after the last frame is not sent
+                if parts:
+                    await transport.send(b"".join(parts).decode("utf-8", "replace"))
+                assert conn.close_after_flush is not None
+                return conn.close_after_flush
+            if out.type == RAW:
+                parts.append(out.body)
+                continue
+            prefix = conn.prefixes.get(out.destination)
+            if prefix is None:
+                prefix = self._prefix(conn, out.destination)
+                if prefix is None:  # not subscribed (any more)
                     continue
-                prefix = conn.prefixes.get(out.destination)
-                if prefix is None:
-                    prefix = self._prefix(conn, out.destination)
-                    if prefix is None:  # not subscribed (any more)
-                        continue
-                conn.messages += 1
-                mid = b"%d-%d" % (conn.id, conn.messages)
-                ack = b"ack:" + mid + b"\n" if conn.acks.get(out.destination) else b""
-                parts.append(
-                    b"%smessage-id:%s\nseq:%d\n%scontent-length:%d\n\n%s\0"
-                    % (prefix, mid, out.seq, ack, len(out.body), out.body)
-                )
-                relayed(out.type, now - out.created)
-            if parts:
-                await transport.send(b"".join(parts).decode("utf-8", "replace"))
-                conn.last_tx = trio.current_time()
+            conn.messages += 1
+            mid = b"%d-%d" % (conn.id, conn.messages)
+            ack = b"ack:" + mid + b"\n" if conn.acks.get(out.destination) else b""
+            parts.append(
+                b"%smessage-id:%s\nseq:%d\n%scontent-length:%d\n\n%s\0"
+                % (prefix, mid, out.seq, ack, len(out.body), out.body)
+            )
+            relayed(out.type, now - out.created)
+        if parts:
+            await transport.send(b"".join(parts).decode("utf-8", "replace"))
+            conn.last_tx = trio.current_time()
+        return None
 
     def _prefix(self, conn: _Conn, destination: str) -> bytes | None:
         """The MESSAGE header lines fixed for a subscription (built once per SUBSCRIBE), or None if not subscribed.
@@ -180,27 +187,8 @@ class StompEndpoint(StompCommands):
 
     async def _reader(self, transport: StompTransport, conn: _Conn) -> None:
         try:
-            while conn.close_after_flush is None:
-                data = await transport.receive()
-                conn.last_rx = trio.current_time()
-                conn.stomp.receive_data(data.encode() if isinstance(data, str) else data)
-                while conn.close_after_flush is None:
-                    event = conn.stomp.next_event()
-                    if event is NEED_DATA:
-                        break
-                    if event is HEARTBEAT or not isinstance(event, Frame):
-                        continue
-                    conn.busy = True  # while we wait on an actor we read nothing: not the client's silence
-                    try:
-                        await self._handle(conn, event)
-                    except (_Close, RemoteProtocolError):
-                        raise
-                    except Exception:  # a bug must cost this frame an ERROR, never the process or a silent close
-                        log.exception("ws %d: %s frame failed", conn.id, event.command)
-                        self._error(conn, "internal error", f"the gateway failed to handle {event.command}", 1011)
-                    finally:
-                        conn.busy = False
-                        conn.last_rx = trio.current_time()
+            while conn.close_after_flush is None:  # what one message brought lives in _feed's frame only
+                await self._feed(conn, await transport.receive())
         except RemoteProtocolError as exc:
             log.info("ws %d: protocol error: %s", conn.id, exc)
             self._fail(conn, exc.error_frame, 1002)
@@ -213,40 +201,86 @@ class StompEndpoint(StompCommands):
                 conn.outbox.put_nowait(_END)
                 self._condemned(conn)
 
+    async def _feed(self, conn: _Conn, data: str | bytes) -> None:
+        """One message from the client: its frames, handled in order (a heart-beat alone costs no parse)."""
+        conn.last_rx = trio.current_time()
+        if conn.stomp.take_heartbeat(data):
+            return
+        conn.stomp.receive_data(data.encode() if isinstance(data, str) else data)
+        while conn.close_after_flush is None:
+            event = conn.stomp.next_event()
+            if event is NEED_DATA:
+                break
+            if event is HEARTBEAT or not isinstance(event, Frame):
+                continue
+            conn.busy = True  # while we wait on an actor we read nothing: not the client's silence
+            try:
+                await self._handle(conn, event)
+            except (_Close, RemoteProtocolError):
+                raise
+            except Exception:  # a bug must cost this frame an ERROR, never the process or a silent close
+                log.exception("ws %d: %s frame failed", conn.id, event.command)
+                self._error(conn, "internal error", f"the gateway failed to handle {event.command}", 1011)
+            finally:
+                conn.busy = False
+                conn.last_rx = trio.current_time()
+
     def _fire(self, conn: _Conn) -> None:
         """Called by the shared ``Timers`` service when one of ``conn``'s deadlines is due: heart-beats out,
         heart-beat enforcement in, slow-consumer deadline, CONNECT deadline, and the watchdog that cuts a
-        connection whose writer cannot finish (see the module docstring). Re-arms for the next real deadline."""
+        connection whose writer cannot finish (see the module docstring). Re-arms for the next real deadline.
+        Each deadline is tested as ``deadline <= now`` with the very sum it is armed with: what the heap fires is
+        always found due here (a rounding difference would fire the same entry again and again)."""
         now = trio.current_time()
-        if conn.principal is None and now - conn.opened >= self.cfg.connect_timeout:
+        if conn.principal is None and conn.opened + self.cfg.connect_timeout <= now:
             self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
         if conn.outbox.overdue():
             conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
-        if conn.expect_every and not conn.busy and now - conn.last_rx >= 2 * conn.expect_every:
+        if conn.expect_every and not conn.busy and conn.last_rx + 2 * conn.expect_every <= now:
             if conn.close_after_flush is None:
                 log.info("ws %d: no heart-beat for %.2fs: closing", conn.id, now - conn.last_rx)
             self._error(conn, "heart-beat timeout", f"nothing received for {now - conn.last_rx:.1f}s", 1002)
         if conn.condemned_at is None and (conn.outbox.failed is not None or conn.close_after_flush is not None):
             conn.condemned_at = now
         if conn.condemned_at is not None:
-            if now - conn.condemned_at >= CLOSE_GRACE:
+            if conn.condemned_at + CLOSE_GRACE <= now:
                 self.timers_nursery().start_soon(self._cut, conn)
             else:
                 self.timers.arm(conn, conn.condemned_at + CLOSE_GRACE)
             return
-        if conn.send_every and now - conn.last_tx >= conn.send_every:
+        beat_slack = min(HEARTBEAT_SLACK, conn.send_every / 10)
+        if conn.send_every and conn.last_tx + conn.send_every - beat_slack <= now:
             conn.last_tx = now
-            conn.raw(b"\n")
+            if not self._heartbeat(conn):  # the stream broke under it: the next pass of the heap cuts it
+                self.timers.arm(conn, now)
+                return
         wake = math.inf
         if conn.principal is None:
             wake = conn.opened + self.cfg.connect_timeout
-        if conn.send_every:
-            wake = min(wake, conn.last_tx + conn.send_every)
         if conn.expect_every:  # while busy, look again later: the reader resets last_rx when it is done
             wake = min(wake, conn.last_rx + 2 * conn.expect_every if not conn.busy else now + conn.expect_every)
         if (due := conn.outbox.due) is not None:
             wake = min(wake, due)
-        self.timers.arm(conn, wake)
+        slack = 0.0
+        if conn.send_every and conn.last_tx + conn.send_every < wake:  # the heart-beat is next: it may go early
+            wake, slack = conn.last_tx + conn.send_every, beat_slack
+        self.timers.arm(conn, wake, slack)
+
+    def _heartbeat(self, conn: _Conn) -> bool:
+        """Send a heart-beat: straight into the socket when nothing else is queued or being sent (no task wakes),
+        else through the outbox like any frame. False: the socket took part of it, so the stream is broken and
+        the connection is condemned past its grace (cut at once)."""
+        direct = getattr(conn.io, "send_heartbeat_nowait", None)
+        if direct is not None and conn.outbox.idle:
+            try:
+                if direct():
+                    return True
+            except TransportClosed as exc:  # the stream is broken mid-message: nothing more can go on it
+                log.warning("ws %d: %s: cutting the TCP connection", conn.id, exc)
+                conn.condemned_at = trio.current_time() - CLOSE_GRACE
+                return False
+        conn.raw(b"\n")
+        return True
 
     async def _cut(self, conn: _Conn) -> None:
         """The writer did not finish within CLOSE_GRACE of the connection being condemned: it is stuck in a send
@@ -257,10 +291,11 @@ class StompEndpoint(StompCommands):
             CLOSE_GRACE,
             conn.outbox.failed or conn.close_after_flush,
         )
-        if conn.abort is None:
+        abort = conn.io.abort if conn.io is not None else None
+        if abort is None:
             log.error("ws %d: no way to cut the TCP connection; it stays open until the client goes away", conn.id)
             return
-        await conn.abort()
+        await abort()
 
     # -- frames
 

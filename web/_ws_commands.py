@@ -6,6 +6,7 @@ timers) on top of this class; the frames themselves are the sans-IO ``web.stomp.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -220,11 +221,14 @@ class StompCommands:
 
     def _replay_allowed(self, conn: _Conn) -> bool:
         now = trio.current_time()
-        while conn.replays and now - conn.replays[0] >= REPLAY_WINDOW:
-            conn.replays.popleft()
-        if len(conn.replays) >= self.cfg.max_replays_per_minute:
+        replays = conn.replays
+        if replays is None:
+            replays = conn.replays = deque()
+        while replays and now - replays[0] >= REPLAY_WINDOW:
+            replays.popleft()
+        if len(replays) >= self.cfg.max_replays_per_minute:
             return False
-        conn.replays.append(now)
+        replays.append(now)
         return True
 
     async def _unsubscribe(self, conn: _Conn, sub_id: str) -> None:

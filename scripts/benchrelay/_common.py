@@ -33,6 +33,7 @@ THROTTLE_MS = 20.0  # simulator step while too many events are in flight (comfy 
 TICK_MS = 10  # how often the clients report their count (comfy path at "max")
 SERVER_START = 60.0  # seconds a server process has to start listening
 QUIET_BUSY = 0.15  # CPU seconds per second (both cores) below which the machine counts as quiet
+IDLE_HEARTBEAT = 10.0  # idle mode: the bare relay's heart-beat period each way (the stompjs clients ask 10 s)
 IDLE_SECONDS = 3.0  # default of --idle-seconds: how long the server's idle CPU with N connections is measured
 CONNECT_BATCH = 50  # clients connecting at once (Hypercorn's listen backlog is 100)
 
@@ -127,15 +128,17 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
     cpu0 = 0.0
     gc_pauses: list[float] = []  # seconds per full (generation 2) collection during the phase
     gc_any_max = 0.0  # the longest collection of any generation during the phase
+    gc_total = 0.0  # seconds spent in collections of any generation during the phase
     gc_started = 0.0
 
     def gc_watch(phase: str, info: dict[str, int]) -> None:
-        nonlocal gc_started, gc_any_max
+        nonlocal gc_started, gc_any_max, gc_total
         if phase == "start":
             gc_started = time.perf_counter()
             return
         pause = time.perf_counter() - gc_started
         gc_any_max = max(gc_any_max, pause)
+        gc_total += pause
         if info["generation"] == 2:
             gc_pauses.append(pause)
 
@@ -152,7 +155,7 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
                 t = os.times()
                 cpu0 = t.user + t.system
                 gc_pauses.clear()
-                gc_any_max = 0.0
+                gc_any_max = gc_total = 0.0
                 if cmd.get("profile"):
                     prof = cProfile.Profile()  # wall clock (cheap): only meaningful when "others" is ~0%
                     prof.enable()
@@ -180,6 +183,7 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
                         "gc_full_max_ms": round(1000 * max(gc_pauses, default=0.0), 1),
                         "gc_full_total_ms": round(1000 * sum(gc_pauses), 1),
                         "gc_max_ms": round(1000 * gc_any_max, 1),
+                        "gc_total_ms": round(1000 * gc_total, 1),
                         "gc_objects": len(gc.get_objects()),
                         "gc_top_types": gc_top_types(8),
                     }

@@ -23,6 +23,7 @@ from ._common import (
     COMFY_SETTLE,
     CONNECT_BATCH,
     DRAIN_GRACE,
+    IDLE_HEARTBEAT,
     MAX_SAMPLER_STEPS,
     NODE_DIR,
     QUIET_BUSY,
@@ -88,6 +89,8 @@ class Driver:
         await server.send({"cmd": "stats"})
         before = await server.expect("stats", 10)
         cfg = {"mode": mode, "url": info["url"], "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
+        if mode == "bare" and self.a.paths == ["idle"]:
+            cfg["heartbeatMs"] = int(IDLE_HEARTBEAT * 1000)
         cfg_path = self.tmp / f"clients-{mode}.json"
         cfg_path.write_text(json.dumps(cfg))
         p = await self.spawn(f"clients-{mode}", ["node", str(CLIENTS_JS), str(cfg_path)], self.client_cpu_id)
@@ -101,9 +104,14 @@ class Driver:
         idle_s = self.a.idle_seconds
         await server.send({"cmd": "begin"})
         await server.expect("begun", 10)
+        d0, c0, own0 = os.times(), cpu_busy(), proc_cpu(p.proc.pid)
         await trio.sleep(idle_s)
         await server.send({"cmd": "end"})
         idle = await server.expect("ended", 60)
+        d1, c1, own1 = os.times(), cpu_busy(), proc_cpu(p.proc.pid)
+        busy = {cpu: c1[cpu] - c0.get(cpu, 0.0) for cpu in c1}
+        driver = (d1.user + d1.system) - (d0.user + d0.system)
+        others = sum(busy.values()) - idle["cpu"] - (own1 - own0) - driver
         await p.send({"cmd": "status"})
         status = await p.expect("status", 10)
         setup = {
@@ -117,6 +125,15 @@ class Driver:
             "idle_cpu_percent": round(100 * idle["cpu"] / idle_s, 1),
             "idle_gc_full": idle["gc_full"],
             "idle_gc_max_ms": idle["gc_max_ms"],
+            "idle_gc_full_total_ms": idle["gc_full_total_ms"],
+            "idle_gc_total_ms": idle["gc_total_ms"],
+            "idle_client_cpu_percent": round(100 * (own1 - own0) / idle_s, 1),
+            "idle_others_percent": round(100 * max(0.0, others) / idle_s, 1),
+            "idle_others_server_core_percent": (
+                round(100 * max(0.0, busy.get(self.server_cpu_id, 0.0) - idle["cpu"]) / idle_s, 1)
+                if self.server_cpu_id is not None
+                else None
+            ),
             "closed_while_idle": status["closed"],
             "client_errors": status["errors"],
             "calibration_us": info["calibration_us"],
@@ -129,7 +146,9 @@ class Driver:
             f"  {self.a.clients} {mode} clients connected in {setup['connect_seconds']}s; server RSS "
             f"{setup['rss_before_mb']} -> {setup['rss_connected_mb']} MB ({setup['kb_per_connection']} KB per "
             f"connection), idle CPU {setup['idle_cpu_percent']}% over {idle_s:g}s ({setup['closed_while_idle']} "
-            f"closed, {setup['idle_gc_full']} full GC, longest GC {setup['idle_gc_max_ms']} ms); json.dumps(100 B) "
+            f"closed, {setup['idle_gc_full']} full GC ({setup['idle_gc_full_total_ms']} ms in all), GC "
+            f"{setup['idle_gc_total_ms']} ms in all, longest GC {setup['idle_gc_max_ms']} ms; others "
+            f"{setup['idle_others_server_core_percent']}% of the server core); json.dumps(100 B) "
             f"{info['calibration_us']} µs"
         )
         return p
@@ -373,7 +392,9 @@ class Driver:
             await self.run_gateway((), paths)
         if "bare" in paths or paths == ["idle"]:
             self.say("bare relay (Quart-Trio on Hypercorn, one WebSocket message per event)")
-            server, info = await self.start_server("bare", {})
+            # idle mode: the bare relay and its clients exchange heart-beats as the gateway's do (the fair floor)
+            hb = {"heartbeat": IDLE_HEARTBEAT} if paths == ["idle"] else {}
+            server, info = await self.start_server("bare", hb)
             try:
                 clients = await self.start_clients("bare", server, info)
                 try:

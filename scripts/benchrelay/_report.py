@@ -96,8 +96,9 @@ def table(results: list[Result], setup: dict[str, dict[str, Any]]) -> str:
             f"{name}: {st['rss_before_mb']} -> {st['rss_connected_mb']} MB RSS with the clients connected "
             f"({st['kb_per_connection']} KB per connection; {st['kb_per_connection_after_idle']} KB after idling), "
             f"idle CPU {st['idle_cpu_percent']}% over {st['idle_seconds']:g}s, {st['closed_while_idle']} closed "
-            f"while idle, {st['idle_gc_full']} full GC (longest collection {st['idle_gc_max_ms']} ms), "
-            f"json.dumps(100 B) {st['calibration_us']} µs on the server core"
+            f"while idle, {st['idle_gc_full']} full GC (longest collection {st['idle_gc_max_ms']} ms; GC "
+            f"{st.get('idle_gc_total_ms', 0.0)} ms in all), others {st.get('idle_others_server_core_percent')}% of "
+            f"the server core, json.dumps(100 B) {st['calibration_us']} µs on the server core"
         )
 
     def share(r: Result) -> float:  # what disturbs the server: others on its core (on any core when not pinned)

@@ -91,6 +91,12 @@ async def bare_server(cfg: dict[str, Any]) -> None:
     app = QuartTrio("bare_relay")
     conns: dict[int, trio.MemorySendChannel[str]] = {}
 
+    heartbeat = float(cfg.get("heartbeat", 0))  # idle mode: a "\n" each way every `heartbeat` s, as STOMP's
+
+    async def discard() -> None:  # what the clients send (their heart-beats) is read and dropped
+        while True:
+            await websocket.receive()
+
     @app.websocket("/ws")
     async def ws() -> None:
         u = int(websocket.args.get("u", "-1"))
@@ -99,8 +105,16 @@ async def bare_server(cfg: dict[str, Any]) -> None:
         conns[u] = tx
         try:
             await websocket.send("hello")
-            async for msg in rx:
-                await websocket.send(msg)
+            if not heartbeat:
+                async for msg in rx:
+                    await websocket.send(msg)
+                return
+            async with trio.open_nursery() as nursery:  # the plainest heart-beats: a reader, a timeout per wait
+                nursery.start_soon(discard)
+                while True:
+                    with trio.move_on_after(heartbeat) as idle:
+                        msg = await rx.receive()
+                    await websocket.send("\n" if idle.cancelled_caught else msg)
         finally:
             if conns.get(u) is tx:
                 del conns[u]

@@ -174,6 +174,21 @@ class StompConnection:
         elif self.state is not ConnState.ERROR:  # after an error the session is over: drop, don't buffer
             self._buf += data
 
+    def take_heartbeat(self, data: bytes | str) -> bool:
+        """Consume ``data`` at once if it is exactly one heart-beat (an EOL alone) that arrives between frames of a
+        connected session with nothing buffered: the common case of an idle connection, with no buffering and no
+        parse. False (nothing consumed): pass ``data`` to ``receive_data`` as usual."""
+        if (
+            (data == b"\n" or data == "\n" or data == b"\r\n" or data == "\r\n")
+            and self.state is ConnState.CONNECTED
+            and self._phase == _IDLE
+            and self._pos >= len(self._buf)
+            and not self._eof
+        ):
+            self._heartbeats_received += 1
+            return True
+        return False
+
     def next_event(self) -> Frame | type[HEARTBEAT] | type[NEED_DATA]:
         """The next complete event, or ``NEED_DATA``. Raises RemoteProtocolError, then again on every call."""
         if self.state is ConnState.ERROR:
