@@ -6,6 +6,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+import trio
+
 from actors.sessions import Outgoing
 
 from ._outbox import Outbox
@@ -81,6 +83,9 @@ class Conn:
     opened: float = 0.0
     armed: float = math.inf  # the deadline the shared Timers will fire us at (web._timers)
     condemned_at: float | None = None  # when the connection was doomed (the writer has CLOSE_GRACE from then)
+    reading: bool = True  # False once closing: what the client sends now is not read (see web._ws._stop_reading)
+    feeding: trio.CancelScope | None = None  # a frame being handled in quart's message task (pumped connections)
+    fed: trio.Event | None = None  # set when that frame is done, for ``_stop_reading`` waiting on it
 
     def raw(self, data: bytes) -> None:
         self.outbox.put_nowait(Outgoing("", 0, data, RAW))

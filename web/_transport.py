@@ -21,8 +21,10 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
+import trio
 from hypercorn.events import Closed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState
+from quart_trio.asgi import TrioASGIWebsocketConnection
 
 log = logging.getLogger(__name__)
 _warned = False  # the layout check fails for every connection or none: say it once
@@ -130,3 +132,67 @@ class WebSocketTransport:
         if sent != len(HEARTBEAT_MESSAGE):
             raise TransportClosed(f"heart-beat written in part ({sent} of {len(HEARTBEAT_MESSAGE)} bytes)")
         return True
+
+
+# =============================================================================================================
+# Incoming messages without a channel and a reader task (issue 11: 10,000 idle connections)
+# =============================================================================================================
+
+QUART_QUEUE = 10  # what quart-trio's own receive channel holds (``TrioASGIWebsocketConnection``)
+Pump = Callable[[str | bytes], Awaitable[None]]
+
+
+class PumpInbox:
+    """Where quart puts a websocket's incoming messages: quart-trio's memory channel, made only when something uses
+    it, or, once ``claim``-ed, a ``pump`` awaited in quart's own message task. The STOMP endpoint claims it, so an
+    idle connection has neither a channel nor a reader task of its own (about 5 KB), and a message reaches the
+    STOMP parser without a hop between tasks."""
+
+    __slots__ = ("_rx", "_tx", "pump")
+
+    def __init__(self) -> None:
+        self._tx: trio.MemorySendChannel[str | bytes] | None = None
+        self._rx: trio.MemoryReceiveChannel[str | bytes] | None = None
+        self.pump: Pump | None = None
+
+    def _channel(self) -> tuple[trio.MemorySendChannel[str | bytes], trio.MemoryReceiveChannel[str | bytes]]:
+        if self._tx is None or self._rx is None:
+            self._tx, self._rx = trio.open_memory_channel[str | bytes](QUART_QUEUE)
+        return self._tx, self._rx
+
+    def claim(self, pump: Pump) -> bool:
+        """From now on every message goes to ``pump``; False (and nothing changes) when the channel is already in
+        use (a message came first, or someone reads with ``receive``)."""
+        if self._tx is not None:
+            return False
+        self.pump = pump
+        return True
+
+    async def send(self, message: str | bytes) -> None:  # quart's message task, one message at a time
+        if self.pump is not None:
+            await self.pump(message)
+        else:
+            await self._channel()[0].send(message)
+
+    async def receive(self) -> str | bytes:  # quart's ``websocket.receive()``
+        return await self._channel()[1].receive()
+
+
+class PumpedWebsocketConnection(TrioASGIWebsocketConnection):
+    """quart-trio's websocket connection with a ``PumpInbox`` in place of its memory channel (both of its ends).
+    Set as the app's ``asgi_websocket_class`` by ``web.server``; every other route reads as before."""
+
+    def __init__(self, app: Any, scope: Any) -> None:  # quart-trio's __init__, minus the channel
+        self.app = app
+        self.scope = scope
+        self._accepted = False
+        self._closed = False
+        inbox = PumpInbox()
+        self.send_channel = self.receive_channel = inbox  # type: ignore[assignment]
+
+
+def pump_inbox(websocket: Any) -> PumpInbox | None:
+    """The ``PumpInbox`` under a quart websocket, or None (another ASGI connection class, e.g. the test client)."""
+    ws = websocket._get_current_object() if hasattr(websocket, "_get_current_object") else websocket
+    inbox = getattr(getattr(ws, "_receive", None), "__self__", None)
+    return inbox if isinstance(inbox, PumpInbox) else None

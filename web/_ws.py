@@ -36,7 +36,7 @@ from ._conn import END_MARKER as _END
 from ._conn import Close as _Close
 from ._conn import Conn as _Conn
 from ._outbox import Outbox, SlowConsumer
-from ._transport import StompTransport, TransportClosed, WebSocketTransport
+from ._transport import PumpInbox, StompTransport, TransportClosed, WebSocketTransport, pump_inbox
 from ._ws_commands import DETACH_TIMEOUT, StompCommands
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame
 
@@ -69,11 +69,13 @@ class StompEndpoint(StompCommands):
             log.warning("ws: no STOMP subprotocol in %r", offered)
             return "no supported STOMP subprotocol (v12.stomp, v11.stomp, v10.stomp)", 400
         await websocket.accept(subprotocol=proto)
-        await self.run(WebSocketTransport(websocket))
+        await self.run(WebSocketTransport(websocket), pump_inbox(websocket))
         return None
 
-    async def run(self, transport: StompTransport) -> None:
-        """One STOMP connection over ``transport`` (a plain WebSocket, or a SockJS session), until it ends."""
+    async def run(self, transport: StompTransport, inbox: PumpInbox | None = None) -> None:
+        """One STOMP connection over ``transport`` (a plain WebSocket, or a SockJS session), until it ends.
+        With an ``inbox`` that can be claimed, quart's own message task hands each message to ``_pumped``: no reader
+        task (and no nursery) of ours; else a reader task reads ``transport``."""
         if not self._timers_started:
             self._timers_started = True
             self.timers_nursery().start_soon(self.timers.serve, self._fire, self.shutdown, self._announce_shutdown)
@@ -99,16 +101,17 @@ class StompEndpoint(StompCommands):
         if self.shutdown.is_set():
             self._shutting_down(conn)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader, transport, conn)
-                close = await self._writer(transport, conn)
-                # detach first: a client that reconnects as soon as it sees the close finds its slot free
-                await self._release(conn)
-                await transport.close(close.code, close.reason)  # the timers' watchdog still watches this send
-                nursery.cancel_scope.cancel()
+            if inbox is not None and inbox.claim(partial(self._pumped, conn)):
+                await self._close(transport, conn, await self._writer(transport, conn))
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, transport, conn)
+                    await self._close(transport, conn, await self._writer(transport, conn))
+                    nursery.cancel_scope.cancel()
         finally:
             self.timers.disarm(conn)
             with trio.move_on_after(DETACH_TIMEOUT, shield=True) as scope:
+                await self._stop_reading(conn)
                 await self._release(conn)
             if scope.cancelled_caught:
                 log.error("ws %d: the sessions hub did not take the Detach within %.0fs", conn.id, DETACH_TIMEOUT)
@@ -116,6 +119,22 @@ class StompEndpoint(StompCommands):
             self.metrics.connections_closed(conn.outbox)
             if conn.outbox.failed is not None:
                 self.metrics.slow_consumer()
+
+    async def _close(self, transport: StompTransport, conn: _Conn, close: _Close) -> None:
+        # detach first: a client that reconnects as soon as it sees the close finds its slot free
+        await self._stop_reading(conn)
+        await self._release(conn)
+        await transport.close(close.code, close.reason)  # the timers' watchdog still watches this send
+
+    async def _stop_reading(self, conn: _Conn) -> None:
+        """Read nothing more (pumped: later messages are dropped); a frame being handled by the pump is cancelled
+        and waited for, so nothing attaches after ``_release`` (a reader task is its nursery's to cancel)."""
+        conn.reading = False
+        scope = conn.feeding
+        if scope is not None:
+            scope.cancel()
+            conn.fed = trio.Event()
+            await conn.fed.wait()
 
     # -- tasks
 
@@ -189,17 +208,39 @@ class StompEndpoint(StompCommands):
         try:
             while conn.close_after_flush is None:  # what one message brought lives in _feed's frame only
                 await self._feed(conn, await transport.receive())
-        except RemoteProtocolError as exc:
+        except (RemoteProtocolError, TransportClosed, _Close) as exc:
+            self._stopped(conn, exc)
+
+    async def _pumped(self, conn: _Conn, data: str | bytes) -> None:
+        """One message, in quart's message task (see ``run``). A heart-beat costs a time stamp; a frame is handled
+        inside a cancel scope that ``_stop_reading`` can cancel (and wait for)."""
+        if not conn.reading or conn.close_after_flush is not None:  # closing: not read any more
+            return
+        if conn.stomp.take_heartbeat(data):
+            conn.last_rx = trio.current_time()
+            return
+        with trio.CancelScope() as conn.feeding:
+            try:
+                await self._feed(conn, data)
+            except (RemoteProtocolError, TransportClosed, _Close) as exc:
+                self._stopped(conn, exc)
+            finally:
+                conn.feeding = None
+                if conn.fed is not None:
+                    conn.fed.set()
+
+    def _stopped(self, conn: _Conn, exc: Exception) -> None:
+        """What ends the reading: a protocol error, a broken transport, or DISCONNECT."""
+        if isinstance(exc, RemoteProtocolError):
             log.info("ws %d: protocol error: %s", conn.id, exc)
             self._fail(conn, exc.error_frame, 1002)
-        except TransportClosed as exc:
+        elif isinstance(exc, TransportClosed):
             log.info("ws %d (%s): %s", conn.id, conn.transport, exc)
             self._error(conn, "transport error", str(exc), 1002)
-        except _Close as close:  # DISCONNECT: the writer flushes the RECEIPT, then closes
-            if conn.close_after_flush is None:
-                conn.close_after_flush = close
-                conn.outbox.put_nowait(_END)
-                self._condemned(conn)
+        elif isinstance(exc, _Close) and conn.close_after_flush is None:  # DISCONNECT: RECEIPT, then close
+            conn.close_after_flush = exc
+            conn.outbox.put_nowait(_END)
+            self._condemned(conn)
 
     async def _feed(self, conn: _Conn, data: str | bytes) -> None:
         """One message from the client: its frames, handled in order (a heart-beat alone costs no parse)."""

@@ -25,6 +25,7 @@ from actors.image_urls import ImageUrls
 
 from . import _ws_close
 from ._templates import TemplateLibrary
+from ._transport import PumpedWebsocketConnection
 from .app import create_app
 from .auth import Authenticator
 from .config import WebConfig
@@ -114,6 +115,7 @@ async def serve_gateway(
     async with trio.open_nursery() as nursery:
         handles = await nursery.start(run_gateway, gw)
         app = create_app(handles, web, auth, shutdown, templates)
+        app.asgi_websocket_class = PumpedWebsocketConnection  # /ws: no receive channel, no reader task (issue 11)
         await nursery.start(_serve, app)
         gc.freeze()  # what start-up made (modules, actors, the app) is never scanned by a collection again
         gc.callbacks.append(_freeze_after_full_collection)

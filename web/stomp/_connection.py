@@ -386,6 +386,8 @@ class StompConnection:
         self._pos = end + 1
         self._phase = _IDLE
         self._command = ""
+        self._headers = ()  # the frame has them: an idle connection keeps nothing of its last frame
+        self._receipt = None
         self.state = self._next_state
         self.version = self._next_version
         self._frames_received += 1
