@@ -337,6 +337,25 @@ def test_heartbeats_between_frames() -> None:
         assert feed_chunks(connected(), cut(wire, [position])) == events
 
 
+def test_take_heartbeat_consumes_a_lone_eol_between_frames_only() -> None:
+    """The endpoint's idle fast path: a message that is one heart-beat, between frames, is counted and gone; an EOL
+    that belongs to a frame (or comes before CONNECTED, or after a partial frame) is left to receive_data."""
+    fresh = StompConnection()
+    assert not fresh.take_heartbeat(b"\n")  # before CONNECTED an EOL is not a heart-beat
+    conn = connected()
+    assert conn.take_heartbeat(b"\n") and conn.take_heartbeat("\r\n") and conn.take_heartbeat("\n")
+    assert not conn.take_heartbeat(b"\n\n") and not conn.take_heartbeat(b"SEND")  # more than one EOL: parse it
+    assert conn.statistics().heartbeats_received == 3
+    conn.receive_data(b"SEND\ndestination:/q\n")  # a frame split across messages: the next EOL ends its headers
+    assert conn.next_event() is NEED_DATA
+    assert not conn.take_heartbeat(b"\n")
+    conn.receive_data(b"\n")
+    conn.receive_data(b"body\0")
+    assert conn.next_event() == Frame("SEND", (("destination", "/q"),), b"body")
+    assert conn.next_event() is NEED_DATA
+    assert conn.take_heartbeat(b"\n") and conn.statistics().heartbeats_received == 4
+
+
 def test_heartbeat_split_between_cr_and_lf() -> None:
     conn = connected()
     conn.receive_data(b"\r")

@@ -391,8 +391,9 @@ async def test_server_heartbeats_follow_the_negotiated_interval(sim: FakeComfyUI
                     n.start_soon(count_heartbeats, c, beats[name])
                 await wait_until(lambda: len(beats["slow"]) >= 5 and len(beats["fast"]) >= 5)
                 n.cancel_scope.cancel()
-    # beats k periods apart cannot arrive sooner than k periods after CONNECT ...
-    assert beats["slow"][2] - start >= 0.6 and beats["fast"][2] - start >= 0.3
+    # beats k periods apart cannot arrive sooner than k periods after CONNECT (less the tenth of a period a beat
+    # may go early to share a timer wake-up) ...
+    assert beats["slow"][2] - start >= 0.54 and beats["fast"][2] - start >= 0.27
     # ... each client gets them at its own interval, and the client that asked for none got none
     slow_gap, fast_gap = (
         statistics.median(b - a for a, b in itertools.pairwise(v)) for v in (beats["slow"], beats["fast"])

@@ -42,6 +42,7 @@ class Timers:
         self._order = itertools.count()
         self._wake = trio.Event()
         self._sleeping_until = math.inf
+        self._max_slack = 0.0  # the largest slack ever armed: how far ahead a wake-up looks
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -51,6 +52,8 @@ class Timers:
         if when >= conn.armed:
             return
         conn.armed = when
+        if slack > self._max_slack:
+            self._max_slack = slack
         heapq.heappush(self._heap, (when, next(self._order), conn, slack))
         if when < self._sleeping_until:
             self._wake.set()
@@ -64,15 +67,23 @@ class Timers:
         heap = self._heap
         while True:
             now = trio.current_time()
-            while heap and heap[0][0] - heap[0][3] <= now:
-                when, _, conn, _ = heapq.heappop(heap)
+            horizon = now + self._max_slack  # nothing later than this may fire now, whatever its slack
+            early: list[tuple[float, int, Any, float]] = []  # not within its own slack: back into the heap after
+            while heap and heap[0][0] <= horizon:
+                entry = heapq.heappop(heap)
+                when, _, conn, slack = entry
                 if conn.armed != when:  # superseded by an earlier arm, or disarmed
+                    continue
+                if when - slack > now:
+                    early.append(entry)
                     continue
                 conn.armed = math.inf
                 try:
                     fire(conn)
                 except Exception:  # a bug costs that connection its timers, never every connection's
                     log.exception("timers: firing %r failed", conn)
+            for entry in early:
+                heapq.heappush(heap, entry)
             self._sleeping_until = heap[0][0] if heap else math.inf
             if self._wake.is_set():
                 self._wake = trio.Event()

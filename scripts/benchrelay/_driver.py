@@ -35,7 +35,7 @@ from ._common import (
     TICK_MS,
     WORKFLOW,
 )
-from ._procs import Proc, Result, cpu_busy, fill_latency, pin, proc_cpu
+from ._procs import Proc, Result, cpu_busy, fill_latency, idle_window, pin, proc_cpu
 from ._report import fmt_ms, fmt_rate
 
 
@@ -102,42 +102,15 @@ class Driver:
         await server.send({"cmd": "stats"})
         connected = await server.expect("stats", 10)
         idle_s = self.a.idle_seconds
-        await server.send({"cmd": "begin"})
-        await server.expect("begun", 10)
-        d0, c0, own0 = os.times(), cpu_busy(), proc_cpu(p.proc.pid)
-        await trio.sleep(idle_s)
-        await server.send({"cmd": "end"})
-        idle = await server.expect("ended", 60)
-        d1, c1, own1 = os.times(), cpu_busy(), proc_cpu(p.proc.pid)
-        busy = {cpu: c1[cpu] - c0.get(cpu, 0.0) for cpu in c1}
-        driver = (d1.user + d1.system) - (d0.user + d0.system)
-        others = sum(busy.values()) - idle["cpu"] - (own1 - own0) - driver
-        await p.send({"cmd": "status"})
-        status = await p.expect("status", 10)
         setup = {
             "connect_seconds": round(ready["seconds"], 2),
             "rss_before_mb": round(before["rss_kb"] / 1024, 1),
             "rss_connected_mb": round(connected["rss_kb"] / 1024, 1),
-            "rss_idle_mb": round(idle["rss_kb"] / 1024, 1),
             "kb_per_connection": round((connected["rss_kb"] - before["rss_kb"]) / self.a.clients, 1),
-            "kb_per_connection_after_idle": round((idle["rss_kb"] - before["rss_kb"]) / self.a.clients, 1),
-            "idle_seconds": idle_s,
-            "idle_cpu_percent": round(100 * idle["cpu"] / idle_s, 1),
-            "idle_gc_full": idle["gc_full"],
-            "idle_gc_max_ms": idle["gc_max_ms"],
-            "idle_gc_full_total_ms": idle["gc_full_total_ms"],
-            "idle_gc_total_ms": idle["gc_total_ms"],
-            "idle_client_cpu_percent": round(100 * (own1 - own0) / idle_s, 1),
-            "idle_others_percent": round(100 * max(0.0, others) / idle_s, 1),
-            "idle_others_server_core_percent": (
-                round(100 * max(0.0, busy.get(self.server_cpu_id, 0.0) - idle["cpu"]) / idle_s, 1)
-                if self.server_cpu_id is not None
-                else None
-            ),
-            "closed_while_idle": status["closed"],
-            "client_errors": status["errors"],
+            **await idle_window(server, p, idle_s, self.server_cpu_id),
             "calibration_us": info["calibration_us"],
         }
+        setup["kb_per_connection_after_idle"] = round((setup.pop("rss_idle_kb") - before["rss_kb"]) / self.a.clients, 1)
         if self.a.gc_freeze:
             await server.send({"cmd": "gc_freeze"})
             setup["gc_frozen_objects"] = (await server.expect("frozen", 30))["frozen"]

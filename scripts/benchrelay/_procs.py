@@ -154,3 +154,39 @@ def fill_latency(r: Result, lat: list[float]) -> None:
 
 def pin(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+async def idle_window(server: Proc, clients: Proc, idle_s: float, server_cpu: int | None) -> dict[str, Any]:
+    """The server's CPU and GC while the connected clients idle for ``idle_s`` seconds; the CPU the clients and other
+    processes used meanwhile; how many clients were closed."""
+    await server.send({"cmd": "begin"})
+    await server.expect("begun", 10)
+    d0, c0, own0 = os.times(), cpu_busy(), proc_cpu(clients.proc.pid)
+    await trio.sleep(idle_s)
+    await server.send({"cmd": "end"})
+    idle = await server.expect("ended", 60)
+    d1, c1, own1 = os.times(), cpu_busy(), proc_cpu(clients.proc.pid)
+    busy = {cpu: c1[cpu] - c0.get(cpu, 0.0) for cpu in c1}
+    driver = (d1.user + d1.system) - (d0.user + d0.system)
+    others = sum(busy.values()) - idle["cpu"] - (own1 - own0) - driver
+    await clients.send({"cmd": "status"})
+    status = await clients.expect("status", 10)
+    return {
+        "rss_idle_mb": round(idle["rss_kb"] / 1024, 1),
+        "rss_idle_kb": idle["rss_kb"],
+        "idle_seconds": idle_s,
+        "idle_cpu_percent": round(100 * idle["cpu"] / idle_s, 1),
+        "idle_gc_full": idle["gc_full"],
+        "idle_gc_max_ms": idle["gc_max_ms"],
+        "idle_gc_full_total_ms": idle["gc_full_total_ms"],
+        "idle_gc_total_ms": idle["gc_total_ms"],
+        "idle_client_cpu_percent": round(100 * (own1 - own0) / idle_s, 1),
+        "idle_others_percent": round(100 * max(0.0, others) / idle_s, 1),
+        "idle_others_server_core_percent": (
+            round(100 * max(0.0, busy.get(server_cpu, 0.0) - idle["cpu"]) / idle_s, 1)
+            if server_cpu is not None
+            else None
+        ),
+        "closed_while_idle": status["closed"],
+        "client_errors": status["errors"],
+    }
