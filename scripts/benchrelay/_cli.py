@@ -83,7 +83,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=IDLE_SECONDS,
         help=f"how long the connected clients idle while the server's CPU and GC are measured (default {IDLE_SECONDS:g})",
     )
-    p.add_argument("--profile", action="store_true", help="cProfile the server process per phase (slows it ~2x)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the server process per phase, or (--paths idle) while idle (slows it ~2x)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and the clients to CPU 1")
     p.add_argument(
         "--json",

@@ -107,7 +107,7 @@ class Driver:
             "rss_before_mb": round(before["rss_kb"] / 1024, 1),
             "rss_connected_mb": round(connected["rss_kb"] / 1024, 1),
             "kb_per_connection": round((connected["rss_kb"] - before["rss_kb"]) / self.a.clients, 1),
-            **await idle_window(server, p, idle_s, self.server_cpu_id),
+            **await idle_window(server, p, idle_s, self.server_cpu_id, self.a.profile and self.a.paths == ["idle"]),
             "calibration_us": info["calibration_us"],
         }
         setup["kb_per_connection_after_idle"] = round((setup.pop("rss_idle_kb") - before["rss_kb"]) / self.a.clients, 1)
@@ -115,6 +115,8 @@ class Driver:
             await server.send({"cmd": "gc_freeze"})
             setup["gc_frozen_objects"] = (await server.expect("frozen", 30))["frozen"]
         self.setup["gateway" if mode == "stomp" else "bare"] = setup
+        if profile := setup.pop("idle_profile"):
+            self.say(f"    server profile while idle ({mode}), top by own time:\n{profile}")
         self.say(
             f"  {self.a.clients} {mode} clients connected in {setup['connect_seconds']}s; server RSS "
             f"{setup['rss_before_mb']} -> {setup['rss_connected_mb']} MB ({setup['kb_per_connection']} KB per "

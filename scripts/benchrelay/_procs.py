@@ -156,10 +156,12 @@ def pin(cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None else []
 
 
-async def idle_window(server: Proc, clients: Proc, idle_s: float, server_cpu: int | None) -> dict[str, Any]:
-    """The server's CPU and GC while the connected clients idle for ``idle_s`` seconds; the CPU the clients and other
-    processes used meanwhile; how many clients were closed."""
-    await server.send({"cmd": "begin"})
+async def idle_window(
+    server: Proc, clients: Proc, idle_s: float, server_cpu: int | None, profile: bool = False
+) -> dict[str, Any]:
+    """The server's CPU and GC while the connected clients idle for ``idle_s`` seconds (with ``profile``: its cProfile
+    text as "idle_profile"); the CPU the clients and other processes used meanwhile; how many clients were closed."""
+    await server.send({"cmd": "begin", "profile": profile})
     await server.expect("begun", 10)
     d0, c0, own0 = os.times(), cpu_busy(), proc_cpu(clients.proc.pid)
     await trio.sleep(idle_s)
@@ -189,4 +191,5 @@ async def idle_window(server: Proc, clients: Proc, idle_s: float, server_cpu: in
         ),
         "closed_while_idle": status["closed"],
         "client_errors": status["errors"],
+        "idle_profile": idle["profile"],
     }
