@@ -41,16 +41,6 @@ class _NoDeflate(_DeflateOn):
         return None
 
 
-def _freeze_after_full_collection(phase: str, info: dict[str, int]) -> None:
-    """A ``gc.callbacks`` hook: what survived a full collection is long-lived, so it is frozen, and the next full
-    collection scans only what became long-lived since. Idle connections keep re-creating their suspended
-    coroutines (one read per heart-beat); without this every full collection rescanned all of them (issue 11: 10 full
-    collections of up to 0.83 s a minute with 10,000 idle connections). Like the freeze after start-up, a cycle
-    frozen here that dies later is never collected; only objects that outlived a full collection are frozen."""
-    if phase == "stop" and info["generation"] == 2:
-        gc.freeze()
-
-
 def set_permessage_deflate(enabled: bool) -> None:
     vars(_ws_stream)["PerMessageDeflate"] = _DeflateOn if enabled else _NoDeflate  # hypercorn's private name
 
@@ -118,12 +108,8 @@ async def serve_gateway(
         app.asgi_websocket_class = PumpedWebsocketConnection  # /ws: no receive channel, no reader task (issue 11)
         await nursery.start(_serve, app)
         gc.freeze()  # what start-up made (modules, actors, the app) is never scanned by a collection again
-        gc.callbacks.append(_freeze_after_full_collection)
         task_status.started(Running(url, port, auth, templates))
-        try:
-            await shutdown.wait()
-        finally:
-            gc.callbacks.remove(_freeze_after_full_collection)
+        await shutdown.wait()
         # every connection's watcher sends ERROR + 1001 at once; Hypercorn returns when they are gone
         with trio.move_on_after(web.shutdown_grace + 1):
             await serve_done.wait()
