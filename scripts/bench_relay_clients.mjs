@@ -15,6 +15,8 @@ const now = () => performance.timeOrigin + performance.now();  // ms since the e
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const cfg = JSON.parse(readFileSync(process.argv[process.argv.length - 1], 'utf8'));
 const n = cfg.tokens.length;
+// cfg.urls (bench_scale.py): client i connects to urls[i % urls.length], spreading the clients over processes
+const urlOf = (i) => (cfg.urls ? cfg.urls[i % cfg.urls.length] : cfg.url);
 const perClient = new Array(n).fill(0);
 const errors = [];
 let closed = 0;
@@ -59,7 +61,7 @@ function connectStomp(i) {
   return new Promise((resolve, reject) => {
     const c = new Client({
       webSocketFactory: () => {
-        const ws = new WebSocket(cfg.url, ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false });
+        const ws = new WebSocket(urlOf(i), ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false });
         ws.on('message', () => { if (phase) phase.wsMessages++; });  // to see how many frames one message packs
         return ws;
       },
@@ -81,7 +83,7 @@ function connectStomp(i) {
 
 function connectBare(i) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(cfg.url + '?u=' + i, { perMessageDeflate: false });
+    const ws = new WebSocket(urlOf(i) + '?u=' + i, { perMessageDeflate: false });
     let up = false;
     ws.on('message', (data) => {
       const s = data.toString();
