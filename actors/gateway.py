@@ -36,7 +36,7 @@ M = TypeVar("M")  # the message type _forward passes on
 REGISTRY_INBOX = 256  # comfy progress events arrive in bursts
 SCHEDULER_INBOX = 64
 LEDGER_INBOX = 64
-HUB_INBOX = 256
+HUB_INBOX = 1024
 COMFY_INBOX = 64
 SEQ_EPOCH = 10**9  # session seqs of the n-th start on a data dir begin at (n-1) * 10^9 (9 million below 2^53)
 
