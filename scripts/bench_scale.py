@@ -102,13 +102,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def injector(cfg: dict[str, Any]) -> None:
     from actors._util import Forwarder
     from actors.bridge import publish_to_redis
+    from actors.gateway import HUB_INBOX
     from actors.sessions import Publish
     from actors.store import RedisStore, open_store
 
     users = [f"u{i}" for i in range(cfg["clients"])]
     async with open_store(cfg["store"]) as store, trio.open_nursery() as nursery:
         assert isinstance(store, RedisStore)
-        tx, rx = trio.open_memory_channel[Any](256)  # the gateway's HUB_INBOX
+        tx, rx = trio.open_memory_channel[Any](HUB_INBOX)  # as the gateway's publishing channel
         await nursery.start(partial(publish_to_redis, store, rx, replay_max=REPLAY_MAX))
         out = Forwarder(tx)  # as the registry publishes
 
