@@ -38,6 +38,7 @@ function onMessage(i, text) {
   }
   perClient[i]++;
   phase.count++;
+  if (cfg.urls) phase.by[i % cfg.urls.length]++;  // per server (bench_scale.py keeps a window per server)
   if (phase.first === null) phase.first = t;
   phase.last = t;
   if (phase.count >= phase.expect) finish();
@@ -113,7 +114,8 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
   if (cmd.cmd === 'measure') {
     phase = { expect: cmd.expect, count: 0, total: 0, bad: 0, wsMessages: 0, first: null, last: null, lat: [], recs: [],
               t0: now(), cpu0: process.cpuUsage(), timer: setTimeout(finish, cmd.deadlineMs),
-              ticker: cmd.tickMs ? setInterval(() => { if (phase) out({ event: 'tick', count: phase.count }); }, cmd.tickMs) : null };
+              ticker: cmd.tickMs ? setInterval(() => { if (phase) out({ event: 'tick', count: phase.count, by: phase.by }); }, cmd.tickMs) : null,
+              by: new Array(cfg.urls ? cfg.urls.length : 1).fill(0) };
     perClient.fill(0);
     out({ event: 'armed' });
   } else if (cmd.cmd === 'status') {

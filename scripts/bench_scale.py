@@ -18,8 +18,8 @@ gateways, and the table shows what they cost (``O``, µs per delivered message) 
 (``G``): on C cores the best K=C can do is C / (G + O) msgs/s.
 
 Each phase is bounded by ``--messages`` per client and ``--seconds``. At rate 0 ("max") the load is a closed loop:
-the driver keeps at most ``--window`` messages in flight (injected, not yet received, from the clients' 10 ms
-ticks), so msgs/s is the sustained delivery rate, not a backlog that the events stream (10,000 entries) would
+the driver keeps at most ``--window`` / K messages in flight per gateway process (injected, not yet received,
+from the clients' 10 ms ticks per process), so msgs/s is the sustained delivery rate, not a backlog that the events stream (10,000 entries) would
 trim. A rate > 0 is open loop at that rate. ``ratio`` = msgs/s with K processes / with the first K, same rate.
 
     .venv/bin/python scripts/bench_scale.py                                   # 1,000 clients, K=1,2, max + 1500/s
@@ -117,8 +117,9 @@ async def injector(cfg: dict[str, Any]) -> None:
             await out.send(Publish(user, CLIENT_ID, body))
 
         async def handle(cmd: dict[str, Any]) -> dict[str, Any]:
-            off = cmd.get("offset", 0) % len(users)
-            order = users[off:] + users[:off]
+            group = users[cmd.get("group", 0) :: cmd.get("groups", 1)]  # the users of one gateway process
+            off = cmd.get("offset", 0) % len(group)
+            order = group[off:] + group[:off]
             make = partial(bench_body, size=cmd["size"])
             return await inject(send, make, order, cmd["count"], cmd["rate"], cmd["seconds"])
 
@@ -137,7 +138,7 @@ class ScaleDriver(Driver):
         from web.auth import Authenticator
 
         self.a, self.tmp, self.redis = a, tmp, redis
-        self.results: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []  # type: ignore[assignment]
         self.procs: list[Proc] = []
         self.users = [f"u{i}" for i in range(a.clients)]
         auth = Authenticator(SECRET)
@@ -227,7 +228,7 @@ class ScaleDriver(Driver):
         assert self.redis.proc is not None
         c0, redis0, d0 = cpu_busy(), proc_cpu(self.redis.proc.pid), time.process_time()
         if rate == 0:
-            sent = await self.closed_loop(inj, clients, expected)
+            sent = await self.closed_loop(inj, clients, expected, k)
         else:
             await inj.send({"cmd": "inject", "count": expected, "rate": rate, "size": a.size, "seconds": a.seconds})
             sent = await inj.expect("injected", a.seconds + 30)
@@ -278,23 +279,32 @@ class ScaleDriver(Driver):
             "profiles": [e["profile"] for e in ends[:-1]],
         }
 
-    async def closed_loop(self, inj: Proc, clients: Proc, expected: int) -> dict[str, Any]:
-        """Inject in chunks while fewer than --window messages are in flight."""
+    async def closed_loop(self, inj: Proc, clients: Proc, expected: int, k: int) -> dict[str, Any]:
+        """Inject in chunks, to each gateway's users in turn, while fewer than --window / K messages are in
+        flight to that gateway (one window for all would let the slower process's backlog starve the other)."""
         a = self.a
         deadline = trio.current_time() + a.seconds
-        sent, t0 = 0, None
-        while sent < expected and trio.current_time() < deadline:
-            room = min(CHUNK, expected - sent, a.window - (sent - clients.ticks))
-            if room < min(CHUNK, expected - sent):
+        window = a.window / k
+        sent, t0 = [0] * k, None
+        share = [expected // k + (g < expected % k) for g in range(k)]
+        while sum(sent) < expected and trio.current_time() < deadline:
+            idle = True
+            for g in range(k):
+                got_g = (
+                    clients.ticks_by[g] if len(clients.ticks_by) == k else clients.ticks * sent[g] / max(1, sum(sent))
+                )
+                room = min(CHUNK, share[g] - sent[g], int(window - (sent[g] - got_g)))
+                if room < min(CHUNK, share[g] - sent[g]) or room <= 0:
+                    continue
+                idle = False
+                cmd = {"group": g, "groups": k, "offset": sent[g], "count": room, "rate": 0, "size": a.size}
+                await inj.send({"cmd": "inject", **cmd, "seconds": a.seconds})
+                got = await inj.expect("injected", a.seconds + 30)
+                t0 = got["t0"] if t0 is None else t0
+                sent[g] += got["sent"]
+            if idle:
                 await trio.sleep(0.002)
-                continue
-            await inj.send(
-                {"cmd": "inject", "offset": sent, "count": room, "rate": 0, "size": a.size, "seconds": a.seconds}
-            )
-            got = await inj.expect("injected", a.seconds + 30)
-            t0 = got["t0"] if t0 is None else t0
-            sent += got["sent"]
-        return {"sent": sent, "t0": time.time() if t0 is None else t0, "t1": time.time()}
+        return {"sent": sum(sent), "t0": time.time() if t0 is None else t0, "t1": time.time()}
 
 
 def summary(r: dict[str, Any]) -> str:
