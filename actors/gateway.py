@@ -140,7 +140,10 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 await _core_term(unclean, boot, task_status)
                 clean = True
             except BaseException as exc:
-                clean = _only_cancelled(exc)  # a shutdown or a lost lease, not a crash
+                # on Redis only a shutdown ends a term cleanly. A lost lease (renewals failed: Redis slow, this
+                # process starved) cuts the actors off mid-work as a crash does: what they had saved but not yet
+                # published is gone, so the next core must count it as unclean and tell the sessions to resync
+                clean = _only_cancelled(exc) and (not shared or lease.resign_asked.is_set())
                 raise
             finally:
                 if clean:

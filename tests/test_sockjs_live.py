@@ -166,7 +166,8 @@ async def test_xhr_send_errors(start_gateway: Any) -> None:
 async def test_abandoned_session_times_out_and_frees_its_stomp_slot(start_gateway: Any) -> None:
     g = await start_gateway(
         # disconnect_delay: long enough that a loaded machine's pause between two requests is not "abandoned"
-        [NO_COMFY], web={"sockjs": SockJSConfig(disconnect_delay=2.0), "max_connections_per_user": 1}
+        [NO_COMFY],
+        web={"sockjs": SockJSConfig(disconnect_delay=2.0), "max_connections_per_user": 1},
     )
     connect = stomp(
         "CONNECT",
