@@ -148,3 +148,22 @@ async def test_a_process_whose_stream_vanished_registers_again_and_misses_nothin
         assert on_b.seqs() == [1, 2, 3, 4]
         assert [m["value"] for m in on_b.bodies()] == [1, 2, 3, 4]
         assert await store.client.xlen(f"{store.prefix}ev:a") == 0
+
+
+async def test_a_session_attached_while_redis_is_away_is_routed_once_it_is_back(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge_sessions, "BACKFILL_PATIENCE", 0.3)
+    monkeypatch.setattr(bridge_sessions, "REFRESH_EVERY", 0.1)
+    async with cluster(redis_server, "b") as (_store, pub, (b,)):
+        redis_server.stop(kill=True)
+        try:
+            on_b = Sink()
+            await b.attach("carol", "c1", on_b, None)  # cannot be registered: Redis is away
+        finally:
+            redis_server.start()
+        for n in range(1, 4):
+            await pub.send(Publish("carol", "c1", msg(n)))
+        await on_b.wait(3)  # registered again once Redis answers; what came meanwhile is copied
+        assert on_b.seqs() == [1, 2, 3]
+        assert [m["value"] for m in on_b.bodies()] == [1, 2, 3]

@@ -47,6 +47,7 @@ PROC_STREAM_TTL = 60.0  # seconds a process's events stream outlives its last re
 REFRESH_EVERY = PROC_STREAM_TTL / 4  # how often a process refreshes its stream
 REREGISTER_EVERY = SESSION_KEY_TTL / 4  # how often a process registers its attached sessions again (``at:`` TTL)
 REGISTER_BATCH = 500  # sessions registered per script call
+UNREGISTER_PATIENCE = 2.0  # seconds a detach waits for Redis to stop routing the session here
 
 PUBLISH = r"""
 local P = KEYS[1]
@@ -230,24 +231,37 @@ async def feed_hub(
     latest = await client.get(store.prefix + "lastbroadcast")
     if latest is not None:  # the current status, for this hub's first subscribers
         await hub.send(Broadcast(json.loads(latest)))
-    again = live.clone()  # markers the loop sends itself when Redis was away
+    again = live.clone()  # a rejoin the loop sends itself when Redis was away
+    rejoin_due = False
     try:
         async with trio.open_nursery() as nursery:
+
+            def rejoin_later() -> None:
+                """Redis was away while registering: register and copy every attached session again, later."""
+                nonlocal rejoin_due
+                if not rejoin_due:
+                    rejoin_due = True
+                    nursery.start_soon(_send_later, again.clone(), _REJOIN)
+
             nursery.start_soon(keep_stream, live.clone())
             nursery.start_soon(read_events)
             task_status.started()
             with front, hub, again:
                 async for msg in front:
                     if msg is _REREGISTER or msg is _REJOIN:
+                        if msg is _REJOIN:
+                            rejoin_due = False
                         try:
                             await register_all(list(attached))
                         except (RedisError, OSError) as exc:
                             log.warning("bridge: cannot register this process's sessions: %s", exc)
-                            nursery.start_soon(_send_later, again.clone(), msg)  # after a refresh period
+                            rejoin_later()
                             continue
                         if msg is _REJOIN:
                             for user_id, client_id in list(attached):
-                                await _backfill(store, hub, user_id, client_id, trio.lowlevel.checkpoint)
+                                if not await _backfill(store, hub, user_id, client_id, trio.lowlevel.checkpoint):
+                                    rejoin_later()
+                                    break
                         continue
                     match msg:
                         case Live(None, _, _, body):
@@ -261,7 +275,8 @@ async def feed_hub(
                             async def reg(u: str = user_id, c: str = client_id) -> None:
                                 await register_all([(u, c)])
 
-                            await _backfill(store, hub, user_id, client_id, reg)
+                            if not await _backfill(store, hub, user_id, client_id, reg):
+                                rejoin_later()  # not registered: messages would not be routed here
                             await hub.send(msg)
                         case Detach(user_id, client_id):
                             attached[(user_id, client_id)] -= 1
@@ -288,10 +303,12 @@ async def _send_later(tx: trio.MemorySendChannel[HubMsg | Live], msg: Live) -> N
 
 
 async def _unregister(store: RedisStore, me: str, user_id: str, client_id: str) -> None:
-    try:
-        await store.client.srem(f"{store.prefix}at:{user_id}:{client_id}", [me])
-    except (RedisError, OSError) as exc:  # the script drops it when this process's stream is gone
-        log.debug("bridge: %s", exc)
+    """Stop routing the session here (if Redis is away, its messages still come and the hub's loop drops them)."""
+    with trio.move_on_after(UNREGISTER_PATIENCE):
+        try:
+            await store.client.srem(f"{store.prefix}at:{user_id}:{client_id}", [me])
+        except (RedisError, OSError) as exc:
+            log.debug("bridge: %s", exc)
 
 
 async def resync_sessions(store: RedisStore, publish: trio.MemorySendChannel[Publish | Broadcast]) -> int:
@@ -313,9 +330,10 @@ async def _backfill(
     user_id: str,
     client_id: str,
     register: Callable[[], Awaitable[None]],
-) -> None:
+) -> bool:
     """Register the session here (``register()``), then copy its stream (its replay buffer) into the hub before
-    the connection attaches: whatever is published after the registration also comes through the events stream."""
+    the connection attaches: whatever is published after the registration also comes through the events stream.
+    False if Redis did not answer within ``BACKFILL_PATIENCE``."""
     client = store.client
     entries = None
     with trio.move_on_after(BACKFILL_PATIENCE):
@@ -328,7 +346,8 @@ async def _backfill(
                 log.warning("bridge: no replay from Redis for %s/%s yet: %s", user_id, client_id, exc)
                 await trio.sleep(RETRY_DELAY)
     if entries is None:  # still no Redis: the client gets what this hub has, or a resync; it stays connected
-        return
+        return False
     for entry in entries:
         f = entry.field_values
         await hub.send(Publish(user_id, client_id, json.loads(f["b"]), int(f["s"])))
+    return True
