@@ -33,7 +33,8 @@ from typing import Any
 import trio
 from coredis.exceptions import RedisError
 
-from ..sessions import Attach, Broadcast, Detach, HubMsg, Publish, encode_body
+from .._util import Forwarder
+from ..sessions import HUB_BATCH, Attach, Broadcast, Detach, HubMsg, Publish, encode_body
 from ..store import RedisStore, as_text
 from ..wire import Resync
 from ._stream import BATCH, RETRY_DELAY, read_after
@@ -190,6 +191,7 @@ async def feed_hub(
 
     async def read_events() -> None:
         last = "0-0"  # the stream is this process's own, made just now
+        to_loop = Forwarder(live)  # a read's entries reach the loop whole (no checkpoint per entry)
         with live:
             while True:
                 for entry in await read_after(store, stream, last):
@@ -197,7 +199,7 @@ async def feed_hub(
                     f = entry.field_values
                     if "b" in f:
                         body = json.loads(f["b"])
-                        await live.send(Live(f.get("u"), f.get("c", ""), int(f.get("s", 0)), body))
+                        await to_loop.send(Live(f.get("u"), f.get("c", ""), int(f.get("s", 0)), body))
 
     async def keep_stream(tell: trio.MemorySendChannel[HubMsg | Live]) -> None:
         """Refresh the stream's expiry; if it was gone, make it again and have the loop rejoin."""
@@ -246,8 +248,10 @@ async def feed_hub(
             nursery.start_soon(keep_stream, live.clone())
             nursery.start_soon(read_events)
             task_status.started()
+            to_hub = Forwarder(hub)  # live messages reach the hub as a burst, so its writers coalesce them
+            take = _Drain(front)
             with front, hub, again:
-                async for msg in front:
+                while (msg := await take()) is not None:
                     if msg is _REREGISTER or msg is _REJOIN:
                         if msg is _REJOIN:
                             rejoin_due = False
@@ -265,10 +269,10 @@ async def feed_hub(
                         continue
                     match msg:
                         case Live(None, _, _, body):
-                            await hub.send(Broadcast(body))
+                            await to_hub.send(Broadcast(body))
                         case Live(uid, cid, seq, body):
                             if uid is not None and (uid, cid) in attached:
-                                await hub.send(Publish(uid, cid, body, seq))
+                                await to_hub.send(Publish(uid, cid, body, seq))
                         case Attach(user_id, client_id):
                             attached[(user_id, client_id)] += 1
 
@@ -294,6 +298,33 @@ async def feed_hub(
                 await client.delete([stream])
             except (RedisError, OSError) as exc:
                 log.debug("bridge: %s", exc)
+
+
+class _Drain:
+    """The next message of ``channel`` (None once it is closed), taking what is already queued without a
+    checkpoint (up to ``HUB_BATCH`` in a row): a checkpoint per message would let the hub, and then each writer,
+    run once per message, and nothing would coalesce."""
+
+    __slots__ = ("channel", "taken")
+
+    def __init__(self, channel: trio.MemoryReceiveChannel[HubMsg | Live]) -> None:
+        self.channel = channel
+        self.taken = 0
+
+    async def __call__(self) -> HubMsg | Live | None:
+        try:
+            if self.taken < HUB_BATCH:
+                self.taken += 1
+                return self.channel.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        except trio.EndOfChannel:
+            return None
+        self.taken = 0
+        try:
+            return await self.channel.receive()
+        except trio.EndOfChannel:
+            return None
 
 
 async def _send_later(tx: trio.MemorySendChannel[HubMsg | Live], msg: Live) -> None:
