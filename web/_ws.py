@@ -20,7 +20,6 @@ condemned, the writer gets ``CLOSE_GRACE`` seconds to finish, after which the TC
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import math
@@ -42,7 +41,6 @@ from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnec
 
 log = logging.getLogger(__name__)
 
-FREEZE_EVERY = 1000  # connections opened between two gc.freeze() calls (see ``run``)
 CLOSE_GRACE = 1.0  # seconds a condemned connection's writer has to flush and close before the socket is cut
 HEARTBEAT_SLACK = 1.0  # seconds (at most a tenth of the period) a heart-beat may go early, to share a timer wake-up
 _ids = itertools.count(1)
@@ -92,11 +90,7 @@ class StompEndpoint(StompCommands):
         conn.outbox.on_due = partial(self.timers.arm, conn)
         self.live[conn.id] = conn
         self.metrics.connections_opened()
-        self._opened_since_freeze += 1
-        if self._opened_since_freeze >= FREEZE_EVERY:  # a burst of connects: their long-lived objects leave the
-            self._opened_since_freeze = 0  # collected generations, so full collections stay short; the young
-            gc.collect(1)  # garbage goes first (a frozen cycle is never collected: freezing only what survived
-            gc.freeze()  # two collections keeps that leak to objects that were long-lived anyway)
+        self.freezer.opened(self.live)  # a burst of connects is frozen out of full collections (web._gc)
         self.timers.arm(conn, now + self.cfg.connect_timeout)
         if self.shutdown.is_set():
             self._shutting_down(conn)
@@ -116,6 +110,7 @@ class StompEndpoint(StompCommands):
             if scope.cancelled_caught:
                 log.error("ws %d: the sessions hub did not take the Detach within %.0fs", conn.id, DETACH_TIMEOUT)
             del self.live[conn.id]  # last: a connection not in ``live`` is detached and its tasks are gone
+            self.freezer.closed(conn.id, self.live)
             self.metrics.connections_closed(conn.outbox)
             if conn.outbox.failed is not None:
                 self.metrics.slow_consumer()

@@ -31,6 +31,7 @@ from ._conn import END_MARKER as _END
 from ._conn import Close as _Close
 from ._conn import Conn as _Conn
 from ._conn import ConnectionCounter
+from ._gc import FreezePolicy
 from ._submit import ASK_TIMEOUT, submit
 from ._templates import TemplateLibrary
 from ._timers import Timers
@@ -71,7 +72,7 @@ class StompCommands:
         self.timers = Timers()  # every connection's deadlines, served by one task in ``nursery``
         self.timers_nursery = nursery  # the app's nursery (quart-trio): the service outlives any connection
         self._timers_started = False
-        self._opened_since_freeze = 0
+        self.freezer = FreezePolicy()  # gc.freeze() after connection bursts, thawed once enough have closed
 
     def _condemned(self, conn: _Conn) -> None:
         """``conn`` will close: the watchdog starts counting CLOSE_GRACE now."""
