@@ -28,6 +28,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 
 from actors.comfy import (
     BackendEvent,
+    BackendEvents,
     BackendLost,
     BackendSpec,
     BackendUp,
@@ -192,10 +193,17 @@ class Harness:
     inbox: trio.MemorySendChannel[Any]
     reports: trio.MemoryReceiveChannel[ComfyReport]
     counters: ComfyCounters
+    unread: collections.deque[BackendEvent] = field(default_factory=collections.deque)
 
     async def next(self) -> tuple[float, ComfyReport]:
-        report = await self.reports.receive()
-        return trio.current_time(), report
+        """The next report; the events of a ``BackendEvents`` (one socket read) come one by one, as ``BackendEvent``."""
+        if not self.unread:
+            report = await self.reports.receive()
+            if not isinstance(report, BackendEvents):
+                return trio.current_time(), report
+            assert report.events, "a batch holds at least one event"
+            self.unread.extend(BackendEvent(report.backend, event) for event in report.events)
+        return trio.current_time(), self.unread.popleft()
 
     async def until(self, stop: Callable[[ComfyReport], bool]) -> list[tuple[float, ComfyReport]]:
         got = []
@@ -326,7 +334,9 @@ async def test_events_forwarded_in_order_with_preview_attribution(autojump_clock
         previews = [r.event for r in got if isinstance(r.event, PreviewImage)]
         assert previews and all(p.prompt_id == previews[0].prompt_id and p.node_id == "3" for p in previews)
         await trio.testing.wait_all_tasks_blocked()
-        assert h.reports.statistics().current_buffer_used == 0  # nothing else (malformed, unknown, flags) came out
+        assert (
+            h.reports.statistics().current_buffer_used == 0 and not h.unread
+        )  # nothing else (malformed, unknown, flags) came out
         stats = h.counters.statistics()
         assert (stats.malformed, stats.unknown, stats.frames) == (2, 1, 1 + len(recorded) + len(noise))
         assert dropped > 0 and h.counters.noise == dropped
@@ -611,7 +621,7 @@ async def test_cancel_deletes_then_interrupts(autojump_clock: trio.testing.MockC
         await trio.testing.wait_all_tasks_blocked()
         await h.inbox.send(CancelPrompt("p-8"))
         await trio.testing.wait_all_tasks_blocked()
-        assert h.reports.statistics().current_buffer_used == 0  # cancel reports nothing
+        assert h.reports.statistics().current_buffer_used == 0 and not h.unread  # cancel reports nothing
     assert [(m, p, b) for _, m, p, b in fake.requests()] == [
         ("POST", "/queue", {"delete": ["p-9"]}),
         ("POST", "/interrupt", {"prompt_id": "p-9"}),
@@ -746,8 +756,8 @@ async def test_txt2img_against_the_simulator(autojump_clock: trio.testing.MockCl
                 report = await reports_rx.receive()
                 if isinstance(report, PromptAccepted):
                     accepted = report
-                elif isinstance(report, BackendEvent) and getattr(report.event, "prompt_id", None) == "p-txt2img":
-                    events.append(report.event)
+                elif isinstance(report, BackendEvents):
+                    events += [e for e in report.events if getattr(e, "prompt_id", None) == "p-txt2img"]
         nursery.cancel_scope.cancel()
     assert accepted.prompt_id == "p-txt2img" and accepted.node_errors == {}
     kinds = [type(e) for e in events]
