@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import trio
 
-from ._constants import MS_PER_S, PREVIEW_SIDE_PX, SIM_ERROR_INPUT, SIM_SLEEP_INPUT
+from ._constants import BURST_STEPS, MS_PER_S, PREVIEW_SIDE_PX, SIM_ERROR_INPUT, SIM_SLEEP_INPUT
 from ._nodes import NODE_SPECS, PROGRESS_CLASSES, _seed_color
 from ._paths import _format_value, _safe_relative_path
 from ._png import SimImage, _split_rgb, encode_png, render_rgb
@@ -56,10 +56,17 @@ class _NodeContext:
         return self._run.sim._temp_prefix
 
     async def run_steps(self, values: Sequence[int], total: int, preview: Callable[[int], bytes | None]) -> None:
-        """One step per value: ``step_ms`` of work, then a progress update (with ``preview(value)``)."""
+        """One step per value: ``step_ms`` of work, then a progress update (with ``preview(value)``).
+
+        With ``step_ms`` 0 the steps run back to back and the event loop gets a turn every ``BURST_STEPS`` steps, so
+        the writer sends their frames together, as a fast ComfyUI (its sampler in a thread) hands them over."""
         fail_at = self._run.pick_fail_step(self.node_id, values)
-        for value in values:
-            await trio.sleep(max(0.0, self._run.sim.step_ms) / MS_PER_S)
+        for n, value in enumerate(values):
+            step_ms = self._run.sim.step_ms
+            if step_ms > 0:
+                await trio.sleep(step_ms / MS_PER_S)
+            elif n % BURST_STEPS == 0:
+                await trio.lowlevel.checkpoint()
             self._run.progress(self.node_id, value, total, preview(value), fail=value == fail_at)
 
     async def sample(self, steps: int, seed: int) -> None:
