@@ -1,10 +1,11 @@
-"""The comfy actor's WebSocket client: wsproto (sans-IO) over a trio stream, read in the caller's own task.
+"""The comfy actor's WebSocket client over a trio stream, read in the caller's own task.
 
 Why not trio-websocket here: it runs a reader task per socket and hands every message to the caller over a memory
 channel, so each of ComfyUI's messages (two per sampler step: ``progress_state`` and ``progress``) cost two task
 switches before the actor could even look at it. Here ``receive_messages`` does one ``receive_some`` of up to
-``RECEIVE_BYTES``, feeds it to wsproto and returns every complete message in it at once: the caller filters, parses
-and reports them as one batch (BENCHMARKS.md, "Issue 11: ComfyUI ingest").
+``RECEIVE_BYTES``, decodes it (``_frames.FrameDecoder``) and returns every complete message in it at once: the
+caller filters, parses and reports them as one batch (BENCHMARKS.md, "Issue 11: ComfyUI ingest"). wsproto does the
+opening handshake and encodes (masks) what we send.
 
 Control frames are handled by the reader as they come: a ping is answered, a pong wakes ``ping()``, a close is
 answered and raises ``SocketClosed`` (so does the end of the TCP stream: code 1006). Only one task reads (the
@@ -15,29 +16,23 @@ belongs to the caller, which closes it however the socket ends.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Final
+from typing import Final
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Pong,
-    RejectConnection,
-    Request,
-    TextMessage,
-)
+from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, Request, TextMessage
+from wsproto.events import Ping as SendPing
+from wsproto.events import Pong as SendPong
 from wsproto.frame_protocol import CloseReason
+
+from ._frames import NO_STATUS, Close, FrameDecoder, FrameError, Ping, Pong
 
 __all__ = ["RECEIVE_BYTES", "HandshakeFailed", "HandshakeRejected", "SocketClosed", "WebSocket", "close_name"]
 
 RECEIVE_BYTES: Final = 1 << 16  # one read: at full speed ComfyUI's frames arrive many to a read
 NORMAL_CLOSURE: Final = 1000
 ABNORMAL_CLOSURE: Final = 1006  # no close frame: the TCP stream just ended
-MESSAGE_TOO_BIG: Final = 1009
+MAX_RESPONSE_HEAD: Final = 1 << 16  # bytes of the handshake's HTTP response head
 
 
 def close_name(code: int) -> str:
@@ -79,34 +74,36 @@ class HandshakeFailed(Exception):
 class WebSocket:
     """One open client WebSocket (after ``connect``). Text messages are ``str``, binary ones ``bytes``."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: WSConnection, max_message: int) -> None:
+    def __init__(self, stream: trio.abc.Stream, conn: WSConnection, max_message: int, tail: bytes) -> None:
         self._stream = stream
-        self._conn = conn
-        self._max_message = max_message
+        self._conn = conn  # after the handshake only encodes what we send
+        self._frames = FrameDecoder(max_message)
+        self._tail = tail  # bytes that came after the 101 response: the first frames
         self._send_lock = trio.Lock()
-        self._parts: list[Any] = []  # str or bytes-like, all of one kind  # the fragments of an unfinished message
-        self._part_bytes = 0
         self._pings = itertools.count()
         self._pongs: dict[bytes, trio.Event] = {}  # ping payload -> woken by its pong
         self.closed: SocketClosed | None = None
-        self._handshake_tail = True
 
     @classmethod
     async def connect(cls, stream: trio.abc.Stream, host: str, resource: str, *, max_message: int) -> WebSocket:
-        """The opening handshake on ``stream`` (no extensions, no subprotocol). Frames that came with the 101
-        stay in wsproto's buffer for the first ``receive_messages``."""
+        """The opening handshake on ``stream`` (no extensions, no subprotocol)."""
         conn = WSConnection(ConnectionType.CLIENT)
         await stream.send_all(conn.send(Request(host=host, target=resource)))
-        while True:
+        received = b""
+        while (end := received.find(b"\r\n\r\n")) < 0:
+            if len(received) > MAX_RESPONSE_HEAD:
+                raise HandshakeFailed(f"no end of the HTTP response head within {MAX_RESPONSE_HEAD} bytes")
             data = bytes(await stream.receive_some(RECEIVE_BYTES))
             if not data:
                 raise HandshakeFailed("connection closed during the WebSocket handshake")
-            conn.receive_data(data)
-            for event in conn.events():
-                if isinstance(event, AcceptConnection):
-                    return cls(stream, conn, max_message)
-                if isinstance(event, RejectConnection):
-                    raise HandshakeRejected(event.status_code)
+            received += data
+        conn.receive_data(received[: end + 4])  # the head only: what follows a 101 is ours to decode
+        for event in conn.events():
+            if isinstance(event, AcceptConnection):
+                return cls(stream, conn, max_message, received[end + 4 :])
+            if isinstance(event, RejectConnection):
+                raise HandshakeRejected(event.status_code)
+        raise HandshakeFailed("incomplete HTTP response to the WebSocket upgrade")
 
     async def _send(self, data: bytes) -> None:
         async with self._send_lock:
@@ -124,7 +121,7 @@ class WebSocket:
         payload = next(self._pings).to_bytes(8, "big")
         self._pongs[payload] = pong = trio.Event()
         try:
-            await self._send(self._conn.send(Ping(payload=payload)))
+            await self._send(self._conn.send(SendPing(payload=payload)))
             await pong.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise SocketClosed(ABNORMAL_CLOSURE, "the TCP stream broke") from None
@@ -139,50 +136,33 @@ class WebSocket:
         ``SocketClosed``."""
         if self.closed is not None:
             raise self.closed
-        if self._handshake_tail:  # frames that came with the 101 wait in wsproto's buffer
-            self._handshake_tail = False
-            if messages := await self._messages():
-                return messages
-        data = bytes(await self._stream.receive_some(RECEIVE_BYTES))  # bytes already: no copy
-        self._conn.receive_data(data or None)  # None: the end of the stream, a close without close frame (1006)
-        return await self._messages()
-
-    async def _messages(self) -> list[str | bytes]:
+        if self._tail:
+            data, self._tail = self._tail, b""
+        else:
+            data = bytes(await self._stream.receive_some(RECEIVE_BYTES))  # bytes already: no copy
+            if not data:  # the stream ended without a close frame
+                raise self._set_closed(SocketClosed(ABNORMAL_CLOSURE, None))
+        try:
+            frames = self._frames.feed(data)
+        except FrameError as exc:  # the server broke the protocol: we close
+            await self._send_quietly(self._conn.send(CloseConnection(code=exc.code, reason=exc.reason)))
+            raise self._set_closed(SocketClosed(exc.code, exc.reason)) from exc
         messages: list[str | bytes] = []
-        for event in self._conn.events():
-            if isinstance(event, TextMessage | BytesMessage):
-                if event.message_finished and not self._parts:
-                    message: str | bytes = event.data if isinstance(event.data, str | bytes) else bytes(event.data)
-                else:
-                    self._parts.append(event.data)
-                    self._part_bytes += len(event.data)
-                    if not event.message_finished:
-                        if self._part_bytes > self._max_message:
-                            await self._close(MESSAGE_TOO_BIG, f"message over {self._max_message} bytes")
-                            break
-                        continue
-                    parts, self._parts, self._part_bytes = self._parts, [], 0
-                    message = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
-                if len(message) > self._max_message:
-                    await self._close(MESSAGE_TOO_BIG, f"message over {self._max_message} bytes")
-                    break
-                messages.append(message)
-            elif isinstance(event, Ping):
-                await self._send(self._conn.send(event.response()))
-            elif isinstance(event, Pong):
-                if (pong := self._pongs.get(bytes(event.payload))) is not None:
+        for frame in frames:
+            if isinstance(frame, str | bytes):
+                messages.append(frame)
+            elif isinstance(frame, Ping):
+                await self._send(self._conn.send(SendPong(payload=frame.payload)))
+            elif isinstance(frame, Pong):
+                if (pong := self._pongs.get(frame.payload)) is not None:
                     pong.set()
-            elif isinstance(event, CloseConnection):
-                if self._conn.state is ConnectionState.REMOTE_CLOSING:  # the server closed: answer it
-                    await self._send_quietly(self._conn.send(event.response()))
-                    self._set_closed(SocketClosed(int(event.code), event.reason))
-                elif self._conn.state is ConnectionState.OPEN:  # wsproto could not parse a frame: we close
-                    await self._close(int(event.code), event.reason)
-                else:  # the stream ended without a close frame
-                    self._set_closed(SocketClosed(int(event.code), event.reason))
-                break
-        if self.closed is not None and not messages:
-            raise self.closed
+            elif isinstance(frame, Close):  # the server closed: answer it (echo its code), then we are closed
+                code = NORMAL_CLOSURE if frame.code == NO_STATUS else frame.code
+                await self._send_quietly(self._conn.send(CloseConnection(code=code)))
+                closed = self._set_closed(SocketClosed(frame.code, frame.reason))
+                if not messages:
+                    raise closed
+                break  # the messages before the close first; the next call raises
         return messages
 
     async def _send_quietly(self, data: bytes) -> None:
@@ -192,15 +172,11 @@ class WebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def _close(self, code: int, reason: str | None) -> None:
-        """We close the socket because of what the server sent."""
-        await self._send_quietly(self._conn.send(CloseConnection(code=code, reason=reason)))
-        self._set_closed(SocketClosed(code, reason))
-
-    def _set_closed(self, closed: SocketClosed) -> None:
+    def _set_closed(self, closed: SocketClosed) -> SocketClosed:
         self.closed = closed
         for pong in self._pongs.values():  # a ping waiting for its pong learns that none will come
             pong.set()
+        return closed
 
     async def aclose(self) -> None:
         """Our close handshake: send a close frame and read (and drop) until the server answers or the stream ends.
@@ -209,11 +185,12 @@ class WebSocket:
             return
         try:
             await self._send(self._conn.send(CloseConnection(code=NORMAL_CLOSURE)))
-            while data := bytes(await self._stream.receive_some(RECEIVE_BYTES)):
-                self._conn.receive_data(data)
-                if any(isinstance(event, CloseConnection) for event in self._conn.events()):
+            data, self._tail = self._tail, b""
+            while data or (data := bytes(await self._stream.receive_some(RECEIVE_BYTES))):
+                if any(isinstance(frame, Close) for frame in self._frames.feed(data)):
                     break
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
             pass
         finally:
             self._set_closed(SocketClosed(NORMAL_CLOSURE, None))
