@@ -24,7 +24,7 @@ import trio.testing
 from conftest import TRANSCRIPTS, WORKFLOWS  # the recordings and workflows in tests/data
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
 from actors.comfy import (
     BackendEvent,
@@ -468,6 +468,48 @@ async def test_ping_watchdog_forces_reconnect(autojump_clock: trio.testing.MockC
         (25.5, BackendUp("b0", 0)),
     ]
     assert accepted == [0, 25.5]
+
+
+async def test_server_ping_answered_and_a_broken_frame_closes_with_1002(autojump_clock: trio.testing.MockClock) -> None:
+    """A raw wsproto server: it pings (the actor must answer while it reads), then sends a masked frame (only clients
+    mask): the actor closes with 1002, reports why, and redials; the events before the bad frame were reported."""
+    seen: list[Any] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            conn = WSConnection(ConnectionType.SERVER)
+            while data := await stream.receive_some(65536):
+                conn.receive_data(data)
+                for event in conn.events():
+                    if isinstance(event, Request):
+                        await stream.send_all(conn.send(AcceptConnection()))
+                        await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
+                        if len(seen) == 0:
+                            await stream.send_all(conn.send(Ping(payload=b"are you there")))
+                    elif isinstance(event, Pong):
+                        seen.append(event.payload)
+                        await stream.send_all(conn.send(TextMessage(data=text("execution_start", prompt_id="p1"))))
+                        await stream.send_all(b"\x81\x82abcd\x00\x00")  # masked
+                    elif isinstance(event, CloseConnection):
+                        seen.append(event.code)
+                        return
+
+    reports_tx, reports_rx = trio.open_memory_channel[ComfyReport](16)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(transport=FakeComfy().transport) as http:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        _inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
+        spec = BackendSpec("b0", f"http://127.0.0.1:{port}")
+        nursery.start_soon(partial(run, spec, inbox_rx, reports_tx, http=http, client_id=CLIENT_ID, jitter=no_jitter))
+        got = [await reports_rx.receive() for _ in range(4)]
+        nursery.cancel_scope.cancel()
+    assert got == [
+        BackendUp("b0", 0),
+        BackendEvents("b0", (ExecutionStart("p1"),)),
+        BackendLost("b0", "connection closed: 1002 PROTOCOL_ERROR masked frame from the server"),
+        BackendUp("b0", 0),
+    ]
+    assert seen == [b"are you there", 1002]
 
 
 async def test_slow_registry_is_not_a_silent_socket(autojump_clock: trio.testing.MockClock) -> None:

@@ -25,7 +25,7 @@ def server() -> Connection:
 def feed_in_chunks(decoder: FrameDecoder, data: bytes, cuts: list[int]) -> list[Any]:
     got: list[Any] = []
     start = 0
-    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         got += decoder.feed(data[start:cut])
         start = cut
     return got
@@ -118,3 +118,10 @@ def test_a_big_frame_arriving_in_small_reads() -> None:
     decoder = FrameDecoder(MAX)
     got = [m for i in range(0, len(wire), 65536) for m in decoder.feed(wire[i : i + 65536])]
     assert got == [payload]
+
+
+def test_a_fault_keeps_what_came_before_it() -> None:
+    wire = server().send(TextMessage(data="before")) + b"\x81\x82abcd\x00\x00"
+    with pytest.raises(FrameError) as err:
+        FrameDecoder(MAX).feed(wire)
+    assert err.value.code == 1002 and err.value.decoded == ["before"]

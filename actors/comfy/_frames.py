@@ -8,8 +8,8 @@ header and its payload. wsproto still does the handshake and encodes what we sen
 
 ``feed(data)`` returns what the bytes completed, in order: ``str`` (a text message), ``bytes`` (a binary message),
 ``Ping``/``Pong`` (their payload) and ``Close`` (code, reason). Anything that breaks the protocol raises
-``FrameError`` with the close code to send (1002 protocol error, 1007 bad UTF-8, 1009 message too big); the decoder
-is then unusable. A message over ``max_message`` bytes is refused as soon as its header announces it.
+``FrameError`` with the close code to send (1002 protocol error, 1007 bad UTF-8, 1009 message too big) and what the
+same ``feed`` completed before the fault (``decoded``); the decoder is then unusable. A message over ``max_message`` bytes is refused as soon as its header announces it.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class FrameError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.decoded: list[str | bytes | Ping | Pong | Close] = []  # what the same feed completed before the fault
 
 
 def _valid_close_code(code: int) -> bool:
@@ -138,6 +139,9 @@ class FrameDecoder:
                     out.append(_close(payload))
                 else:
                     raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        except FrameError as exc:
+            exc.decoded = out
+            raise
         finally:
             view.release()
         if buf is self._buf:

@@ -142,11 +142,15 @@ class WebSocket:
             data = bytes(await self._stream.receive_some(RECEIVE_BYTES))  # bytes already: no copy
             if not data:  # the stream ended without a close frame
                 raise self._set_closed(SocketClosed(ABNORMAL_CLOSURE, None))
+        frames: list[str | bytes | Ping | Pong | Close]
         try:
             frames = self._frames.feed(data)
-        except FrameError as exc:  # the server broke the protocol: we close
+        except FrameError as exc:  # the server broke the protocol: we close, after what came before the fault
             await self._send_quietly(self._conn.send(CloseConnection(code=exc.code, reason=exc.reason)))
-            raise self._set_closed(SocketClosed(exc.code, exc.reason)) from exc
+            closed = self._set_closed(SocketClosed(exc.code, exc.reason))
+            frames = [frame for frame in exc.decoded if isinstance(frame, str | bytes)]
+            if not frames:
+                raise closed from exc
         messages: list[str | bytes] = []
         for frame in frames:
             if isinstance(frame, str | bytes):
