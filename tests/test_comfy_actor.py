@@ -423,8 +423,12 @@ async def test_no_first_status_is_a_crash(autojump_clock: trio.testing.MockClock
     assert fake.sockets[0].closed == 10 and fake.max_open_same_client == 1
 
 
-async def serve_zombie(nursery: trio.Nursery, accepted: list[float]) -> int:
-    """A raw wsproto server that accepts, sends status, then never reads again: it answers no ping."""
+RawHandler = Callable[[trio.SocketStream, WSConnection, Any], Awaitable[bool]]
+
+
+async def serve_raw(nursery: trio.Nursery, on_event: RawHandler) -> int:
+    """A raw wsproto server on a free port: each connection's events go to ``on_event(stream, conn, event)``, which
+    returns True to end the connection. Returns the port."""
 
     async def handler(stream: trio.SocketStream) -> None:
         async with stream:
@@ -432,14 +436,25 @@ async def serve_zombie(nursery: trio.Nursery, accepted: list[float]) -> int:
             while data := await stream.receive_some(65536):
                 conn.receive_data(data)
                 for event in conn.events():
-                    if isinstance(event, Request):
-                        accepted.append(trio.current_time())
-                        await stream.send_all(conn.send(AcceptConnection()))
-                        await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
-                        await trio.sleep_forever()
+                    if await on_event(stream, conn, event):
+                        return
 
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return listeners[0].socket.getsockname()[1]
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def serve_zombie(nursery: trio.Nursery, accepted: list[float]) -> int:
+    """A raw wsproto server that accepts, sends status, then never reads again: it answers no ping."""
+
+    async def on_event(stream: trio.SocketStream, conn: WSConnection, event: Any) -> bool:
+        if isinstance(event, Request):
+            accepted.append(trio.current_time())
+            await stream.send_all(conn.send(AcceptConnection()))
+            await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
+            await trio.sleep_forever()
+        return False
+
+    return await serve_raw(nursery, on_event)
 
 
 async def test_ping_watchdog_forces_reconnect(autojump_clock: trio.testing.MockClock) -> None:
@@ -475,29 +490,24 @@ async def test_server_ping_answered_and_a_broken_frame_closes_with_1002(autojump
     mask): the actor closes with 1002, reports why, and redials; the events before the bad frame were reported."""
     seen: list[Any] = []
 
-    async def handler(stream: trio.SocketStream) -> None:
-        async with stream:
-            conn = WSConnection(ConnectionType.SERVER)
-            while data := await stream.receive_some(65536):
-                conn.receive_data(data)
-                for event in conn.events():
-                    if isinstance(event, Request):
-                        await stream.send_all(conn.send(AcceptConnection()))
-                        await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
-                        if len(seen) == 0:
-                            await stream.send_all(conn.send(Ping(payload=b"are you there")))
-                    elif isinstance(event, Pong):
-                        seen.append(event.payload)
-                        await stream.send_all(conn.send(TextMessage(data=text("execution_start", prompt_id="p1"))))
-                        await stream.send_all(b"\x81\x82abcd\x00\x00")  # masked
-                    elif isinstance(event, CloseConnection):
-                        seen.append(event.code)
-                        return
+    async def on_event(stream: trio.SocketStream, conn: WSConnection, event: Any) -> bool:
+        if isinstance(event, Request):
+            await stream.send_all(conn.send(AcceptConnection()))
+            await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
+            if not seen:
+                await stream.send_all(conn.send(Ping(payload=b"are you there")))
+        elif isinstance(event, Pong):
+            seen.append(event.payload)
+            await stream.send_all(conn.send(TextMessage(data=text("execution_start", prompt_id="p1"))))
+            await stream.send_all(b"\x81\x82abcd\x00\x00")  # masked
+        elif isinstance(event, CloseConnection):
+            seen.append(event.code)
+            return True
+        return False
 
     reports_tx, reports_rx = trio.open_memory_channel[ComfyReport](16)
     async with trio.open_nursery() as nursery, httpx.AsyncClient(transport=FakeComfy().transport) as http:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
+        port = await serve_raw(nursery, on_event)
         _inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
         spec = BackendSpec("b0", f"http://127.0.0.1:{port}")
         nursery.start_soon(partial(run, spec, inbox_rx, reports_tx, http=http, client_id=CLIENT_ID, jitter=no_jitter))
