@@ -120,6 +120,8 @@ class _PromptRun:
         self.prompt = item.prompt
         self.messages: list[tuple[str, dict[str, Any]]] = []
         self.node_states: dict[str, dict[str, Any]] = {}
+        self.encoded_states: dict[str, str] = {}  # node id -> its '"id": {state}' in progress_state, same order
+        self.encoded_prompt_id = json.dumps(self.prompt_id)
         self.values: dict[str, tuple[Any, ...]] = {}
         self.ui: dict[str, dict[str, Any]] = {}
         self.executed: list[str] = []
@@ -141,12 +143,17 @@ class _PromptRun:
             self.sim._send_json(event, data, self.client_id)
 
     def set_state(self, node_id: str, value: float, maximum: float, state: str) -> None:
-        self.node_states[node_id] = {
+        self.node_states[node_id] = node = {
             "value": value, "max": maximum, "state": state, "node_id": node_id, "prompt_id": self.prompt_id,
             "display_node_id": node_id, "parent_node_id": None, "real_node_id": node_id,
         }  # fmt: skip
-        # to the client, or broadcast when the prompt has none
-        self.sim._send_json("progress_state", {"prompt_id": self.prompt_id, "nodes": self.node_states}, self.client_id)
+        # The frame is json.dumps({"type": "progress_state", "data": {"prompt_id": ..., "nodes": node_states}}),
+        # built from each node's encoding, kept until that node changes: at full speed (one per sampler step) encoding
+        # every node again was the simulator's biggest cost.
+        self.encoded_states[node_id] = f"{json.dumps(node_id)}: {json.dumps(node)}"
+        nodes = ", ".join(self.encoded_states.values())
+        frame = f'{{"type": "progress_state", "data": {{"prompt_id": {self.encoded_prompt_id}, "nodes": {{{nodes}}}}}}}'
+        self.sim._send_text(frame, self.client_id)  # to the client, or broadcast when the prompt has none
 
     def progress(self, node_id: str, value: int, total: int, preview: bytes | None, *, fail: bool = False) -> None:
         """A progress-bar update: ComfyUI's hook checks the interrupt flag first, then sends
