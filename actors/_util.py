@@ -107,7 +107,7 @@ class Forwarder:
 
     __slots__ = ("_n", "channel", "every")
 
-    def __init__(self, channel: trio.MemorySendChannel[Any], every: int = 64) -> None:
+    def __init__(self, channel: trio.MemorySendChannel[Any], every: int = 512) -> None:
         self.channel = channel
         self.every = every
         self._n = 0

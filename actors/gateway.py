@@ -36,7 +36,7 @@ M = TypeVar("M")  # the message type _forward passes on
 REGISTRY_INBOX = 256  # comfy progress events arrive in bursts
 SCHEDULER_INBOX = 64
 LEDGER_INBOX = 64
-HUB_INBOX = 256
+HUB_INBOX = 1024
 COMFY_INBOX = 64
 SEQ_EPOCH = 10**9  # session seqs of the n-th start on a data dir begin at (n-1) * 10^9 (9 million below 2^53)
 
@@ -140,7 +140,10 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 await _core_term(unclean, boot, task_status)
                 clean = True
             except BaseException as exc:
-                clean = _only_cancelled(exc)  # a shutdown or a lost lease, not a crash
+                # on Redis only a shutdown ends a term cleanly. A lost lease (renewals failed: Redis slow, this
+                # process starved) cuts the actors off mid-work as a crash does: what they had saved but not yet
+                # published is gone, so the next core must count it as unclean and tell the sessions to resync
+                clean = _only_cancelled(exc) and (not shared or lease.resign_asked.is_set())
                 raise
             finally:
                 if clean:

@@ -97,6 +97,7 @@ class Grant:
     note: str | None
     reply: trio.MemorySendChannel[Account | LedgerError]
     allow_negative: bool = False  # may leave ``available`` below zero (the admin asked for it explicitly)
+    grant_id: str | None = None  # an edge's request id: the same grant read again by the next core is applied once
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +187,9 @@ async def run(
                         reply_once(reply, acc)
                     if did:
                         await changed(acc)
-            case Grant(user_id, amount, note, reply, allow_negative):
+            case Grant(user_id, amount, note, reply, allow_negative, grant_id):
                 try:
-                    acc = await store.grant(user_id, amount, initial_credits, note, allow_negative)
+                    acc = await store.grant(user_id, amount, initial_credits, note, allow_negative, grant_id)
                 except LedgerError as exc:  # not an int, out of range, or negative: refused, nothing stored
                     reply_once(reply, exc)
                 else:

@@ -65,7 +65,7 @@ DEFAULT_REPLAY_MAX = 300  # messages kept per session for replay
 DEFAULT_REPLAY_AGE = 300.0  # seconds a message stays replayable
 DEFAULT_IDLE_TTL = 300.0  # seconds a session without connections is kept (for replay after a reconnect)
 DEFAULT_MAX_SESSIONS_PER_USER = 64  # beyond it the least recently used session with no connection is dropped
-HUB_BATCH = 256  # messages the hub handles in a row before it yields (see ``run``)
+HUB_BATCH = 1024  # messages the hub handles in a row before it yields (see ``run``)
 
 
 class Sink(Protocol):

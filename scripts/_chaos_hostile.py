@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -240,6 +243,24 @@ def queued_latency(
         if t1 is None or any(t0 <= end + settle and t1 >= start for start, end in restarts):
             continue
         out.append(t1 - t0)
+    return out
+
+
+LEASE_LOST = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) WARNING actors\.lease: lease: \S+ stopped its core")
+
+
+def failovers_in_logs(paths: list[Path], ttl: float) -> list[tuple[float, float]]:
+    """Wall-clock windows of the failovers nobody planned: a core that stopped its actors because its lease was
+    lost (renewals failed for ``ttl`` seconds: Redis slow, or the process starved of CPU), found in the gateways'
+    logs. Each window starts ``ttl`` before the core gave up (its renewals were failing) and ends 2 s after, as
+    for the harness's own kills: a submit in it waits for the next core like one after a SIGKILL."""
+    out = []
+    for path in paths:
+        if path.exists():
+            for line in path.read_bytes().splitlines():
+                if m := LEASE_LOST.match(line):
+                    at = datetime.strptime(m.group(1).decode(), "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time
+                    out.append((at - ttl, at + 2.0))
     return out
 
 

@@ -7,13 +7,26 @@ Never the machine's shared Redis on 6379. A missing binary is an error (the Redi
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 START_TIMEOUT = 10.0  # seconds for the server to accept connections
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the process that started it dies (a killed pytest or chaos run
+    leaves no orphaned redis-server behind). Linux only; elsewhere the server outlives a killed parent."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -62,6 +75,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # called from the main thread: the signal follows the process that started it
         )
         deadline = time.monotonic() + START_TIMEOUT
         while True:

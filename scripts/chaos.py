@@ -40,12 +40,23 @@ for _p in (str(_HERE), str(_HERE.parent)):  # scripts/ (the simulator, the harne
 import httpx  # noqa: E402
 import trio  # noqa: E402
 from _chaos_audit import Grant, Report, settle_and_audit  # noqa: E402
-from _chaos_hostile import HostileStats, flooder, now, percentile, poisoner, queued_latency, stormer  # noqa: E402
+from _chaos_hostile import (  # noqa: E402
+    HostileStats,
+    failovers_in_logs,
+    flooder,
+    now,
+    percentile,
+    poisoner,
+    queued_latency,
+    stormer,
+)
 from _chaos_lib import GatewayProcess, ResumingClient, SimHandle, make_workflow  # noqa: E402
 from _chaos_plan import ChaosConfig, RunStats, make_plan  # noqa: E402
 from _redis_server import RedisServer  # noqa: E402
 
 log = logging.getLogger("chaos")
+
+LEASE_TTL = 1.0  # seconds, with --store redis: a failover takes about this long
 
 
 async def run_chaos(cfg: ChaosConfig) -> Report:
@@ -93,7 +104,7 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             str(cfg.max_replays),
         )
         if redis is not None:
-            args += ("--lease-ttl", "1")
+            args += ("--lease-ttl", str(LEASE_TTL))
             gws = [
                 GatewayProcess(
                     data=workdir / f"data{i}",
@@ -247,6 +258,11 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             if await g.stop() != 0:
                 report.add(f"gateway {g.url} exited uncleanly on SIGTERM")
         seen = {u: c.seen for u, c in clients.items()}
+        if redis is not None:  # failovers nobody planned (a core starved past its lease) are failover windows too
+            found = failovers_in_logs([g.log_path for g in gws], LEASE_TTL)
+            unplanned = [(a, b) for a, b in found if not any(a <= d and c <= b for c, d in restarts)]
+            report.stats["unplanned_failovers"] = len(unplanned)
+            restarts += unplanned
         every = queued_latency(submits, seen, [])
         latencies = queued_latency(submits, seen, restarts, cfg.restart_settle)
         for c in clients.values():

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from _chaos_lib import GatewayProcess, SimHandle, make_workflow
 from _redis_server import RedisServer
 from conftest import GatewayUnderTest
+from coredis.exceptions import RedisError
+from stomp_client import stomp_connect
 
 from actors.store import RedisStore, open_store
 
@@ -150,3 +153,37 @@ async def test_a_deposed_core_s_writes_are_refused_and_stop_its_core(
         assert h["lease"]["holder"] is None or h["lease"]["holder"] == "thief"
         assert (await thief.journal(), await thief.all_tasks(), await thief.accounts()) == before
         assert [j.kind for j in before[0] if j.task_id == task_id] == ["freeze"]
+
+
+async def test_a_core_that_gives_up_its_lease_makes_the_next_term_resync_the_sessions(
+    sim: Any, start_gateway: Any, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A core whose renewals fail for a whole TTL (Redis slow, the process starved of CPU) stops its actors
+    wherever they are, e.g. between saving a task's outcome and publishing its ``completed``: that message is gone
+    and Redis numbers seqs on without a gap. So its term did not end cleanly: whichever process is the core next
+    (here the same one, once renewals work again) tells every session to ``resync``, as after a crash, and the
+    client reloads over HTTP (a chaos run at nice 19 on a busy machine lost a ``completed`` this way)."""
+    redis_server.flush()
+    g: GatewayUnderTest = await start_gateway([sim.url], store_path=redis_server.url(), lease_ttl=1)
+    first = await health(g.http, g.url)
+    assert first["role"] == "core"
+    failing = [True]
+    renew = RedisStore.renew_lease
+
+    async def flaky_renew(self: RedisStore, holder: str, token: int, ttl: float) -> bool:
+        if failing[0]:
+            raise RedisError("renewal refused by the test")
+        return await renew(self, holder, token, ttl)
+
+    async with stomp_connect(g.ws_url, token=g.token("alice"), client_id="c1") as client:
+        await client.subscribe(receipt="sub")
+        while (await client.next_frame()).command != "RECEIPT":  # attached once the receipt comes
+            pass
+        monkeypatch.setattr(RedisStore, "renew_lease", flaky_renew)
+        with trio.fail_after(15):  # gave up the core after a TTL without renewal, and took the lease again
+            while (h := await health(g.http, g.url))["lease"]["token"] <= first["lease"]["token"]:
+                await trio.sleep(0.05)
+        failing[0] = False
+        got = await client.collect_until(lambda m: m.get("type") == "resync", timeout=15)
+    assert got[-1][1] == {"type": "resync"}
+    assert h["role"] == "core"

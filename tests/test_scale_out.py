@@ -208,3 +208,33 @@ async def test_a_submit_repeated_by_the_next_core_is_one_task(
         assert sorted(freezes) == sorted(["rid-1", "rid-2", fresh.task_id])  # rid-1 once, rid-2 never again
         assert await store.audit() == [] and await store.audit_tasks() == []
         assert (await store.account("alice", 100)).balance == 100 - 2 - 2
+
+
+async def test_a_grant_repeated_by_the_next_core_is_applied_once(
+    sim: Any, nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    """An edge's admin grant carries its request id as grant id, so a core that reads it again (its predecessor
+    granted, then died before acknowledging: a chaos run found the grant twice in the journal) answers with the
+    account and does not add the credits again; a grant with another id is applied as usual."""
+    from actors import ledger
+    from actors._util import ask
+    from actors.gateway import GatewayConfig, run_gateway
+
+    redis_server.flush()
+    url = redis_server.url()
+    handles = await nursery.start(
+        run_gateway, GatewayConfig(comfyui_urls=(sim.url,), store_path=url, initial_credits=10)
+    )
+
+    async def grant(rid: str, amount: int) -> Any:
+        return await ask(
+            handles.ledger, lambda r: ledger.Grant("alice", amount, "admin root", r, grant_id=rid), name="ledger"
+        )
+
+    first = await grant("rid-1", 5)
+    again = await grant("rid-1", 5)
+    other = await grant("rid-2", 7)
+    assert (first.balance, again.balance, other.balance) == (15, 15, 22)
+    async with open_store(url) as store:
+        assert [j.amount for j in await store.journal("alice") if j.kind == "grant"] == [5, 7]
+        assert await store.audit() == []

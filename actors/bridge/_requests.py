@@ -9,7 +9,8 @@ On the core, ``serve_edges`` reads the request stream through the consumer group
 appends the answer to the asking edge's stream, and only then acknowledges the entry. A core that dies between
 reading and acknowledging leaves the entry pending; the next core reads its pending entries first. A submit is
 idempotent across that: its task id is the request id, and the registry answers a repeated one with the task
-it already has. A request past its deadline is acknowledged unanswered (its asker gave up: a task must not be
+it already has; so is an admin grant: its grant id is the request id, and the store applies an id once. A
+cancel is idempotent by nature, and the other requests only read. A request past its deadline is acknowledged unanswered (its asker gave up: a task must not be
 created after the client was told 503).
 """
 
@@ -135,6 +136,8 @@ async def serve_edges(
                 target, cls, fields = decode_request(f["body"])
                 if cls.__name__ == "Submit":
                     fields["task_id"] = f["rid"]  # a repeated submit (core died before the ack) finds its task
+                elif cls.__name__ == "Grant":
+                    fields["grant_id"] = f["rid"]  # a repeated grant is not applied twice
                 with trio.fail_after(ANSWER_TIMEOUT):
                     value = await ask(targets[target], lambda r: cls(**fields, reply=r), name=target)
                 await client.xadd(

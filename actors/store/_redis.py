@@ -170,8 +170,15 @@ class RedisStore:
         return Account(user_id, int(bal), int(frz))
 
     async def grant(
-        self, user_id: str, amount: int, initial: int, note: str | None = None, allow_negative: bool = False
+        self,
+        user_id: str,
+        amount: int,
+        initial: int,
+        note: str | None = None,
+        allow_negative: bool = False,
+        grant_id: str | None = None,
     ) -> Account:
+        """As ``SqliteStore.grant``; a ``grant_id`` seen before is not applied again (the account is returned)."""
         if not isinstance(amount, int) or isinstance(amount, bool) or abs(amount) > MAX_AMOUNT:
             raise InvalidAmount(f"a grant must be an int within +-2^53, not {amount!r}")
         bal, frz = await self._script(
@@ -184,6 +191,7 @@ class RedisStore:
             self._ts(),
             allow_negative,
             MAX_AMOUNT,
+            grant_id or "",
             fenced=True,
         )
         return Account(user_id, int(bal), int(frz))

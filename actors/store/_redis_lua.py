@@ -17,6 +17,7 @@ Keys (``P`` = prefix):
     P results:<user> zset task id -> seq of the user's finished tasks
     P boot, P fence counters;  P lease  the core lease (holder, PX)
     P running  1 while a core's term runs (crash accounting), as SQLite's meta 'running'
+    P grant:<id>  a grant with this id was applied (an edge's request id: a re-read request is not applied twice)
 Errors: ``INSUFFICIENT <available> <amount>``, ``CONFLICT <text>``, ``UNKNOWN <text>``, ``FENCED <text>``,
 ``INVALID <text>``, ``NEGATIVE <text>``.
 """
@@ -95,7 +96,10 @@ GRANT = (
     + r"""
 fence(ARGV[1])
 local user, amount, initial, max = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[9])
+local once = nil
+if ARGV[10] ~= '' then once = P .. 'grant:' .. ARGV[10] end
 local bal, frz = get_acct(user)
+if once and redis.call('EXISTS', once) == 1 then return {bal or initial, frz or 0} end  -- applied already
 if not bal then bal, frz = initial, 0 end
 if math.abs(bal + amount) > max then error({err = 'INVALID the balance of ' .. user .. ' would leave +-2^53'}) end
 if bal - frz + amount < 0 and ARGV[8] ~= '1' then
@@ -107,6 +111,7 @@ local note = nil
 if ARGV[6] == '1' then note = ARGV[5] end
 bal = bal + amount
 write_acct(user, bal, frz, 'grant', nil, amount, note, ARGV[7])
+if once then redis.call('SET', once, '1', 'EX', 7 * 86400) end
 return {bal, frz}
 """
 )

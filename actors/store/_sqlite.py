@@ -107,10 +107,18 @@ class SqliteStore(SqliteBase):
         return await self._run(q)
 
     async def grant(
-        self, user_id: str, amount: int, initial: int, note: str | None = None, allow_negative: bool = False
+        self,
+        user_id: str,
+        amount: int,
+        initial: int,
+        note: str | None = None,
+        allow_negative: bool = False,
+        grant_id: str | None = None,
     ) -> Account:
         """Add ``amount`` (negative: remove) to the balance; journaled with ``note`` (who and why). The amount and
-        the new balance stay within +-MAX_AMOUNT; leaving ``available`` below zero needs ``allow_negative``."""
+        the new balance stay within +-MAX_AMOUNT; leaving ``available`` below zero needs ``allow_negative``.
+        ``grant_id`` matters only on Redis (an edge's request read again by the next core); one process never
+        repeats a request, so it is not kept here."""
         if not isinstance(amount, int) or isinstance(amount, bool) or abs(amount) > MAX_AMOUNT:
             raise InvalidAmount(f"a grant must be an int within +-2^53, not {amount!r}")
 

@@ -150,7 +150,13 @@ class Store(Protocol):
     # ledger
     async def account(self, user_id: str, initial: int) -> Account: ...
     async def grant(
-        self, user_id: str, amount: int, initial: int, note: str | None = None, allow_negative: bool = False
+        self,
+        user_id: str,
+        amount: int,
+        initial: int,
+        note: str | None = None,
+        allow_negative: bool = False,
+        grant_id: str | None = None,
     ) -> Account: ...
     async def freeze(
         self, user_id: str, task_id: str, amount: int, initial: int, ttl: float

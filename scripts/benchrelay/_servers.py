@@ -47,7 +47,7 @@ async def gateway_server(cfg: dict[str, Any]) -> None:
     shutdown = trio.Event()
 
     async def handle(cmd: dict[str, Any]) -> dict[str, Any]:
-        hub = Forwarder(handles[0].sessions)  # as the registry publishes: send_nowait, a checkpoint every 64
+        hub = Forwarder(handles[0].sessions)  # as the registry publishes: send_nowait, a checkpoint every 512
         size = cmd["size"]
 
         async def send(user: str, body: dict[str, Any]) -> None:
