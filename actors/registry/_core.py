@@ -20,7 +20,6 @@ from .. import scheduler as sched
 from .._util import reply_once
 from ..comfy import (
     BackendEvent,
-    BackendEvents,
     BackendLost,
     BackendUp,
     CancelPrompt,
@@ -358,12 +357,6 @@ class Registry(Timers):
 
     async def on_report(self, msg: ComfyReport) -> None:
         match msg:
-            case BackendEvents(backend, events):  # one read of the socket; each event isolated as if sent alone
-                for event in events:
-                    try:
-                        await self.on_event(backend, event)
-                    except Exception as exc:
-                        await self.contain(BackendEvent(backend, event), exc)
             case BackendEvent(backend, event):
                 await self.on_event(backend, event)
             case PromptAccepted(backend, task_id):
