@@ -15,6 +15,8 @@ const now = () => performance.timeOrigin + performance.now();  // ms since the e
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const cfg = JSON.parse(readFileSync(process.argv[process.argv.length - 1], 'utf8'));
 const n = cfg.tokens.length;
+// cfg.urls (bench_scale.py): client i connects to urls[i % urls.length], spreading the clients over processes
+const urlOf = (i) => (cfg.urls ? cfg.urls[i % cfg.urls.length] : cfg.url);
 const perClient = new Array(n).fill(0);
 const errors = [];
 let closed = 0;
@@ -36,6 +38,7 @@ function onMessage(i, text) {
   }
   perClient[i]++;
   phase.count++;
+  if (cfg.urls) phase.by[i % cfg.urls.length]++;  // per server (bench_scale.py keeps a window per server)
   if (phase.first === null) phase.first = t;
   phase.last = t;
   if (phase.count >= phase.expect) finish();
@@ -59,7 +62,7 @@ function connectStomp(i) {
   return new Promise((resolve, reject) => {
     const c = new Client({
       webSocketFactory: () => {
-        const ws = new WebSocket(cfg.url, ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false });
+        const ws = new WebSocket(urlOf(i), ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false });
         ws.on('message', () => { if (phase) phase.wsMessages++; });  // to see how many frames one message packs
         return ws;
       },
@@ -81,7 +84,7 @@ function connectStomp(i) {
 
 function connectBare(i) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(cfg.url + '?u=' + i, { perMessageDeflate: false });
+    const ws = new WebSocket(urlOf(i) + '?u=' + i, { perMessageDeflate: false });
     let up = false;
     ws.on('message', (data) => {
       const s = data.toString();
@@ -111,7 +114,8 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
   if (cmd.cmd === 'measure') {
     phase = { expect: cmd.expect, count: 0, total: 0, bad: 0, wsMessages: 0, first: null, last: null, lat: [], recs: [],
               t0: now(), cpu0: process.cpuUsage(), timer: setTimeout(finish, cmd.deadlineMs),
-              ticker: cmd.tickMs ? setInterval(() => { if (phase) out({ event: 'tick', count: phase.count }); }, cmd.tickMs) : null };
+              ticker: cmd.tickMs ? setInterval(() => { if (phase) out({ event: 'tick', count: phase.count, by: phase.by }); }, cmd.tickMs) : null,
+              by: new Array(cfg.urls ? cfg.urls.length : 1).fill(0) };
     perClient.fill(0);
     out({ event: 'armed' });
   } else if (cmd.cmd === 'status') {

@@ -59,3 +59,18 @@ def test_the_design_and_the_contract_are_in_the_repository() -> None:
     for doc in ("DESIGN.md", "CONTRACT.md", "STYLE.md", "STACK-NOTES.md", "comfyui-protocol.md"):
         assert (ROOT / "docs" / doc).is_file(), doc
         assert f"docs/{doc}" in readme, doc
+
+
+# a merge's conflict markers, written in pieces so that this file does not match itself
+CONFLICT = re.compile("^(" + "<" * 7 + " |" + ">" * 7 + " |" + "=" * 7 + "$)")
+
+
+def test_no_file_holds_a_merge_conflict_marker() -> None:
+    hits = []
+    for path in repository_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # binary
+        hits += [f"{path.relative_to(ROOT)}:{n}" for n, line in enumerate(text.splitlines(), 1) if CONFLICT.match(line)]
+    assert hits == []

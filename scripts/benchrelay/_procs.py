@@ -27,6 +27,7 @@ class Proc:
         self.proc = proc
         self.log_path = log_path
         self.ticks = 0  # the clients' running count of the current phase (`tick` events)
+        self.ticks_by: list[int] = []  # the same per server, when the clients spread over several (bench_scale)
         self._tx, self._rx = trio.open_memory_channel[dict[str, Any]](math.inf)
         assert proc.stdout is not None
         nursery.start_soon(self._pump, Lines(proc.stdout, name))
@@ -38,6 +39,7 @@ class Proc:
                     msg = await lines.next()
                     if msg.get("event") == "tick":
                         self.ticks = msg["count"]
+                        self.ticks_by = msg.get("by") or []
                     else:
                         self._tx.send_nowait(msg)
             except (EOFError, trio.ClosedResourceError, trio.BrokenResourceError):
