@@ -24,10 +24,11 @@ import trio.testing
 from conftest import TRANSCRIPTS, WORKFLOWS  # the recordings and workflows in tests/data
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
 from actors.comfy import (
     BackendEvent,
+    BackendEvents,
     BackendLost,
     BackendSpec,
     BackendUp,
@@ -192,10 +193,17 @@ class Harness:
     inbox: trio.MemorySendChannel[Any]
     reports: trio.MemoryReceiveChannel[ComfyReport]
     counters: ComfyCounters
+    unread: collections.deque[BackendEvent] = field(default_factory=collections.deque)
 
     async def next(self) -> tuple[float, ComfyReport]:
-        report = await self.reports.receive()
-        return trio.current_time(), report
+        """The next report; the events of a ``BackendEvents`` (one socket read) come one by one, as ``BackendEvent``."""
+        if not self.unread:
+            report = await self.reports.receive()
+            if not isinstance(report, BackendEvents):
+                return trio.current_time(), report
+            assert report.events, "a batch holds at least one event"
+            self.unread.extend(BackendEvent(report.backend, event) for event in report.events)
+        return trio.current_time(), self.unread.popleft()
 
     async def until(self, stop: Callable[[ComfyReport], bool]) -> list[tuple[float, ComfyReport]]:
         got = []
@@ -326,7 +334,9 @@ async def test_events_forwarded_in_order_with_preview_attribution(autojump_clock
         previews = [r.event for r in got if isinstance(r.event, PreviewImage)]
         assert previews and all(p.prompt_id == previews[0].prompt_id and p.node_id == "3" for p in previews)
         await trio.testing.wait_all_tasks_blocked()
-        assert h.reports.statistics().current_buffer_used == 0  # nothing else (malformed, unknown, flags) came out
+        assert (
+            h.reports.statistics().current_buffer_used == 0 and not h.unread
+        )  # nothing else (malformed, unknown, flags) came out
         stats = h.counters.statistics()
         assert (stats.malformed, stats.unknown, stats.frames) == (2, 1, 1 + len(recorded) + len(noise))
         assert dropped > 0 and h.counters.noise == dropped
@@ -413,8 +423,12 @@ async def test_no_first_status_is_a_crash(autojump_clock: trio.testing.MockClock
     assert fake.sockets[0].closed == 10 and fake.max_open_same_client == 1
 
 
-async def serve_zombie(nursery: trio.Nursery, accepted: list[float]) -> int:
-    """A raw wsproto server that accepts, sends status, then never reads again: it answers no ping."""
+RawHandler = Callable[[trio.SocketStream, WSConnection, Any], Awaitable[bool]]
+
+
+async def serve_raw(nursery: trio.Nursery, on_event: RawHandler) -> int:
+    """A raw wsproto server on a free port: each connection's events go to ``on_event(stream, conn, event)``, which
+    returns True to end the connection. Returns the port."""
 
     async def handler(stream: trio.SocketStream) -> None:
         async with stream:
@@ -422,14 +436,25 @@ async def serve_zombie(nursery: trio.Nursery, accepted: list[float]) -> int:
             while data := await stream.receive_some(65536):
                 conn.receive_data(data)
                 for event in conn.events():
-                    if isinstance(event, Request):
-                        accepted.append(trio.current_time())
-                        await stream.send_all(conn.send(AcceptConnection()))
-                        await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
-                        await trio.sleep_forever()
+                    if await on_event(stream, conn, event):
+                        return
 
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return listeners[0].socket.getsockname()[1]
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def serve_zombie(nursery: trio.Nursery, accepted: list[float]) -> int:
+    """A raw wsproto server that accepts, sends status, then never reads again: it answers no ping."""
+
+    async def on_event(stream: trio.SocketStream, conn: WSConnection, event: Any) -> bool:
+        if isinstance(event, Request):
+            accepted.append(trio.current_time())
+            await stream.send_all(conn.send(AcceptConnection()))
+            await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
+            await trio.sleep_forever()
+        return False
+
+    return await serve_raw(nursery, on_event)
 
 
 async def test_ping_watchdog_forces_reconnect(autojump_clock: trio.testing.MockClock) -> None:
@@ -458,6 +483,43 @@ async def test_ping_watchdog_forces_reconnect(autojump_clock: trio.testing.MockC
         (25.5, BackendUp("b0", 0)),
     ]
     assert accepted == [0, 25.5]
+
+
+async def test_server_ping_answered_and_a_broken_frame_closes_with_1002(autojump_clock: trio.testing.MockClock) -> None:
+    """A raw wsproto server: it pings (the actor must answer while it reads), then sends a masked frame (only clients
+    mask): the actor closes with 1002, reports why, and redials; the events before the bad frame were reported."""
+    seen: list[Any] = []
+
+    async def on_event(stream: trio.SocketStream, conn: WSConnection, event: Any) -> bool:
+        if isinstance(event, Request):
+            await stream.send_all(conn.send(AcceptConnection()))
+            await stream.send_all(conn.send(TextMessage(data=status(0, sid=CLIENT_ID))))
+            if not seen:
+                await stream.send_all(conn.send(Ping(payload=b"are you there")))
+        elif isinstance(event, Pong):
+            seen.append(event.payload)
+            await stream.send_all(conn.send(TextMessage(data=text("execution_start", prompt_id="p1"))))
+            await stream.send_all(b"\x81\x82abcd\x00\x00")  # masked
+        elif isinstance(event, CloseConnection):
+            seen.append(event.code)
+            return True
+        return False
+
+    reports_tx, reports_rx = trio.open_memory_channel[ComfyReport](16)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(transport=FakeComfy().transport) as http:
+        port = await serve_raw(nursery, on_event)
+        _inbox_tx, inbox_rx = trio.open_memory_channel[Any](1)
+        spec = BackendSpec("b0", f"http://127.0.0.1:{port}")
+        nursery.start_soon(partial(run, spec, inbox_rx, reports_tx, http=http, client_id=CLIENT_ID, jitter=no_jitter))
+        got = [await reports_rx.receive() for _ in range(4)]
+        nursery.cancel_scope.cancel()
+    assert got == [
+        BackendUp("b0", 0),
+        BackendEvents("b0", (ExecutionStart("p1"),)),
+        BackendLost("b0", "connection closed: 1002 PROTOCOL_ERROR masked frame from the server"),
+        BackendUp("b0", 0),
+    ]
+    assert seen == [b"are you there", 1002]
 
 
 async def test_slow_registry_is_not_a_silent_socket(autojump_clock: trio.testing.MockClock) -> None:
@@ -611,7 +673,7 @@ async def test_cancel_deletes_then_interrupts(autojump_clock: trio.testing.MockC
         await trio.testing.wait_all_tasks_blocked()
         await h.inbox.send(CancelPrompt("p-8"))
         await trio.testing.wait_all_tasks_blocked()
-        assert h.reports.statistics().current_buffer_used == 0  # cancel reports nothing
+        assert h.reports.statistics().current_buffer_used == 0 and not h.unread  # cancel reports nothing
     assert [(m, p, b) for _, m, p, b in fake.requests()] == [
         ("POST", "/queue", {"delete": ["p-9"]}),
         ("POST", "/interrupt", {"prompt_id": "p-9"}),
@@ -746,8 +808,8 @@ async def test_txt2img_against_the_simulator(autojump_clock: trio.testing.MockCl
                 report = await reports_rx.receive()
                 if isinstance(report, PromptAccepted):
                     accepted = report
-                elif isinstance(report, BackendEvent) and getattr(report.event, "prompt_id", None) == "p-txt2img":
-                    events.append(report.event)
+                elif isinstance(report, BackendEvents):
+                    events += [e for e in report.events if getattr(e, "prompt_id", None) == "p-txt2img"]
         nursery.cancel_scope.cancel()
     assert accepted.prompt_id == "p-txt2img" and accepted.node_errors == {}
     kinds = [type(e) for e in events]

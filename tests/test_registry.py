@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -22,6 +23,7 @@ from actors import scheduler as sched
 from actors._util import ask, reply_once
 from actors.comfy import (
     BackendEvent,
+    BackendEvents,
     BackendLost,
     BackendUp,
     CancelPrompt,
@@ -319,6 +321,37 @@ async def test_events_before_the_submit_answer(autojump_clock: trio.testing.Mock
         [nxt] = await dispatched(h)  # the permit came back exactly once: the next task went out
         assert nxt.task_id == t2
         assert (await h.state(t1))["state"] == "succeeded"
+
+
+async def test_a_batch_of_events_is_handled_in_order_and_a_fault_fails_only_its_task(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The comfy actor reports the events of one socket read as one BackendEvents: each is handled as if it came
+    alone, so a fault while handling one fails that event's task only and the rest of the batch still counts."""
+    async with registry(max_inflight=2) as h:
+        t1, t2 = await h.submit(), await h.submit()
+        c1, c2 = await dispatched(h)
+        await accepted(h, c1)
+        await accepted(h, c2)
+        original = reg._Registry.relay_progress
+
+        async def relay_progress(self: Any, task: Any, *args: Any) -> None:
+            if task.id == t1:
+                raise KeyError("injected registry fault")
+            await original(self, task, *args)
+
+        monkeypatch.setattr(reg._Registry, "relay_progress", relay_progress)
+        p1, p2 = c1.prompt_id, c2.prompt_id
+        await h.report(
+            BackendEvents(
+                "b0",
+                (ExecutionStart(p2), Progress(p1, "3", 1, 2), Progress(p2, "3", 1, 2), Progress(p2, "3", 2, 2)),
+            )
+        )
+        progress = [(m["taskId"], m["value"]) for m in await h.messages("progress")]
+        assert progress == [(t2, 1), (t2, 2)]
+        assert (await h.state(t1))["state"] == "failed" and (await h.state(t2))["state"] == "running"
+        assert h.resolves == [(t1, "released")]
 
 
 async def test_success_after_a_gap_takes_outputs_from_history(autojump_clock: trio.testing.MockClock) -> None:

@@ -2,7 +2,8 @@
 
 Modules: ``_events`` (typed ComfyUI events), ``_messages`` (commands in, reports out), ``_protocol`` (sans-IO
 parsing of WebSocket messages and 400 bodies), ``_supervisor`` (restart with backoff), ``_config`` (BackendSpec,
-ComfyTimeouts, ComfyCounters), ``_connection`` (the WebSocket half), ``_commands`` (the HTTP half), ``_actor``
+ComfyTimeouts, ComfyCounters), ``_connection`` (the WebSocket half), ``_wsclient`` (its WebSocket client,
+wsproto read in the connection's own task), ``_commands`` (the HTTP half), ``_actor``
 (``run``, which wires the two halves).
 
 Exceptions::
@@ -35,6 +36,7 @@ from ._events import (
 )
 from ._messages import (
     BackendEvent,
+    BackendEvents,
     BackendLost,
     BackendUp,
     CancelPrompt,
@@ -54,6 +56,7 @@ from ._supervisor import RestartPolicy, SupervisorGaveUp, full_jitter, supervise
 __all__ = [
     "TERMINAL_EVENTS",
     "BackendEvent",
+    "BackendEvents",
     "BackendLost",
     "BackendSpec",
     "BackendUp",

@@ -4,7 +4,7 @@ Two halves share one nursery and nothing but the report channel:
 
 * the **connection** (``_connection.py``) keeps exactly one WebSocket open to
   ``ws://host:port/ws?clientId=<client_id>``, restarts it with backoff, and reports BackendUp / BackendLost /
-  BackendEvent;
+  BackendEvents (the events of one socket read);
 * the **command loop** (here) reads the inbox and starts one task per command (``_commands.py``), so it never
   waits on HTTP or on the report channel: the registry -> comfy -> registry cycle cannot deadlock.
 """

@@ -17,8 +17,11 @@ Reports describe state *changes*: ``BackendUp`` after every (re)connect, ``Backe
 yet connected) backend is lost, ``BackendLost(down=True)`` once the supervisor gives up. Further failed attempts
 while already lost or down are only logged, so a dead backend does not flood the registry.
 
-Memory budget: trio-websocket's queue of 1 message plus the one being parsed, each at most ``MAX_FRAME_SIZE``
-(full-size ``SaveImageWebsocket`` PNGs reach several MB), so about 64 MiB per backend in the worst case.
+The socket is read in the session's own task (``_wsclient.WebSocket``, wsproto): one read of the TCP stream gives
+every message in it; noise is dropped by its head before any parse (``is_noise``), the rest is parsed and reported
+to the registry as one ``BackendEvents`` per read. Memory budget: one message being assembled and the messages of
+one read being parsed, each at most ``MAX_FRAME_SIZE`` (full-size ``SaveImageWebsocket`` PNGs reach several MB), so
+about 64 MiB per backend in the worst case.
 """
 
 from __future__ import annotations
@@ -33,14 +36,14 @@ from typing import Final
 
 import httpx
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
 
 from ._commands import HTTPFailed, request
 from ._config import ComfyCounters, ComfyTimeouts
 from ._events import ComfyEvent, FeatureFlags, PreviewImage, Progress, Status, UnknownComfyEvent
-from ._messages import BackendEvent, BackendLost, BackendUp, ComfyReport
+from ._messages import BackendEvents, BackendLost, BackendUp, ComfyReport
 from ._protocol import ComfyProtocolError, is_noise, parse_comfy_message
 from ._supervisor import RestartPolicy, SupervisorGaveUp, supervise
+from ._wsclient import HandshakeFailed, HandshakeRejected, SocketClosed, WebSocket
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +85,12 @@ def describe(exc: BaseException) -> str:
     """A short reason for a lost connection, for BackendLost and the logs."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    if isinstance(exc, ConnectionClosed):
-        reason = exc.reason
-        if reason is None:
-            return "connection closed"
-        return f"connection closed: {reason.code} {reason.name}" + (f" {reason.reason}" if reason.reason else "")
-    if isinstance(exc, ConnectionRejected):
-        return f"handshake rejected: HTTP {exc.status_code}"
-    if isinstance(exc, HandshakeError):
-        cause = exc.__cause__
-        return f"{type(exc).__name__}: {cause}" if cause is not None else type(exc).__name__
+    if isinstance(exc, SocketClosed):
+        return f"connection closed: {exc}"
+    if isinstance(exc, HandshakeRejected):
+        return f"handshake rejected: {exc}"
+    if isinstance(exc, HandshakeFailed):
+        return f"handshake failed: {exc}"
     if isinstance(exc, ComfyDisconnected):
         return str(exc)
     if isinstance(exc, trio.TooSlowError):
@@ -195,8 +194,8 @@ class Connection:
     async def _connect(self) -> None:
         """Dial, run the session, close. The TCP stream is ours, so it is closed however the socket ends.
 
-        (trio-websocket 0.12.2's ``open_websocket_url`` leaves it open after a server-initiated close or a rejected
-        handshake: STACK-NOTES 2.9.) Returns only after the socket is fully closed: the one-socket-per-clientId rule.
+        Returns only after the socket is fully closed (our close handshake done or timed out, the TCP stream closed):
+        the one-socket-per-clientId rule.
         """
         link = _Link()
         try:
@@ -208,19 +207,17 @@ class Connection:
             raise ComfyDisconnected(f"dial failed: no connection within {self.timeouts.http}s") from None
         async with stream:
             try:
-                async with trio.open_nursery() as nursery:  # trio-websocket's reader task lives here
-                    with trio.fail_after(self.timeouts.http):
-                        ws = await wrap_client_stream(
-                            nursery, stream, self.dial.host_header, self.dial.resource, max_message_size=MAX_FRAME_SIZE
-                        )
-                    try:
-                        await self._session(ws, link)
-                    finally:
-                        # Not shielded: when we are cancelled the reader task is too, so no close handshake could
-                        # complete; the TCP stream is then just closed (async with stream), which ComfyUI handles.
-                        with trio.move_on_after(CLOSE_TIMEOUT):  # a zombie never answers our close
-                            await ws.aclose()
-                        nursery.cancel_scope.cancel()
+                with trio.fail_after(self.timeouts.http):
+                    ws = await WebSocket.connect(
+                        stream, self.dial.host_header, self.dial.resource, max_message=MAX_FRAME_SIZE
+                    )
+                try:
+                    await self._session(ws, link)
+                finally:
+                    # Not shielded: when we are cancelled no close handshake could complete; the TCP stream is
+                    # then just closed (async with stream), which ComfyUI handles.
+                    with trio.move_on_after(CLOSE_TIMEOUT):  # a zombie never answers our close
+                        await ws.aclose()
             except Exception as exc:
                 raise ComfyDisconnected(link.lost or describe(exc)) from exc
 
@@ -231,11 +228,12 @@ class Connection:
             )
         return await trio.open_tcp_stream(self.dial.host, self.dial.port)
 
-    async def _session(self, ws: WebSocketConnection, link: _Link) -> None:
-        await ws.send_message(FEATURE_FLAGS_MESSAGE)
+    async def _session(self, ws: WebSocket, link: _Link) -> None:
+        await ws.send_text(FEATURE_FLAGS_MESSAGE)
         status: Status | None = None
+        after: tuple[ComfyEvent, ...] = ()
         with trio.move_on_after(self.timeouts.first_status):
-            status = await self._first_status(ws, link)
+            status, after = await self._first_status(ws, link)
         if status is None:
             raise ComfyDisconnected(f"no status within {self.timeouts.first_status}s of connecting")
         self.counters.connected = True
@@ -247,48 +245,69 @@ class Connection:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watchdog, ws, link)
             nursery.start_soon(self._activity_watchdog, link)
+            if after:
+                await self._report(BackendEvents(self.name, after), link)
             while True:
-                await self._report(BackendEvent(self.name, await self._next_event(ws, link)), link)
+                await self._report(BackendEvents(self.name, await self._next_events(ws, link)), link)
 
-    async def _first_status(self, ws: WebSocketConnection, link: _Link) -> Status:
-        """ComfyUI's on-connect status (it is reported as BackendUp, not as an event)."""
-        while not isinstance(event := await self._next_event(ws, link), Status):
-            await self._report(BackendEvent(self.name, event), link)  # ComfyUI sends status first; just in case
-        return event
+    async def _first_status(self, ws: WebSocket, link: _Link) -> tuple[Status, tuple[ComfyEvent, ...]]:
+        """ComfyUI's on-connect status (it is reported as BackendUp, not as an event), and the events read after it.
 
-    async def _next_event(self, ws: WebSocketConnection, link: _Link) -> ComfyEvent:
-        """The next event worth reporting; skips malformed frames, feature flags and unknown types."""
+        ComfyUI sends its status first; events before it (just in case) are reported at once."""
         while True:
-            message = await ws.get_message()
-            self.counters.frames += 1
+            events = await self._next_events(ws, link)
+            for i, event in enumerate(events):
+                if isinstance(event, Status):
+                    if i:
+                        await self._report(BackendEvents(self.name, events[:i]), link)
+                    return event, events[i + 1 :]
+            await self._report(BackendEvents(self.name, events), link)
+
+    async def _next_events(self, ws: WebSocket, link: _Link) -> tuple[ComfyEvent, ...]:
+        """The events worth reporting from the next read(s) of the socket, at least one; skips noise, malformed
+        frames, feature flags and unknown types."""
+        counters = self.counters
+        while True:
+            messages = await ws.receive_messages()
+            if not messages:
+                continue  # only control frames, or a part of a message
+            counters.frames += len(messages)
             self._saw_activity()
-            if isinstance(message, str) and is_noise(message):
-                self.counters.noise += 1
-                continue
-            try:
-                event = parse_comfy_message(message)
-            except ComfyProtocolError as exc:
-                self.counters.malformed += 1
-                log.warning("%s: skipped a malformed frame: %s", self.name, exc)
-                continue
-            if isinstance(event, FeatureFlags):
-                log.debug("%s: server features %s", self.name, event.flags)
-            elif isinstance(event, UnknownComfyEvent):
-                self.counters.unknown += 1
-                log.debug("%s: ignored event of unknown type %r", self.name, event.type)
-            elif isinstance(event, Progress):
-                link.last_progress = event
-                return event
-            elif isinstance(event, Status):
-                if (event.queue_remaining > 0) != (self.queue_remaining > 0):
-                    self._activity_changed.set()  # the silence watchdog starts or stops watching
-                self.queue_remaining = event.queue_remaining
-                return event
-            elif isinstance(event, PreviewImage) and event.prompt_id is None and link.last_progress is not None:
-                # Type-1 previews carry no ids: ComfyUI sends them right after the progress they belong to.
-                return replace(event, prompt_id=link.last_progress.prompt_id, node_id=link.last_progress.node)
-            else:
-                return event
+            events: list[ComfyEvent] = []
+            for message in messages:
+                if isinstance(message, str) and is_noise(message):
+                    counters.noise += 1
+                    continue
+                try:
+                    event = parse_comfy_message(message)
+                except ComfyProtocolError as exc:
+                    counters.malformed += 1
+                    log.warning("%s: skipped a malformed frame: %s", self.name, exc)
+                    continue
+                if (kept := self._keep(event, link)) is not None:
+                    events.append(kept)
+            if events:
+                return tuple(events)
+
+    def _keep(self, event: ComfyEvent, link: _Link) -> ComfyEvent | None:
+        """The event as the registry gets it, or None when nobody needs it."""
+        if isinstance(event, Progress):
+            link.last_progress = event
+        elif isinstance(event, FeatureFlags):
+            log.debug("%s: server features %s", self.name, event.flags)
+            return None
+        elif isinstance(event, UnknownComfyEvent):
+            self.counters.unknown += 1
+            log.debug("%s: ignored event of unknown type %r", self.name, event.type)
+            return None
+        elif isinstance(event, Status):
+            if (event.queue_remaining > 0) != (self.queue_remaining > 0):
+                self._activity_changed.set()  # the silence watchdog starts or stops watching
+            self.queue_remaining = event.queue_remaining
+        elif isinstance(event, PreviewImage) and event.prompt_id is None and link.last_progress is not None:
+            # Type-1 previews carry no ids: ComfyUI sends them right after the progress they belong to.
+            return replace(event, prompt_id=link.last_progress.prompt_id, node_id=link.last_progress.node)
+        return event
 
     async def _report(self, report: ComfyReport, link: _Link) -> None:
         try:
@@ -303,11 +322,11 @@ class Connection:
                 self._saw_activity()  # we were not reading meanwhile: that time is not the server's silence
                 self._activity_changed.set()
 
-    async def _watchdog(self, ws: WebSocketConnection, link: _Link) -> None:
+    async def _watchdog(self, ws: WebSocket, link: _Link) -> None:
         """Ping every ping_interval; no pong within ping_timeout means a zombie socket: force a reconnect.
 
-        While our reader is blocked on a full report channel, trio-websocket stops reading the socket (its message
-        queue is full), so a pong cannot arrive: such a window is not held against the server.
+        While our reader is blocked on a full report channel it does not read the socket, so a pong cannot arrive:
+        such a window is not held against the server.
         """
         while True:
             await trio.sleep(self.timeouts.ping_interval)
@@ -315,7 +334,7 @@ class Connection:
             try:
                 with trio.move_on_after(self.timeouts.ping_timeout) as waiting:
                     await ws.ping()
-            except ConnectionClosed:
+            except SocketClosed:
                 return  # the reader still drains what arrived before the close, then reports it
             if not waiting.cancelled_caught:
                 continue

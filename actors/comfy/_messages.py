@@ -70,6 +70,15 @@ class BackendEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendEvents:
+    """The events of one read of this backend's socket, in order (at least one): one hop to the registry for a
+    burst of progress instead of one per event. The registry handles each as a ``BackendEvent``."""
+
+    backend: str
+    events: tuple[ComfyEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PromptAccepted:
     backend: str
     task_id: str
@@ -128,6 +137,7 @@ ComfyReport = (
     BackendUp
     | BackendLost
     | BackendEvent
+    | BackendEvents
     | PromptAccepted
     | PromptRejected
     | PromptSubmitUnknown

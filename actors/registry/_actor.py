@@ -19,7 +19,7 @@ import trio
 from .. import ledger as ledger_api
 from .. import scheduler as sched
 from .._util import reply_once
-from ..comfy import ComfyCommand
+from ..comfy import BackendEvent, BackendEvents, ComfyCommand
 from ..sessions import Broadcast, Publish
 from ..store import Store
 from ._api import Cancel, GetStats, GetTask, ImageLocation, ListResults, ListTasks, RegistryConfig, RegistryMsg, Submit
@@ -130,5 +130,11 @@ async def handle(reg: Registry, msg: RegistryMsg | Answer) -> None:
             await StoreReads(reg.cfg, reg.store).image_location(msg)
         case GetStats(reply):
             reply_once(reply, reg.stats())
+        case BackendEvents(backend, events):  # one read of a comfy socket: each event isolated as if it came alone
+            for event in events:
+                try:
+                    await reg.on_event(backend, event)
+                except Exception as exc:  # crash isolation (trio.Cancelled is a BaseException and passes)
+                    await reg.contain(BackendEvent(backend, event), exc)
         case _:
             await reg.on_report(msg)

@@ -11,7 +11,9 @@ Simulated rather than computed:
 - Nodes do no real work. Images are small solid-colour (optionally noisy) PNGs, at most
   ``SAVED_IMAGE_MAX_SIDE_PX`` on a side, kept in an in-memory file store that ``/view`` serves and
   ``/upload/image`` fills. Latent previews are ``PREVIEW_SIDE_PX`` PNGs (ComfyUI would send JPEGs).
-- Time: ``KSampler``/``KSamplerAdvanced`` send one ``progress`` per sampling step, ``step_ms`` apart;
+- Time: ``KSampler``/``KSamplerAdvanced`` send one ``progress`` per sampling step, ``step_ms`` apart (with
+  ``step_ms`` 0, back to back: the event loop gets a turn every 16 steps, and a socket's writer sends all the
+  frames that are ready in one write, as a fast ComfyUI does; the relay benchmark's "max" relies on it);
   ``SaveImageWebsocket`` sends one frame per ``step_ms``; every other node is instant. All waiting is
   ``trio.sleep``, so tests can run under ``trio.testing.MockClock``.
 - Scripted faults, as extra node inputs (ComfyUI ignores undeclared inputs, so they pass validation):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import trio
 
-from ._constants import MS_PER_S, PREVIEW_SIDE_PX, SIM_ERROR_INPUT, SIM_SLEEP_INPUT
+from ._constants import BURST_STEPS, MS_PER_S, PREVIEW_SIDE_PX, SIM_ERROR_INPUT, SIM_SLEEP_INPUT
 from ._nodes import NODE_SPECS, PROGRESS_CLASSES, _seed_color
 from ._paths import _format_value, _safe_relative_path
 from ._png import SimImage, _split_rgb, encode_png, render_rgb
@@ -56,10 +56,17 @@ class _NodeContext:
         return self._run.sim._temp_prefix
 
     async def run_steps(self, values: Sequence[int], total: int, preview: Callable[[int], bytes | None]) -> None:
-        """One step per value: ``step_ms`` of work, then a progress update (with ``preview(value)``)."""
+        """One step per value: ``step_ms`` of work, then a progress update (with ``preview(value)``).
+
+        With ``step_ms`` 0 the steps run back to back and the event loop gets a turn every ``BURST_STEPS`` steps, so
+        the writer sends their frames together, as a fast ComfyUI (its sampler in a thread) hands them over."""
         fail_at = self._run.pick_fail_step(self.node_id, values)
-        for value in values:
-            await trio.sleep(max(0.0, self._run.sim.step_ms) / MS_PER_S)
+        for n, value in enumerate(values):
+            step_ms = self._run.sim.step_ms
+            if step_ms > 0:
+                await trio.sleep(step_ms / MS_PER_S)
+            elif n % BURST_STEPS == 0:
+                await trio.lowlevel.checkpoint()
             self._run.progress(self.node_id, value, total, preview(value), fail=value == fail_at)
 
     async def sample(self, steps: int, seed: int) -> None:
@@ -113,6 +120,8 @@ class _PromptRun:
         self.prompt = item.prompt
         self.messages: list[tuple[str, dict[str, Any]]] = []
         self.node_states: dict[str, dict[str, Any]] = {}
+        self.encoded_states: dict[str, str] = {}  # node id -> its '"id": {state}' in progress_state, same order
+        self.encoded_prompt_id = json.dumps(self.prompt_id)
         self.values: dict[str, tuple[Any, ...]] = {}
         self.ui: dict[str, dict[str, Any]] = {}
         self.executed: list[str] = []
@@ -134,12 +143,17 @@ class _PromptRun:
             self.sim._send_json(event, data, self.client_id)
 
     def set_state(self, node_id: str, value: float, maximum: float, state: str) -> None:
-        self.node_states[node_id] = {
+        self.node_states[node_id] = node = {
             "value": value, "max": maximum, "state": state, "node_id": node_id, "prompt_id": self.prompt_id,
             "display_node_id": node_id, "parent_node_id": None, "real_node_id": node_id,
         }  # fmt: skip
-        # to the client, or broadcast when the prompt has none
-        self.sim._send_json("progress_state", {"prompt_id": self.prompt_id, "nodes": self.node_states}, self.client_id)
+        # The frame is json.dumps({"type": "progress_state", "data": {"prompt_id": ..., "nodes": node_states}}),
+        # built from each node's encoding, kept until that node changes: at full speed (one per sampler step) encoding
+        # every node again was the simulator's biggest cost.
+        self.encoded_states[node_id] = f"{json.dumps(node_id)}: {json.dumps(node)}"
+        nodes = ", ".join(self.encoded_states.values())
+        frame = f'{{"type": "progress_state", "data": {{"prompt_id": {self.encoded_prompt_id}, "nodes": {{{nodes}}}}}}}'
+        self.sim._send_text(frame, self.client_id)  # to the client, or broadcast when the prompt has none
 
     def progress(self, node_id: str, value: int, total: int, preview: bytes | None, *, fail: bool = False) -> None:
         """A progress-bar update: ComfyUI's hook checks the interrupt flag first, then sends

@@ -44,15 +44,55 @@ def _abrupt_closer(asgi_send: AsgiSend) -> Callable[[], Awaitable[None]] | None:
     return partial(tcp_send, TransportClosed())
 
 
+def _batch_sender(asgi_send: AsgiSend) -> Callable[[list[str | bytes]], Awaitable[bool]] | None:
+    """A coroutine function that sends several frames in one write to the TCP stream, or None.
+
+    ASGI sends one frame per ``websocket.send``, each its own write and several trips through the event loop; a
+    real ComfyUI at full speed (its sampler runs in a thread) hands the socket several frames at once. With
+    hypercorn 0.18 (the layout ``_abrupt_closer`` relies on) the frames are encoded by the stream's own wsproto
+    connection and written as one ``Data`` event. The function returns False (nothing sent) when the socket is not
+    open any more; the caller then sends frame by frame through ASGI, which knows what to do.
+    """
+    ws_stream = getattr(asgi_send, "__self__", None)
+    if not all(hasattr(ws_stream, name) for name in ("connection", "send", "stream_id", "closed", "state")):
+        return None
+    try:
+        from hypercorn.events import RawData  # noqa: F401 - only checks the layout
+        from hypercorn.protocol.events import Data
+        from hypercorn.protocol.ws_stream import ASGIWebsocketState
+        from wsproto.events import BytesMessage, TextMessage
+    except ImportError:
+        return None
+
+    async def send_batch(frames: list[str | bytes]) -> bool:
+        stream: Any = ws_stream
+        if stream.closed or stream.state != ASGIWebsocketState.CONNECTED:
+            return False
+        connection = stream.connection
+        data = b"".join(
+            connection.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f)) for f in frames
+        )
+        await stream.send(Data(stream_id=stream.stream_id, data=data))
+        return True
+
+    return send_batch
+
+
 class _Socket:
     """One accepted WebSocket: its clientId, outbox (drained by a writer task) and drop trigger."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, sid: str, abrupt_close: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(
+        self,
+        sid: str,
+        abrupt_close: Callable[[], Awaitable[None]] | None,
+        send_batch: Callable[[list[str | bytes]], Awaitable[bool]] | None = None,
+    ) -> None:
         self.id = next(self._ids)
         self.sid = sid
         self.abrupt_close = abrupt_close
+        self.send_batch = send_batch
         self._outbox_send, self.outbox = trio.open_memory_channel[str | bytes](OUTBOX_MAX_FRAMES)
         self.writer_scope = trio.CancelScope()  # cancelled to drop the connection
         self.dropped = False

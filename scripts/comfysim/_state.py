@@ -98,7 +98,10 @@ class SimState:
         return [conn] if conn is not None else []
 
     def _send_json(self, event: str, data: Any, sid: Any) -> None:
-        frame = _text_frame(event, data)
+        self._send_text(_text_frame(event, data), sid)
+
+    def _send_text(self, frame: str, sid: Any) -> None:
+        """A text frame encoded already (as ``_text_frame`` would)."""
         for conn in self._targets(sid):
             conn.push(frame)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import trio
 
-from ._constants import SERVER_FEATURES
+from ._constants import SERVER_FEATURES, WRITE_BATCH_FRAMES
 from ._net import _origin_forbidden
-from ._socket import AsgiReceive, AsgiSend, _abrupt_closer, _Socket, _text_frame
+from ._socket import AsgiReceive, AsgiSend, _abrupt_closer, _batch_sender, _Socket, _text_frame
 from ._state import SimState
 
 log = logging.getLogger("fake_comfyui")
@@ -45,7 +45,7 @@ class WebSocketEndpoint:
         query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"))
         sid = query.get("clientId", [""])[0] or uuid.uuid4().hex
         await send({"type": "websocket.accept"})
-        conn = _Socket(sid, _abrupt_closer(send))
+        conn = _Socket(sid, _abrupt_closer(send), _batch_sender(send))
         # ComfyUI keeps one socket per clientId: a newer one replaces the older, which is neither closed nor
         # sent anything any more.
         self.sim._sockets[sid] = conn
@@ -98,11 +98,20 @@ class WebSocketEndpoint:
     async def _websocket_writer(self, conn: _Socket, send: AsgiSend) -> None:
         """Send the outbox in order. A drop is done from this task too, so it never cuts a frame in half."""
         with conn.writer_scope:
-            async for frame in conn.outbox:
-                if isinstance(frame, str):
-                    await send({"type": "websocket.send", "text": frame})
-                else:
-                    await send({"type": "websocket.send", "bytes": frame})
+            async for first in conn.outbox:
+                frames = [first]  # and whatever else is ready: one write for all of them
+                while len(frames) < WRITE_BATCH_FRAMES:
+                    try:
+                        frames.append(conn.outbox.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                if len(frames) > 1 and conn.send_batch is not None and await conn.send_batch(frames):
+                    continue
+                for frame in frames:
+                    if isinstance(frame, str):
+                        await send({"type": "websocket.send", "text": frame})
+                    else:
+                        await send({"type": "websocket.send", "bytes": frame})
         if not conn.dropped:
             return
         log.info("%r: dropping the connection", conn)
