@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_MAXLEN = 10_000  # messages a process's events stream keeps (what a slow process may still catch up on)
 SESSION_KEY_TTL = 24 * 3600  # seconds a session's stream and the user's session set outlive their last message
+PUBLISH_LINGER = 0.001  # seconds the core's publisher waits to fill a batch (adds at most this to a message's latency)
 BACKFILL_PATIENCE = 10.0  # seconds an attach waits for Redis to copy the session's stream (a restart is shorter)
 PROC_STREAM_TTL = 60.0  # seconds a process's events stream outlives its last refresh (then nothing is routed to it)
 REFRESH_EVERY = PROC_STREAM_TTL / 4  # how often a process refreshes its stream
@@ -150,11 +151,21 @@ async def publish_to_redis(
     with inbox:
         async for first in inbox:
             batch = [first]
-            while len(batch) < BATCH:
-                try:
-                    batch.append(inbox.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            # a steady stream comes a message or two per wake-up: wait PUBLISH_LINGER for more, so that one script
+            # call carries many (each call costs the core and Redis far more than a message in it)
+            with trio.move_on_after(PUBLISH_LINGER):
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(inbox.receive_nowait())
+                        continue
+                    except trio.WouldBlock:
+                        pass
+                    except trio.EndOfChannel:
+                        break
+                    try:
+                        batch.append(await inbox.receive())
+                    except trio.EndOfChannel:
+                        break
             args: list[Any] = [replay_max, EVENTS_MAXLEN, SESSION_KEY_TTL]
             for msg in batch:
                 if isinstance(msg, Broadcast):
