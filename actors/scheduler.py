@@ -99,6 +99,7 @@ class _FairQueue:
     def __init__(self) -> None:
         self.by_user: dict[str, deque[Job]] = {}
         self.turn: deque[str] = deque()  # users with waiting jobs, next to be served first
+        self.owner: dict[str, str] = {}  # task id -> user, for every waiting job
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.by_user.values())
@@ -109,16 +110,17 @@ class _FairQueue:
             q = self.by_user[job.user_id] = deque()
             self.turn.append(job.user_id)
         q.append(job)
+        self.owner[job.task_id] = job.user_id
 
     def remove(self, task_id: str) -> bool:
-        for user, q in self.by_user.items():
-            for job in q:
-                if job.task_id == task_id:
-                    q.remove(job)
-                    if not q:
-                        self._drop_user(user)
-                    return True
-        return False
+        user = self.owner.pop(task_id, None)
+        if user is None:
+            return False
+        q = self.by_user[user]
+        q.remove(next(job for job in q if job.task_id == task_id))
+        if not q:
+            self._drop_user(user)
+        return True
 
     def pop_next(self, eligible: Any) -> Job | None:
         """The next job in round-robin order whose user passes ``eligible(user)``; that user goes last."""
@@ -127,6 +129,7 @@ class _FairQueue:
             if eligible(user):
                 q = self.by_user[user]
                 job = q.popleft()
+                del self.owner[job.task_id]
                 if q:
                     self.turn.rotate(-1)
                 else:
@@ -134,6 +137,21 @@ class _FairQueue:
                 return job
             self.turn.rotate(-1)
         return None
+
+    def position(self, task_id: str) -> int | None:
+        """The 1-based place of ``task_id`` in ``order()`` (None if it does not wait), without building the order:
+        before it come every user's jobs at a smaller depth in their queue, and at its own depth those of the users
+        before its user in the turn (a user's first job: just the users before it)."""
+        owner = self.owner.get(task_id)
+        if owner is None:
+            return None
+        q = self.by_user[owner]
+        turn_index = self.turn.index(owner)
+        depth = next(i for i, job in enumerate(q) if job.task_id == task_id)
+        if depth == 0:
+            return turn_index + 1
+        lens = [len(self.by_user[u]) for u in self.turn]
+        return sum(min(n, depth) for n in lens) + sum(1 for n in lens[:turn_index] if n > depth) + 1
 
     def order(self) -> list[str]:
         """Task ids in the order they would be dispatched (ignoring per-user in-flight caps)."""
@@ -209,7 +227,9 @@ async def run(
                 case Enqueue(job, reply):
                     queue.push(job)
                     if reply is not None:
-                        reply_once(reply, queue.order().index(job.task_id) + 1)
+                        position = queue.position(job.task_id)
+                        assert position is not None  # it was just pushed
+                        reply_once(reply, position)
                 case Withdraw(task_id, reply):
                     reply_once(reply, queue.remove(task_id))
                 case Occupy(task_id, backend, user_id):
@@ -232,8 +252,7 @@ async def run(
                     if name in backends:
                         (up.add if is_up else up.discard)(name)
                 case GetPosition(task_id, reply):
-                    order = queue.order()
-                    reply_once(reply, order.index(task_id) + 1 if task_id in order else None)
+                    reply_once(reply, queue.position(task_id))
                 case GetStats(reply):
                     reply_once(
                         reply,
