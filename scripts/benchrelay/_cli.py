@@ -78,6 +78,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="experiment: gc.freeze() in the server once the clients are connected (what GC pauses cost)",
     )
     p.add_argument(
+        "--thaw",
+        action="store_true",
+        help="after the idle window, time one thaw as web/_gc.py does it (gc.unfreeze, a full collection, gc.freeze)",
+    )
+    p.add_argument(
         "--idle-seconds",
         type=float,
         default=IDLE_SECONDS,

@@ -192,6 +192,20 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
                 gc.collect()
                 gc.freeze()  # the objects alive now (the connections) are never scanned again
                 reply({"event": "frozen", "frozen": gc.get_freeze_count()})
+            elif cmd["cmd"] == "thaw":  # what web/_gc.py's FreezePolicy.thaw costs with the connections alive
+                gc.unfreeze()
+                started = time.perf_counter()
+                found = gc.collect()
+                took = time.perf_counter() - started
+                gc.freeze()
+                reply(
+                    {
+                        "event": "thawed",
+                        "ms": round(1000 * took, 1),
+                        "collected": found,
+                        "frozen": gc.get_freeze_count(),
+                    }
+                )
             elif cmd["cmd"] == "stats":
                 t = os.times()
                 reply({"event": "stats", "cpu": t.user + t.system, "rss_kb": rss_kb()})

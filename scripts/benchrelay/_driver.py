@@ -114,6 +114,11 @@ class Driver:
         if self.a.gc_freeze:
             await server.send({"cmd": "gc_freeze"})
             setup["gc_frozen_objects"] = (await server.expect("frozen", 30))["frozen"]
+        if self.a.thaw:
+            await server.send({"cmd": "thaw"})
+            thawed = await server.expect("thawed", 120)
+            setup["thaw_ms"], setup["thaw_frozen_objects"] = thawed["ms"], thawed["frozen"]
+            self.say(f"  thaw ({mode}): one full collection over {thawed['frozen']:,} objects took {thawed['ms']} ms")
         self.setup["gateway" if mode == "stomp" else "bare"] = setup
         if profile := setup.pop("idle_profile"):
             self.say(f"    server profile while idle ({mode}), top by own time:\n{profile}")
