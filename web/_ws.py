@@ -216,12 +216,11 @@ class StompEndpoint(StompCommands):
         inside a cancel scope that ``_stop_reading`` can cancel (and wait for)."""
         if not conn.reading or conn.close_after_flush is not None:  # closing: not read any more
             return
-        if conn.stomp.take_heartbeat(data):
-            conn.last_rx = trio.current_time()
+        if self._heard(conn, data):
             return
         with trio.CancelScope() as conn.feeding:
             try:
-                await self._feed(conn, data)
+                await self._frames(conn, data)
             except (RemoteProtocolError, TransportClosed, _Close) as exc:
                 self._stopped(conn, exc)
             finally:
@@ -242,11 +241,18 @@ class StompEndpoint(StompCommands):
             conn.outbox.put_nowait(_END)
             self._condemned(conn)
 
-    async def _feed(self, conn: _Conn, data: str | bytes) -> None:
-        """One message from the client: its frames, handled in order (a heart-beat alone costs no parse)."""
+    def _heard(self, conn: _Conn, data: str | bytes) -> bool:
+        """The client spoke; True when ``data`` is a heart-beat alone (taken: nothing to parse)."""
         conn.last_rx = trio.current_time()
-        if conn.stomp.take_heartbeat(data):
-            return
+        return conn.stomp.take_heartbeat(data)
+
+    async def _feed(self, conn: _Conn, data: str | bytes) -> None:
+        """One message from the client (the reader task's)."""
+        if not self._heard(conn, data):
+            await self._frames(conn, data)
+
+    async def _frames(self, conn: _Conn, data: str | bytes) -> None:
+        """A message that is not a lone heart-beat: its frames, handled in order."""
         conn.stomp.receive_data(data.encode() if isinstance(data, str) else data)
         while conn.close_after_flush is None:
             event = conn.stomp.next_event()

@@ -157,13 +157,11 @@ async def publish_to_redis(
                 while len(batch) < BATCH:
                     try:
                         batch.append(inbox.receive_nowait())
-                        continue
                     except trio.WouldBlock:
-                        pass
-                    except trio.EndOfChannel:
-                        break
-                    try:
-                        batch.append(await inbox.receive())
+                        try:
+                            batch.append(await inbox.receive())
+                        except trio.EndOfChannel:
+                            break
                     except trio.EndOfChannel:
                         break
             args: list[Any] = [replay_max, EVENTS_MAXLEN, SESSION_KEY_TTL]
