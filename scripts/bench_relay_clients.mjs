@@ -5,6 +5,8 @@
 import { createRequire } from 'node:module';
 import readline from 'node:readline';
 import { readFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
 
 // The packages live in tests/node (scripts/test installs them there), not beside this file.
 const require = createRequire(new URL('../tests/node/package.json', import.meta.url));
@@ -99,9 +101,31 @@ function connectBare(i) {
   });
 }
 
+// "floor" (idle mode): a raw TCP connection to the trio floor server, no HTTP and no WebSocket handshake; it sends
+// what a stompjs client's heart-beat is on the wire (a masked WebSocket text frame holding "\n") every
+// cfg.heartbeatMs and reads whatever comes
+function connectFloor(i) {
+  return new Promise((resolve, reject) => {
+    const url = new URL(urlOf(i));
+    const sock = net.connect(Number(url.port), url.hostname);
+    sock.setNoDelay(true);
+    let beat = null;
+    sock.on('connect', () => {
+      beat = setInterval(() => {
+        const mask = randomBytes(4);
+        sock.write(Buffer.from([0x81, 0x81, mask[0], mask[1], mask[2], mask[3], 0x0a ^ mask[0]]));
+      }, cfg.heartbeatMs);
+      resolve({ close: () => sock.destroy() });
+    });
+    sock.on('data', () => {});
+    sock.on('close', () => { closed++; if (beat) clearInterval(beat); });
+    sock.on('error', (e) => { err(`client ${i}: ${e.message}`); reject(e); });
+  });
+}
+
 const conns = [];
 async function main() {
-  const connect = cfg.mode === 'stomp' ? connectStomp : connectBare;
+  const connect = { stomp: connectStomp, bare: connectBare, floor: connectFloor }[cfg.mode];
   const t0 = now();
   for (let i = 0; i < n; i += cfg.batch) {
     const batch = [];

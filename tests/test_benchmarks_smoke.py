@@ -51,3 +51,15 @@ def test_bench_scale_runs_one_and_two_processes_on_redis(tmp_path: Path) -> None
     for r in rows:
         assert (r["expected"], r["delivered"], r["closed"], r["errors"]) == (800, 800, 0, []), r["k"]
         assert r["msgs_per_s"] > 0 and r["G_us"] > 0 and r["O_us"] > 0, r["k"]
+
+
+def test_bench_relay_idle_mode_holds_the_connections_on_gateway_bare_relay_and_trio_floor(tmp_path: Path) -> None:
+    report = run_script(
+        "bench_relay.py", ["--clients", "20", "--paths", "idle", "--idle-seconds", "2"], tmp_path / "idle.json"
+    )
+    setup = report["setup"]
+    assert set(setup) == {"gateway", "bare", "floor"}
+    for name, st in setup.items():
+        assert st["closed_while_idle"] == 0, name
+        assert st["idle_cpu_percent"] >= 0, name
+    assert setup["gateway"]["kb_per_connection"] > 0

@@ -35,7 +35,7 @@ from ._conn import END_MARKER as _END
 from ._conn import Close as _Close
 from ._conn import Conn as _Conn
 from ._outbox import Outbox, SlowConsumer
-from ._transport import PumpInbox, StompTransport, TransportClosed, WebSocketTransport, pump_inbox
+from ._transport import HeartbeatTap, PumpInbox, StompTransport, TransportClosed, WebSocketTransport, pump_inbox
 from ._ws_commands import DETACH_TIMEOUT, StompCommands
 from .stomp import HEARTBEAT, NEED_DATA, Frame, RemoteProtocolError, StompConnection, encode_frame
 
@@ -66,14 +66,19 @@ class StompEndpoint(StompCommands):
         if offered and proto is None:
             log.warning("ws: no STOMP subprotocol in %r", offered)
             return "no supported STOMP subprotocol (v12.stomp, v11.stomp, v10.stomp)", 400
+        transport, inbox = WebSocketTransport(websocket), pump_inbox(websocket)
+        tap = transport.tap_heartbeats(inbox) if inbox is not None else None  # before any message can come
         await websocket.accept(subprotocol=proto)
-        await self.run(WebSocketTransport(websocket), pump_inbox(websocket))
+        await self.run(transport, inbox, tap)
         return None
 
-    async def run(self, transport: StompTransport, inbox: PumpInbox | None = None) -> None:
+    async def run(
+        self, transport: StompTransport, inbox: PumpInbox | None = None, tap: HeartbeatTap | None = None
+    ) -> None:
         """One STOMP connection over ``transport`` (a plain WebSocket, or a SockJS session), until it ends.
         With an ``inbox`` that can be claimed, quart's own message task hands each message to ``_pumped``: no reader
-        task (and no nursery) of ours; else a reader task reads ``transport``."""
+        task (and no nursery) of ours, and with a ``tap`` (``web._transport.HeartbeatTap``) the client's lone
+        heart-beats are taken below Hypercorn (``_tapped``); else a reader task reads ``transport``."""
         if not self._timers_started:
             self._timers_started = True
             self.timers_nursery().start_soon(self.timers.serve, self._fire, self.shutdown, self._announce_shutdown)
@@ -96,6 +101,8 @@ class StompEndpoint(StompCommands):
             self._shutting_down(conn)
         try:
             if inbox is not None and inbox.claim(partial(self._pumped, conn)):
+                if tap is not None:  # lone heart-beats are taken as they come off the socket
+                    tap.hook = partial(self._tapped, conn)
                 await self._close(transport, conn, await self._writer(transport, conn))
             else:
                 async with trio.open_nursery() as nursery:
@@ -240,6 +247,11 @@ class StompEndpoint(StompCommands):
             conn.close_after_flush = exc
             conn.outbox.put_nowait(_END)
             self._condemned(conn)
+
+    def _tapped(self, conn: _Conn, text: str) -> bool:
+        """A lone heart-beat read below Hypercorn (``web._transport.HeartbeatTap``): taken here as ``_pumped`` would
+        take it, or False (closing, not between frames) to send it the usual way."""
+        return conn.reading and conn.close_after_flush is None and self._heard(conn, text)
 
     def _heard(self, conn: _Conn, data: str | bytes) -> bool:
         """The client spoke; True when ``data`` is a heart-beat alone (taken: nothing to parse)."""

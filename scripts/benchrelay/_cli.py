@@ -18,7 +18,7 @@ import trio
 from ._common import DESCRIPTION, IDLE_SECONDS, NODE_DIR, PATHS, ROOT
 from ._driver import Driver
 from ._report import LABELS, fmt_rate, table
-from ._servers import bare_server, gateway_server
+from ._servers import bare_server, floor_server, gateway_server
 
 
 def parse_rates(text: str) -> list[float]:
@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=parse_paths,
         default=[p for p in PATHS if p != "idle"],
         help="which of hub,comfy,bare,idle (default hub,comfy,bare); idle: connect, subscribe and hold "
-        "--idle-seconds, on the gateway and the bare relay",
+        "--idle-seconds, on the gateway, the bare relay and the trio floor (raw sockets, no HTTP or WebSocket)",
     )
     p.add_argument(
         "--backends",
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.role:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         cfg = json.loads(a.role_config or "{}")
-        trio.run(gateway_server if a.role == "gateway" else bare_server, cfg)
+        trio.run({"gateway": gateway_server, "bare": bare_server, "floor": floor_server}[a.role], cfg)
         return 0
     logging.basicConfig(level=logging.WARNING)
     ensure_node()

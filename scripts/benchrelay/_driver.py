@@ -89,7 +89,7 @@ class Driver:
         await server.send({"cmd": "stats"})
         before = await server.expect("stats", 10)
         cfg = {"mode": mode, "url": info["url"], "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
-        if mode == "bare" and self.a.paths == ["idle"]:
+        if mode in ("bare", "floor") and self.a.paths == ["idle"]:
             cfg["heartbeatMs"] = int(IDLE_HEARTBEAT * 1000)
         cfg_path = self.tmp / f"clients-{mode}.json"
         cfg_path.write_text(json.dumps(cfg))
@@ -119,7 +119,7 @@ class Driver:
             thawed = await server.expect("thawed", 120)
             setup["thaw_ms"], setup["thaw_frozen_objects"] = thawed["ms"], thawed["frozen"]
             self.say(f"  thaw ({mode}): one full collection over {thawed['frozen']:,} objects took {thawed['ms']} ms")
-        self.setup["gateway" if mode == "stomp" else "bare"] = setup
+        self.setup[{"stomp": "gateway"}.get(mode, mode)] = setup
         if profile := setup.pop("idle_profile"):
             self.say(f"    server profile while idle ({mode}), top by own time:\n{profile}")
         self.say(
@@ -382,6 +382,13 @@ class Driver:
                         self.report(await self.run_injected("bare", {"clients": self.a.clients}, rate, server, clients))
                 finally:
                     await clients.stop()
+            finally:
+                await server.stop()
+        if paths == ["idle"]:
+            self.say("trio floor (a trio task per raw TCP connection, no HTTP or WebSocket, the same heart-beats)")
+            server, info = await self.start_server("floor", {"heartbeat": IDLE_HEARTBEAT})
+            try:
+                await (await self.start_clients("floor", server, info)).stop()
             finally:
                 await server.stop()
 

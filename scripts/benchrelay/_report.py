@@ -100,6 +100,15 @@ def table(results: list[Result], setup: dict[str, dict[str, Any]]) -> str:
             f"{st.get('idle_gc_total_ms', 0.0)} ms in all), others {st.get('idle_others_server_core_percent')}% of "
             f"the server core, json.dumps(100 B) {st['calibration_us']} µs on the server core"
         )
+    if "floor" in setup and "gateway" in setup:
+        floor = max(setup["floor"]["idle_cpu_percent"], 0.1)
+        lines.append(
+            "idle CPU against the trio floor (trio's least for the same connections and heart-beats): "
+            + ", ".join(
+                f"{name} {st['idle_cpu_percent'] / floor:.2f}x" for name, st in setup.items() if name != "floor"
+            )
+            + f" of the floor's {setup['floor']['idle_cpu_percent']}%"
+        )
 
     def share(r: Result) -> float:  # what disturbs the server: others on its core (on any core when not pinned)
         other = r.other_cpu if r.other_cpu_server_core is None else r.other_cpu_server_core

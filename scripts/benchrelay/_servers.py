@@ -1,8 +1,11 @@
-"""The two server roles, each in its own process pinned to CPU 0: the gateway and the bare relay."""
+"""The server roles, each in its own process pinned to CPU 0: the gateway, the bare relay and (idle mode) the
+trio floor."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 from functools import partial
 from typing import Any
@@ -152,3 +155,66 @@ async def bare_server(cfg: dict[str, Any]) -> None:
             flush=True,
         )
         await control_loop(handle, shutdown)
+
+
+# =============================================================================================================
+# Server role 3 (idle mode only): the trio floor, what N idle connections cost trio itself
+# =============================================================================================================
+
+
+async def floor_server(cfg: dict[str, Any]) -> None:
+    """No HTTP, no WebSocket, no STOMP: a trio task per TCP connection reading (and dropping) what the client sends
+    (its heart-beat, a 7-byte masked WebSocket frame, every ``heartbeat`` s), and a 3-byte heart-beat frame written
+    to each connection every ``heartbeat`` s, all due ones at one wake-up a second, straight into the socket as the
+    gateway's timer heap does. This is the least any trio server can spend on the same traffic: the idle CPU's
+    baseline below the bare relay."""
+    heartbeat = float(cfg.get("heartbeat", 10.0))
+    socks: list[trio.socket.SocketType] = []
+
+    async def reader(sock: trio.socket.SocketType) -> None:
+        with sock:
+            while await sock.recv(65536):
+                pass
+
+    async def beats() -> None:
+        i = 0
+        while True:
+            await trio.sleep(1.0)
+            for _ in range(math.ceil(len(socks) / heartbeat)):
+                if not socks:
+                    break
+                with contextlib.suppress(OSError):
+                    socks[i % len(socks)]._sock.send(b"\x81\x01\n")  # type: ignore[attr-defined]
+                i += 1
+
+    async def serve(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(4096)
+        task_status.started(listener.getsockname()[1])
+        async with trio.open_nursery() as conns:
+            conns.start_soon(beats)
+            while True:
+                sock, _ = await listener.accept()
+                socks.append(sock)
+                conns.start_soon(reader, sock)
+
+    async def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError(f"the floor server takes no {cmd['cmd']!r}")
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve)
+        print(
+            json.dumps(
+                {
+                    "event": "listening",
+                    "url": f"ws://127.0.0.1:{port}/ws",
+                    "pid": os.getpid(),
+                    "calibration_us": calibrate(),
+                }
+            ),
+            flush=True,
+        )
+        await control_loop(handle, shutdown)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,136 @@
+"""A client's heart-beat read below Hypercorn (``web._transport.HeartbeatTap``, issue 11: idle connections).
+
+A lone heart-beat frame is taken as it comes off the socket, without Hypercorn's HTTP/1.1 and wsproto layers and
+without waking quart's message task; anything else, or a heart-beat that arrives while something is half-way
+through those layers, goes the usual way. What a client relies on: its heart-beats keep it connected, and an EOL
+that is part of a frame (a frame split over several WebSocket messages) is never mistaken for one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from fake_comfyui import FakeComfyUI
+from hypothesis import given
+from hypothesis import strategies as st
+from stomp_client import stomp_connect
+from test_stomp_endpoint import parts, until_receipt, wait_until
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import TextMessage
+from wsproto.frame_protocol import FrameProtocol
+
+import web.server
+from web._transport import HeartbeatTap, lone_heartbeat
+
+
+@pytest.fixture
+def apps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every app ``serve_gateway`` builds, to reach its endpoint's connections."""
+    made: list[Any] = []
+    real = web.server.create_app
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        made.append(real(*args, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(web.server, "create_app", spy)
+    return made
+
+
+def masked_frame(payload: bytes, mask: bytes, *, first: int = 0x81) -> bytes:
+    """A client-to-server frame (RFC 6455 §5.2) with a payload under 126 bytes."""
+    return bytes([first, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_reads(frame: bytes) -> list[Any]:
+    """What wsproto, as Hypercorn's server side, makes of ``frame``."""
+    ws = WSConnection(ConnectionType.SERVER)
+    ws.initiate_upgrade_connection(
+        [
+            (b"host", b"x"),
+            (b"upgrade", b"websocket"),
+            (b"connection", b"upgrade"),
+            (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+            (b"sec-websocket-version", b"13"),
+        ],
+        "/ws",
+    )
+    ws.receive_data(frame)
+    return list(ws.events())
+
+
+@given(mask=st.binary(min_size=4, max_size=4), payload=st.binary(max_size=3), first=st.sampled_from([0x81, 0x01, 0x82]))
+def test_only_a_whole_masked_eol_frame_is_a_heart_beat(mask: bytes, payload: bytes, first: int) -> None:
+    frame = masked_frame(payload, mask, first=first)
+    seen = lone_heartbeat(frame)
+    if first == 0x81 and payload in (b"\n", b"\r\n"):
+        assert seen == payload.decode()
+        events = server_reads(frame)  # and wsproto reads the same frame as that very text message, whole
+        assert len(events) == 1 and isinstance(events[0], TextMessage)
+        assert events[0].data == seen and events[0].message_finished
+    else:
+        assert seen is None  # another payload, a binary frame, or the first fragment of a message
+    assert lone_heartbeat(frame + masked_frame(b"\n", mask)) is None  # two frames in one read: the usual way
+    assert lone_heartbeat(frame[:-1]) is None  # a frame cut short
+
+
+def test_a_heart_beat_from_wsproto_s_own_client_is_recognised() -> None:
+    for _ in range(50):  # a fresh random mask each time
+        for text in ("\n", "\r\n"):
+            frame = bytes(FrameProtocol(client=True, extensions=[]).send_data(text, True))
+            assert lone_heartbeat(frame) == text
+    assert lone_heartbeat(b"\x81\x01\n") is None  # unmasked: the server's own heart-beat, never a client's
+    assert lone_heartbeat(b"") is None
+
+
+def the_tap(app: Any) -> tuple[Any, HeartbeatTap]:
+    conns = list(parts(app)["endpoint"].live.values())
+    assert len(conns) == 1
+    conn = conns[0]
+    tcp = conn.io._found()[1]
+    assert isinstance(tcp.protocol, HeartbeatTap), "the /ws connection reads its heart-beats the usual way"
+    return conn, tcp.protocol
+
+
+async def test_heart_beats_keep_a_client_connected_without_reaching_quart(
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any]
+) -> None:
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="200,0") as c:
+        await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r0"})
+        assert await until_receipt(c, "r0") == []
+        conn, tap = the_tap(apps[0])
+        before = (tap.put, tap.taken, conn.stomp.statistics().heartbeats_received)
+        assert before[0] == before[1] == 2  # CONNECT and SUBSCRIBE came the usual way
+        start = trio.current_time()
+        beats = 0
+        with trio.fail_after(10):
+            while trio.current_time() - start < 1.0:  # five times the 200 ms the server allows between two
+                last_rx = conn.last_rx
+                await c.ws.send_message("\n")
+                beats += 1
+                await wait_until(lambda: conn.last_rx > last_rx)  # noqa: B023
+                await trio.sleep(0.05)
+        assert conn.stomp.statistics().heartbeats_received == before[2] + beats
+        assert (tap.put, tap.taken) == before[:2], "a heart-beat went through Hypercorn's layers and quart"
+        await c.send_frame("SUBSCRIBE", {"id": "t", "destination": "/user/topic/messages", "receipt": "r1"})
+        assert await until_receipt(c, "r1") == []  # still connected, still answering
+        assert (tap.put, tap.taken) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+async def test_an_eol_inside_a_frame_split_over_messages_is_part_of_the_frame(
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any], eol: str
+) -> None:
+    g = await start_gateway([sim.url])
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="0,0") as c:
+        for i in range(20):  # the "\n" message ends the headers: taken as a heart-beat, the frame would never end
+            await c.ws.send_message(f"SUBSCRIBE{eol}id:s{i}{eol}destination:/user/topic/messages{eol}receipt:r{i}{eol}")
+            await c.ws.send_message(eol)
+            await c.ws.send_message("\x00")
+            assert await until_receipt(c, f"r{i}") == []
+        conn, tap = the_tap(apps[0])
+        assert conn.stomp.statistics().heartbeats_received == 0
+        assert tap.put == tap.taken == 1 + 3 * 20
