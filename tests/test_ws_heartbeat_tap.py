@@ -90,8 +90,8 @@ def the_tap(app: Any) -> tuple[Any, HeartbeatTap]:
     assert len(conns) == 1
     conn = conns[0]
     tcp = conn.io._found()[1]
-    assert isinstance(tcp.protocol, HeartbeatTap), "the /ws connection reads its heart-beats the usual way"
-    return conn, tcp.protocol
+    assert isinstance(tcp.stream, HeartbeatTap), "the /ws connection reads its heart-beats the usual way"
+    return conn, tcp.stream
 
 
 async def test_heart_beats_keep_a_client_connected_without_reaching_quart(

@@ -16,13 +16,15 @@ is ``H11Protocol.stream_send``, whose protocol's ``send`` is ``TCPServer.protoco
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
 import trio
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState
 from quart_trio.asgi import TrioASGIWebsocketConnection
 from wsproto.connection import ConnectionState as WsState
@@ -131,7 +133,8 @@ class WebSocketTransport:
         if ws_stream.closed or ws_stream.state is not _CONNECTED or tcp.send_lock.locked():
             return False
         try:
-            sock = tcp.stream.socket._sock  # trio's socket wraps the stdlib one, non-blocking
+            stream = tcp.stream
+            sock = stream._raw if type(stream) is HeartbeatTap else stream.socket._sock  # the stdlib socket
             sent = sock.send(HEARTBEAT_MESSAGE)
         except (BlockingIOError, AttributeError):
             return False
@@ -145,20 +148,20 @@ class WebSocketTransport:
         """Put a ``HeartbeatTap`` under this WebSocket: from now on it counts the messages given to the app, and
         once its ``hook`` is set it hands the client's lone heart-beats to it as they come off the socket. Called
         before the WebSocket is accepted, so no message can have gone by uncounted. None: the layout is not
-        Hypercorn 0.18's (nothing changes)."""
+        Hypercorn 0.18's on a plain TCP socket (e.g. TLS), and nothing changes."""
         layers = self._found()
         if layers is None:
             return None
         ws_stream, tcp = layers
         h11 = getattr(ws_stream.send, "__self__", None)
-        inner = getattr(tcp, "protocol", None)
+        stream = getattr(tcp, "stream", None)
         app_put = getattr(ws_stream, "app_put", None)
-        if h11 is None or inner is None or app_put is None or isinstance(inner, HeartbeatTap):
+        if h11 is None or type(stream) is not trio.SocketStream or app_put is None:
             return None
-        tap = HeartbeatTap(inner, h11, ws_stream, app_put)
+        tap = HeartbeatTap(stream, h11, ws_stream, app_put)
         inbox.tap = tap
         ws_stream.app_put = tap.app_put
-        tcp.protocol = tap
+        tcp.stream = tap
         return tap
 
 
@@ -181,45 +184,63 @@ def lone_heartbeat(data: bytes) -> str | None:
 
 
 class HeartbeatTap:
-    """Stands in for Hypercorn's protocol object on one upgraded ``/ws`` connection (``TCPServer.protocol``, read
-    by its reader task for every chunk of bytes from the socket). A chunk that is exactly one client heart-beat,
+    """Stands in for the TCP stream under one upgraded ``/ws`` connection (``TCPServer.stream``, which Hypercorn's
+    reader task asks for every chunk of bytes from the socket). A chunk that is exactly one client heart-beat,
     arriving while nothing is half-way through the layers above (no partial frame in wsproto, no fragment in
     Hypercorn's message buffer, no bytes in its HTTP/1.1 buffer, no earlier message still on its way to the STOMP
-    parser), goes to ``hook`` and no further: no h11/wsproto parse, no ASGI message, no wake-up of quart's task.
-    Everything else, and a heart-beat ``hook`` declines (False), goes down the usual path unchanged.
+    parser), goes to ``hook`` and the tap waits for the next chunk: Hypercorn's reader loop, h11, wsproto, the ASGI
+    queue and quart's message task never see it, and the only task that wakes is the one waiting on the socket.
+    Everything else, and a heart-beat ``hook`` declines (False), is returned to Hypercorn as ``receive_some`` of
+    trio's ``SocketStream`` returns it; every other use of the stream (``send_all``, ``send_eof``, ``aclose``)
+    goes to the stream itself.
 
     Measured (BENCHMARKS.md, "10,000 idle connections"): receiving a heart-beat through Hypercorn, wsproto and the
-    ASGI queue was about three quarters of an idle connection's CPU. Reaches into the private layout of hypercorn
-    0.18 and wsproto 1.2 (pinned in pyproject.toml); ``_quiet`` is False (the usual path) if that layout is not
-    what it expects."""
+    ASGI queue was most of an idle connection's CPU. Reaches into the private layout of hypercorn 0.18, wsproto 1.2
+    and trio's socket (pinned in pyproject.toml); ``_quiet`` is False (the usual path) if that layout is not what
+    it expects."""
 
-    __slots__ = ("_h11", "_inner", "_put", "_ws", "hook", "put", "taken")
+    __slots__ = ("_h11", "_put", "_raw", "_stream", "_ws", "hook", "put", "taken")
 
-    def __init__(self, inner: Any, h11: Any, ws_stream: Any, app_put: Callable[[Any], Awaitable[None]]) -> None:
-        self._inner = inner  # Hypercorn's ProtocolWrapper
-        self._h11 = h11  # its H11Protocol (its ``connection`` is the upgraded H11WSConnection)
+    def __init__(self, stream: Any, h11: Any, ws_stream: Any, app_put: Callable[[Any], Awaitable[None]]) -> None:
+        self._stream = stream  # trio's SocketStream, Hypercorn's ``TCPServer.stream``
+        self._raw: socket.socket = stream.socket._sock  # the stdlib socket under it (non-blocking)
+        self._h11 = h11  # Hypercorn's H11Protocol (its ``connection`` is the upgraded H11WSConnection)
         self._ws = ws_stream  # Hypercorn's WSStream, whose ``connection`` is the wsproto Connection
         self._put = app_put  # the ASGI receive queue's send
         self.hook: Callable[[str], bool] | None = None  # set once the STOMP endpoint reads this WebSocket's messages
         self.put = 0  # messages given to the app (the ASGI queue) ...
         self.taken = 0  # ... and taken from quart by ``PumpInbox.send``: equal when none is on its way
 
-    def __getattr__(self, name: str) -> Any:  # anything else Hypercorn asks of its protocol
-        return getattr(self._inner, name)
+    def __getattr__(self, name: str) -> Any:  # anything else Hypercorn (or send_heartbeat_nowait) asks of its stream
+        return getattr(self._stream, name)
 
     async def app_put(self, message: Any) -> None:
         if message["type"] == "websocket.receive":
             self.put += 1
         await self._put(message)
 
-    async def handle(self, event: Any) -> None:
-        if type(event) is RawData:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """``SocketStream.receive_some``, less the heart-beats ``hook`` takes. Waits for the socket first (an idle
+        connection's next chunk is not there yet); errors as trio's: ``ClosedResourceError`` once the socket is
+        closed (also while waiting), ``BrokenResourceError`` for any other socket error."""
+        raw = self._raw
+        size = max_bytes or 65536
+        while True:
+            if raw.fileno() == -1:
+                raise trio.ClosedResourceError("this socket was already closed")
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                data = raw.recv(size)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    raise trio.ClosedResourceError("this socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             hook = self.hook
-            if hook is not None:
-                text = lone_heartbeat(event.data)
-                if text is not None and self._quiet() and hook(text):
-                    return
-        await self._inner.handle(event)
+            if hook is not None and (text := lone_heartbeat(data)) is not None and self._quiet() and hook(text):
+                continue
+            return data
 
     def _quiet(self) -> bool:
         """Nothing is half-way through the layers above: a heart-beat taken now is in its place in the stream."""
