@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from stomp_client import stomp_connect
 from test_stomp_endpoint import parts, until_receipt, wait_until
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import TextMessage
+from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
 import web.server
@@ -57,6 +57,8 @@ def server_reads(frame: bytes) -> list[Any]:
         ],
         "/ws",
     )
+    assert [type(e) for e in ws.events()] == [Request]
+    ws.send(AcceptConnection())
     ws.receive_data(frame)
     return list(ws.events())
 
@@ -115,6 +117,9 @@ async def test_heart_beats_keep_a_client_connected_without_reaching_quart(
                 await trio.sleep(0.05)
         assert conn.stomp.statistics().heartbeats_received == before[2] + beats
         assert (tap.put, tap.taken) == before[:2], "a heart-beat went through Hypercorn's layers and quart"
+        idle = parts(apps[0])["endpoint"]._idle
+        assert len(idle) == 1, "the idle connection's reader is not parked in the idle reader"
+        assert idle.reads == beats - 1  # every heart-beat after the first was read there, in batches
         await c.send_frame("SUBSCRIBE", {"id": "t", "destination": "/user/topic/messages", "receipt": "r1"})
         assert await until_receipt(c, "r1") == []  # still connected, still answering
         assert (tap.put, tap.taken) == (before[0] + 1, before[1] + 1)
@@ -134,3 +139,28 @@ async def test_an_eol_inside_a_frame_split_over_messages_is_part_of_the_frame(
         conn, tap = the_tap(apps[0])
         assert conn.stomp.statistics().heartbeats_received == 0
         assert tap.put == tap.taken == 1 + 3 * 20
+
+
+async def test_a_parked_connection_ends_whichever_side_ends_it(
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any]
+) -> None:
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
+    endpoint = parts(apps[0])["endpoint"]
+    # the client falls silent once parked: the server's heart-beat check ends it (ERROR, close), reader and all
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="quiet", heartbeat="200,0") as c:
+        for _ in range(2):
+            await c.ws.send_message("\n")
+        await wait_until(lambda: endpoint._idle is not None and len(endpoint._idle) == 1)
+        frame = await c.next_frame()
+        while frame.command == "MESSAGE":
+            frame = await c.next_frame()
+        assert frame.command == "ERROR" and frame.headers["message"] == "heart-beat timeout"
+    await wait_until(lambda: not endpoint.live and len(endpoint._idle) == 0)
+    # the client's TCP connection drops while its reader is parked: the server detaches it
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="gone", heartbeat="200,0") as c:
+        for _ in range(2):
+            await c.ws.send_message("\n")
+        await wait_until(lambda: len(endpoint._idle) == 1)
+        assert len(endpoint.live) == 1
+        await c.ws._stream.aclose()  # the socket under trio-websocket, closed without a WebSocket close
+    await wait_until(lambda: not endpoint.live and len(endpoint._idle) == 0)

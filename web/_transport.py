@@ -29,6 +29,8 @@ from hypercorn.protocol.ws_stream import ASGIWebsocketState
 from quart_trio.asgi import TrioASGIWebsocketConnection
 from wsproto.connection import ConnectionState as WsState
 
+from ._idle import IdleReader
+
 log = logging.getLogger(__name__)
 _warned = False  # the layout check fails for every connection or none: say it once
 _CONNECTED = ASGIWebsocketState.CONNECTED
@@ -134,7 +136,7 @@ class WebSocketTransport:
             return False
         try:
             stream = tcp.stream
-            sock = stream._raw if type(stream) is HeartbeatTap else stream.socket._sock  # the stdlib socket
+            sock = stream.raw if type(stream) is HeartbeatTap else stream.socket._sock  # the stdlib socket
             sent = sock.send(HEARTBEAT_MESSAGE)
         except (BlockingIOError, AttributeError):
             return False
@@ -199,15 +201,17 @@ class HeartbeatTap:
     and trio's socket (pinned in pyproject.toml); ``_quiet`` is False (the usual path) if that layout is not what
     it expects."""
 
-    __slots__ = ("_h11", "_put", "_raw", "_stream", "_ws", "hook", "put", "taken")
+    __slots__ = ("_h11", "_put", "_resting", "_stream", "_ws", "hook", "idle", "put", "raw", "taken")
 
     def __init__(self, stream: Any, h11: Any, ws_stream: Any, app_put: Callable[[Any], Awaitable[None]]) -> None:
         self._stream = stream  # trio's SocketStream, Hypercorn's ``TCPServer.stream``
-        self._raw: socket.socket = stream.socket._sock  # the stdlib socket under it (non-blocking)
+        self.raw: socket.socket = stream.socket._sock  # the stdlib socket under it (non-blocking)
         self._h11 = h11  # Hypercorn's H11Protocol (its ``connection`` is the upgraded H11WSConnection)
         self._ws = ws_stream  # Hypercorn's WSStream, whose ``connection`` is the wsproto Connection
         self._put = app_put  # the ASGI receive queue's send
         self.hook: Callable[[str], bool] | None = None  # set once the STOMP endpoint reads this WebSocket's messages
+        self.idle: IdleReader | None = None  # where the reader waits once the connection is idle (web._idle)
+        self._resting = False  # the last chunk was a heart-beat: wait in ``idle``
         self.put = 0  # messages given to the app (the ASGI queue) ...
         self.taken = 0  # ... and taken from quart by ``PumpInbox.send``: equal when none is on its way
 
@@ -219,15 +223,27 @@ class HeartbeatTap:
             self.put += 1
         await self._put(message)
 
+    def take(self, data: bytes) -> bool:
+        """True if ``data`` is one lone heart-beat, taken by ``hook`` (it goes no further)."""
+        hook = self.hook
+        return hook is not None and (text := lone_heartbeat(data)) is not None and self._quiet() and hook(text)
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """``SocketStream.receive_some``, less the heart-beats ``hook`` takes. Waits for the socket first (an idle
-        connection's next chunk is not there yet); errors as trio's: ``ClosedResourceError`` once the socket is
-        closed (also while waiting), ``BrokenResourceError`` for any other socket error."""
-        raw = self._raw
+        """``SocketStream.receive_some``, less the heart-beats ``hook`` takes. An idle connection's reader (its
+        last chunk was a heart-beat) waits in the ``IdleReader``, which reads its socket in a batch with the
+        others'; a busy one waits for its socket itself, the socket first (an idle connection's next chunk is not
+        there yet). Errors as trio's: ``ClosedResourceError`` once the socket is closed (also while waiting),
+        ``BrokenResourceError`` for any other socket error."""
+        raw = self.raw
         size = max_bytes or 65536
         while True:
             if raw.fileno() == -1:
                 raise trio.ClosedResourceError("this socket was already closed")
+            idle = self.idle
+            if idle is not None and self._resting:
+                data = await idle.wait(self)
+                self._resting = False
+                return data
             await trio.lowlevel.wait_readable(raw)
             try:
                 data = raw.recv(size)
@@ -237,10 +253,15 @@ class HeartbeatTap:
                 if exc.errno in (errno.EBADF, errno.ENOTSOCK):
                     raise trio.ClosedResourceError("this socket was already closed") from None
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            hook = self.hook
-            if hook is not None and (text := lone_heartbeat(data)) is not None and self._quiet() and hook(text):
+            if self.take(data):
+                self._resting = True
                 continue
             return data
+
+    async def aclose(self) -> None:
+        if self.idle is not None:
+            self.idle.release(self)  # a reader parked there would not hear of the close otherwise
+        await self._stream.aclose()
 
     def _quiet(self) -> bool:
         """Nothing is half-way through the layers above: a heart-beat taken now is in its place in the stream."""

@@ -103,6 +103,7 @@ class StompEndpoint(StompCommands):
             if inbox is not None and inbox.claim(partial(self._pumped, conn)):
                 if tap is not None:  # lone heart-beats are taken as they come off the socket
                     tap.hook = partial(self._tapped, conn)
+                    tap.idle = self._idle_reader()
                 await self._close(transport, conn, await self._writer(transport, conn))
             else:
                 async with trio.open_nursery() as nursery:
