@@ -96,10 +96,11 @@ def the_tap(app: Any) -> tuple[Any, HeartbeatTap]:
     return conn, tcp.stream
 
 
+@pytest.mark.parametrize("lazy", [True, False])
 async def test_heart_beats_keep_a_client_connected_without_reaching_quart(
-    sim: FakeComfyUI, start_gateway: Any, apps: list[Any]
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any], lazy: bool
 ) -> None:
-    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100), "lazy_heartbeats": lazy})
     async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="200,0") as c:
         await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r0"})
         assert await until_receipt(c, "r0") == []
@@ -110,19 +111,39 @@ async def test_heart_beats_keep_a_client_connected_without_reaching_quart(
         beats = 0
         with trio.fail_after(10):
             while trio.current_time() - start < 1.0:  # five times the 200 ms the server allows between two
-                last_rx = conn.last_rx
-                await c.ws.send_message("\n")
+                await c.ws.send_message("\n")  # one every 100 ms: the server's timer reads a resting one's
                 beats += 1
-                await wait_until(lambda: conn.last_rx > last_rx)  # noqa: B023
-                await trio.sleep(0.05)
-        assert conn.stomp.statistics().heartbeats_received == before[2] + beats
+                await trio.sleep(0.1)
+            assert tap.resting is lazy  # lazy: the socket wakes its reader only for more than a heart-beat
+            await wait_until(lambda: conn.stomp.statistics().heartbeats_received == before[2] + beats)
         assert (tap.put, tap.taken) == before[:2], "a heart-beat went through Hypercorn's layers and quart"
-        idle = parts(apps[0])["endpoint"]._idle
-        assert len(idle) == 1, "the idle connection's reader is not parked in the idle reader"
-        assert idle.reads == beats - 1  # every heart-beat after the first was read there, in batches
         await c.send_frame("SUBSCRIBE", {"id": "t", "destination": "/user/topic/messages", "receipt": "r1"})
         assert await until_receipt(c, "r1") == []  # still connected, still answering
         assert (tap.put, tap.taken) == (before[0] + 1, before[1] + 1)
+        assert not tap.resting  # a frame wakes it
+
+
+async def test_a_frame_to_a_resting_connection_is_read_at_once_and_a_tiny_one_by_its_timer(
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any]
+) -> None:
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 2000)})  # the server wants one every 2 s
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="2000,0") as c:
+        await c.ws.send_message("\n")
+        conn, tap = the_tap(apps[0])
+        await wait_until(lambda: tap.resting)
+        # a SUBSCRIBE: its RECEIPT comes long before the connection's timer (4 s away) would have read it
+        with trio.fail_after(2):
+            await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r0"})
+            assert await until_receipt(c, "r0") == []
+        await c.ws.send_message("\n")
+        await wait_until(lambda: tap.resting)
+        # an empty ping (6 bytes, less than a wake-up's worth): answered once the timer has read it, and the
+        # connection is not taken for silent meanwhile
+        pinged = trio.current_time()
+        with trio.fail_after(10):
+            await c.ws.ping(b"")
+        assert trio.current_time() - pinged >= 1.0  # not at once: it waited for the timer
+        assert conn.close_after_flush is None
 
 
 @pytest.mark.parametrize("eol", ["\n", "\r\n"])
@@ -141,26 +162,23 @@ async def test_an_eol_inside_a_frame_split_over_messages_is_part_of_the_frame(
         assert tap.put == tap.taken == 1 + 3 * 20
 
 
-async def test_a_parked_connection_ends_whichever_side_ends_it(
+async def test_a_resting_connection_ends_whichever_side_ends_it(
     sim: FakeComfyUI, start_gateway: Any, apps: list[Any]
 ) -> None:
     g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
     endpoint = parts(apps[0])["endpoint"]
-    # the client falls silent once parked: the server's heart-beat check ends it (ERROR, close), reader and all
+    # the client falls silent once resting: the server's heart-beat check ends it (ERROR, close)
     async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="quiet", heartbeat="200,0") as c:
-        for _ in range(2):
-            await c.ws.send_message("\n")
-        await wait_until(lambda: endpoint._idle is not None and len(endpoint._idle) == 1)
+        await c.ws.send_message("\n")
+        await wait_until(lambda: the_tap(apps[0])[1].resting)
         frame = await c.next_frame()
         while frame.command == "MESSAGE":
             frame = await c.next_frame()
         assert frame.command == "ERROR" and frame.headers["message"] == "heart-beat timeout"
-    await wait_until(lambda: not endpoint.live and len(endpoint._idle) == 0)
-    # the client's TCP connection drops while its reader is parked: the server detaches it
+    await wait_until(lambda: not endpoint.live)
+    # the client's TCP connection drops while it rests: the end of the stream wakes the reader, the server detaches
     async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="gone", heartbeat="200,0") as c:
-        for _ in range(2):
-            await c.ws.send_message("\n")
-        await wait_until(lambda: len(endpoint._idle) == 1)
-        assert len(endpoint.live) == 1
+        await c.ws.send_message("\n")
+        await wait_until(lambda: the_tap(apps[0])[1].resting)
         await c.ws._stream.aclose()  # the socket under trio-websocket, closed without a WebSocket close
-    await wait_until(lambda: not endpoint.live and len(endpoint._idle) == 0)
+    await wait_until(lambda: not endpoint.live)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -77,6 +78,7 @@ class Conn:
     close_after_flush: Close | None = None
     io: StompTransport | None = None  # what carries it (its ``abort`` cuts the TCP connection under a stuck writer)
     released: bool = False  # session detached and per-user slot given back
+    tap: Any = None  # the HeartbeatTap under a /ws connection (web._transport), drained when its timer fires
     transport: str = "ws"  # what carries it: "ws", or "sockjs-<transport>"
     session_held: bool = False  # the hub accepted our Connect: a Disconnect is owed
     replays: deque[float] | None = None  # trio times of this connection's last-seq replays (made by the first)

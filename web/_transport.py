@@ -29,8 +29,6 @@ from hypercorn.protocol.ws_stream import ASGIWebsocketState
 from quart_trio.asgi import TrioASGIWebsocketConnection
 from wsproto.connection import ConnectionState as WsState
 
-from ._idle import IdleReader
-
 log = logging.getLogger(__name__)
 _warned = False  # the layout check fails for every connection or none: say it once
 _CONNECTED = ASGIWebsocketState.CONNECTED
@@ -174,7 +172,7 @@ class WebSocketTransport:
 
 def lone_heartbeat(data: bytes) -> str | None:
     """The STOMP heart-beat in ``data`` if ``data`` is exactly one masked client-to-server WebSocket text frame
-    whose payload is a lone EOL (``"\n"`` or ``"\r\n"``): FIN + text opcode, the mask bit + length 1 or 2, a
+    whose payload is a lone EOL (``"\\n"`` or ``"\\r\\n"``): FIN + text opcode, the mask bit + length 1 or 2, a
     4-byte mask, the masked payload (RFC 6455 §5.2). None for anything else."""
     n = len(data)
     if n == 7:
@@ -185,23 +183,50 @@ def lone_heartbeat(data: bytes) -> str | None:
     return None
 
 
+def lone_heartbeats(data: bytes) -> list[str] | None:
+    """The heart-beats in ``data`` if it is nothing but whole heart-beat frames (``lone_heartbeat``) one after the
+    other, as a resting connection's socket holds them; None for anything else (and for nothing)."""
+    beats: list[str] = []
+    i, n = 0, len(data)
+    while i < n:
+        size = 8 if n - i >= 8 and data[i + 1] == 0x82 else 7
+        beat = lone_heartbeat(data[i : i + size])
+        if beat is None:
+            return None
+        beats.append(beat)
+        i += size
+    return beats or None
+
+
+REST_LOWAT = 8  # bytes a resting connection's socket must hold to wake its reader: more than one heart-beat frame
+
+
 class HeartbeatTap:
     """Stands in for the TCP stream under one upgraded ``/ws`` connection (``TCPServer.stream``, which Hypercorn's
-    reader task asks for every chunk of bytes from the socket). A chunk that is exactly one client heart-beat,
+    reader task asks for every chunk of bytes from the socket). A chunk that is nothing but client heart-beats,
     arriving while nothing is half-way through the layers above (no partial frame in wsproto, no fragment in
     Hypercorn's message buffer, no bytes in its HTTP/1.1 buffer, no earlier message still on its way to the STOMP
     parser), goes to ``hook`` and the tap waits for the next chunk: Hypercorn's reader loop, h11, wsproto, the ASGI
-    queue and quart's message task never see it, and the only task that wakes is the one waiting on the socket.
-    Everything else, and a heart-beat ``hook`` declines (False), is returned to Hypercorn as ``receive_some`` of
-    trio's ``SocketStream`` returns it; every other use of the stream (``send_all``, ``send_eof``, ``aclose``)
-    goes to the stream itself.
+    queue and quart's message task never see it. Everything else, and a heart-beat ``hook`` declines (False), is
+    returned to Hypercorn as ``receive_some`` of trio's ``SocketStream`` returns it; every other use of the stream
+    (``send_all``, ``send_eof``, ``aclose``) goes to the stream itself.
+
+    **Resting.** With ``lazy`` set, a connection whose last chunk was a heart-beat *rests*: its socket's
+    ``SO_RCVLOWAT`` is raised to ``REST_LOWAT`` bytes, so the kernel wakes the reader only for more than one
+    heart-beat's worth of bytes (any STOMP frame, a close frame with a code), for the end of the stream or an
+    error, and not for a lone heart-beat. The connection's own timer, which fires anyway to send the server's
+    heart-beat (every ~10 s), calls ``drain``: the heart-beats that came meanwhile are read and taken there, in the
+    same wake-up as hundreds of other connections'. An idle connection thus costs no wake-up of its own at all. The
+    price: a frame of fewer than ``REST_LOWAT`` bytes that is not a heart-beat (an empty ping or close frame) from
+    a resting client waits for that timer (``drain`` then wakes the reader for it).
 
     Measured (BENCHMARKS.md, "10,000 idle connections"): receiving a heart-beat through Hypercorn, wsproto and the
-    ASGI queue was most of an idle connection's CPU. Reaches into the private layout of hypercorn 0.18, wsproto 1.2
+    ASGI queue was most of an idle connection's CPU, and waking a task for it on its own is already about the
+    3% of a core 10,000 connections may take. Reaches into the private layout of hypercorn 0.18, wsproto 1.2
     and trio's socket (pinned in pyproject.toml); ``_quiet`` is False (the usual path) if that layout is not what
     it expects."""
 
-    __slots__ = ("_h11", "_put", "_resting", "_stream", "_ws", "hook", "idle", "put", "raw", "taken")
+    __slots__ = ("_h11", "_put", "_stream", "_ws", "hook", "lazy", "put", "raw", "resting", "taken")
 
     def __init__(self, stream: Any, h11: Any, ws_stream: Any, app_put: Callable[[Any], Awaitable[None]]) -> None:
         self._stream = stream  # trio's SocketStream, Hypercorn's ``TCPServer.stream``
@@ -210,8 +235,8 @@ class HeartbeatTap:
         self._ws = ws_stream  # Hypercorn's WSStream, whose ``connection`` is the wsproto Connection
         self._put = app_put  # the ASGI receive queue's send
         self.hook: Callable[[str], bool] | None = None  # set once the STOMP endpoint reads this WebSocket's messages
-        self.idle: IdleReader | None = None  # where the reader waits once the connection is idle (web._idle)
-        self._resting = False  # the last chunk was a heart-beat: wait in ``idle``
+        self.lazy = False  # rest after a heart-beat (see the class docstring); set with ``hook``
+        self.resting = False  # SO_RCVLOWAT is REST_LOWAT: heart-beats wait for ``drain``
         self.put = 0  # messages given to the app (the ASGI queue) ...
         self.taken = 0  # ... and taken from quart by ``PumpInbox.send``: equal when none is on its way
 
@@ -224,27 +249,59 @@ class HeartbeatTap:
         await self._put(message)
 
     def take(self, data: bytes) -> bool:
-        """True if ``data`` is one lone heart-beat, taken by ``hook`` (it goes no further)."""
+        """True if ``data`` is nothing but heart-beats, each taken by ``hook`` (they go no further)."""
         hook = self.hook
-        return hook is not None and (text := lone_heartbeat(data)) is not None and self._quiet() and hook(text)
+        if hook is None:
+            return False
+        beats = lone_heartbeats(data)
+        if beats is None or not self._quiet():
+            return False
+        for i, text in enumerate(beats):
+            if not hook(text):
+                if i:  # cannot happen (hook declines only when closing or mid-frame, for all of them alike)
+                    log.warning("heart-beat tap: %d of %d heart-beats taken, the rest dropped", i, len(beats))
+                return i > 0
+        return True
+
+    def _lowat(self, resting: bool) -> None:
+        try:
+            self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, REST_LOWAT if resting else 1)
+        except OSError:  # closed under us: the reader finds out
+            return
+        self.resting = resting
+
+    def drain(self) -> bool:
+        """Read what a resting connection's socket holds (its timer calls this): heart-beats are taken; anything
+        else, the end of the stream or an error wakes the reader (the socket stops resting), which reads it as
+        always. True when the client sent anything since the last read (it is not silent). Never blocks."""
+        if not self.resting:
+            return False
+        raw = self.raw
+        try:
+            held = raw.recv(65536, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._lowat(False)
+            return False
+        if held and self.take(held):
+            raw.recv(len(held))  # exactly the bytes peeked (more may have come since: they stay)
+        else:
+            self._lowat(False)  # the kernel wakes the reader for what is there
+        return bool(held)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """``SocketStream.receive_some``, less the heart-beats ``hook`` takes. An idle connection's reader (its
-        last chunk was a heart-beat) waits in the ``IdleReader``, which reads its socket in a batch with the
-        others'; a busy one waits for its socket itself, the socket first (an idle connection's next chunk is not
-        there yet). Errors as trio's: ``ClosedResourceError`` once the socket is closed (also while waiting),
-        ``BrokenResourceError`` for any other socket error."""
+        """``SocketStream.receive_some``, less the heart-beats ``hook`` takes. Waits for the socket first (an idle
+        connection's next chunk is not there yet). Errors as trio's: ``ClosedResourceError`` once the socket is
+        closed (also while waiting), ``BrokenResourceError`` for any other socket error."""
         raw = self.raw
         size = max_bytes or 65536
         while True:
             if raw.fileno() == -1:
                 raise trio.ClosedResourceError("this socket was already closed")
-            idle = self.idle
-            if idle is not None and self._resting:
-                data = await idle.wait(self)
-                self._resting = False
-                return data
             await trio.lowlevel.wait_readable(raw)
+            if self.resting:
+                self._lowat(False)
             try:
                 data = raw.recv(size)
             except BlockingIOError:
@@ -254,14 +311,10 @@ class HeartbeatTap:
                     raise trio.ClosedResourceError("this socket was already closed") from None
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             if self.take(data):
-                self._resting = True
+                if self.lazy:
+                    self._lowat(True)
                 continue
             return data
-
-    async def aclose(self) -> None:
-        if self.idle is not None:
-            self.idle.release(self)  # a reader parked there would not hear of the close otherwise
-        await self._stream.aclose()
 
     def _quiet(self) -> bool:
         """Nothing is half-way through the layers above: a heart-beat taken now is in its place in the stream."""

@@ -103,7 +103,8 @@ class StompEndpoint(StompCommands):
             if inbox is not None and inbox.claim(partial(self._pumped, conn)):
                 if tap is not None:  # lone heart-beats are taken as they come off the socket
                     tap.hook = partial(self._tapped, conn)
-                    tap.idle = self._idle_reader()
+                    tap.lazy = self.cfg.lazy_heartbeats
+                    conn.tap = tap
                 await self._close(transport, conn, await self._writer(transport, conn))
             else:
                 async with trio.open_nursery() as nursery:
@@ -292,6 +293,8 @@ class StompEndpoint(StompCommands):
         Each deadline is tested as ``deadline <= now`` with the very sum it is armed with: what the heap fires is
         always found due here (a rounding difference would fire the same entry again and again)."""
         now = trio.current_time()
+        if conn.tap is not None and conn.tap.drain():  # a resting connection's heart-beats are read now
+            conn.last_rx = now  # (web._transport.HeartbeatTap); anything else it sent is on its way to the reader
         if conn.principal is None and conn.opened + self.cfg.connect_timeout <= now:
             self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
         if conn.outbox.overdue():

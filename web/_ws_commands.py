@@ -32,8 +32,6 @@ from ._conn import Close as _Close
 from ._conn import Conn as _Conn
 from ._conn import ConnectionCounter
 from ._gc import FreezePolicy
-from ._idle import AVAILABLE as IDLE_READER_AVAILABLE
-from ._idle import IdleReader
 from ._submit import ASK_TIMEOUT, submit
 from ._templates import TemplateLibrary
 from ._timers import Timers
@@ -74,16 +72,7 @@ class StompCommands:
         self.timers = Timers()  # every connection's deadlines, served by one task in ``nursery``
         self.timers_nursery = nursery  # the app's nursery (quart-trio): the service outlives any connection
         self._timers_started = False
-        self._idle: IdleReader | None = None  # idle connections' sockets, read in batches (web._idle), made on use
         self.freezer = FreezePolicy()  # gc.freeze() after connection bursts, thawed once enough have closed
-
-    def _idle_reader(self) -> IdleReader | None:
-        """The one ``IdleReader`` of this endpoint (its task runs in the app's nursery), or None when
-        ``idle_read_interval`` is 0 (every connection's reader waits on its own socket)."""
-        if self._idle is None and self.cfg.idle_read_interval > 0 and IDLE_READER_AVAILABLE:
-            self._idle = IdleReader(self.cfg.idle_read_interval)
-            self.timers_nursery().start_soon(self._idle.run)
-        return self._idle
 
     def _condemned(self, conn: _Conn) -> None:
         """``conn`` will close: the watchdog starts counting CLOSE_GRACE now."""

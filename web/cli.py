@@ -109,6 +109,7 @@ def configs_from_args(args: argparse.Namespace, urls: list[str] | None = None) -
         max_connections_per_user=args.max_connections_per_user,
         permessage_deflate=args.permessage_deflate,
         max_replays_per_minute=args.max_replays_per_minute,
+        lazy_heartbeats=not args.eager_heartbeat_reads,
         image_url_ttl=args.image_url_ttl,
         sockjs=SockJSConfig(
             heartbeat=args.sockjs_heartbeat,

@@ -30,7 +30,7 @@ class WebConfig:
     connect_timeout: float = 10.0  # seconds a new WebSocket has to send its STOMP CONNECT
     outbox_bytes: int = 1 << 20  # per-connection outbound budget
     outbox_delay: float = 10.0  # seconds a queued frame may wait before the client is "slow"
-    idle_read_interval: float = 0.01  # seconds: idle connections' sockets are read together at most this often (0: off)
+    lazy_heartbeats: bool = True  # an idle /ws connection's heart-beats are read by its timer (HeartbeatTap)
     max_task_size: int = 64  # largest "size" of one task
     permessage_deflate: bool = False
     shutdown_grace: float = 3.0  # seconds Hypercorn waits for connections after SIGTERM
