@@ -167,7 +167,26 @@ _TEXT_PARSERS: Final[Mapping[str, Callable[[Mapping[str, Any]], ComfyEvent]]] = 
 }
 
 
+# ComfyUI's progress message exactly as it writes it (json.dumps, default separators, its key order), with
+# integer numbers and strings without escapes: two per sampler step, so it is recognised and parsed by one match.
+# Anything else (floats, escapes, another order or spacing, extra keys) takes the general path, which gives the
+# same event (tests/test_comfy_protocol.py checks that, a Hypothesis property).
+_INT = r"(-?(?:0|[1-9][0-9]{0,14}))"  # at most 15 digits: the general path's float() check keeps such ints exact
+_STR_OR_NULL = r'(?:"([^"\\\x00-\x1f]*)"|null)'  # JSON forbids raw control characters in strings
+_PROGRESS = re.compile(
+    rf'\{{"type": "progress", "data": \{{"value": {_INT}, "max": {_INT}, "prompt_id": {_STR_OR_NULL}, '
+    rf'"node": {_STR_OR_NULL}\}}\}}'
+)
+
+
 def _parse_text(msg: str) -> ComfyEvent:
+    if (fast := _PROGRESS.fullmatch(msg)) is not None:
+        value, maximum, prompt_id, node = fast.groups()
+        return Progress(prompt_id, node, int(value), int(maximum))
+    return _parse_text_general(msg)
+
+
+def _parse_text_general(msg: str) -> ComfyEvent:
     try:
         obj = json.loads(msg)
     except (ValueError, RecursionError):  # JSONDecodeError; RecursionError for absurdly deep nesting
