@@ -307,6 +307,15 @@ class Registry(Timers):
     # -- ComfyUI's reports
 
     async def on_event(self, backend: str, event: Any) -> None:
+        if type(event) is Progress:  # one per sampler step: what on_event_general does for it, without the rest
+            if (task := self.task_for_prompt(event.prompt_id)) is not None:
+                task.seen = True
+                await self.relay_progress(task, backend, event.value, event.max, event.node)
+            return
+        await self.on_event_general(backend, event)
+
+    async def on_event_general(self, backend: str, event: Any) -> None:
+        """Any event (``on_event`` takes a short cut for progress; tests/test_registry.py checks it is the same)."""
         if (seen := self.task_for_prompt(getattr(event, "prompt_id", None))) is not None:
             seen.seen = True
         match event:
