@@ -31,6 +31,7 @@ from actors.comfy import (
     is_noise,
     parse_comfy_message,
 )
+from actors.comfy._protocol import parse_progress
 
 MODELLED = {
     "status": Status,
@@ -426,6 +427,8 @@ def test_progress_fast_path_gives_the_general_paths_event(
             got = ("error", exc.reason)
         assert got == expected
         assert type(got) is type(expected)
+        fast = parse_progress(msg)  # what the comfy actor tries first, before is_noise
+        assert fast is None or (fast == expected and not is_noise(msg))
         if isinstance(got, Progress):
             assert (type(got.value), type(got.max)) == (type(expected.value), type(expected.max))
 
