@@ -39,6 +39,53 @@ from ._procs import Proc, Result, cpu_busy, fill_latency, idle_window, pin, proc
 from ._report import fmt_ms, fmt_rate
 
 
+class Submitter:
+    """A minimal HTTP/1.1 client on one keep-alive connection: POST a JSON body, read a Content-Length answer."""
+
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
+        self.stream = stream
+        self.host = host
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, base_url: str) -> Submitter:
+        host_port = base_url.split("://", 1)[1].split("/", 1)[0]
+        host, port = host_port.rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)), host_port)
+
+    async def __aenter__(self) -> Submitter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stream.aclose()
+
+    async def post(self, path: str, body: bytes, token: str) -> tuple[int, bytes]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        await self.stream.send_all(head.encode() + body)
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            await self._more()
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        self.buf = self.buf[end + 4 :]
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        if "content-length" not in headers:
+            raise RuntimeError(f"POST {path}: answer without Content-Length ({status}, {headers})")
+        size = int(headers["content-length"])
+        while len(self.buf) < size:
+            await self._more()
+        answer, self.buf = self.buf[:size], self.buf[size:]
+        return status, answer
+
+    async def _more(self) -> None:
+        data = await self.stream.receive_some(1 << 16)
+        if not data:
+            raise RuntimeError("the gateway closed the connection")
+        self.buf += data
+
+
 class Driver:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.a = args
@@ -253,23 +300,22 @@ class Driver:
         async with httpx.AsyncClient(timeout=30) as http:
 
             async def submit_all() -> None:
-                limit = trio.CapacityLimiter(16)
+                """The users' submits, 16 at a time over keep-alive connections (``Submitter``: the clients' core
+                is the simulators' too, and httpx cost ~1.5 ms of it per request)."""
+                body = json.dumps({"clientId": CLIENT_ID, "workflow": wf}).encode()
+                pending = iter([i for _ in range(tasks_per_user) for i in range(a.clients)])  # round after round
 
-                async def one(i: int) -> None:
-                    async with limit:
-                        resp = await http.post(
-                            f"{http_url}/api/tasks",
-                            json={"clientId": CLIENT_ID, "workflow": wf},
-                            headers={"Authorization": f"Bearer {self.tokens[i]}"},
-                        )
-                        if resp.status_code != 202:
-                            raise RuntimeError(f"submit for {self.users[i]}: {resp.status_code} {resp.text}")
-                        tasks.append((self.tokens[i], resp.json()["taskId"]))
+                async def worker() -> None:
+                    async with await Submitter.open(http_url) as submitter:
+                        for i in pending:
+                            status, answer = await submitter.post("/api/tasks", body, self.tokens[i])
+                            if status != 202:
+                                raise RuntimeError(f"submit for {self.users[i]}: {status} {answer!r}")
+                            tasks.append((self.tokens[i], json.loads(answer)["taskId"]))
 
-                for _ in range(tasks_per_user):  # round after round (the scheduler is fair anyway)
-                    async with trio.open_nursery() as n:
-                        for i in range(a.clients):
-                            n.start_soon(one, i)
+                async with trio.open_nursery() as n:
+                    for _ in range(16):
+                        n.start_soon(worker)
 
             async def throttle() -> None:
                 while True:
