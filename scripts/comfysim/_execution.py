@@ -151,8 +151,8 @@ class _PromptRun:
         self.node_states: dict[str, dict[str, Any]] = {}
         self.encoded_states: dict[str, str] = {}  # node id -> its '"id": {state}' in progress_state, same order
         self.encoded_prompt_id = json.dumps(self.prompt_id)
-        self.state_tails: dict[tuple[Any, ...], tuple[str, str]] = {}  # see state_frame
-        self.progress_tails: dict[tuple[Any, ...], str] = {}  # see progress
+        self.state_tails: dict[tuple[str, str, str], tuple[str, str]] = {}  # see state_frame
+        self.progress_tails: dict[tuple[str, str], str] = {}  # see progress
         self.values: dict[str, tuple[Any, ...]] = {}
         self.ui: dict[str, dict[str, Any]] = {}
         self.executed: list[str] = []
@@ -187,7 +187,7 @@ class _PromptRun:
             "value": value, "max": maximum, "state": state, "node_id": node_id, "prompt_id": self.prompt_id,
             "display_node_id": node_id, "parent_node_id": None, "real_node_id": node_id,
         }  # fmt: skip
-        key = (node_id, state, maximum, type(maximum))
+        key = (node_id, state, _json_number(maximum))  # by its encoding: 0.0 and -0.0 are equal keys, not equal JSON
         tail = self.state_tails.get(key)
         if tail is None:
             tail = self.state_tails[key] = _node_state_tail(node_id, maximum, state, self.prompt_id)
@@ -208,7 +208,7 @@ class _PromptRun:
         with_metadata = preview is not None and self.sim._supports_preview_metadata(self.client_id)
         if preview is not None and with_metadata:
             out.append(_preview_with_metadata_frame(preview, self.prompt_id, node_id))
-        key = (node_id, total, type(total))
+        key = (node_id, _json_number(total))
         tail = self.progress_tails.get(key)
         if tail is None:  # the frame is _text_frame("progress", {"value", "max", "prompt_id", "node"})
             rest = json.dumps({"max": total, "prompt_id": self.prompt_id, "node": node_id})
