@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from conftest import TRANSCRIPTS
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.comfy import (
@@ -31,6 +31,7 @@ from actors.comfy import (
     is_noise,
     parse_comfy_message,
 )
+from actors.comfy._protocol import parse_progress
 
 MODELLED = {
     "status": Status,
@@ -374,3 +375,73 @@ def test_format_rejection_any_shape(body: Any, expected: str) -> None:
 
 def test_format_rejection_is_capped() -> None:
     assert len(format_rejection(500, "x" * 100_000)) == 2000
+
+
+# ---- the progress fast path: the same event as the general path, or the general path itself -------------------------
+
+_PROGRESS_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(10**16), 10**16),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.sampled_from(["3", "", "a\\b", 'q"uote', "\x00", "\x1f", "\x7f", "é", "\ud7ff", "10:3", "null"]),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    data=st.dictionaries(
+        st.sampled_from(["value", "max", "prompt_id", "node", "extra"]), _PROGRESS_VALUES, max_size=5
+    ).flatmap(lambda d: st.permutations(list(d.items())).map(dict)),
+    canonical=st.fixed_dictionaries(
+        {
+            "value": st.one_of(st.integers(), st.integers(-(10**16), 10**16), st.floats(allow_nan=False)),
+            "max": st.one_of(st.integers(0, 10**4), st.integers(), _PROGRESS_VALUES),
+            "prompt_id": st.one_of(st.none(), st.text(max_size=40), _PROGRESS_VALUES),
+            "node": st.one_of(st.none(), st.text(max_size=6), _PROGRESS_VALUES),
+        }
+    ),
+    ensure_ascii=st.booleans(),
+    separators=st.sampled_from([(", ", ": "), (",", ":"), (", ", ":")]),
+)
+def test_progress_fast_path_gives_the_general_paths_event(
+    data: dict[str, Any], canonical: dict[str, Any], ensure_ascii: bool, separators: tuple[str, str]
+) -> None:
+    """Whatever a progress message holds (any values, keys missing, extra or in another order, any spacing, escapes
+    or raw UTF-8), parse_comfy_message gives what the general path gives, event or error. ``canonical`` is ComfyUI's
+    own key order, the shape the fast path takes."""
+    from actors.comfy._protocol import _parse_text_general
+
+    for body in (data, canonical):
+        msg = json.dumps({"type": "progress", "data": body}, ensure_ascii=ensure_ascii, separators=separators)
+        try:
+            expected: Any = _parse_text_general(msg)
+        except ComfyProtocolError as exc:
+            expected = ("error", exc.reason)
+        try:
+            got: Any = parse_comfy_message(msg)
+        except ComfyProtocolError as exc:
+            got = ("error", exc.reason)
+        assert got == expected
+        assert type(got) is type(expected)
+        fast = parse_progress(msg)  # what the comfy actor tries first, before is_noise
+        assert fast is None or (fast == expected and not is_noise(msg))
+        if isinstance(got, Progress):
+            assert (type(got.value), type(got.max)) == (type(expected.value), type(expected.max))
+
+
+def test_progress_fast_path_takes_comfyuis_own_messages() -> None:
+    """What the fast path is for: ComfyUI's progress frames as it writes them (every one in the transcripts)."""
+    from actors.comfy._protocol import _PROGRESS
+
+    recorded = [frame for frame in _recv("text") if frame["type"] == "progress"]
+    assert len(recorded) > 20
+    for frame in recorded:
+        msg = json.dumps(frame)
+        assert _PROGRESS.fullmatch(msg) is not None, msg
+        assert parse_comfy_message(msg) == Progress(
+            frame["data"]["prompt_id"], frame["data"]["node"], frame["data"]["value"], frame["data"]["max"]
+        )

@@ -30,9 +30,16 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from comfysim._constants import BURST_STEPS
+from comfysim._execution import _PromptRun
+from comfysim._records import _QueueItem
+from comfysim._socket import _ws_frame
+from comfysim._state import SimState
 from conftest import TRANSCRIPTS as TRANSCRIPTS_DIR  # tests/data: recordings and workflows
 from conftest import WORKFLOWS
 from fake_comfyui import FakeComfyUI
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, open_websocket_url
 
 STEP_MS = 50.0
@@ -1203,3 +1210,147 @@ async def test_cli_prints_its_line_and_exits_0_on_sigterm() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# --- full speed (step_ms 0): bursts of steps, the same frames -------------------------------------------------
+
+_JSON_NUMBERS = st.one_of(
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0, 0.0, -0.0, 1, 1.0]),
+)  # equal numbers with different encodings must not share a cached encoding
+_NODE_IDS = st.one_of(st.sampled_from(["3", "10"]), st.text(min_size=1, max_size=6))  # the same node again, often
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt_id=st.text(max_size=40),
+    updates=st.lists(
+        st.tuples(_NODE_IDS, _JSON_NUMBERS, _JSON_NUMBERS, st.sampled_from(["running", "finished", "pending"])),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_progress_state_frame_is_json_dumps_of_every_node(prompt_id: str, updates: list[tuple[Any, ...]]) -> None:
+    """The cached per-node encodings give exactly ``json.dumps`` of ComfyUI's whole message, after any sequence of
+    node updates (ints and floats, the same node again, a node's max or state changing)."""
+    run = _PromptRun(SimState(), _QueueItem(0.0, prompt_id, {}, {}, []))
+    for node_id, value, maximum, state in updates:
+        frame = run.state_frame(node_id, value, maximum, state)
+        assert frame == json.dumps(
+            {"type": "progress_state", "data": {"prompt_id": prompt_id, "nodes": run.node_states}}
+        )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prompt_id=st.text(max_size=40),
+    steps=st.lists(st.tuples(_NODE_IDS, _JSON_NUMBERS, _JSON_NUMBERS), min_size=1, max_size=20),
+    client_id=st.one_of(st.none(), st.text(max_size=8)),
+)
+def test_progress_frames_are_json_dumps(prompt_id: str, steps: list[tuple[Any, ...]], client_id: str | None) -> None:
+    """A step's frames: progress_state then progress, each ``json.dumps`` of ComfyUI's message, key order included."""
+    run = _PromptRun(SimState(previews=False), _QueueItem(0.0, prompt_id, {}, {"client_id": client_id}, []))
+    for node_id, value, total in steps:
+        out: list[str | bytes] = []
+        run.progress(node_id, value, total, None, out)
+        progress = {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id}
+        assert out == [
+            json.dumps({"type": "progress_state", "data": {"prompt_id": prompt_id, "nodes": run.node_states}}),
+            json.dumps({"type": "progress", "data": progress}),
+        ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frames=st.lists(
+        st.one_of(
+            st.text(max_size=300),
+            st.binary(max_size=300),
+            st.sampled_from([125, 126, 127, 65535, 65536]).map(lambda n: "x" * n),
+            st.sampled_from([125, 126, 65535, 65536]).map(lambda n: b"\0" * n),
+        ),
+        max_size=5,
+    )
+)
+def test_ws_frame_is_what_wsproto_sends(frames: list[str | bytes]) -> None:
+    """The simulator's own frame encoder gives wsproto's server frames byte for byte (no extension enabled)."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import BytesMessage, TextMessage
+
+    connection = Connection(ConnectionType.SERVER)
+    for frame in frames:
+        expected = connection.send(TextMessage(data=frame) if isinstance(frame, str) else BytesMessage(data=frame))
+        assert _ws_frame(frame) == expected
+
+
+@pytest.mark.parametrize("previews", [False, True])
+async def test_full_speed_sampler_sends_every_step_in_order(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient, previews: bool
+) -> None:
+    """step_ms 0: the steps between two turns of the event loop leave together, but each event is still its own
+    frame, in ComfyUI's order (progress_state, progress, preview per step), canonical ``json.dumps`` text; the
+    ``progress_hook`` hears of every step once, in order, in bursts of at most BURST_STEPS."""
+    sim.step_ms = 0
+    sim.previews = previews
+    steps = 3 * BURST_STEPS + 5
+    prompt = shared_workflow("txt2img")
+    prompt["3"]["inputs"]["steps"] = steps
+    heard: list[tuple[str, tuple[int, ...]]] = []
+    sim.progress_hook = lambda prompt_id, values: heard.append((prompt_id, values))
+    with trio.fail_after(NET_S):
+        async with connect(sim, "fast") as client:
+            frames: list[str | bytes] = []
+
+            async def raw() -> Msg:
+                frames.append(await client.ws.get_message())
+                return decode(frames[-1])
+
+            client.next = raw  # type: ignore[method-assign]
+            prompt_id = await submit(http, prompt, "fast")
+            got = await client.until_idle(prompt_id)
+    for frame in frames:
+        if isinstance(frame, str):
+            assert frame == json.dumps(json.loads(frame))
+    step_types = ["progress_state", "progress", "binary:1"] if previews else ["progress_state", "progress"]
+    start = next(i for i, m in enumerate(got) if m.type == "executing" and m.data["node"] == "3") + 1
+    running = got[start : start + len(step_types) * steps]
+    assert got[start + len(step_types) * steps].data["nodes"]["3"]["state"] == "finished"
+    assert types(running) == step_types * steps
+    progress = [m.data for m in running if m.type == "progress"]
+    assert progress == [{"value": v, "max": steps, "prompt_id": prompt_id, "node": "3"} for v in range(1, steps + 1)]
+    states = [m.data["nodes"]["3"] for m in running if m.type == "progress_state"]
+    assert [(s["value"], s["max"], s["state"]) for s in states] == [(v, steps, "running") for v in range(1, steps + 1)]
+    assert [value for pid, values in heard for value in values] == list(range(1, steps + 1))
+    assert {pid for pid, _ in heard} == {prompt_id}
+    assert max(len(values) for _, values in heard) == BURST_STEPS
+
+
+async def test_interrupt_at_full_speed_sends_the_steps_before_it(
+    autojump_clock: trio.testing.MockClock, sim: FakeComfyUI, http: httpx.AsyncClient
+) -> None:
+    """A failure in the middle of a burst: the steps before it leave first, then the error, as in ComfyUI."""
+    sim.step_ms = 0
+    sim.previews = False
+    sim.fail_rate = 1.0
+    prompt = shared_workflow("txt2img")
+    prompt["3"]["inputs"]["steps"] = 4 * BURST_STEPS
+    heard: list[int] = []
+    sim.progress_hook = lambda prompt_id, values: heard.extend(values)
+    for attempt in range(20):  # fail_rate picks a node, then (for the sampler) a step: until the sampler fails
+        heard.clear()
+        with trio.fail_after(NET_S):
+            async with connect(sim, f"fail{attempt}") as client:
+                prompt_id = await submit(http, prompt, f"fail{attempt}")
+                got = await client.until_idle(prompt_id)
+        error = next(m for m in got if m.type == "execution_error")
+        if error.data["node_id"] != "3":
+            continue
+        values = [m.data["value"] for m in got if m.type == "progress"]
+        assert values == list(range(1, len(values) + 1)) == heard
+        assert len(values) < 4 * BURST_STEPS
+        assert types(got).index("execution_error") > max(
+            (i for i, m in enumerate(got) if m.type == "progress"), default=-1
+        )
+        return
+    pytest.fail("the sampler never failed")

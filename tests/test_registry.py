@@ -8,6 +8,7 @@ the sessions hub. Reports from ComfyUI are written straight into the registry's 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from actors import ledger as ledger_api
 from actors import registry as reg
@@ -42,6 +45,7 @@ from actors.comfy import (
 )
 from actors.sessions import Publish
 from actors.store import Account, TaskRecord
+from actors.wire import ProgressMsg
 
 WORKFLOW = {"1": {"class_type": "EmptyImage", "inputs": {}}}
 IMAGES = [{"filename": "gw_00001_.png", "subfolder": "", "type": "output"}]
@@ -679,3 +683,73 @@ async def test_cancel_on_an_unreachable_backend_ends_cancelled(autojump_clock: t
         await trio.sleep(30)
         [msg] = await h.messages("cancelled", "execution_error")
         assert msg["type"] == "cancelled" and msg["refunded"] is True and h.resolves == [(t1, "released")]
+
+
+# ---- the progress short cut is the general path ---------------------------------------------------------------------
+
+_KINDS = ["start", "progress", "progress", "progress", "executed", "success", "interrupted", "idle", "status"]
+
+
+def _event(kind: str, pid: str | None, n: int) -> Any:
+    if kind == "start":
+        return ExecutionStart(pid) if pid is not None else Status(n)
+    if kind == "progress":
+        return Progress(pid, str(n) if n % 2 else None, n, 3)
+    if kind == "executed":
+        return Executed(pid, "9", {"images": IMAGES}) if pid is not None else Status(n)
+    if kind == "success":
+        return ExecutionSuccess(pid) if pid is not None else Status(n)
+    if kind == "interrupted":
+        return ExecutionInterrupted(pid, "3", "KSampler") if pid is not None else Status(n)
+    if kind == "idle":
+        return Executing(pid, None)
+    return Status(n)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    script=st.lists(
+        st.tuples(st.sampled_from(_KINDS), st.sampled_from([0, 1, 2, None]), st.integers(0, 3)), max_size=14
+    ),
+    accept=st.sampled_from([(), (0,), (0, 1)]),
+    batches=st.integers(1, 3),
+)
+def test_the_progress_short_cut_is_the_general_path(
+    script: list[tuple[str, int | None, int]], accept: tuple[int, ...], batches: int
+) -> None:
+    """``on_event`` handles progress without the general match, and ``relay_progress`` skips ``mark_running`` for a
+    running task: for any order of events (progress of unknown prompts, before the submit's answer, before
+    ``execution_start``, after the end), what the users get, the tasks' states and the ledger's resolves are those of
+    the general path (``on_event_general`` and the unconditional ``mark_running``)."""
+
+    async def reference_relay(self: Any, task: Any, backend: str, value: int, mx: int, node: str | None) -> None:
+        await self.mark_running(task, backend)
+        await self.publish(task, ProgressMsg(task.id, task.rec.prompt_id, value, mx, node))
+
+    def play(general: bool) -> Any:
+        async def main() -> Any:
+            with pytest.MonkeyPatch.context() as patch:
+                if general:
+                    patch.setattr(reg._Registry, "on_event", reg._Registry.on_event_general)
+                    patch.setattr(reg._Registry, "relay_progress", reference_relay)
+                async with registry(max_inflight=2) as h:
+                    tasks = [await h.submit(), await h.submit()]
+                    commands = await dispatched(h)
+                    for i in accept:
+                        await accepted(h, commands[i])
+                    pids = [c.prompt_id for c in commands] + ["not-ours"]
+                    names = {**{t: f"t{i}" for i, t in enumerate(tasks)}, **{p: f"p{i}" for i, p in enumerate(pids)}}
+                    events = tuple(_event(kind, None if who is None else pids[who], n) for kind, who, n in script)
+                    size = max(1, -(-len(events) // batches))
+                    for start in range(0, len(events), size):
+                        await h.report(BackendEvents("b0", events[start : start + size]))
+                    states = [((await h.state(t)) or {}).get("state") for t in tasks]
+                    later = [type(c).__name__ for c in await h.commands_now()]
+                    seen = json.dumps([await h.messages(), states, h.resolves, later])
+                    for real, name in names.items():  # the ids are random: compare them by their role
+                        seen = seen.replace(real, name)
+                    return seen
+
+        return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    assert play(general=False) == play(general=True)

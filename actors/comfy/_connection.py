@@ -41,7 +41,7 @@ from ._commands import HTTPFailed, request
 from ._config import ComfyCounters, ComfyTimeouts
 from ._events import ComfyEvent, FeatureFlags, PreviewImage, Progress, Status, UnknownComfyEvent
 from ._messages import BackendEvents, BackendLost, BackendUp, ComfyReport
-from ._protocol import ComfyProtocolError, is_noise, parse_comfy_message
+from ._protocol import ComfyProtocolError, is_noise, parse_comfy_message, parse_progress
 from ._supervisor import RestartPolicy, SupervisorGaveUp, supervise
 from ._wsclient import HandshakeFailed, HandshakeRejected, SocketClosed, WebSocket
 
@@ -275,9 +275,14 @@ class Connection:
             self._saw_activity()
             events: list[ComfyEvent] = []
             for message in messages:
-                if isinstance(message, str) and is_noise(message):
-                    counters.noise += 1
-                    continue
+                if type(message) is str:
+                    if (progress := parse_progress(message)) is not None:  # half the frames: what _keep does
+                        link.last_progress = progress
+                        events.append(progress)
+                        continue
+                    if is_noise(message):
+                        counters.noise += 1
+                        continue
                 try:
                     event = parse_comfy_message(message)
                 except ComfyProtocolError as exc:

@@ -97,15 +97,25 @@ class FrameDecoder:
                     raise FrameError(PROTOCOL_ERROR, "masked frame from the server")
                 if b0 & 0x70:
                     raise FrameError(PROTOCOL_ERROR, "reserved bits set, no extension was negotiated")
-                length, head = b1 & 0x7F, 2
+                length, head = b1, 2  # (b1 & 0x7F: the mask bit is 0)
                 if length == 126:
                     if end - pos < 4:
                         break
-                    length, head = int.from_bytes(view[pos + 2 : pos + 4], "big"), 4
+                    length, head = (buf[pos + 2] << 8) | buf[pos + 3], 4
                 elif length == 127:
                     if end - pos < 10:
                         break
                     length, head = int.from_bytes(view[pos + 2 : pos + 10], "big"), 10
+                if b0 == 0x81 and not self._kind and length <= self._max:  # a whole text message: most frames
+                    start = pos + head
+                    if end - start < length:
+                        break
+                    try:
+                        out.append(str(view[start : start + length], "utf-8"))  # no intermediate bytes
+                    except UnicodeDecodeError:
+                        raise FrameError(INVALID_PAYLOAD, "text message is not UTF-8") from None
+                    pos = start + length
+                    continue
                 opcode, fin = b0 & 0x0F, b0 & 0x80
                 if opcode >= _CLOSE:
                     if not fin or length > 125:

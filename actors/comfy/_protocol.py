@@ -40,7 +40,7 @@ from ._events import (
     UnknownComfyEvent,
 )
 
-__all__ = ["ComfyProtocolError", "format_rejection", "parse_comfy_message"]
+__all__ = ["ComfyProtocolError", "format_rejection", "parse_comfy_message", "parse_progress"]
 
 SNIPPET_CHARS: Final = 200  # how much of a bad message an error shows
 REJECTION_MAX_CHARS: Final = 2000  # format_rejection output is capped: it ends up in user-facing errors
@@ -167,7 +167,33 @@ _TEXT_PARSERS: Final[Mapping[str, Callable[[Mapping[str, Any]], ComfyEvent]]] = 
 }
 
 
+# ComfyUI's progress message exactly as it writes it (json.dumps, default separators, its key order), with
+# integer numbers and strings without escapes: two per sampler step, so it is recognised and parsed by one match.
+# Anything else (floats, escapes, another order or spacing, extra keys) takes the general path, which gives the
+# same event (tests/test_comfy_protocol.py checks that, a Hypothesis property).
+_INT = r"(-?(?:0|[1-9][0-9]{0,14}))"  # at most 15 digits: the general path's float() check keeps such ints exact
+_STR_OR_NULL = r'(?:"([^"\\\x00-\x1f]*)"|null)'  # JSON forbids raw control characters in strings
+_PROGRESS_TYPE: Final = "progress"  # ComfyUI's type name (not the gateway's wire message of that name)
+_PROGRESS = re.compile(
+    rf'\{{"type": "{_PROGRESS_TYPE}", "data": \{{"value": {_INT}, "max": {_INT}, "prompt_id": {_STR_OR_NULL}, '
+    rf'"node": {_STR_OR_NULL}\}}\}}'
+)
+
+
+def parse_progress(msg: str) -> Progress | None:
+    """The event of a progress message in ComfyUI's own form (as ``parse_comfy_message`` would give it), or None
+    when ``msg`` is anything else (then ``parse_comfy_message`` tells what it is)."""
+    if (fast := _PROGRESS.fullmatch(msg)) is None:
+        return None
+    value, maximum, prompt_id, node = fast.groups()
+    return Progress(prompt_id, node, int(value), int(maximum))
+
+
 def _parse_text(msg: str) -> ComfyEvent:
+    return parse_progress(msg) or _parse_text_general(msg)
+
+
+def _parse_text_general(msg: str) -> ComfyEvent:
     try:
         obj = json.loads(msg)
     except (ValueError, RecursionError):  # JSONDecodeError; RecursionError for absurdly deep nesting

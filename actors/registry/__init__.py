@@ -9,8 +9,8 @@ publishes the outcome to the task's session once the ledger has answered.
 
 Modules: ``_api`` (config, constants, requests), ``_base`` (state, timers heap, requests answered as messages),
 ``_views`` (read views), ``_transitions`` (a transition's side effects), ``_reconcile`` (reconciliation with
-ComfyUI), ``_timers`` (what each timer does), ``_core`` (submit, cancel, events, crash isolation), ``_actor`` (the
-loop).
+ComfyUI), ``_timers`` (what each timer does), ``_events`` (ComfyUI's events but progress), ``_core`` (submit,
+cancel, progress, reports, crash isolation), ``_actor`` (the loop).
 """
 
 from ..task_machine import ACTIVE_STATES, INFLIGHT_STATES, TERMINAL_STATES, Event, Reason, State, TimerKind

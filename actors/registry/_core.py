@@ -24,20 +24,12 @@ from ..comfy import (
     BackendUp,
     CancelPrompt,
     ComfyReport,
-    Executed,
-    Executing,
-    ExecutionError,
-    ExecutionInterrupted,
-    ExecutionStart,
-    ExecutionSuccess,
-    PreviewImage,
     Progress,
     PromptAccepted,
     PromptFailed,
     PromptLocated,
     PromptRejected,
     PromptSubmitUnknown,
-    Status,
 )
 from ..store import Account, InsufficientCredits, LedgerError, TaskRecord
 from ..task_machine import ACTIVE_STATES, INFLIGHT_STATES, Reason, State, TimerKind
@@ -57,7 +49,7 @@ from ._api import (
     Submit,
 )
 from ._base import Answer, Task
-from ._timers import Timers
+from ._events import Events
 
 __all__ = ["Registry"]
 
@@ -66,7 +58,7 @@ log = logging.getLogger(__name__)
 SUBMIT_FAILED = Refused("internal", "the gateway failed on this submit; nothing was charged")
 
 
-class Registry(Timers):
+class Registry(Events):
     # -- start-up
 
     async def load(self) -> None:
@@ -307,53 +299,12 @@ class Registry(Timers):
     # -- ComfyUI's reports
 
     async def on_event(self, backend: str, event: Any) -> None:
-        if (seen := self.task_for_prompt(getattr(event, "prompt_id", None))) is not None:
-            seen.seen = True
-        match event:
-            case ExecutionStart(prompt_id=pid):
-                if (task := self.task_for_prompt(pid)) is not None:
-                    await self.mark_running(task, backend)
-            case Progress(prompt_id=pid, node=node, value=value, max=mx):
-                if (task := self.task_for_prompt(pid)) is not None:
-                    await self.relay_progress(task, backend, value, mx, node)
-            case PreviewImage(prompt_id=pid, mime=mime, image=image):
-                if (task := self.task_for_prompt(pid)) is not None:
-                    await self.relay_preview(task, mime, image)
-            case Executed(prompt_id=pid, output=output):
-                if (task := self.task_for_prompt(pid)) is not None and output:
-                    await self.mark_running(task, backend)
-                    await self.add_images(task, list(output.get("images") or ()), backend)
-            case ExecutionSuccess(prompt_id=pid):
-                if (task := self.task_for_prompt(pid)) is not None:
-                    await self.mark_submitted(task, backend)  # it ran there, whatever else was missed
-                    if task.gap:  # an `executed` may have been missed: read the outputs from /history first
-                        task.awaiting_history = True
-                        self.after(RECHECK_DELAY, TimerKind.CHECK, task.id)  # if the idle `executing` is missed too
-                    else:
-                        await self.finish(task, State.SUCCEEDED, None)
-            case Executing(prompt_id=pid, node=None):  # the prompt is done and its history entry written
-                if (task := self.task_for_prompt(pid)) is not None and task.awaiting_history:
-                    await self.check(backend, (task.rec.prompt_id,))
-            case Status(queue_remaining=remaining):
-                await self.cross_check(backend, remaining)
-            case ExecutionError(prompt_id=pid, blocked=False) as err:
-                if (task := self.task_for_prompt(pid)) is not None:
-                    await self.finish(
-                        task,
-                        State.FAILED,
-                        Reason.EXECUTION_ERROR,
-                        {
-                            "error": f"{err.node_type or 'node'} {err.node_id or ''}: {err.exception_message}".strip(),
-                            "node_id": err.node_id,
-                            "node_type": err.node_type,
-                            "exception_type": err.exception_type,
-                        },
-                    )
-            case ExecutionInterrupted(prompt_id=pid, node_id=node_id, node_type=node_type):
-                if (task := self.task_for_prompt(pid)) is not None:
-                    await self.interrupted(task, node_id, node_type)
-            case _:
-                pass  # executing, cached, progress_state: nothing a user needs from the registry
+        if type(event) is Progress:  # one per sampler step: what on_event_general does for it, without the rest
+            if (task := self.task_for_prompt(event.prompt_id)) is not None:
+                task.seen = True
+                await self.relay_progress(task, backend, event.value, event.max, event.node)
+            return
+        await self.on_event_general(backend, event)
 
     async def on_report(self, msg: ComfyReport) -> None:
         match msg:

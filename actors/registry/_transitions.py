@@ -50,7 +50,8 @@ class Transitions(Views):
             await self.broadcast_status()
 
     async def relay_progress(self, task: Task, backend: str, value: int, mx: int, node: str | None) -> None:
-        await self.mark_running(task, backend)
+        if task.rec.state != State.RUNNING:  # (for a running task mark_running changes nothing)
+            await self.mark_running(task, backend)
         await self.publish(task, ProgressMsg(task.id, task.rec.prompt_id, value, mx, node))
 
     async def relay_preview(self, task: Task, mime: str, image: bytes) -> None:

@@ -217,3 +217,50 @@ async def control_loop(handle: Any, shutdown: trio.Event) -> None:
         pass
     finally:
         shutdown.set()
+
+
+class Submitter:
+    """A minimal HTTP/1.1 client on one keep-alive connection: POST a JSON body, read a Content-Length answer."""
+
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
+        self.stream = stream
+        self.host = host
+        self.buf = b""
+
+    @classmethod
+    async def open(cls, base_url: str) -> Submitter:
+        host_port = base_url.split("://", 1)[1].split("/", 1)[0]
+        host, port = host_port.rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)), host_port)
+
+    async def __aenter__(self) -> Submitter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stream.aclose()
+
+    async def post(self, path: str, body: bytes, token: str) -> tuple[int, bytes]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        await self.stream.send_all(head.encode() + body)
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            await self._more()
+        lines = self.buf[:end].decode("latin-1").split("\r\n")
+        self.buf = self.buf[end + 4 :]
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        if "content-length" not in headers:
+            raise RuntimeError(f"POST {path}: answer without Content-Length ({status}, {headers})")
+        size = int(headers["content-length"])
+        while len(self.buf) < size:
+            await self._more()
+        answer, self.buf = self.buf[:size], self.buf[size:]
+        return status, answer
+
+    async def _more(self) -> None:
+        data = await self.stream.receive_some(1 << 16)
+        if not data:
+            raise RuntimeError("the gateway closed the connection")
+        self.buf += data

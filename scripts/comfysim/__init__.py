@@ -12,7 +12,7 @@ Simulated rather than computed:
   ``SAVED_IMAGE_MAX_SIDE_PX`` on a side, kept in an in-memory file store that ``/view`` serves and
   ``/upload/image`` fills. Latent previews are ``PREVIEW_SIDE_PX`` PNGs (ComfyUI would send JPEGs).
 - Time: ``KSampler``/``KSamplerAdvanced`` send one ``progress`` per sampling step, ``step_ms`` apart (with
-  ``step_ms`` 0, back to back: the event loop gets a turn every 16 steps, and a socket's writer sends all the
+  ``step_ms`` 0, back to back: the event loop gets a turn every 64 steps, and a socket's writer sends all the
   frames that are ready in one write, as a fast ComfyUI does; the relay benchmark's "max" relies on it);
   ``SaveImageWebsocket`` sends one frame per ``step_ms``; every other node is instant. All waiting is
   ``trio.sleep``, so tests can run under ``trio.testing.MockClock``.

@@ -31,9 +31,10 @@ DEFAULT_STEP_MS: Final = 50.0
 MS_PER_S: Final = 1000.0
 KEEP_ALIVE_TIMEOUT_S: Final = 75.0  # aiohttp's keepalive_timeout (hypercorn's own default is 5 s)
 # Per-socket outbox. ComfyUI's single send queue is unbounded; here a socket whose reader stalls loses
-# frames beyond this many (logged) instead of growing without limit: about 5 MB of small frames.
+# frames beyond this many items (logged) instead of growing without limit: about 5 MB of small frames. An item
+# is one frame, or (step_ms 0) the frames of up to BURST_STEPS sampler steps.
 OUTBOX_MAX_FRAMES: Final = 16_384
-BURST_STEPS: Final = 16  # with step_ms 0: sampler steps run between two turns of the event loop
+BURST_STEPS: Final = 64  # with step_ms 0: sampler steps run between two turns of the event loop
 WRITE_BATCH_FRAMES: Final = 256  # frames ready in the outbox go out in one write, at most this many
 SAVED_IMAGE_MAX_SIDE_PX: Final = 64  # saved and streamed images are scaled down to fit this
 PREVIEW_SIDE_PX: Final = 16  # sampler previews

@@ -41,6 +41,21 @@ class _NodeFailure(Exception):
         self.inputs = dict(inputs)
 
 
+def _json_number(value: Any) -> str:
+    """``json.dumps`` of a number, without the encoder's overhead for the common int."""
+    return str(value) if type(value) is int else json.dumps(value)
+
+
+def _node_state_tail(node_id: str, maximum: float, state: str, prompt_id: str) -> tuple[str, str]:
+    """A node's entry in progress_state around its value: ``head + json.dumps(value) + tail`` is
+    ``json.dumps(node_id) + ": " + json.dumps(state dict)``, with the state dict's keys in ComfyUI's order."""
+    rest = json.dumps({
+        "max": maximum, "state": state, "node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id,
+        "parent_node_id": None, "real_node_id": node_id,
+    })  # fmt: skip
+    return f'{json.dumps(node_id)}: {{"value": ', f", {rest[1:]}"
+
+
 # --- execution of one prompt --------------------------------------------------------------------------
 
 
@@ -58,16 +73,30 @@ class _NodeContext:
     async def run_steps(self, values: Sequence[int], total: int, preview: Callable[[int], bytes | None]) -> None:
         """One step per value: ``step_ms`` of work, then a progress update (with ``preview(value)``).
 
-        With ``step_ms`` 0 the steps run back to back and the event loop gets a turn every ``BURST_STEPS`` steps, so
-        the writer sends their frames together, as a fast ComfyUI (its sampler in a thread) hands them over."""
-        fail_at = self._run.pick_fail_step(self.node_id, values)
-        for n, value in enumerate(values):
-            step_ms = self._run.sim.step_ms
-            if step_ms > 0:
-                await trio.sleep(step_ms / MS_PER_S)
-            elif n % BURST_STEPS == 0:
-                await trio.lowlevel.checkpoint()
-            self._run.progress(self.node_id, value, total, preview(value), fail=value == fail_at)
+        With ``step_ms`` 0 the steps run back to back and the event loop gets a turn every ``BURST_STEPS`` steps; the
+        frames of the steps between two turns go to the socket's outbox together (one item), so the writer sends
+        them in one write, as a fast ComfyUI (its sampler in a thread) hands them over. Each event is still its own
+        frame, in the order ComfyUI sends them."""
+        run = self._run
+        sim = run.sim
+        fail_at = run.pick_fail_step(self.node_id, values)
+        frames: list[str | bytes] = []  # of the steps since the last turn of the event loop
+        stepped: list[int] = []
+        try:
+            for n, value in enumerate(values):
+                step_ms = sim.step_ms
+                if step_ms > 0:
+                    run.flush(frames, stepped)
+                    await trio.sleep(step_ms / MS_PER_S)
+                elif n % BURST_STEPS == 0:
+                    run.flush(frames, stepped)
+                    await trio.lowlevel.checkpoint()
+                run.progress(self.node_id, value, total, preview(value), frames, fail=value == fail_at)
+                stepped.append(value)
+                if step_ms > 0:
+                    run.flush(frames, stepped)
+        finally:  # the steps before an interrupt or a failure went out before its event, as in ComfyUI
+            run.flush(frames, stepped)
 
     async def sample(self, steps: int, seed: int) -> None:
         previews = self._run.sim.previews
@@ -122,6 +151,8 @@ class _PromptRun:
         self.node_states: dict[str, dict[str, Any]] = {}
         self.encoded_states: dict[str, str] = {}  # node id -> its '"id": {state}' in progress_state, same order
         self.encoded_prompt_id = json.dumps(self.prompt_id)
+        self.state_tails: dict[tuple[str, str, str], tuple[str, str]] = {}  # see state_frame
+        self.progress_tails: dict[tuple[str, str], str] = {}  # see progress
         self.values: dict[str, tuple[Any, ...]] = {}
         self.ui: dict[str, dict[str, Any]] = {}
         self.executed: list[str] = []
@@ -143,32 +174,59 @@ class _PromptRun:
             self.sim._send_json(event, data, self.client_id)
 
     def set_state(self, node_id: str, value: float, maximum: float, state: str) -> None:
-        self.node_states[node_id] = node = {
+        self.sim._send_text(self.state_frame(node_id, value, maximum, state), self.client_id)  # or broadcast
+
+    def state_frame(self, node_id: str, value: float, maximum: float, state: str) -> str:
+        """Record a node's state; the progress_state frame that tells it.
+
+        The frame is json.dumps({"type": "progress_state", "data": {"prompt_id": ..., "nodes": node_states}}),
+        built from each node's encoding, kept until that node changes: at full speed (one per sampler step) encoding
+        every node again was the simulator's biggest cost. A node's encoding is its value and the rest of its state,
+        encoded once per (node, max, state) (``_node_state_tail``)."""
+        self.node_states[node_id] = {
             "value": value, "max": maximum, "state": state, "node_id": node_id, "prompt_id": self.prompt_id,
             "display_node_id": node_id, "parent_node_id": None, "real_node_id": node_id,
         }  # fmt: skip
-        # The frame is json.dumps({"type": "progress_state", "data": {"prompt_id": ..., "nodes": node_states}}),
-        # built from each node's encoding, kept until that node changes: at full speed (one per sampler step) encoding
-        # every node again was the simulator's biggest cost.
-        self.encoded_states[node_id] = f"{json.dumps(node_id)}: {json.dumps(node)}"
+        key = (node_id, state, _json_number(maximum))  # by its encoding: 0.0 and -0.0 are equal keys, not equal JSON
+        tail = self.state_tails.get(key)
+        if tail is None:
+            tail = self.state_tails[key] = _node_state_tail(node_id, maximum, state, self.prompt_id)
+        self.encoded_states[node_id] = f"{tail[0]}{_json_number(value)}{tail[1]}"
         nodes = ", ".join(self.encoded_states.values())
-        frame = f'{{"type": "progress_state", "data": {{"prompt_id": {self.encoded_prompt_id}, "nodes": {{{nodes}}}}}}}'
-        self.sim._send_text(frame, self.client_id)  # to the client, or broadcast when the prompt has none
+        return f'{{"type": "progress_state", "data": {{"prompt_id": {self.encoded_prompt_id}, "nodes": {{{nodes}}}}}}}'
 
-    def progress(self, node_id: str, value: int, total: int, preview: bytes | None, *, fail: bool = False) -> None:
+    def progress(
+        self, node_id: str, value: int, total: int, preview: bytes | None, out: list[str | bytes], *, fail: bool = False
+    ) -> None:
         """A progress-bar update: ComfyUI's hook checks the interrupt flag first, then sends
-        progress_state, [preview with metadata], progress, [legacy preview]."""
+        progress_state, [preview with metadata], progress, [legacy preview]. The frames are appended to ``out``
+        (for this prompt's client, or broadcast when it has none; ``flush`` sends them)."""
         self.raise_if_interrupted(node_id)
         if fail:
             raise RuntimeError(f"Simulated failure (fail_rate={self.sim.fail_rate})")
-        self.set_state(node_id, value, total, "running")
-        with_metadata = self.sim._supports_preview_metadata(self.client_id)
+        out.append(self.state_frame(node_id, value, total, "running"))
+        with_metadata = preview is not None and self.sim._supports_preview_metadata(self.client_id)
         if preview is not None and with_metadata:
-            self.sim._send_bytes(_preview_with_metadata_frame(preview, self.prompt_id, node_id), self.client_id)
-        progress = {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
-        self.sim._send_json("progress", progress, self.client_id)
+            out.append(_preview_with_metadata_frame(preview, self.prompt_id, node_id))
+        key = (node_id, _json_number(total))
+        tail = self.progress_tails.get(key)
+        if tail is None:  # the frame is _text_frame("progress", {"value", "max", "prompt_id", "node"})
+            rest = json.dumps({"max": total, "prompt_id": self.prompt_id, "node": node_id})
+            tail = self.progress_tails[key] = f", {rest[1:]}}}"
+        out.append(f'{{"type": "progress", "data": {{"value": {_json_number(value)}{tail}')
         if preview is not None and not with_metadata:
-            self.sim._send_bytes(_preview_frame(preview), self.client_id)
+            out.append(_preview_frame(preview))
+
+    def flush(self, frames: list[str | bytes], values: list[int]) -> None:
+        """Hand the frames of the steps since the last flush to the sockets as one outbox item; tell the
+        ``progress_hook`` (instrumentation) which steps' progress just left."""
+        if frames:
+            self.sim._send_frames(tuple(frames), self.client_id)
+            frames.clear()
+        if values:
+            if (hook := self.sim.progress_hook) is not None:
+                hook(self.prompt_id, tuple(values))
+            values.clear()
 
     def raise_if_interrupted(self, node_id: str) -> None:
         if self.sim._interrupt_requested:

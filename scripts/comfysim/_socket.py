@@ -44,14 +44,30 @@ def _abrupt_closer(asgi_send: AsgiSend) -> Callable[[], Awaitable[None]] | None:
     return partial(tcp_send, TransportClosed())
 
 
+def _ws_frame(frame: str | bytes) -> bytes:
+    """One unfragmented, unmasked server frame (RFC 6455 5.2) without extensions: what wsproto's server connection
+    encodes for ``TextMessage``/``BytesMessage`` when no extension is enabled, byte for byte."""
+    if isinstance(frame, str):
+        payload, head = frame.encode(), 0x81
+    else:
+        payload, head = bytes(frame), 0x82
+    length = len(payload)
+    if length <= 125:
+        return bytes((head, length)) + payload
+    if length <= 0xFFFF:
+        return bytes((head, 126)) + length.to_bytes(2, "big") + payload
+    return bytes((head, 127)) + length.to_bytes(8, "big") + payload
+
+
 def _batch_sender(asgi_send: AsgiSend) -> Callable[[list[str | bytes]], Awaitable[bool]] | None:
     """A coroutine function that sends several frames in one write to the TCP stream, or None.
 
     ASGI sends one frame per ``websocket.send``, each its own write and several trips through the event loop; a
     real ComfyUI at full speed (its sampler runs in a thread) hands the socket several frames at once. With
-    hypercorn 0.18 (the layout ``_abrupt_closer`` relies on) the frames are encoded by the stream's own wsproto
-    connection and written as one ``Data`` event. The function returns False (nothing sent) when the socket is not
-    open any more; the caller then sends frame by frame through ASGI, which knows what to do.
+    hypercorn 0.18 (the layout ``_abrupt_closer`` relies on) the frames are encoded for the stream's own wsproto
+    connection (by ``_ws_frame`` when that connection has no extension enabled, as wsproto would, else by wsproto)
+    and written as one ``Data`` event. The function returns False (nothing sent) when the socket is not open any
+    more; the caller then sends frame by frame through ASGI, which knows what to do.
     """
     ws_stream = getattr(asgi_send, "__self__", None)
     if not all(hasattr(ws_stream, name) for name in ("connection", "send", "stream_id", "closed", "state")):
@@ -60,18 +76,33 @@ def _batch_sender(asgi_send: AsgiSend) -> Callable[[list[str | bytes]], Awaitabl
         from hypercorn.events import RawData  # noqa: F401 - only checks the layout
         from hypercorn.protocol.events import Data
         from hypercorn.protocol.ws_stream import ASGIWebsocketState
+        from wsproto.connection import ConnectionState
         from wsproto.events import BytesMessage, TextMessage
     except ImportError:
         return None
+
+    def plain(connection: Any) -> bool:
+        """No extension enabled (permessage-deflate is offered by hypercorn, used only if the client asks)."""
+        proto = getattr(connection, "_proto", None)
+        extensions = getattr(proto, "extensions", None)
+        return (
+            isinstance(extensions, list)
+            and not any(extension.enabled() for extension in extensions)
+            and connection.state == ConnectionState.OPEN
+            and getattr(proto, "_outbound_opcode", None) is None
+        )
 
     async def send_batch(frames: list[str | bytes]) -> bool:
         stream: Any = ws_stream
         if stream.closed or stream.state != ASGIWebsocketState.CONNECTED:
             return False
         connection = stream.connection
-        data = b"".join(
-            connection.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f)) for f in frames
-        )
+        if plain(connection):
+            data = b"".join(map(_ws_frame, frames))
+        else:
+            data = b"".join(
+                connection.send(TextMessage(data=f) if isinstance(f, str) else BytesMessage(data=f)) for f in frames
+            )
         await stream.send(Data(stream_id=stream.stream_id, data=data))
         return True
 
@@ -93,7 +124,10 @@ class _Socket:
         self.sid = sid
         self.abrupt_close = abrupt_close
         self.send_batch = send_batch
-        self._outbox_send, self.outbox = trio.open_memory_channel[str | bytes](OUTBOX_MAX_FRAMES)
+        # an item is one frame, or the frames of a burst of sampler steps (one channel operation for all of them)
+        self._outbox_send, self.outbox = trio.open_memory_channel[str | bytes | tuple[str | bytes, ...]](
+            OUTBOX_MAX_FRAMES
+        )
         self.writer_scope = trio.CancelScope()  # cancelled to drop the connection
         self.dropped = False
         self.frames_lost = 0
@@ -101,11 +135,12 @@ class _Socket:
     def __repr__(self) -> str:
         return f"<socket {self.id} clientId={self.sid!r}>"
 
-    def push(self, frame: str | bytes) -> None:
+    def push(self, frame: str | bytes | tuple[str | bytes, ...]) -> None:
+        """One frame, or a tuple of frames that stay together (lost together when the outbox is full)."""
         try:
             self._outbox_send.send_nowait(frame)
         except trio.WouldBlock:
-            self.frames_lost += 1
+            self.frames_lost += len(frame) if isinstance(frame, tuple) else 1
             if self.frames_lost == 1:
                 log.warning(
                     "%r: outbox full (%d frames), the client does not read: dropping frames", self, OUTBOX_MAX_FRAMES

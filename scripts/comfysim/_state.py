@@ -9,6 +9,7 @@ import logging
 import posixpath
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -43,6 +44,9 @@ class SimState:
         self.max_in_queue = 0
         self.submitted: list[str] = []
         self.interrupts: list[str | None] = []
+        # instrumentation (the relay benchmark times each progress as it leaves): called with (prompt_id, the
+        # step values) whenever progress events are handed to the sockets
+        self.progress_hook: Callable[[str, tuple[int, ...]], None] | None = None
         # ComfyUI's state
         self._rng = random.Random(seed)
         self._temp_prefix = "ComfyUI_temp_" + "".join(
@@ -108,6 +112,12 @@ class SimState:
     def _send_bytes(self, frame: bytes, sid: Any) -> None:
         for conn in self._targets(sid):
             conn.push(frame)
+
+    def _send_frames(self, frames: tuple[str | bytes, ...], sid: Any) -> None:
+        """Frames encoded already, in order, as one outbox item: one write (a burst of sampler steps)."""
+        item = frames if len(frames) > 1 else frames[0]
+        for conn in self._targets(sid):
+            conn.push(item)
 
     def _queue_remaining(self) -> int:
         return len(self._pending) + (1 if self._running is not None else 0)

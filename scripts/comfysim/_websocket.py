@@ -99,10 +99,17 @@ class WebSocketEndpoint:
         """Send the outbox in order. A drop is done from this task too, so it never cuts a frame in half."""
         with conn.writer_scope:
             async for first in conn.outbox:
-                frames = [first]  # and whatever else is ready: one write for all of them
-                while len(frames) < WRITE_BATCH_FRAMES:
+                frames: list[str | bytes] = []  # this item and whatever else is ready: one write for all of them
+                item = first
+                while True:
+                    if isinstance(item, tuple):  # a burst of sampler steps
+                        frames += item
+                    else:
+                        frames.append(item)
+                    if len(frames) >= WRITE_BATCH_FRAMES:
+                        break
                     try:
-                        frames.append(conn.outbox.receive_nowait())
+                        item = conn.outbox.receive_nowait()
                     except trio.WouldBlock:
                         break
                 if len(frames) > 1 and conn.send_batch is not None and await conn.send_batch(frames):
