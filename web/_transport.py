@@ -226,7 +226,9 @@ class HeartbeatTap:
     and trio's socket (pinned in pyproject.toml); ``_quiet`` is False (the usual path) if that layout is not what
     it expects."""
 
-    __slots__ = ("_h11", "_put", "_stream", "_ws", "hook", "lazy", "put", "raw", "resting", "taken")
+    __slots__ = (
+        "_h11", "_put", "_stash", "_stream", "_waiting", "_ws", "hook", "lazy", "put", "raw", "resting", "taken",
+    )  # fmt: skip
 
     def __init__(self, stream: Any, h11: Any, ws_stream: Any, app_put: Callable[[Any], Awaitable[None]]) -> None:
         self._stream = stream  # trio's SocketStream, Hypercorn's ``TCPServer.stream``
@@ -237,6 +239,8 @@ class HeartbeatTap:
         self.hook: Callable[[str], bool] | None = None  # set once the STOMP endpoint reads this WebSocket's messages
         self.lazy = False  # rest after a heart-beat (see the class docstring); set with ``hook``
         self.resting = False  # SO_RCVLOWAT is REST_LOWAT: heart-beats wait for ``drain``
+        self._waiting: trio.CancelScope | None = None  # the resting reader's wait, which ``drain`` may end
+        self._stash: bytes | None = None  # what ``drain`` read that is not heart-beats: the reader's next chunk
         self.put = 0  # messages given to the app (the ASGI queue) ...
         self.taken = 0  # ... and taken from quart by ``PumpInbox.send``: equal when none is on its way
 
@@ -253,6 +257,9 @@ class HeartbeatTap:
         hook = self.hook
         if hook is None:
             return False
+        if len(data) == 7:  # the usual case, one "\n" heart-beat
+            text = lone_heartbeat(data)
+            return text is not None and self._quiet() and hook(text)
         beats = lone_heartbeats(data)
         if beats is None or not self._quiet():
             return False
@@ -272,23 +279,23 @@ class HeartbeatTap:
 
     def drain(self) -> bool:
         """Read what a resting connection's socket holds (its timer calls this): heart-beats are taken; anything
-        else, the end of the stream or an error wakes the reader (the socket stops resting), which reads it as
-        always. True when the client sent anything since the last read (it is not silent). Never blocks."""
+        else (or the end of the stream) becomes the reader's next chunk, and its wait ends. True when the client
+        sent anything since the last read (it is not silent). Never blocks."""
         if not self.resting:
             return False
-        raw = self.raw
         try:
-            held = raw.recv(65536, socket.MSG_PEEK)
+            data = self.raw.recv(65536)
         except BlockingIOError:
             return False
-        except OSError:
-            self._lowat(False)
-            return False
-        if held and self.take(held):
-            raw.recv(len(held))  # exactly the bytes peeked (more may have come since: they stay)
-        else:
-            self._lowat(False)  # the kernel wakes the reader for what is there
-        return bool(held)
+        except OSError:  # reset: the reader sees the end of the stream
+            data = b""
+        if data and self.take(data):
+            return True
+        self._stash = data
+        self._lowat(False)
+        if self._waiting is not None:
+            self._waiting.cancel()
+        return bool(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """``SocketStream.receive_some``, less the heart-beats ``hook`` takes. Waits for the socket first (an idle
@@ -297,19 +304,29 @@ class HeartbeatTap:
         raw = self.raw
         size = max_bytes or 65536
         while True:
-            if raw.fileno() == -1:
-                raise trio.ClosedResourceError("this socket was already closed")
-            await trio.lowlevel.wait_readable(raw)
-            if self.resting:
-                self._lowat(False)
-            try:
-                data = raw.recv(size)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-                    raise trio.ClosedResourceError("this socket was already closed") from None
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            data = self._stash
+            if data is not None:
+                self._stash = None
+            else:
+                if raw.fileno() == -1:
+                    raise trio.ClosedResourceError("this socket was already closed")
+                if self.resting:
+                    with trio.CancelScope() as self._waiting:  # ``drain`` ends it when it read for us
+                        await trio.lowlevel.wait_readable(raw)
+                    self._waiting = None
+                    if self._stash is not None:
+                        continue
+                    self._lowat(False)
+                else:
+                    await trio.lowlevel.wait_readable(raw)
+                try:
+                    data = raw.recv(size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                        raise trio.ClosedResourceError("this socket was already closed") from None
+                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             if self.take(data):
                 if self.lazy:
                     self._lowat(True)
