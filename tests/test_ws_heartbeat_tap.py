@@ -182,3 +182,25 @@ async def test_a_resting_connection_ends_whichever_side_ends_it(
         await wait_until(lambda: the_tap(apps[0])[1].resting)
         await c.ws._stream.aclose()  # the socket under trio-websocket, closed without a WebSocket close
     await wait_until(lambda: not endpoint.live)
+
+
+async def test_a_failing_tap_costs_the_shortcut_not_the_connection(
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tap runs in Hypercorn's reader task: a bug there must leave the heart-beat to the usual path."""
+
+    def broken(self: Any, conn: Any, text: str) -> bool:
+        raise RuntimeError("a bug in the heart-beat shortcut")
+
+    monkeypatch.setattr("web._ws.StompEndpoint._tapped", broken)
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="200,0") as c:
+        conn, tap = the_tap(apps[0])
+        for _ in range(3):
+            before = conn.stomp.statistics().heartbeats_received
+            await c.ws.send_message("\n")
+            await wait_until(lambda: conn.stomp.statistics().heartbeats_received == before + 1)  # noqa: B023
+        assert tap.put == tap.taken == 4  # CONNECT and the three heart-beats, through Hypercorn and quart
+        assert not tap.resting
+        await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r"})
+        assert await until_receipt(c, "r") == []

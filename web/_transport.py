@@ -253,22 +253,28 @@ class HeartbeatTap:
         await self._put(message)
 
     def take(self, data: bytes) -> bool:
-        """True if ``data`` is nothing but heart-beats, each taken by ``hook`` (they go no further)."""
+        """True if ``data`` is nothing but heart-beats, each taken by ``hook`` (they go no further). This runs in
+        Hypercorn's reader task, where an exception would end more than this connection: a failure of the hook
+        is logged and the bytes go the usual way."""
         hook = self.hook
         if hook is None:
             return False
-        if len(data) == 7:  # the usual case, one "\n" heart-beat
-            text = lone_heartbeat(data)
-            return text is not None and self._quiet() and hook(text)
-        beats = lone_heartbeats(data)
-        if beats is None or not self._quiet():
+        try:
+            if len(data) == 7:  # the usual case, one "\n" heart-beat
+                text = lone_heartbeat(data)
+                return text is not None and self._quiet() and hook(text)
+            beats = lone_heartbeats(data)
+            if beats is None or not self._quiet():
+                return False
+            for i, text in enumerate(beats):
+                if not hook(text):
+                    if i:  # cannot happen (hook declines only when closing or mid-frame, for all of them alike)
+                        log.warning("heart-beat tap: %d of %d heart-beats taken, the rest dropped", i, len(beats))
+                    return i > 0
+            return True
+        except Exception:
+            log.exception("heart-beat tap: taking a heart-beat failed; it goes the usual way")
             return False
-        for i, text in enumerate(beats):
-            if not hook(text):
-                if i:  # cannot happen (hook declines only when closing or mid-frame, for all of them alike)
-                    log.warning("heart-beat tap: %d of %d heart-beats taken, the rest dropped", i, len(beats))
-                return i > 0
-        return True
 
     def _lowat(self, resting: bool) -> None:
         try:
