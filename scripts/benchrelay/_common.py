@@ -121,6 +121,12 @@ async def inject(send: Any, make: Any, users: Sequence[Any], count: int, rate: f
     return {"sent": k, "t0": t0, "t1": time.time()}
 
 
+def announce(url: str, **extra: Any) -> None:
+    """A server process's first line on stdout: where its clients connect, its pid and the core's calibration."""
+    info = {"event": "listening", "url": url, **extra, "pid": os.getpid(), "calibration_us": calibrate()}
+    print(json.dumps(info), flush=True)
+
+
 async def control_loop(handle: Any, shutdown: trio.Event) -> None:
     """A server process's commands, one JSON line each on stdin; answers on stdout."""
     stdin = Lines(trio.lowlevel.FdStream(os.dup(0)), "stdin")

@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from functools import partial
 from typing import Any
 
 import trio
 
-from ._common import CLIENT_ID, SECRET, bench_body, calibrate, control_loop, inject
+from ._common import CLIENT_ID, SECRET, announce, bench_body, control_loop, inject
 
 # =============================================================================================================
 # Server role 1: the gateway (runs on CPU 0)
@@ -62,18 +61,7 @@ async def gateway_server(cfg: dict[str, Any]) -> None:
 
     async with trio.open_nursery() as nursery:
         running = await nursery.start(partial(server_mod.serve_gateway, gw, web, secret=SECRET, shutdown=shutdown))
-        print(
-            json.dumps(
-                {
-                    "event": "listening",
-                    "url": running.url.replace("http://", "ws://") + "/ws",
-                    "http": running.url,
-                    "pid": os.getpid(),
-                    "calibration_us": calibrate(),
-                }
-            ),
-            flush=True,
-        )
+        announce(running.url.replace("http://", "ws://") + "/ws", http=running.url)
         await control_loop(handle, shutdown)
 
 
@@ -143,17 +131,7 @@ async def bare_server(cfg: dict[str, Any]) -> None:
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, hc, shutdown_trigger=shutdown.wait))
         port = int(binds[0].rsplit(":", 1)[1])
-        print(
-            json.dumps(
-                {
-                    "event": "listening",
-                    "url": f"ws://127.0.0.1:{port}/ws",
-                    "pid": os.getpid(),
-                    "calibration_us": calibrate(),
-                }
-            ),
-            flush=True,
-        )
+        announce(f"ws://127.0.0.1:{port}/ws")
         await control_loop(handle, shutdown)
 
 
@@ -205,16 +183,6 @@ async def floor_server(cfg: dict[str, Any]) -> None:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve)
-        print(
-            json.dumps(
-                {
-                    "event": "listening",
-                    "url": f"ws://127.0.0.1:{port}/ws",
-                    "pid": os.getpid(),
-                    "calibration_us": calibrate(),
-                }
-            ),
-            flush=True,
-        )
+        announce(f"ws://127.0.0.1:{port}/ws")
         await control_loop(handle, shutdown)
         nursery.cancel_scope.cancel()
