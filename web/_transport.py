@@ -35,9 +35,14 @@ _CONNECTED = ASGIWebsocketState.CONNECTED
 _WS_OPEN = WsState.OPEN
 
 
+def _current(websocket: Any) -> Any:
+    """The websocket object itself under quart's context-local proxy (or ``websocket`` if it is not one)."""
+    return websocket._get_current_object() if hasattr(websocket, "_get_current_object") else websocket
+
+
 def _layers(websocket: Any) -> tuple[Any, Any] | None:
     """(Hypercorn's ``WSStream``, its ``TCPServer``) under a quart websocket, or None if the layout is not 0.18's."""
-    ws = websocket._get_current_object() if hasattr(websocket, "_get_current_object") else websocket
+    ws = _current(websocket)
     send = getattr(ws, "_send", None)
     asgi_send = send.args[0] if isinstance(send, partial) and send.args else None
     ws_stream = getattr(asgi_send, "__self__", None)
@@ -99,7 +104,7 @@ class WebSocketTransport:
     name = "ws"
 
     def __init__(self, websocket: Any) -> None:
-        self._ws = websocket._get_current_object() if hasattr(websocket, "_get_current_object") else websocket
+        self._ws = _current(websocket)
         self._layers: tuple[Any, Any] | None = None  # (WSStream, TCPServer), found on first use
 
     def _found(self) -> tuple[Any, Any] | None:
@@ -425,6 +430,6 @@ class PumpedWebsocketConnection(TrioASGIWebsocketConnection):
 
 def pump_inbox(websocket: Any) -> PumpInbox | None:
     """The ``PumpInbox`` under a quart websocket, or None (another ASGI connection class, e.g. the test client)."""
-    ws = websocket._get_current_object() if hasattr(websocket, "_get_current_object") else websocket
+    ws = _current(websocket)
     inbox = getattr(getattr(ws, "_receive", None), "__self__", None)
     return inbox if isinstance(inbox, PumpInbox) else None

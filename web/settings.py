@@ -161,7 +161,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--max-connections-per-user", "GATEWAY_MAX_CONNECTIONS_PER_USER", "int",
             _field(WebConfig, "max_connections_per_user"), "STOMP connections per user", "STOMP connections per user",
             metavar="N"),
-    Setting("--eager-heartbeat-reads", "GATEWAY_EAGER_HEARTBEAT_READS", "flag", False,
+    Setting("--eager-heartbeat-reads", "GATEWAY_EAGER_HEARTBEAT_READS", "flag",
+            not _field(WebConfig, "lazy_heartbeats"),
             "read every client heart-beat as it arrives (default: an idle connection's are read by its timer)",
             "read each client heart-beat as it arrives. Default: an idle `/ws` connection's heart-beats wait in the "
             "kernel and are read when its own timer fires (≤ its heart-beat period; no wake-up per heart-beat); an "
