@@ -101,7 +101,7 @@ async def test_heart_beats_keep_a_client_connected_without_reaching_quart(
     sim: FakeComfyUI, start_gateway: Any, apps: list[Any], lazy: bool
 ) -> None:
     g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100), "lazy_heartbeats": lazy})
-    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="200,0") as c:
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="200,200") as c:
         await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r0"})
         assert await until_receipt(c, "r0") == []
         conn, tap = the_tap(apps[0])
@@ -120,29 +120,77 @@ async def test_heart_beats_keep_a_client_connected_without_reaching_quart(
         await c.send_frame("SUBSCRIBE", {"id": "t", "destination": "/user/topic/messages", "receipt": "r1"})
         assert await until_receipt(c, "r1") == []  # still connected, still answering
         assert (tap.put, tap.taken) == (before[0] + 1, before[1] + 1)
-        assert not tap.resting  # a frame wakes it
+
+
+async def test_a_client_rests_before_its_first_heart_beat(
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stompjs sends SUBSCRIBE right after CONNECTED and its first heart-beat a period later: the connection's
+    timer lets it rest in between, so not even the first heart-beat wakes its reader."""
+    rests: list[bool] = []  # every change of SO_RCVLOWAT: True = rest, False = a reader woke
+    real = HeartbeatTap._lowat
+
+    def spy(self: HeartbeatTap, resting: bool) -> None:
+        rests.append(resting)
+        real(self, resting)
+
+    monkeypatch.setattr(HeartbeatTap, "_lowat", spy)
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 2000)})
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="2000,200") as c:
+        await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r0"})
+        assert await until_receipt(c, "r0") == []
+        conn, tap = the_tap(apps[0])
+        await wait_until(lambda: tap.resting)  # the timer's next fire, before any heart-beat from the client
+        assert conn.stomp.statistics().heartbeats_received == 0
+        rested = len(rests)
+        for n in (1, 2):
+            await c.ws.send_message("\n")
+            await wait_until(lambda: conn.stomp.statistics().heartbeats_received == n)  # noqa: B023
+        assert rests[rested:] == [], "a heart-beat woke the reader of a resting connection"
+        assert tap.put == tap.taken == 2  # CONNECT and SUBSCRIBE
+
+
+async def test_a_connection_we_send_no_heart_beats_to_never_rests(
+    sim: FakeComfyUI, start_gateway: Any, apps: list[Any]
+) -> None:
+    """Resting needs the connection's timer to come by within a period: without our heart-beats it does not, so
+    every frame, an empty ping too, is read as it arrives (still below Hypercorn for a heart-beat)."""
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="200,0") as c:
+        conn, tap = the_tap(apps[0])
+        for n in range(1, 6):
+            await c.ws.send_message("\n")
+            await wait_until(lambda: conn.stomp.statistics().heartbeats_received == n)  # noqa: B023
+        assert not tap.lazy and not tap.resting
+        assert tap.put == tap.taken == 1  # CONNECT only: the heart-beats were taken below Hypercorn
+        with trio.fail_after(0.15):  # less than the 200 ms a timer would take
+            await c.ws.ping(b"")
 
 
 async def test_a_frame_to_a_resting_connection_is_read_at_once_and_a_tiny_one_by_its_timer(
     sim: FakeComfyUI, start_gateway: Any, apps: list[Any]
 ) -> None:
-    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 2000)})  # the server wants one every 2 s
-    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="2000,0") as c:
+    # heart-beats every 2 s both ways: the connection's timer fires about every 2 s (up to 0.2 s early)
+    g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 2000)})
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="c", heartbeat="2000,2000") as c:
         await c.ws.send_message("\n")
         conn, tap = the_tap(apps[0])
         await wait_until(lambda: tap.resting)
-        # a SUBSCRIBE: its RECEIPT comes long before the connection's timer (4 s away) would have read it
-        with trio.fail_after(2):
+        with trio.fail_after(5):
+            while await c.ws.get_message() != "\n":  # the server's heart-beat: its timer has just fired
+                pass
+        # a SUBSCRIBE: its RECEIPT comes long before the connection's timer (1.8 s or more away) would have read it
+        with trio.fail_after(1):
             await c.send_frame("SUBSCRIBE", {"id": "s", "destination": "/user/topic/messages", "receipt": "r0"})
             assert await until_receipt(c, "r0") == []
         await c.ws.send_message("\n")
         await wait_until(lambda: tap.resting)
         # an empty ping (6 bytes, less than a wake-up's worth): answered once the timer has read it, and the
         # connection is not taken for silent meanwhile
-        pinged = trio.current_time()
+        timer = conn.armed - 0.2  # the earliest the connection's timer can fire next
         with trio.fail_after(10):
             await c.ws.ping(b"")
-        assert trio.current_time() - pinged >= 1.0  # not at once: it waited for the timer
+        assert trio.current_time() >= timer  # not at once: it waited for the timer
         assert conn.close_after_flush is None
 
 
@@ -168,7 +216,7 @@ async def test_a_resting_connection_ends_whichever_side_ends_it(
     g = await start_gateway([sim.url], web={"heartbeat_ms": (100, 100)})
     endpoint = parts(apps[0])["endpoint"]
     # the client falls silent once resting: the server's heart-beat check ends it (ERROR, close)
-    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="quiet", heartbeat="200,0") as c:
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="quiet", heartbeat="200,200") as c:
         await c.ws.send_message("\n")
         await wait_until(lambda: the_tap(apps[0])[1].resting)
         frame = await c.next_frame()
@@ -177,7 +225,7 @@ async def test_a_resting_connection_ends_whichever_side_ends_it(
         assert frame.command == "ERROR" and frame.headers["message"] == "heart-beat timeout"
     await wait_until(lambda: not endpoint.live)
     # the client's TCP connection drops while it rests: the end of the stream wakes the reader, the server detaches
-    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="gone", heartbeat="200,0") as c:
+    async with stomp_connect(g.ws_url, token=g.token("tap"), client_id="gone", heartbeat="200,200") as c:
         await c.ws.send_message("\n")
         await wait_until(lambda: the_tap(apps[0])[1].resting)
         await c.ws._stream.aclose()  # the socket under trio-websocket, closed without a WebSocket close

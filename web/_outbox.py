@@ -145,9 +145,11 @@ class Outbox:
         """When the oldest waiting frame becomes overdue (None: nothing waits)."""
         return None if self._since is None else self._since + self.max_delay
 
-    def overdue(self) -> bool:
-        """True when the oldest waiting frame has waited ``max_delay`` or longer."""
-        return self._since is not None and self._since + self.max_delay <= trio.current_time()  # as ``due``
+    def overdue(self, now: float | None = None) -> bool:
+        """True when the oldest waiting frame has waited ``max_delay`` or longer (by ``now``, trio's time)."""
+        if self._since is None:
+            return False
+        return self._since + self.max_delay <= (trio.current_time() if now is None else now)  # as ``due``
 
     def _abort(self, _: object) -> trio.lowlevel.Abort:
         self._waiter = None

@@ -163,7 +163,7 @@ class WebSocketTransport:
         app_put = getattr(ws_stream, "app_put", None)
         if h11 is None or type(stream) is not trio.SocketStream or app_put is None:
             return None
-        tap = HeartbeatTap(stream, h11, ws_stream, app_put)
+        tap = HeartbeatTap(stream, h11, ws_stream, app_put, tcp.send_lock)
         inbox.tap = tap
         ws_stream.app_put = tap.app_put
         tcp.stream = tap
@@ -216,14 +216,16 @@ class HeartbeatTap:
     returned to Hypercorn as ``receive_some`` of trio's ``SocketStream`` returns it; every other use of the stream
     (``send_all``, ``send_eof``, ``aclose``) goes to the stream itself.
 
-    **Resting.** With ``lazy`` set, a connection whose last chunk was a heart-beat *rests*: its socket's
-    ``SO_RCVLOWAT`` is raised to ``REST_LOWAT`` bytes, so the kernel wakes the reader only for more than one
-    heart-beat's worth of bytes (any STOMP frame, a close frame with a code), for the end of the stream or an
-    error, and not for a lone heart-beat. The connection's own timer, which fires anyway to send the server's
-    heart-beat (every ~10 s), calls ``drain``: the heart-beats that came meanwhile are read and taken there, in the
-    same wake-up as hundreds of other connections'. An idle connection thus costs no wake-up of its own at all. The
-    price: a frame of fewer than ``REST_LOWAT`` bytes that is not a heart-beat (an empty ping or close frame) from
-    a resting client waits for that timer (``drain`` then wakes the reader for it).
+    **Resting.** ``lazy`` is set when CONNECT has agreed that we send heart-beats, so the connection's own timer
+    fires at least once per period. A lazy connection *rests* after a heart-beat it took, and from the first time
+    its timer finds nothing half-way (``rest``: so a client whose last frame was its SUBSCRIBE rests before its
+    first heart-beat): its socket's ``SO_RCVLOWAT`` is raised to ``REST_LOWAT`` bytes, so the kernel wakes the
+    reader only for more than one heart-beat's worth of bytes (any STOMP frame, a close frame with a code), for the
+    end of the stream or an error, and not for a lone heart-beat. The timer, which fires anyway to send the
+    server's heart-beat (every ~10 s), calls ``drain``: the heart-beats that came meanwhile are read and taken
+    there, in the same wake-up as hundreds of other connections'. An idle connection thus costs no wake-up of its
+    own at all. The price: a frame of fewer than ``REST_LOWAT`` bytes that is not a heart-beat (an empty ping or
+    close frame) from a resting client waits for that timer (``drain`` then wakes the reader for it).
 
     Measured (BENCHMARKS.md, "10,000 idle connections"): receiving a heart-beat through Hypercorn, wsproto and the
     ASGI queue was most of an idle connection's CPU, and waking a task for it on its own is already about the
@@ -232,19 +234,23 @@ class HeartbeatTap:
     it expects."""
 
     __slots__ = (
-        "_h11", "_put", "_stash", "_stream", "_waiting", "_ws", "hook", "lazy", "put", "raw", "resting", "taken",
+        "_h11", "_put", "_send_lock", "_stash", "_stream", "_waiting", "_ws", "hook", "lazy", "put", "raw", "resting",
+        "taken",
     )  # fmt: skip
 
-    def __init__(self, stream: Any, h11: Any, ws_stream: Any, app_put: Callable[[Any], Awaitable[None]]) -> None:
+    def __init__(
+        self, stream: Any, h11: Any, ws_stream: Any, app_put: Callable[[Any], Awaitable[None]], send_lock: trio.Lock
+    ) -> None:
         self._stream = stream  # trio's SocketStream, Hypercorn's ``TCPServer.stream``
+        self._send_lock = send_lock  # Hypercorn's, held while it writes a message (``TCPServer.send_lock``)
         self.raw: socket.socket = stream.socket._sock  # the stdlib socket under it (non-blocking)
         self._h11 = h11  # Hypercorn's H11Protocol (its ``connection`` is the upgraded H11WSConnection)
         self._ws = ws_stream  # Hypercorn's WSStream, whose ``connection`` is the wsproto Connection
         self._put = app_put  # the ASGI receive queue's send
         self.hook: Callable[[str], bool] | None = None  # set once the STOMP endpoint reads this WebSocket's messages
-        self.lazy = False  # rest after a heart-beat (see the class docstring); set with ``hook``
+        self.lazy = False  # may rest (see the class docstring); set by CONNECT when we send heart-beats
         self.resting = False  # SO_RCVLOWAT is REST_LOWAT: heart-beats wait for ``drain``
-        self._waiting: trio.CancelScope | None = None  # the resting reader's wait, which ``drain`` may end
+        self._waiting: trio.CancelScope | None = None  # the reader's wait, which ``drain`` may end
         self._stash: bytes | None = None  # what ``drain`` read that is not heart-beats: the reader's next chunk
         self.put = 0  # messages given to the app (the ASGI queue) ...
         self.taken = 0  # ... and taken from quart by ``PumpInbox.send``: equal when none is on its way
@@ -257,19 +263,19 @@ class HeartbeatTap:
             self.put += 1
         await self._put(message)
 
-    def take(self, data: bytes) -> bool:
+    def take(self, data: bytes, *, quiet: bool = False) -> bool:
         """True if ``data`` is nothing but heart-beats, each taken by ``hook`` (they go no further). This runs in
         Hypercorn's reader task, where an exception would end more than this connection: a failure of the hook
-        is logged and the bytes go the usual way."""
+        is logged and the bytes go the usual way. ``quiet``: the caller knows ``_quiet`` holds."""
         hook = self.hook
         if hook is None:
             return False
         try:
             if len(data) == 7:  # the usual case, one "\n" heart-beat
                 text = lone_heartbeat(data)
-                return text is not None and self._quiet() and hook(text)
+                return text is not None and (quiet or self._quiet()) and hook(text)
             beats = lone_heartbeats(data)
-            if beats is None or not self._quiet():
+            if beats is None or not (quiet or self._quiet()):
                 return False
             for i, text in enumerate(beats):
                 if not hook(text):
@@ -288,6 +294,27 @@ class HeartbeatTap:
             return
         self.resting = resting
 
+    def send_heartbeat(self) -> bool:
+        """``WebSocketTransport.send_heartbeat_nowait`` for a tapped connection, with what it needs at hand."""
+        ws = self._ws
+        if ws.closed or ws.state is not _CONNECTED or self._send_lock.locked():
+            return False
+        try:
+            sent = self.raw.send(HEARTBEAT_MESSAGE)
+        except OSError:  # full (BlockingIOError), or the peer is gone: the ordinary path finds out
+            return False
+        if sent != len(HEARTBEAT_MESSAGE):
+            raise TransportClosed(f"heart-beat written in part ({sent} of {len(HEARTBEAT_MESSAGE)} bytes)")
+        return True
+
+    def rest(self) -> bool:
+        """Let a ``lazy`` connection rest now, whatever its last frame was, if nothing is half-way through the
+        layers above (its timer calls this, so a client whose last frame was its SUBSCRIBE does not wake its reader
+        for its first heart-beat). True when it rests."""
+        if not self.resting and self.lazy and self._stash is None and self.hook is not None and self._quiet():
+            self._lowat(True)
+        return self.resting
+
     def drain(self) -> bool:
         """Read what a resting connection's socket holds (its timer calls this): heart-beats are taken; anything
         else (or the end of the stream) becomes the reader's next chunk, and its wait ends. True when the client
@@ -300,7 +327,9 @@ class HeartbeatTap:
             return False
         except OSError:  # reset: the reader sees the end of the stream
             data = b""
-        if data and self.take(data):
+        # No ``_quiet`` here: a connection rests only from a moment ``_quiet`` held, and until it stops resting no
+        # byte of its stream reaches the layers above (the reader leaves rest before it reads), so it still holds.
+        if data and self.take(data, quiet=True):
             return True
         self._stash = data
         self._lowat(False)
@@ -321,15 +350,15 @@ class HeartbeatTap:
             else:
                 if raw.fileno() == -1:
                     raise trio.ClosedResourceError("this socket was already closed")
-                if self.resting:
-                    with trio.CancelScope() as self._waiting:  # ``drain`` ends it when it read for us
-                        await trio.lowlevel.wait_readable(raw)
-                    self._waiting = None
-                    if self._stash is not None:
-                        continue
-                    self._lowat(False)
-                else:
+                # in a scope of its own: the connection may come to rest while we wait (``rest``), and then
+                # ``drain`` ends the wait when it read for us
+                with trio.CancelScope() as self._waiting:
                     await trio.lowlevel.wait_readable(raw)
+                self._waiting = None
+                if self._stash is not None:
+                    continue
+                if self.resting:
+                    self._lowat(False)
                 try:
                     data = raw.recv(size)
                 except BlockingIOError:

@@ -81,6 +81,7 @@ class StompEndpoint(StompCommands):
         heart-beats are taken below Hypercorn (``_tapped``); else a reader task reads ``transport``."""
         if not self._timers_started:
             self._timers_started = True
+            self._now = trio.lowlevel.current_clock().current_time  # trio.current_time(), one call instead of three
             self.timers_nursery().start_soon(self.timers.serve, self._fire, self.shutdown, self._announce_shutdown)
         now = trio.current_time()
         conn = _Conn(
@@ -103,8 +104,7 @@ class StompEndpoint(StompCommands):
             if inbox is not None and inbox.claim(partial(self._pumped, conn)):
                 if tap is not None:  # lone heart-beats are taken as they come off the socket
                     tap.hook = partial(self._tapped, conn)
-                    tap.lazy = self.cfg.lazy_heartbeats
-                    conn.tap = tap
+                    conn.tap = tap  # it may rest (``tap.lazy``) once CONNECT has agreed our heart-beats
                 await self._close(transport, conn, await self._writer(transport, conn))
             else:
                 async with trio.open_nursery() as nursery:
@@ -253,7 +253,10 @@ class StompEndpoint(StompCommands):
     def _tapped(self, conn: _Conn, text: str) -> bool:
         """A lone heart-beat read below Hypercorn (``web._transport.HeartbeatTap``): taken here as ``_pumped`` would
         take it, or False (closing, not between frames) to send it the usual way."""
-        return conn.reading and conn.close_after_flush is None and self._heard(conn, text)
+        if conn.reading and conn.close_after_flush is None and conn.stomp.take_heartbeat(text):
+            conn.last_rx = self._now()
+            return True
+        return False
 
     def _heard(self, conn: _Conn, data: str | bytes) -> bool:
         """The client spoke; True when ``data`` is a heart-beat alone (taken: nothing to parse)."""
@@ -292,12 +295,16 @@ class StompEndpoint(StompCommands):
         connection whose writer cannot finish (see the module docstring). Re-arms for the next real deadline.
         Each deadline is tested as ``deadline <= now`` with the very sum it is armed with: what the heap fires is
         always found due here (a rounding difference would fire the same entry again and again)."""
-        now = trio.current_time()
-        if conn.tap is not None and conn.tap.drain():  # a resting connection's heart-beats are read now
-            conn.last_rx = now  # (web._transport.HeartbeatTap); anything else it sent is on its way to the reader
+        now = self._now()
+        if (tap := conn.tap) is not None:  # web._transport.HeartbeatTap
+            if tap.resting:  # its heart-beats are read now; anything else it sent is on its way to the reader
+                if tap.drain():
+                    conn.last_rx = now
+            elif tap.lazy:  # from now on its heart-beats wait for us
+                tap.rest()
         if conn.principal is None and conn.opened + self.cfg.connect_timeout <= now:
             self._error(conn, "no CONNECT", f"send CONNECT within {self.cfg.connect_timeout:g}s of opening", 1008)
-        if conn.outbox.overdue():
+        if conn.outbox.overdue(now):
             conn.outbox.fail(f"slow consumer: frames waited more than {conn.outbox.max_delay:g}s")
         if conn.expect_every and not conn.busy and conn.last_rx + 2 * conn.expect_every <= now:
             if conn.close_after_flush is None:
@@ -333,7 +340,7 @@ class StompEndpoint(StompCommands):
         """Send a heart-beat: straight into the socket when nothing else is queued or being sent (no task wakes),
         else through the outbox like any frame. False: the socket took part of it, so the stream is broken and
         the connection is condemned past its grace (cut at once)."""
-        direct = getattr(conn.io, "send_heartbeat_nowait", None)
+        direct = conn.tap.send_heartbeat if conn.tap is not None else getattr(conn.io, "send_heartbeat_nowait", None)
         if direct is not None and conn.outbox.idle:
             try:
                 if direct():

@@ -72,6 +72,7 @@ class StompCommands:
         self.timers = Timers()  # every connection's deadlines, served by one task in ``nursery``
         self.timers_nursery = nursery  # the app's nursery (quart-trio): the service outlives any connection
         self._timers_started = False
+        self._now = trio.current_time  # the run's clock, once ``run`` has started the timers (web._ws)
         self.freezer = FreezePolicy()  # gc.freeze() after connection bursts, thawed once enough have closed
 
     def _condemned(self, conn: _Conn) -> None:
@@ -141,6 +142,8 @@ class StompCommands:
             self._fail(conn, exc.error_frame, 1002)
             return
         conn.send_every, conn.expect_every = send_ms / 1000, expect_ms / 1000
+        if conn.tap is not None:  # a /ws connection may rest between our heart-beats (web._transport.HeartbeatTap)
+            conn.tap.lazy = self.cfg.lazy_heartbeats and conn.send_every > 0
         conn.last_tx = trio.current_time()  # CONNECTED is on its way: the first heart-beat is due one period on
         self.timers.arm(conn, conn.last_tx)  # recompute the deadlines now that heart-beats are agreed
         conn.raw(
