@@ -164,9 +164,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--eager-heartbeat-reads", "GATEWAY_EAGER_HEARTBEAT_READS", "flag",
             not _field(WebConfig, "lazy_heartbeats"),
             "read every client heart-beat as it arrives (default: an idle connection's are read by its timer)",
-            "read each client heart-beat as it arrives. Default: an idle `/ws` connection's heart-beats wait in the "
-            "kernel and are read when its own timer fires (≤ its heart-beat period; no wake-up per heart-beat); an "
-            "empty ping or close frame from an idle client waits as long"),
+            "read each client heart-beat as it arrives. Default: where the server sends heart-beats, an idle `/ws` "
+            "connection's heart-beats wait in the kernel and are read when its own timer fires (≤ the server's "
+            "heart-beat period; no wake-up per heart-beat); an empty ping or close frame from an idle client waits "
+            "as long"),
     Setting("--permessage-deflate", "GATEWAY_PERMESSAGE_DEFLATE", "flag", _field(WebConfig, "permessage_deflate"),
             "accept WebSocket compression (costs ~100 KB per connection)",
             "accept WebSocket compression (~100 KB more per connection)"),
