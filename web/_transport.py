@@ -204,6 +204,7 @@ def lone_heartbeats(data: bytes) -> list[str] | None:
 
 
 REST_LOWAT = 8  # bytes a resting connection's socket must hold to wake its reader: more than one heart-beat frame
+DRAIN_PEEK = 1024  # bytes ``drain`` looks at: 146 heart-beats (a client sends one per period)
 
 
 class HeartbeatTap:
@@ -234,8 +235,7 @@ class HeartbeatTap:
     it expects."""
 
     __slots__ = (
-        "_h11", "_put", "_send_lock", "_stash", "_stream", "_waiting", "_ws", "hook", "lazy", "put", "raw", "resting",
-        "taken",
+        "_h11", "_put", "_send_lock", "_stream", "_ws", "hook", "lazy", "put", "raw", "resting", "taken",
     )  # fmt: skip
 
     def __init__(
@@ -250,8 +250,6 @@ class HeartbeatTap:
         self.hook: Callable[[str], bool] | None = None  # set once the STOMP endpoint reads this WebSocket's messages
         self.lazy = False  # may rest (see the class docstring); set by CONNECT when we send heart-beats
         self.resting = False  # SO_RCVLOWAT is REST_LOWAT: heart-beats wait for ``drain``
-        self._waiting: trio.CancelScope | None = None  # the reader's wait, which ``drain`` may end
-        self._stash: bytes | None = None  # what ``drain`` read that is not heart-beats: the reader's next chunk
         self.put = 0  # messages given to the app (the ASGI queue) ...
         self.taken = 0  # ... and taken from quart by ``PumpInbox.send``: equal when none is on its way
 
@@ -311,18 +309,20 @@ class HeartbeatTap:
         """Let a ``lazy`` connection rest now, whatever its last frame was, if nothing is half-way through the
         layers above (its timer calls this, so a client whose last frame was its SUBSCRIBE does not wake its reader
         for its first heart-beat). True when it rests."""
-        if not self.resting and self.lazy and self._stash is None and self.hook is not None and self._quiet():
+        if not self.resting and self.lazy and self.hook is not None and self._quiet():
             self._lowat(True)
         return self.resting
 
     def drain(self) -> bool:
-        """Read what a resting connection's socket holds (its timer calls this): heart-beats are taken; anything
-        else (or the end of the stream) becomes the reader's next chunk, and its wait ends. True when the client
-        sent anything since the last read (it is not silent). Never blocks."""
+        """Look at what a resting connection's socket holds (its timer calls this): if it is all heart-beats they
+        are read and taken; anything else (or the end of the stream) stays for the reader, which stops resting
+        (the kernel wakes it at once). True when the client sent anything since the last read (it is not silent).
+        Never blocks."""
         if not self.resting:
             return False
+        raw = self.raw
         try:
-            data = self.raw.recv(65536)
+            data = raw.recv(DRAIN_PEEK, socket.MSG_PEEK)  # read for good below only if it is all heart-beats
         except BlockingIOError:
             return False
         except OSError:  # reset: the reader sees the end of the stream
@@ -330,11 +330,9 @@ class HeartbeatTap:
         # No ``_quiet`` here: a connection rests only from a moment ``_quiet`` held, and until it stops resting no
         # byte of its stream reaches the layers above (the reader leaves rest before it reads), so it still holds.
         if data and self.take(data, quiet=True):
+            raw.recv(len(data))  # those very bytes: nothing else reads this socket while it rests
             return True
-        self._stash = data
-        self._lowat(False)
-        if self._waiting is not None:
-            self._waiting.cancel()
+        self._lowat(False)  # anything else stays for the reader, whom the kernel wakes for it now
         return bool(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -344,29 +342,19 @@ class HeartbeatTap:
         raw = self.raw
         size = max_bytes or 65536
         while True:
-            data = self._stash
-            if data is not None:
-                self._stash = None
-            else:
-                if raw.fileno() == -1:
-                    raise trio.ClosedResourceError("this socket was already closed")
-                # in a scope of its own: the connection may come to rest while we wait (``rest``), and then
-                # ``drain`` ends the wait when it read for us
-                with trio.CancelScope() as self._waiting:
-                    await trio.lowlevel.wait_readable(raw)
-                self._waiting = None
-                if self._stash is not None:
-                    continue
-                if self.resting:
-                    self._lowat(False)
-                try:
-                    data = raw.recv(size)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-                        raise trio.ClosedResourceError("this socket was already closed") from None
-                    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if raw.fileno() == -1:
+                raise trio.ClosedResourceError("this socket was already closed")
+            await trio.lowlevel.wait_readable(raw)  # a resting socket wakes us when ``drain`` lowers its SO_RCVLOWAT
+            if self.resting:
+                self._lowat(False)
+            try:
+                data = raw.recv(size)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    raise trio.ClosedResourceError("this socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             if self.take(data):
                 if self.lazy:
                     self._lowat(True)
