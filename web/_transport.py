@@ -330,7 +330,10 @@ class HeartbeatTap:
         # No ``_quiet`` here: a connection rests only from a moment ``_quiet`` held, and until it stops resting no
         # byte of its stream reaches the layers above (the reader leaves rest before it reads), so it still holds.
         if data and self.take(data, quiet=True):
-            raw.recv(len(data))  # those very bytes: nothing else reads this socket while it rests
+            try:
+                raw.recv(len(data))  # those very bytes: nothing else reads this socket while it rests
+            except OSError:  # reset meanwhile: an error wakes the reader whatever the mark
+                pass
             return True
         self._lowat(False)  # anything else stays for the reader, whom the kernel wakes for it now
         return bool(data)
