@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ class Proc:
         self.log_path = log_path
         self.ticks = 0  # the clients' running count of the current phase (`tick` events)
         self.ticks_by: list[int] = []  # the same per server, when the clients spread over several (bench_scale)
+        self.on_tick: Callable[[], None] | None = None  # called after each `tick` (the comfy path's closed loop)
         self._tx, self._rx = trio.open_memory_channel[dict[str, Any]](math.inf)
         assert proc.stdout is not None
         nursery.start_soon(self._pump, Lines(proc.stdout, name))
@@ -40,6 +41,8 @@ class Proc:
                     if msg.get("event") == "tick":
                         self.ticks = msg["count"]
                         self.ticks_by = msg.get("by") or []
+                        if self.on_tick is not None:
+                            self.on_tick()
                     else:
                         self._tx.send_nowait(msg)
             except (EOFError, trio.ClosedResourceError, trio.BrokenResourceError):
