@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -31,12 +30,11 @@ from ._common import (
     SCRIPT,
     SECRET,
     SERVER_START,
-    THROTTLE_MS,
     TICK_MS,
     WORKFLOW,
     Submitter,
 )
-from ._procs import Proc, Result, cpu_busy, fill_latency, idle_window, pin, proc_cpu
+from ._procs import ClosedLoop, Proc, Result, cpu_busy, fill_latency, idle_window, pin, proc_cpu
 from ._report import fmt_ms, fmt_rate
 
 
@@ -241,24 +239,11 @@ class Driver:
         tasks_per_user = math.ceil(a.messages / steps)
         r = Result("comfy", rate, a.clients, 0, a.clients * steps * tasks_per_user)
         step_ms = len(sims) * 1000.0 / rate if rate > 0 else 0.0
-        emitted: dict[tuple[str, int], float] = {}
-
-        def steer() -> None:
-            """At "max", the closed loop: full speed while fewer than ``--window`` events are in flight, else a
-            step every THROTTLE_MS. Looked at as progress leaves and as the clients count, not on a timer (a timed
-            wake-up costs ~200 µs of the clients' core on this VM, STACK-NOTES)."""
-            step = THROTTLE_MS if len(emitted) - clients.ticks >= a.window else 0.0
-            for sim in sims:
-                sim.step_ms = step
-
-        def hook(prompt_id: str, values: tuple[int, ...]) -> None:
-            self.timed_progress(emitted, prompt_id, values)  # time each progress as it leaves
-            if rate == 0:
-                steer()
-
+        loop = ClosedLoop(sims, clients, a.window, steering=rate == 0)
+        emitted = loop.emitted
         for sim in sims:
             sim.step_ms = step_ms
-            sim.progress_hook = hook
+            sim.progress_hook = loop.progress  # time each progress as it leaves
         wf = json.loads(WORKFLOW.read_text())
         for node in wf.values():
             if node["class_type"] == "KSampler":
@@ -304,7 +289,7 @@ class Driver:
             async with trio.open_nursery() as helpers:
                 helpers.start_soon(watch_backends)
                 if rate == 0:
-                    clients.on_tick = steer
+                    clients.on_tick = loop.steer
                 try:
                     result, _ = await self.measure(r, server, clients, load, tick_ms=TICK_MS if rate == 0 else 0)
                 finally:
@@ -363,13 +348,6 @@ class Driver:
             await trio.sleep(1.0)  # the last messages reach the clients
         if scope.cancelled_caught:
             self.say(f"  warning: {len(pending)} task(s) still not finished {COMFY_SETTLE:.0f}s after the phase")
-
-    @staticmethod
-    def timed_progress(emitted: dict[tuple[str, int], float], prompt_id: str, values: tuple[int, ...]) -> None:
-        """The simulators' ``progress_hook``: these steps' progress events just left (one clock read per burst)."""
-        now = time.time()
-        for value in values:
-            emitted[(prompt_id, value)] = now
 
     # -- the run
 

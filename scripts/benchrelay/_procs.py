@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +13,36 @@ from typing import Any
 
 import trio
 
-from ._common import Lines
+from ._common import THROTTLE_MS, Lines
 
 # =============================================================================================================
 # The driver (runs on CPU 1, with the clients and the ComfyUI simulators)
 # =============================================================================================================
+
+
+class ClosedLoop:
+    """The comfy path's progress events as they leave the simulators (``emitted``: (prompt id, step) -> time) and,
+    with ``steering`` (the "max" rate), the closed loop: the simulators step at full speed while fewer than
+    ``window`` events are in flight (emitted, not yet counted by the clients), else one step every THROTTLE_MS.
+    Steered as progress leaves and as the clients count (``steer`` is their ``on_tick``), not on a timer: a timed
+    trio wake-up costs ~200 µs of the clients' core on this VM (STACK-NOTES)."""
+
+    def __init__(self, sims: Sequence[Any], clients: Proc, window: int, *, steering: bool) -> None:
+        self.emitted: dict[tuple[str, int], float] = {}
+        self.sims, self.clients, self.window, self.steering = sims, clients, window, steering
+
+    def progress(self, prompt_id: str, values: tuple[int, ...]) -> None:
+        """The simulators' ``progress_hook``: these steps' progress events just left (one clock read per burst)."""
+        now = time.time()
+        for value in values:
+            self.emitted[(prompt_id, value)] = now
+        if self.steering:
+            self.steer()
+
+    def steer(self) -> None:
+        step = THROTTLE_MS if len(self.emitted) - self.clients.ticks >= self.window else 0.0
+        for sim in self.sims:
+            sim.step_ms = step
 
 
 class Proc:
