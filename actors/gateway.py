@@ -220,6 +220,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                             timeouts=cfg.comfy_timeouts,
                             counters=stats[name],
                             on_dispatch=partial(store.mark_dispatched, boot=boot),
+                            lean_submit=True,
                         )
                     )
                 if isinstance(store, RedisStore):  # the edges' requests

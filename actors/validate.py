@@ -17,6 +17,7 @@ become a ``Problem``) and the walks are iterative (an explicit stack), so no inp
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,68 @@ def _path(parts: tuple[Any, ...]) -> str:
 
 def check_json(value: Any, limits: WorkflowLimits, where: str = "body") -> Problem | None:
     """Walk a decoded JSON value without recursion: depth, value count, key and string lengths, lone surrogates,
-    non-finite floats. The first problem found is returned, with the path where it is."""
+    non-finite floats. The first problem found is returned, with the path where it is.
+
+    A cheap walk (``_fine``: no paths, leaves checked in place) says first whether there is any problem at all; only
+    then does the walk below run, which finds the first one and names where it is."""
+    if _fine(value, limits):
+        return None
+    return _first_problem(value, limits, where)
+
+
+def _fine(value: Any, limits: WorkflowLimits) -> bool:
+    """True if ``_first_problem`` would find nothing; False if it would, or if unsure (a type json.loads never
+    makes). The problems are the same whatever order the values are visited in, so this walk may take its own."""
+    max_items, max_depth = limits.max_items, limits.max_depth
+    max_key, max_string = limits.max_key_length, limits.max_string_length
+    items = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        items += 1
+        t = type(v)
+        children: Any
+        if t is dict:
+            for key in v:
+                if type(key) is not str or len(key) > max_key or not (key.isascii() or lone_surrogate(key) is None):
+                    return False
+            children = v.values()
+        elif t is list:
+            children = v
+        elif t is str:
+            if len(v) > max_string or not (v.isascii() or lone_surrogate(v) is None):
+                return False
+            continue
+        elif t is float:
+            if not math.isfinite(v):
+                return False
+            continue
+        elif t is int or t is bool or v is None:
+            continue
+        else:
+            return False
+        if depth > max_depth:
+            return False
+        for child in children:
+            tc = type(child)
+            if tc is str:
+                if len(child) > max_string or not (child.isascii() or lone_surrogate(child) is None):
+                    return False
+            elif tc is int or tc is bool or child is None:
+                pass
+            elif tc is float:
+                if not math.isfinite(child):
+                    return False
+            else:
+                stack.append((child, depth + 1))
+                continue
+            items += 1
+        if items > max_items:
+            return False
+    return items <= max_items
+
+
+def _first_problem(value: Any, limits: WorkflowLimits, where: str) -> Problem | None:
     stack: list[tuple[Any, int, tuple[Any, ...]]] = [(value, 1, ())]
     items = 0
     while stack:

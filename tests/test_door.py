@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 from conftest import GatewayUnderTest, workflow
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from stomp_client import stomp_connect
 from test_e2e_skeleton import TERMINAL, subscribed
 
-from actors.validate import WorkflowLimits, decode_json, validate_workflow
+from actors.validate import WorkflowLimits, _fine, _first_problem, check_json, decode_json, validate_workflow
 
 LONE = '{"3": {"class_type": "KSampler", "inputs": {"text": "a \\ud800 b"}}}'
 
@@ -43,6 +45,33 @@ def test_decode_json_refuses_invalid_utf8_and_accepts_real_unicode() -> None:
     assert problem is not None and "not valid UTF-8 (byte 7" in problem.detail
     value, problem = decode_json('{"emoji": "\\ud83d\\ude00 ✓"}'.encode(), WorkflowLimits())
     assert problem is None and value == {"emoji": "😀 ✓"}
+
+
+_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=6) | st.sampled_from(["\ud800", "a\udfff"])
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=30,
+)
+_LIMITS = st.builds(
+    WorkflowLimits,
+    max_depth=st.integers(1, 5),
+    max_items=st.integers(1, 40),
+    max_key_length=st.integers(1, 6),
+    max_string_length=st.integers(1, 6),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_JSON, _LIMITS)
+def test_the_cheap_walk_says_fine_exactly_when_the_naming_walk_finds_nothing(
+    value: Any, limits: WorkflowLimits
+) -> None:
+    """check_json's cheap first walk (no paths) agrees with the walk that names the problem, for any JSON value (lone
+    surrogates, NaN and infinities, deep nesting, many values) under any limits; so check_json answers as before."""
+    first = _first_problem(value, limits, "body")
+    assert _fine(value, limits) == (first is None)
+    assert check_json(value, limits) == first
 
 
 def test_validate_workflow_limits_each_named() -> None:

@@ -20,6 +20,7 @@ import trio
 from ._commands import Commands
 from ._config import BackendSpec, ComfyCounters, ComfyTimeouts
 from ._connection import Connection, Dial
+from ._http11 import Http11Client
 from ._messages import ComfyCommand, ComfyReport
 from ._supervisor import RestartPolicy, full_jitter
 
@@ -40,6 +41,7 @@ async def run(
     jitter: Callable[[float], float] = full_jitter,
     counters: ComfyCounters | None = None,
     on_dispatch: Callable[[str], Awaitable[None]] | None = None,
+    lean_submit: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the actor for one backend until ``inbox`` is closed; then close the socket and return.
@@ -48,13 +50,16 @@ async def run(
     shared and not closed here. ``counters``, if given, is kept up to date by the actor: read it with
     ``counters.statistics()``. Started means "running", not "connected": ``BackendUp`` tells when the socket is up.
     Commands in flight when the inbox closes are cancelled. ``on_dispatch(task_id)``, if given, is awaited before each
-    submit is sent (the gateway records the task as in flight in this run, for the crash quarantine).
+    submit is sent (the gateway records the task as in flight in this run, for the crash quarantine). With
+    ``lean_submit`` (the gateway's choice), ``POST /prompt`` goes over the actor's own keep-alive connections
+    (``_http11.Http11Client``) when the URL allows it (plain http, no proxy); all other requests use ``http``.
     """
     if counters is None:
         counters = ComfyCounters()
     base = spec.url.rstrip("/")
     dial = Dial.from_url(spec.url, client_id)
     connection = Connection(spec.name, base, dial, reports, http, timeouts, counters)
+    poster = Http11Client(base) if lean_submit and Http11Client.usable(base) else None
     commands = Commands(
         spec.name,
         base,
@@ -64,12 +69,17 @@ async def run(
         timeouts.http,
         on_accepted=connection.note_submitted,
         on_dispatch=on_dispatch,
+        poster=poster,
     )
-    with reports, inbox:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection.keep_connected, policy, jitter)
-            task_status.started()
-            async for command in inbox:
-                nursery.start_soon(commands.handle, command)
-            log.info("%s: inbox closed, stopping", spec.name)
-            nursery.cancel_scope.cancel()
+    try:
+        with reports, inbox:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connection.keep_connected, policy, jitter)
+                task_status.started()
+                async for command in inbox:
+                    nursery.start_soon(commands.handle, command)
+                log.info("%s: inbox closed, stopping", spec.name)
+                nursery.cancel_scope.cancel()
+    finally:
+        if poster is not None:
+            poster.close()

@@ -2,7 +2,8 @@
 
 Each command runs in its own task (see ``_actor.run``). At most ``COMMAND_CONCURRENCY`` requests are in flight;
 a task sends its reports after giving its HTTP slot back, so a slow registry never holds a slot. Nothing here adds
-an ``Origin`` header (ComfyUI answers 403 to a foreign one, docs/comfyui-protocol.md section 2.1).
+an ``Origin`` header (ComfyUI answers 403 to a foreign one, docs/comfyui-protocol.md section 2.1). ``POST /prompt``
+goes through ``poster`` when one is given (``_http11.Http11Client``, the lean client), everything else through httpx.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Final
 import httpx
 import trio
 
+from ._http11 import Http11Client, Response
 from ._messages import (
     CancelPrompt,
     CheckPrompts,
@@ -40,14 +42,17 @@ class HTTPFailed(Exception):
 
 
 async def request(
-    http: httpx.AsyncClient, base: str, method: str, path: str, *, timeout: float, json_body: Any = None
-) -> httpx.Response:
+    http: httpx.AsyncClient | Http11Client, base: str, method: str, path: str, *, timeout: float, json_body: Any = None
+) -> httpx.Response | Response:
     """One HTTP request under a whole-request deadline (trio's, so MockClock governs it too).
 
     httpx's own timeouts are per phase (connect, read, ...); ``timeout`` bounds the whole exchange, body included.
+    An ``Http11Client`` is bound to its ComfyUI (``base`` is its own); it raises httpx's exceptions.
     """
     try:
         with trio.fail_after(timeout):
+            if isinstance(http, Http11Client):
+                return await http.request(method, path, json_body=json_body)
             return await http.request(method, base + path, json=json_body)
     except trio.TooSlowError:
         raise HTTPFailed(f"{method} {path}: no answer within {timeout}s") from None
@@ -66,9 +71,10 @@ class Commands:
         timeout: float,
         on_accepted: Callable[[float], None] | None = None,
         on_dispatch: Callable[[str], Awaitable[None]] | None = None,
+        poster: Http11Client | None = None,
     ) -> None:
         """``on_accepted(sent_at)`` is told the trio time each accepted submit was sent (the connection then expects
-        ComfyUI's ``status`` broadcast on its socket)."""
+        ComfyUI's ``status`` broadcast on its socket). ``poster``, if given, sends ``POST /prompt`` instead of httpx."""
         self.name = name
         self.base = base
         self.reports = reports
@@ -77,6 +83,7 @@ class Commands:
         self.timeout = timeout
         self.on_accepted = on_accepted
         self.on_dispatch = on_dispatch
+        self.poster = poster
         self.limiter = trio.CapacityLimiter(COMMAND_CONCURRENCY)
 
     async def handle(self, command: ComfyCommand) -> None:
@@ -104,7 +111,7 @@ class Commands:
         if report is not None:
             await self.reports.send(report)
 
-    async def _request(self, method: str, path: str, *, json_body: Any = None) -> httpx.Response:
+    async def _request(self, method: str, path: str, *, json_body: Any = None) -> httpx.Response | Response:
         async with self.limiter:
             return await request(self.http, self.base, method, path, timeout=self.timeout, json_body=json_body)
 
@@ -113,7 +120,9 @@ class Commands:
         try:
             async with self.limiter:
                 sent_at = trio.current_time()  # frames read from now on prove the socket hears this prompt
-                response = await request(self.http, self.base, "POST", "/prompt", timeout=self.timeout, json_body=body)
+                response = await request(
+                    self.poster or self.http, self.base, "POST", "/prompt", timeout=self.timeout, json_body=body
+                )
         except HTTPFailed as exc:
             log.warning("%s: submit of %s: %s", self.name, cmd.prompt_id, exc)
             return PromptSubmitUnknown(self.name, cmd.task_id, cmd.prompt_id, str(exc))

@@ -1,12 +1,14 @@
 """Persistence behind one small interface: every actor's durable state goes through a ``Store``.
 
 The default store is one SQLite file in WAL mode under the data directory. SQLite calls are blocking, so
-they run in a worker thread (``trio.to_thread``) behind the store's own ``CapacityLimiter(1)``: one writer,
-no lock contention, and the default thread limiter stays free for others. ``--store redis://…`` selects
+they run in the store's own thread (``_thread.StoreThread``), one after another in the order called: one writer,
+no lock contention, and trio's thread pool stays free for others. Calls waiting together run in one turn of that
+thread (group commit), each still its own transaction, and each caller waits for its own commit. ``--store redis://…`` selects
 ``RedisStore``, the same async methods on Redis (ledger primitives and task writes as atomic Lua scripts,
 fenced by the core lease), so actors never know which one runs.
 
-Modules: ``_types`` (records, errors, the ``Store`` interface), ``_sqlite`` (``SqliteStore``),
+Modules: ``_types`` (records, errors, the ``Store`` interface), ``_sqlite`` (``SqliteStore``), ``_sqlite_base`` (its
+connection and transactions), ``_thread`` (``StoreThread``),
 ``_schema`` (schema version and forward migrations), ``_audit`` (journal and task/hold audits, shared),
 ``_redis`` (``RedisStore``) and ``_redis_lua`` (its scripts and key layout).
 

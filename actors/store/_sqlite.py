@@ -1,7 +1,7 @@
 """``SqliteStore``: the default store, one SQLite file in WAL mode (see ``actors/store/__init__.py`` for the tables).
 
 All SQL but the audits (``_audit.py``) lives here. Every public method is async and runs one blocking
-transaction in a worker thread behind the store's own ``CapacityLimiter(1)``: one writer, no lock contention.
+transaction in the store's own thread (``_thread.StoreThread``): one writer, in order, no lock contention.
 """
 
 from __future__ import annotations
@@ -278,34 +278,41 @@ class SqliteStore(SqliteBase):
     # -- tasks
 
     async def save_task(self, rec: TaskRecord) -> None:
+        """Insert the task, or update what a transition changes (state, reason, prompt_id, backend, error,
+        updated_at; a save is progress: ``crashes`` back to 0); its images are added, never replaced."""
+
         def q() -> None:
+            error = json.dumps(rec.error) if rec.error is not None else None
             with Tx(self.db):
-                self.db.execute(
-                    """INSERT INTO tasks(task_id, seq, user_id, client_id, prompt_id, state, reason, backend, size,
-                                         cost, workflow, error, created_at, updated_at, template, params)
-                       VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-                       ON CONFLICT(task_id) DO UPDATE SET state=excluded.state, reason=excluded.reason,
-                           prompt_id=excluded.prompt_id, backend=excluded.backend, error=excluded.error, updated_at=excluded.updated_at,
-                           crashes=0""",
-                    (
-                        rec.task_id,
-                        rec.seq,
-                        rec.user_id,
-                        rec.client_id,
-                        rec.prompt_id,
-                        rec.state,
-                        rec.reason,
-                        rec.backend,
-                        rec.size,
-                        rec.cost,
-                        json.dumps(rec.workflow, separators=(",", ":")),
-                        json.dumps(rec.error) if rec.error is not None else None,
-                        rec.created_at,
-                        rec.updated_at,
-                        rec.template,
-                        json.dumps(rec.params) if rec.params is not None else None,
-                    ),
+                cur = self.db.execute(  # a transition: the row's other columns (the workflow first) stay as they are
+                    """UPDATE tasks SET state = ?, reason = ?, prompt_id = ?, backend = ?, error = ?, updated_at = ?,
+                           crashes = 0 WHERE task_id = ?""",
+                    (rec.state, rec.reason, rec.prompt_id, rec.backend, error, rec.updated_at, rec.task_id),
                 )
+                if cur.rowcount == 0:
+                    self.db.execute(
+                        """INSERT INTO tasks(task_id, seq, user_id, client_id, prompt_id, state, reason, backend, size,
+                                             cost, workflow, error, created_at, updated_at, template, params)
+                           VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                        (
+                            rec.task_id,
+                            rec.seq,
+                            rec.user_id,
+                            rec.client_id,
+                            rec.prompt_id,
+                            rec.state,
+                            rec.reason,
+                            rec.backend,
+                            rec.size,
+                            rec.cost,
+                            json.dumps(rec.workflow, separators=(",", ":")),
+                            error,
+                            rec.created_at,
+                            rec.updated_at,
+                            rec.template,
+                            json.dumps(rec.params) if rec.params is not None else None,
+                        ),
+                    )
                 for n, img in enumerate(rec.images):
                     self.db.execute(
                         "INSERT OR IGNORE INTO images(task_id, n, backend, filename, subfolder, type) VALUES (?,?,?,?,?,?)",

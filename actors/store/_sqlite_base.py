@@ -1,5 +1,5 @@
-"""The SQLite store's plumbing: the connection in a worker thread behind one ``CapacityLimiter``, transactions, and
-the small row helpers (``SqliteStore`` in ``_sqlite.py`` holds the SQL)."""
+"""The SQLite store's plumbing: the connection in its own thread (``StoreThread``: calls in order, group commit),
+transactions, and the small row helpers (``SqliteStore`` in ``_sqlite.py`` holds the SQL)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import trio
 
 from ._schema import migrate
+from ._thread import StoreThread
 from ._types import (
     MAX_AMOUNT,
     Hold,
@@ -22,14 +23,14 @@ T = TypeVar("T")
 
 
 class SqliteBase:
-    """The connection of a ``SqliteStore``: opening, migrating, and running each transaction in a worker thread."""
+    """The connection of a ``SqliteStore``: opening, migrating, and running each transaction in the store's thread."""
 
     def __init__(self, path: str, *, wall_clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._now = wall_clock
-        self._limiter = trio.CapacityLimiter(1)  # one writer; SQLite serialises anyway
+        self._thread = StoreThread(f"sqlite {Path(path).name}")  # one writer, in order; SQLite serialises anyway
         self._db: sqlite3.Connection | None = None
-        self._tx_time = 0.0
+        self._tx_time = 0.0  # the running transaction's wall-clock time (read in the store's thread)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path!r}>"
@@ -43,7 +44,8 @@ class SqliteBase:
         if self._db is not None:
             db, self._db = self._db, None
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(db.close, limiter=self._limiter)
+                await self._thread.run(db.close)
+            self._thread.close()
 
     def _open_sync(self) -> None:
         if self.path != ":memory:":
@@ -61,9 +63,12 @@ class SqliteBase:
         self._db = db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        # the clock is read here, in the trio thread (it may be trio's MockClock in tests), not in the worker
-        self._tx_time = self._now()
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        # the clock is read here, in the trio thread (it may be trio's MockClock in tests), when the call is made
+        return await self._thread.run(self._at, self._now(), fn, *args)
+
+    def _at(self, now: float, fn: Callable[..., T], *args: Any) -> T:
+        self._tx_time = now
+        return fn(*args)
 
     def _time(self) -> float:
         return self._tx_time
