@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import tracemalloc
 from types import MappingProxyType
 from typing import Any
 
@@ -79,3 +80,17 @@ def test_what_orjson_refuses_goes_through_json_as_before() -> None:
 
 def test_what_json_wrote_as_invalid_json_is_now_null() -> None:
     assert json.loads(encode_body({"x": math.nan, "y": math.inf})) == {"x": None, "y": None}
+
+
+def test_an_encoded_body_holds_no_more_memory_than_its_bytes() -> None:
+    """Replay buffers keep encoded bodies (up to replay_max per session): each must cost about its length, not the
+    encoder's 4 KB write buffer."""
+    body = {"type": "progress", "taskId": "t" * 36, "promptId": "p" * 36, "value": 137, "max": 500, "node": "3"}
+    size = len(old(body))
+    tracemalloc.start()
+    try:
+        kept = [encode_body(body) for _ in range(1000)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == 1000 and held / 1000 < size + 100  # the bytes object's header is ~33 bytes
