@@ -97,6 +97,21 @@ class StompTransport(Protocol):
 HEARTBEAT_MESSAGE = b"\x81\x01\n"
 
 
+def write_heartbeat(ws_stream: Any, send_lock: trio.Lock, sock: socket.socket) -> bool:
+    """``HEARTBEAT_MESSAGE`` straight into ``sock`` if Hypercorn's WebSocket ``ws_stream`` is open and nothing is
+    being written (``send_lock`` free: no message is half sent). False: not now (full, or the peer is gone: the
+    ordinary path finds out). A partial write leaves the stream broken: TransportClosed."""
+    if ws_stream.closed or ws_stream.state is not _CONNECTED or send_lock.locked():
+        return False
+    try:
+        sent = sock.send(HEARTBEAT_MESSAGE)
+    except OSError:  # BlockingIOError included
+        return False
+    if sent != len(HEARTBEAT_MESSAGE):
+        raise TransportClosed(f"heart-beat written in part ({sent} of {len(HEARTBEAT_MESSAGE)} bytes)")
+    return True
+
+
 class WebSocketTransport:
     """A Quart websocket (already accepted) as a ``StompTransport``. Small: an idle connection holds one."""
 
@@ -135,19 +150,12 @@ class WebSocketTransport:
         if layers is None:
             return False
         ws_stream, tcp = layers
-        if ws_stream.closed or ws_stream.state is not _CONNECTED or tcp.send_lock.locked():
-            return False
+        stream = tcp.stream
         try:
-            stream = tcp.stream
             sock = stream.raw if type(stream) is HeartbeatTap else stream.socket._sock  # the stdlib socket
-            sent = sock.send(HEARTBEAT_MESSAGE)
-        except (BlockingIOError, AttributeError):
+        except AttributeError:
             return False
-        except OSError:  # the peer is gone: the ordinary path finds out and ends the connection
-            return False
-        if sent != len(HEARTBEAT_MESSAGE):
-            raise TransportClosed(f"heart-beat written in part ({sent} of {len(HEARTBEAT_MESSAGE)} bytes)")
-        return True
+        return write_heartbeat(ws_stream, tcp.send_lock, sock)
 
     def tap_heartbeats(self, inbox: PumpInbox) -> HeartbeatTap | None:
         """Put a ``HeartbeatTap`` under this WebSocket: from now on it counts the messages given to the app, and
@@ -294,24 +302,14 @@ class HeartbeatTap:
 
     def send_heartbeat(self) -> bool:
         """``WebSocketTransport.send_heartbeat_nowait`` for a tapped connection, with what it needs at hand."""
-        ws = self._ws
-        if ws.closed or ws.state is not _CONNECTED or self._send_lock.locked():
-            return False
-        try:
-            sent = self.raw.send(HEARTBEAT_MESSAGE)
-        except OSError:  # full (BlockingIOError), or the peer is gone: the ordinary path finds out
-            return False
-        if sent != len(HEARTBEAT_MESSAGE):
-            raise TransportClosed(f"heart-beat written in part ({sent} of {len(HEARTBEAT_MESSAGE)} bytes)")
-        return True
+        return write_heartbeat(self._ws, self._send_lock, self.raw)
 
-    def rest(self) -> bool:
+    def rest(self) -> None:
         """Let a ``lazy`` connection rest now, whatever its last frame was, if nothing is half-way through the
         layers above (its timer calls this, so a client whose last frame was its SUBSCRIBE does not wake its reader
-        for its first heart-beat). True when it rests."""
+        for its first heart-beat)."""
         if not self.resting and self.lazy and self.hook is not None and self._quiet():
             self._lowat(True)
-        return self.resting
 
     def drain(self) -> bool:
         """Look at what a resting connection's socket holds (its timer calls this): if it is all heart-beats they

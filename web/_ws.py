@@ -253,14 +253,11 @@ class StompEndpoint(StompCommands):
     def _tapped(self, conn: _Conn, text: str) -> bool:
         """A lone heart-beat read below Hypercorn (``web._transport.HeartbeatTap``): taken here as ``_pumped`` would
         take it, or False (closing, not between frames) to send it the usual way."""
-        if conn.reading and conn.close_after_flush is None and conn.stomp.take_heartbeat(text):
-            conn.last_rx = self._now()
-            return True
-        return False
+        return conn.reading and conn.close_after_flush is None and self._heard(conn, text)
 
     def _heard(self, conn: _Conn, data: str | bytes) -> bool:
         """The client spoke; True when ``data`` is a heart-beat alone (taken: nothing to parse)."""
-        conn.last_rx = trio.current_time()
+        conn.last_rx = self._now()
         return conn.stomp.take_heartbeat(data)
 
     async def _feed(self, conn: _Conn, data: str | bytes) -> None:
@@ -297,7 +294,7 @@ class StompEndpoint(StompCommands):
         always found due here (a rounding difference would fire the same entry again and again)."""
         now = self._now()
         if (tap := conn.tap) is not None:  # web._transport.HeartbeatTap
-            if tap.resting:  # its heart-beats are read now; anything else it sent is on its way to the reader
+            if tap.resting:  # its heart-beats are read now; anything else it sent stays for its reader, woken
                 if tap.drain():
                     conn.last_rx = now
             elif tap.lazy:  # from now on its heart-beats wait for us
