@@ -94,7 +94,10 @@ SchedulerMsg = Enqueue | Withdraw | Occupy | Release | SetBackend | GetPosition 
 
 
 class _FairQueue:
-    """Per-user FIFO deques visited round-robin. Owned by the scheduler actor."""
+    """Per-user FIFO deques visited round-robin. Owned by the scheduler actor.
+
+    Invariant: ``owner`` maps exactly the task ids of the jobs in the deques (a task waits at most once), so the
+    number of waiting jobs is ``len(owner)``: O(1) for the dispatch loop, however many users wait."""
 
     def __init__(self) -> None:
         self.by_user: dict[str, deque[Job]] = {}
@@ -102,9 +105,10 @@ class _FairQueue:
         self.owner: dict[str, str] = {}  # task id -> user, for every waiting job
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.by_user.values())
+        return len(self.owner)
 
     def push(self, job: Job) -> None:
+        assert job.task_id not in self.owner, f"task {job.task_id} queued twice"
         q = self.by_user.get(job.user_id)
         if q is None:
             q = self.by_user[job.user_id] = deque()

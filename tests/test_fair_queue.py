@@ -1,5 +1,6 @@
 """The scheduler's round-robin queue: a task's position, computed without building the whole dispatch order, is
-its place in that order, whatever was pushed, dispatched and withdrawn before."""
+its place in that order, and its length (kept without walking the users' queues) is that order's, whatever was
+pushed, dispatched and withdrawn before."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def test_position_is_the_place_in_dispatch_order(plan: list[tuple[str, object]])
         elif isinstance(arg, int) and arg < len(pushed):
             queue.remove(pushed[arg].task_id)
         order = queue.order()
+        assert len(queue) == len(order) and bool(queue) == bool(order)  # len is the owner map's: every job once
         for job in pushed:
             want = order.index(job.task_id) + 1 if job.task_id in order else None
             assert queue.position(job.task_id) == want

@@ -43,7 +43,7 @@ from actors.comfy import (
     Status,
     SubmitPrompt,
 )
-from actors.sessions import Publish
+from actors.sessions import Broadcast, Publish
 from actors.store import Account, TaskRecord
 from actors.wire import ProgressMsg
 
@@ -106,26 +106,19 @@ class Harness:
         return answer.task_id
 
     async def commands_now(self, backend: str = "b0") -> list[Any]:
-        await trio.testing.wait_all_tasks_blocked()
-        rx = self.commands if backend == "b0" else self.commands_b1
-        out = []
-        while True:
-            try:
-                out.append(rx.receive_nowait())
-            except trio.WouldBlock:
-                return out
+        return await drain(self.commands if backend == "b0" else self.commands_b1)
 
     async def messages(self, *types: str) -> list[dict[str, Any]]:
         """User messages published so far (those of ``types`` if given); status broadcasts are skipped."""
-        await trio.testing.wait_all_tasks_blocked()
-        out = []
-        while True:
-            try:
-                msg = self.published.receive_nowait()
-            except trio.WouldBlock:
-                return out
-            if isinstance(msg, Publish) and (not types or msg.body["type"] in types):
-                out.append(dict(msg.body))
+        return [
+            dict(msg.body)
+            for msg in await drain(self.published)
+            if isinstance(msg, Publish) and (not types or msg.body["type"] in types)
+        ]
+
+    async def statuses(self) -> list[dict[str, Any]]:
+        """The status broadcasts published so far; user messages are skipped."""
+        return [dict(msg.body) for msg in await drain(self.published) if isinstance(msg, Broadcast)]
 
     async def prompt_of(self, task_id: str) -> str:
         view = await ask(self.registry, lambda r: reg.GetTask("alice", task_id, r))
@@ -134,6 +127,17 @@ class Harness:
 
     async def state(self, task_id: str, user: str = "alice") -> dict[str, Any] | None:
         return await ask(self.registry, lambda r: reg.GetTask(user, task_id, r))
+
+
+async def drain(rx: trio.MemoryReceiveChannel[Any]) -> list[Any]:
+    """What ``rx`` holds once every task is blocked."""
+    await trio.testing.wait_all_tasks_blocked()
+    out = []
+    while True:
+        try:
+            out.append(rx.receive_nowait())
+        except trio.WouldBlock:
+            return out
 
 
 async def fake_ledger(
@@ -753,3 +757,126 @@ def test_the_progress_short_cut_is_the_general_path(
         return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
     assert play(general=False) == play(general=True)
+
+
+# ---- what is counted: the per-user queued cap, the status broadcast, a user's list, a backend's prompts ------------
+
+
+async def submit_as(h: Harness, user: str) -> reg.Accepted | reg.Refused:
+    return await ask(h.registry, lambda r: reg.Submit(user, "c1", WORKFLOW, 1, r))
+
+
+def status(queued: int, running: int, up: int = 1) -> dict[str, Any]:
+    return {"type": "status", "queued": queued, "running": running, "backends": {"up": up, "total": 2}}
+
+
+async def test_the_queued_cap_is_per_user_and_counts_only_what_waits(autojump_clock: trio.testing.MockClock) -> None:
+    """A user at the cap of queued tasks is refused, another user is not; submits still being frozen count as
+    queued, and a task that leaves the queue (accepted by ComfyUI, or cancelled) makes room for one more."""
+    gate = [trio.Event()]
+    gate[0].set()
+    async with registry(max_inflight=1, max_queued_per_user=2, ledger_open=gate) as h, trio.open_nursery() as nursery:
+        gate[0] = trio.Event()  # the ledger sits on alice's two freezes: they count already
+        answers: list[Any] = []
+
+        async def submit_alice() -> None:
+            answers.append(await submit_as(h, "alice"))
+
+        nursery.start_soon(submit_alice)
+        nursery.start_soon(submit_alice)
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == []
+        refused = await submit_as(h, "alice")
+        assert refused == reg.Refused("too_many_tasks", "2 tasks already queued (limit 2)")
+        gate[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        a1, a2 = (a.task_id for a in answers if isinstance(a, reg.Accepted))
+        assert await submit_as(h, "alice") == refused  # two queued now (the first is dispatched, not yet accepted)
+        b1, b2 = await submit_as(h, "bob"), await submit_as(h, "bob")  # bob is not slowed by alice's cap
+        assert isinstance(b1, reg.Accepted) and isinstance(b2, reg.Accepted)
+        assert isinstance(await submit_as(h, "bob"), reg.Refused)
+        [cmd] = await dispatched(h)
+        assert cmd.task_id == a1
+        await accepted(h, cmd)  # submitted: no longer queued
+        a3 = await submit_as(h, "alice")
+        assert isinstance(a3, reg.Accepted)
+        assert await submit_as(h, "alice") == refused
+        assert await ask(h.registry, lambda r: reg.Cancel("alice", a2, r)) == "cancelled"
+        assert isinstance(await submit_as(h, "alice"), reg.Accepted)
+        stats = await ask(h.registry, reg.GetStats)
+        assert stats.by_state == {"queued": 4, "submitted": 1, "running": 0}  # alice 2, bob 2; alice's a1
+
+
+async def test_the_status_broadcast_counts_every_users_tasks_once_per_change(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``status`` on /topic/messages: queued and running (submitted or running) over every user, sent when one of
+    them changes and only then; GetStats has the same counts by state."""
+    async with registry(max_inflight=1) as h:
+        assert await h.statuses() == [status(0, 0)]  # b0 came up
+        a1 = await h.submit("alice")
+        b1 = await h.submit("bob")
+        assert await h.statuses() == [status(1, 0), status(2, 0)]
+        [cmd] = await dispatched(h)
+        assert cmd.task_id == a1
+        await accepted(h, cmd)
+        await h.event(ExecutionStart(cmd.prompt_id))  # submitted -> running: the same numbers, nothing sent
+        await h.event(Progress(cmd.prompt_id, "3", 1, 2))
+        assert await h.statuses() == [status(1, 1)]
+        assert (await ask(h.registry, reg.GetStats)).by_state == {"queued": 1, "submitted": 0, "running": 1}
+        await h.event(ExecutionSuccess(cmd.prompt_id))
+        [cmd] = await dispatched(h)
+        assert cmd.task_id == b1
+        await accepted(h, cmd)
+        assert await h.statuses() == [status(1, 0), status(0, 1)]
+        await h.report(BackendLost("b0", "connection closed"))
+        assert await h.statuses() == [status(0, 1, up=0)]
+        assert await ask(h.registry, lambda r: reg.Cancel("bob", b1, r)) == "cancelling"
+        await h.report(BackendUp("b0", 0))
+        await h.report(PromptLocated("b0", cmd.prompt_id, "missing"))
+        assert await h.statuses() == [status(0, 1), status(0, 0)]
+        assert (await ask(h.registry, reg.GetStats)).by_state == {"queued": 0, "submitted": 0, "running": 0}
+
+
+async def test_a_users_list_holds_their_tasks_only_newest_first(autojump_clock: trio.testing.MockClock) -> None:
+    async with registry(max_inflight=1) as h:
+        mine = [await h.submit("alice") if i % 2 == 0 else await h.submit("bob") for i in range(6)]
+        alice, bob = mine[0::2], mine[1::2]
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await h.event(ExecutionSuccess(cmd.prompt_id))  # alice's first is finished: from the store
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def listed(user: str, which: str, limit: int = 10, before: int | None = None) -> list[str]:
+            views, _ = await ask(h.registry, lambda r: reg.ListTasks(user, which, limit, before, r))
+            return [v["taskId"] for v in views]
+
+        assert await listed("alice", "all") == alice[::-1]
+        assert await listed("alice", "active") == alice[:0:-1]
+        assert await listed("alice", "finished") == alice[:1]
+        assert await listed("bob", "all") == bob[::-1]
+        views, nxt = await ask(h.registry, lambda r: reg.ListTasks("bob", "active", 2, None, r))
+        assert [v["taskId"] for v in views] == bob[:0:-1] and nxt is not None
+        assert [v["position"] for v in views] == [4, 2]  # the fair queue: bob b1, alice a2, bob b2 ...
+        assert await listed("bob", "active", before=nxt) == bob[:1]
+        assert await listed("carol", "all") == []
+
+
+async def test_a_reconcile_asks_for_a_backends_prompts_in_submit_order(autojump_clock: trio.testing.MockClock) -> None:
+    """The tasks in flight on a backend are its own, in the order they were submitted, whatever order ComfyUI
+    accepted them in."""
+    async with registry(up=("b0", "b1")) as h:
+        t1, t2, t3, t4 = [await h.submit(user) for user in ("alice", "bob", "bob", "alice")]
+        on = {"b0": await dispatched(h, "b0"), "b1": await dispatched(h, "b1")}
+        assert [c.task_id for c in on["b0"]] == [t1, t3] and [c.task_id for c in on["b1"]] == [t2, t4]
+        for backend in ("b1", "b0"):
+            for c in reversed(on[backend]):
+                await accepted(h, c, backend)
+        await trio.sleep(reg.CROSS_CHECK_SETTLE)
+        await h.event(Status(0), "b0")
+        assert await h.commands_now("b0") == [CheckPrompts(tuple(c.prompt_id for c in on["b0"]))]
+        assert await h.commands_now("b1") == []
+        await h.report(BackendLost("b1", "connection closed"))
+        await trio.sleep(reg.RegistryConfig().backend_lost_after)
+        errs = await h.messages("execution_error")
+        assert [m["taskId"] for m in errs] == [t2, t4]

@@ -7,10 +7,11 @@ ComfyUI, so events that arrive before the POST /prompt answer, and a submit whos
 returns the scheduler permit, asks the ledger (a leaf actor) to settle or release the task's credit hold, and
 publishes the outcome to the task's session once the ledger has answered.
 
-Modules: ``_api`` (config, constants, requests), ``_base`` (state, timers heap, requests answered as messages),
-``_views`` (read views), ``_transitions`` (a transition's side effects), ``_reconcile`` (reconciliation with
-ComfyUI), ``_timers`` (what each timer does), ``_events`` (ComfyUI's events but progress), ``_core`` (submit,
-cancel, progress, reports, crash isolation), ``_actor`` (the loop).
+Modules: ``_api`` (config, constants, requests), ``_table`` (the live tasks, counted by state and user and indexed
+by backend, so no event's work grows with the number of live tasks), ``_base`` (state, timers heap, requests
+answered as messages), ``_views`` (read views), ``_transitions`` (a transition's side effects), ``_reconcile``
+(reconciliation with ComfyUI), ``_timers`` (what each timer does), ``_events`` (ComfyUI's events but progress),
+``_core`` (submit, cancel, progress, reports, crash isolation), ``_actor`` (the loop).
 """
 
 from ..task_machine import ACTIVE_STATES, INFLIGHT_STATES, TERMINAL_STATES, Event, Reason, State, TimerKind

@@ -17,36 +17,18 @@ from .._util import ActorGone, Forwarder
 from ..comfy import ComfyCommand
 from ..sessions import Broadcast, Publish
 from ..store import Store, TaskRecord
-from ..task_machine import ACTIVE_STATES, INFLIGHT_STATES, TimerKind
+from ..task_machine import State, TimerKind
 from ..wire import Status, WireMessage
 from ._api import RegistryConfig, image_url
+from ._table import Task, TaskTable
 
-__all__ = ["PENDING_REPLIES", "Continuation", "RegistryBase", "Task"]
+__all__ = ["PENDING_REPLIES", "Continuation", "RegistryBase"]
 
 log = logging.getLogger(__name__)
 
 PENDING_REPLIES = 1024  # requests to one actor whose answers the registry still expects (beyond: it waits to send)
 
 Continuation = Callable[[Any], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class Task:
-    """The registry's live view of one non-terminal task (it owns these; others get copies)."""
-
-    rec: TaskRecord
-    cancelling: bool = False
-    timed_out: bool = False
-    gap: bool = False  # its backend's socket was down while it was in flight: live events may be missing
-    seen: bool = False  # an event of its prompt arrived on the socket: later `status` frames know of it
-    submitted_at: float = float("-inf")  # trio time it was marked submitted
-    awaiting_history: bool = False  # success seen after a gap: its outputs are read from /history first
-    # messages for its user held until its "queued" announcement went out (None: announced)
-    held: list[WireMessage] | None = None
-
-    @property
-    def id(self) -> str:
-        return self.rec.task_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +70,7 @@ class RegistryBase:
         self.sessions = sessions
         self.to_hub = Forwarder(sessions)  # no checkpoint per message: progress bursts reach the hub whole
         self.now = wall_clock
-        self.tasks: dict[str, Task] = {}
+        self.tasks = TaskTable()  # the live tasks, counted by state, user and backend
         self.by_prompt: dict[str, str] = {}
         self.up: set[str] = set()
         self.lost_since: dict[str, float] = {}  # backend -> trio time it was last seen going away (absent: up)
@@ -183,20 +165,19 @@ class RegistryBase:
         await self.to_hub.send(Publish(task.rec.user_id, task.rec.client_id, msg.to_wire()))
 
     async def save(self, task: Task, **changes: Any) -> TaskRecord:
-        task.rec = replace(task.rec, updated_at=self.now(), **changes)
-        await self.store.save_task(task.rec)
-        return task.rec
+        rec = replace(task.rec, updated_at=self.now(), **changes)
+        self.tasks.set_record(task, rec)
+        await self.store.save_task(rec)
+        return rec
 
     def inflight_on(self, backend: str) -> list[Task]:
-        return [t for t in self.tasks.values() if t.rec.backend == backend and t.rec.state in INFLIGHT_STATES]
+        return self.tasks.inflight_on(backend)
 
     async def broadcast_status(self) -> None:
-        counts: dict[str, int] = dict.fromkeys(ACTIVE_STATES, 0)  # a StrEnum state is its string
-        for t in self.tasks.values():
-            counts[t.rec.state] += 1
+        count = self.tasks.count
         status = Status(
-            queued=counts["queued"],
-            running=counts["submitted"] + counts["running"],
+            queued=count(State.QUEUED),
+            running=count(State.SUBMITTED) + count(State.RUNNING),
             backends_up=len(self.up),
             backends_total=len(self.comfy),
         )

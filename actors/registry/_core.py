@@ -48,8 +48,9 @@ from ._api import (
     RegistryStats,
     Submit,
 )
-from ._base import Answer, Task
+from ._base import Answer
 from ._events import Events
+from ._table import Task
 
 __all__ = ["Registry"]
 
@@ -78,7 +79,8 @@ class Registry(Events):
                     rec.task_id,
                     self.cfg.quarantine_after,
                 )
-                task = self.tasks[rec.task_id] = Task(rec)
+                task = Task(rec)
+                self.tasks.add(task)
                 self.by_prompt[rec.prompt_id] = rec.task_id
                 await self.finish(
                     task,
@@ -91,7 +93,7 @@ class Registry(Events):
                 )
                 continue
             task = Task(rec, gap=rec.state in INFLIGHT_STATES)  # nobody listened while we were down
-            self.tasks[rec.task_id] = task
+            self.tasks.add(task)
             self.by_prompt[rec.prompt_id] = rec.task_id
             if rec.state == State.QUEUED:
                 self.unverified[rec.prompt_id] = set()  # asked of every backend once it is up (verify_queued)
@@ -148,9 +150,7 @@ class Registry(Events):
                 ),
             )
             return
-        queued = self.freezing.get(msg.user_id, 0) + sum(
-            1 for t in self.tasks.values() if t.rec.user_id == msg.user_id and t.rec.state == State.QUEUED
-        )
+        queued = self.freezing.get(msg.user_id, 0) + self.tasks.count(State.QUEUED, msg.user_id)
         if queued >= self.cfg.max_queued_per_user:
             reply_once(
                 msg.reply,
@@ -224,7 +224,8 @@ class Registry(Events):
             params=dict(msg.params) if msg.params is not None else None,
         )
         await self.store.save_task(rec)
-        task = self.tasks[task_id] = Task(rec, held=[])
+        task = Task(rec, held=[])
+        self.tasks.add(task)
         self.by_prompt[rec.prompt_id] = task_id
         job = sched.Job(task_id, rec.user_id, rec.prompt_id, rec.workflow)
 
@@ -292,8 +293,7 @@ class Registry(Events):
 
     def stats(self) -> RegistryStats:
         counts: dict[str, int] = dict.fromkeys(ACTIVE_STATES, 0)
-        for t in self.tasks.values():
-            counts[t.rec.state] = counts.get(t.rec.state, 0) + 1
+        counts.update(self.tasks.counts())
         return RegistryStats(counts, len(self.up), len(self.comfy))
 
     # -- ComfyUI's reports
@@ -354,7 +354,7 @@ class Registry(Events):
         except Exception as again:
             log.error("registry: task %s: failing it failed too (%r): dropped until the next start", task_id, again)
             if task is not None:
-                self.tasks.pop(task_id, None)
+                self.tasks.remove(task_id)
                 self.by_prompt.pop(task.rec.prompt_id, None)
                 self.unverified.pop(task.rec.prompt_id, None)
                 await self.scheduler.send(sched.Release(task_id))

@@ -23,7 +23,7 @@ from .. import scheduler as sched
 from ..comfy import BackendLost, BackendUp, CancelPrompt, CheckPrompts, PromptLocated
 from ..task_machine import Reason, State, TimerKind
 from ._api import CROSS_CHECK_INTERVAL, CROSS_CHECK_SETTLE, HISTORY_RETRY_DELAY, MAX_ABANDONED, RECHECK_DELAY
-from ._base import Task
+from ._table import Task
 from ._transitions import Transitions
 
 __all__ = ["Reconcile"]

@@ -22,7 +22,7 @@ from ..store import Account, ImageRef, LedgerError, TaskRecord
 from ..task_machine import TERMINAL_STATES, Event, Reason, State, TimerKind, allowed, check_outcome
 from ..wire import Cancelled, Completed, ExecutionErrorMsg, ImageResult, Preview, ProgressMsg, Started
 from ._api import CANCEL_CHECK_DELAY, INTERNAL_ERROR, TIMEOUT_ERROR
-from ._base import Task
+from ._table import Task
 from ._views import Views
 
 __all__ = ["Transitions"]
@@ -82,7 +82,7 @@ class Transitions(Views):
             return  # ended already
         state = check_outcome(task.rec.state, state, reason)
         rec = await self.save(task, state=state, reason=reason, error=error)
-        del self.tasks[task.id]
+        self.tasks.remove(task.id)
         self.by_prompt.pop(rec.prompt_id, None)
         await self.scheduler.send(sched.Release(task.id))
         outcome = "settled" if state == State.SUCCEEDED else "released"

@@ -125,11 +125,7 @@ class Views(RegistryBase):
         user_id, limit, before = msg.user_id, msg.limit, msg.before
         recs: list[TaskRecord] = []
         if msg.which in ("active", "all"):
-            recs += [
-                t.rec
-                for t in self.tasks.values()
-                if t.rec.user_id == user_id and (before is None or t.rec.seq < before)
-            ]
+            recs += [t.rec for t in self.tasks.of_user(user_id) if before is None or t.rec.seq < before]
         if msg.which in ("finished", "all"):
             recs += await self.store.list_results(user_id, limit + 1, before)
         unique = {r.task_id: r for r in reversed(recs)}  # a task just finishing may be in both: memory wins
