@@ -108,7 +108,9 @@ class _FairQueue:
         return len(self.owner)
 
     def push(self, job: Job) -> None:
-        assert job.task_id not in self.owner, f"task {job.task_id} queued twice"
+        if job.task_id in self.owner:  # a bug upstream: keep the first (one dispatch), do not crash the scheduler
+            log.error("scheduler: task %s enqueued while it waits already: ignored", job.task_id)
+            return
         q = self.by_user.get(job.user_id)
         if q is None:
             q = self.by_user[job.user_id] = deque()

@@ -49,3 +49,17 @@ def test_round_robin_positions_by_hand() -> None:
     # dispatch order: a1 b1 c1 a2 c2 a3
     assert [queue.position(t) for t in ("a1", "b1", "c1", "a2", "c2", "a3")] == [1, 2, 3, 4, 5, 6]
     assert queue.position("zz") is None
+
+
+def test_a_task_enqueued_twice_waits_once(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A second Enqueue of a waiting task (a bug upstream) is logged and ignored: the task is dispatched once, and
+    the scheduler goes on (it does not crash on it)."""
+    queue = _FairQueue()
+    first = Job("t1", "ann", "p1", {})
+    queue.push(first)
+    queue.push(Job("t2", "bob", "p2", {}))
+    queue.push(Job("t1", "ann", "p1-again", {}))
+    assert len(queue) == 2 and queue.order() == ["t1", "t2"]
+    assert "t1 enqueued while it waits already" in caplog.text
+    assert queue.pop_next(lambda user: True) is first
+    assert queue.pop_next(lambda user: True) is not None and not queue
