@@ -63,8 +63,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--window",
         type=int,
-        default=1000,
-        help="comfy path at max rate: progress events allowed in flight (default 1000)",
+        default=5000,
+        help="comfy path at max rate: progress events allowed in flight (default 5000: at 1000 the loop, not the "
+        "gateway, bound the phase on this machine; BENCHMARKS.md, session 6)",
     )
     p.add_argument(
         "--quiet-wait",
