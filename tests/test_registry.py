@@ -57,10 +57,14 @@ class MemoryStore:
     def __init__(self, tasks: list[TaskRecord] | None = None) -> None:
         self.tasks = {t.task_id: t for t in tasks or ()}
         self.writable: trio.Event | None = None  # set to an unset Event: saves wait (a slow disk)
+        self.refuse: set[tuple[str, str]] = set()  # (task id, state): that save fails once (a disk error)
 
     async def save_task(self, rec: TaskRecord) -> None:
         if self.writable is not None:
             await self.writable.wait()
+        if (rec.task_id, rec.state) in self.refuse:
+            self.refuse.discard((rec.task_id, rec.state))
+            raise OSError(f"injected: disk I/O error saving {rec.task_id} as {rec.state}")
         self.tasks[rec.task_id] = rec
 
     async def load_active_tasks(self) -> list[TaskRecord]:
@@ -329,6 +333,31 @@ async def test_events_before_the_submit_answer(autojump_clock: trio.testing.Mock
         [nxt] = await dispatched(h)  # the permit came back exactly once: the next task went out
         assert nxt.task_id == t2
         assert (await h.state(t1))["state"] == "succeeded"
+
+
+async def test_a_failed_save_of_the_end_still_ends_the_task_and_frees_its_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store fails to record a task's success (a disk error): the registry's memory keeps what the store holds,
+    so the task is failed (internal, its credits released) instead of being stuck "succeeded" in memory only, with
+    its permit held and its credits frozen until a restart; the next user's task goes out."""
+    async with registry(max_inflight=1) as h:
+        t1 = await h.submit()
+        t2 = await h.submit("bob")
+        [cmd] = await dispatched(h)
+        assert cmd.task_id == t1
+        await accepted(h, cmd)
+        h.store.refuse.add((t1, "succeeded"))
+        await h.event(Executed(cmd.prompt_id, "9", {"images": IMAGES}))
+        await h.event(ExecutionSuccess(cmd.prompt_id))
+        ends = [m for m in await h.messages("completed", "execution_error") if m["taskId"] == t1]
+        assert [(m["type"], m.get("reason")) for m in ends] == [("execution_error", "internal")]
+        assert h.resolves == [(t1, "released")]
+        assert h.store.tasks[t1].state == "failed" and (await h.state(t1))["state"] == "failed"
+        [nxt] = await dispatched(h)  # the permit came back
+        assert nxt.task_id == t2
+        stats = await ask(h.registry, lambda r: reg.GetStats(r))
+        assert sum(stats.by_state.values()) == 1  # bob's task only: none stuck in memory
 
 
 async def test_a_batch_of_events_is_handled_in_order_and_a_fault_fails_only_its_task(

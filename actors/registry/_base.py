@@ -165,9 +165,11 @@ class RegistryBase:
         await self.to_hub.send(Publish(task.rec.user_id, task.rec.client_id, msg.to_wire()))
 
     async def save(self, task: Task, **changes: Any) -> TaskRecord:
+        """Persist a change of the task's record, then take it in memory: if the store fails, memory keeps what the
+        store holds (a task whose end could not be written is not "ended" here, so failing it still works)."""
         rec = replace(task.rec, updated_at=self.now(), **changes)
-        self.tasks.set_record(task, rec)
         await self.store.save_task(rec)
+        self.tasks.set_record(task, rec)
         return rec
 
     def inflight_on(self, backend: str) -> list[Task]:
