@@ -123,6 +123,8 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
         hub_tx, hub_rx = trio.open_memory_channel[sessions.HubMsg](HUB_INBOX)
         stats = {name: comfy.ComfyCounters() for name in backend_urls}
         lease = LeaseState(holder_id=f"{run_id}")
+        # Redis: the askers an edge term leaves waiting, answered by this process's next term (bridge._requests)
+        handover = bridge.Handover(lease.holder_id)
         shared = isinstance(store, RedisStore)  # Redis: session messages go through it, for every process
         # where the core actors' messages for the sessions go: this process's hub, or Redis (publish_to_redis)
         pub_tx: trio.MemorySendChannel[sessions.Publish | sessions.Broadcast] = hub_tx
@@ -226,7 +228,10 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                 if isinstance(store, RedisStore):  # the edges' requests
                     await nursery.start(
                         partial(
-                            bridge.serve_edges, store, {"registry": t_reg_tx.clone(), "ledger": t_ledger_tx.clone()}
+                            bridge.serve_edges,
+                            store,
+                            {"registry": t_reg_tx.clone(), "ledger": t_ledger_tx.clone()},
+                            handover=handover,
                         )
                     )
                     if unclean:  # the dead core's unpublished messages are lost: clients reload over HTTP
@@ -247,6 +252,7 @@ async def run_gateway(cfg: GatewayConfig, *, task_status: trio.TaskStatus[Handle
                         store,
                         lease.holder_id,
                         {"registry": reg_rx.clone(), "ledger": ledger_rx.clone()},
+                        handover=handover,
                     )
                 )
                 nursery.start_soon(_refuse, sched_rx.clone())  # scheduler statistics exist only on the core

@@ -4,11 +4,12 @@ the core to every process's hub (``_sessions``), and their wire format (``_wire`
 mode they run in; ``actors/gateway.py`` wires the bridges in when the store is Redis."""
 
 from ._presence import announce, processes
-from ._requests import ask_core, serve_edges
+from ._requests import Handover, ask_core, serve_edges
 from ._sessions import Live, feed_hub, publish_to_redis, resync_sessions
 from ._wire import WireError, decode_answer, decode_request, encode_answer, encode_request
 
 __all__ = [
+    "Handover",
     "Live",
     "WireError",
     "announce",
