@@ -59,7 +59,7 @@ class Close(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # web._gc keeps a weak reference to it once it closes
 class Conn:
     id: int
     outbox: Outbox

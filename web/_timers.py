@@ -13,7 +13,8 @@ not 1,000 times).
 
 ``arm`` only ever moves a connection's deadline earlier; a later one is left to ``fire``, which recomputes it.
 Entries made stale by an earlier ``arm`` stay in the heap and are skipped when they come up (``conn.armed`` no
-longer matches), so the heap holds at most a few entries per connection.
+longer matches), so the heap holds at most a few entries per connection. They hold the connection by a weak
+reference: a closed connection is freed as it closes, not when its last stale entry comes up (web._gc).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import heapq
 import itertools
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,12 +35,12 @@ __all__ = ["Armable", "Timers"]
 
 
 class Armable(Protocol):
-    armed: float  # the deadline this connection is armed for (math.inf: none)
+    armed: float  # the deadline this connection is armed for (math.inf: none); it must take weak references
 
 
 class Timers:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Any, float]] = []  # (deadline, order, connection, slack)
+        self._heap: list[tuple[float, int, Any, float]] = []  # (deadline, order, weakref to the connection, slack)
         self._order = itertools.count()
         self._wake = trio.Event()
         self._sleeping_until = math.inf
@@ -54,7 +56,7 @@ class Timers:
         conn.armed = when
         if slack > self._max_slack:
             self._max_slack = slack
-        heapq.heappush(self._heap, (when, next(self._order), conn, slack))
+        heapq.heappush(self._heap, (when, next(self._order), weakref.ref(conn), slack))
         if when < self._sleeping_until:
             self._wake.set()
 
@@ -71,8 +73,9 @@ class Timers:
             early: list[tuple[float, int, Any, float]] = []  # not within its own slack: back into the heap after
             while heap and heap[0][0] <= horizon:
                 entry = heapq.heappop(heap)
-                when, _, conn, slack = entry
-                if conn.armed != when:  # superseded by an earlier arm, or disarmed
+                when, _, ref, slack = entry
+                conn = ref()
+                if conn is None or conn.armed != when:  # gone, superseded by an earlier arm, or disarmed
                     continue
                 if when - slack > now:
                     early.append(entry)
@@ -82,6 +85,7 @@ class Timers:
                     fire(conn)
                 except Exception:  # a bug costs that connection its timers, never every connection's
                     log.exception("timers: firing %r failed", conn)
+            conn = None  # not held while asleep (web._gc: a closed connection is freed as it closes)
             for entry in early:
                 heapq.heappush(heap, entry)
             self._sleeping_until = heap[0][0] if heap else math.inf

@@ -119,10 +119,13 @@ class StompEndpoint(StompCommands):
             if scope.cancelled_caught:
                 log.error("ws %d: the sessions hub did not take the Detach within %.0fs", conn.id, DETACH_TIMEOUT)
             del self.live[conn.id]  # last: a connection not in ``live`` is detached and its tasks are gone
-            self.freezer.closed(conn.id, self.live)
             self.metrics.connections_closed(conn.outbox)
             if conn.outbox.failed is not None:
                 self.metrics.slow_consumer()
+            _unlink(conn)
+            if inbox is not None and inbox.pump is not None:
+                inbox.pump = _ignore  # what quart still hands on goes nowhere (and no longer holds conn)
+            self.freezer.closed(conn.id, conn, self.live)
 
     async def _close(self, transport: StompTransport, conn: _Conn, close: _Close) -> None:
         # detach first: a client that reconnects as soon as it sees the close finds its slot free
@@ -246,7 +249,7 @@ class StompEndpoint(StompCommands):
             log.info("ws %d (%s): %s", conn.id, conn.transport, exc)
             self._error(conn, "transport error", str(exc), 1002)
         elif isinstance(exc, _Close) and conn.close_after_flush is None:  # DISCONNECT: RECEIPT, then close
-            conn.close_after_flush = exc
+            conn.close_after_flush = exc.with_traceback(None)  # kept: its traceback's frames would hold conn
             conn.outbox.put_nowait(_END)
             self._condemned(conn)
 
@@ -406,3 +409,18 @@ class StompEndpoint(StompCommands):
             conn.session_held = False
         conn.released = True
         self.counter.release(conn.principal.user_id)
+
+
+async def _ignore(data: str | bytes) -> None:
+    """The pump of a closed connection's inbox."""
+
+
+def _unlink(conn: _Conn) -> None:
+    """Cut the references back to a closed connection from what it holds (its outbox's timer hook, its heart-beat
+    tap's hook), so that reference counting frees it as it goes: a cycle would wait for a full collection, which
+    a frozen connection (web._gc) only gets at a thaw (``tests/test_stomp_endpoint.py``, freed without the
+    collector)."""
+    conn.outbox.on_due = None
+    if conn.tap is not None:
+        conn.tap.hook = None
+        conn.tap = None

@@ -197,7 +197,7 @@ class StompConnection:
             return self._parse()
         except RemoteProtocolError as exc:
             self.state = ConnState.ERROR
-            self._error = exc
+            self._error = RemoteProtocolError(str(exc), error_frame=exc.error_frame)  # kept without a traceback
             self._buf = bytearray()
             self._pos = 0
             raise
