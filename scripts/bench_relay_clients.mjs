@@ -1,7 +1,7 @@
 // The benchmark's clients (scripts/bench_relay.py starts this with a JSON config file as its last argument):
 // one Node process, N connections, STOMP over `ws` with @stomp/stompjs (cfg.mode "stomp") or bare `ws`
-// ("bare"). Commands come as JSON lines on stdin (measure, status, quit), events go out as JSON lines on stdout
-// (ready, armed, tick, result, status, failed).
+// ("bare"). Commands come as JSON lines on stdin (measure, status, churn, quit), events go out as JSON lines on stdout
+// (ready, armed, tick, result, status, churned, failed).
 import { createRequire } from 'node:module';
 import readline from 'node:readline';
 import { readFileSync } from 'node:fs';
@@ -124,15 +124,32 @@ function connectFloor(i) {
 }
 
 const conns = [];
-async function main() {
+async function connectAll() {
   const connect = { stomp: connectStomp, bare: connectBare, floor: connectFloor }[cfg.mode];
-  const t0 = now();
   for (let i = 0; i < n; i += cfg.batch) {
     const batch = [];
     for (let j = i; j < Math.min(n, i + cfg.batch); j++) batch.push(connect(j));
     conns.push(...await Promise.all(batch));
   }
+}
+
+async function main() {
+  const t0 = now();
+  await connectAll();
   out({ event: 'ready', seconds: (now() - t0) / 1000, clockSkewMs: Date.now() - now() });
+}
+
+// A turnover of the whole population (idle mode, --churn): every client leaves (stompjs: DISCONNECT, then the close
+// handshake), then all connect again, in batches as at the start.
+async function churn() {
+  if (cfg.mode !== 'stomp') throw new Error('churn is for the stomp clients');
+  const t0 = now();
+  const before = closed;
+  const old = conns.splice(0);
+  for (let i = 0; i < old.length; i += cfg.batch) await Promise.all(old.slice(i, i + cfg.batch).map((c) => c.deactivate()));
+  const left = now();
+  await connectAll();
+  out({ event: 'churned', closed: closed - before, leaveSeconds: (left - t0) / 1000, seconds: (now() - t0) / 1000 });
 }
 
 readline.createInterface({ input: process.stdin }).on('line', (line) => {
@@ -144,6 +161,8 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
               by: new Array(cfg.urls ? cfg.urls.length : 1).fill(0) };
     perClient.fill(0);
     out({ event: 'armed' });
+  } else if (cmd.cmd === 'churn') {
+    churn().catch((e) => { out({ event: 'failed', error: String(e && e.message || e), errors }); process.exit(1); });
   } else if (cmd.cmd === 'status') {
     out({ event: 'status', closed, errors });
   } else if (cmd.cmd === 'quit') {

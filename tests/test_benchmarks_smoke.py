@@ -55,7 +55,9 @@ def test_bench_scale_runs_one_and_two_processes_on_redis(tmp_path: Path) -> None
 
 def test_bench_relay_idle_mode_holds_the_connections_on_gateway_bare_relay_and_trio_floor(tmp_path: Path) -> None:
     report = run_script(
-        "bench_relay.py", ["--clients", "20", "--paths", "idle", "--idle-seconds", "2"], tmp_path / "idle.json"
+        "bench_relay.py",
+        ["--clients", "20", "--paths", "idle", "--idle-seconds", "2", "--churn"],
+        tmp_path / "idle.json",
     )
     setup = report["setup"]
     assert set(setup) == {"gateway", "bare", "floor"}
@@ -63,3 +65,5 @@ def test_bench_relay_idle_mode_holds_the_connections_on_gateway_bare_relay_and_t
         assert st["closed_while_idle"] == 0, name
         assert st["idle_cpu_percent"] >= 0, name
     assert setup["gateway"]["kb_per_connection"] > 0
+    # --churn: every gateway client left and connected again, and the server's collections were counted
+    assert setup["gateway"]["churn_closed"] == 20 and setup["gateway"]["churn_gc_full"] >= 0

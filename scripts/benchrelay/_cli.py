@@ -79,6 +79,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="experiment: gc.freeze() in the server once the clients are connected (what GC pauses cost)",
     )
     p.add_argument(
+        "--churn",
+        action="store_true",
+        help="idle mode, gateway: after the idle window every client leaves and connects again (a turnover of the "
+        "population); report the server's full collections meanwhile (a web/_gc.py thaw is one) and its RSS after",
+    )
+    p.add_argument(
         "--thaw",
         action="store_true",
         help="after the idle window, time one thaw as web/_gc.py does it (gc.unfreeze, a full collection, gc.freeze)",

@@ -34,7 +34,7 @@ from ._common import (
     WORKFLOW,
     Submitter,
 )
-from ._procs import ClosedLoop, Proc, Result, cpu_busy, fill_latency, idle_window, pin, proc_cpu
+from ._procs import ClosedLoop, Proc, Result, churn_window, cpu_busy, fill_latency, idle_window, pin, proc_cpu
 from ._report import fmt_ms, fmt_rate
 
 
@@ -113,6 +113,14 @@ class Driver:
         if self.a.gc_freeze:
             await server.send({"cmd": "gc_freeze"})
             setup["gc_frozen_objects"] = (await server.expect("frozen", 30))["frozen"]
+        if self.a.churn and mode == "stomp":
+            setup.update(await churn_window(server, p, 60 + self.a.clients / 10))
+            self.say(
+                f"  churn ({mode}): {setup['churn_closed']} left and all connected again in {setup['churn_seconds']}s; "
+                f"{setup['churn_gc_full']} full GC (longest {setup['churn_gc_full_max_ms']} ms), longest GC "
+                f"{setup['churn_gc_max_ms']} ms, server CPU {setup['churn_cpu_s']}s; RSS "
+                f"{round(setup['rss_after_churn_kb'] / 1024, 1)} MB after"
+            )
         if self.a.thaw:
             await server.send({"cmd": "thaw"})
             thawed = await server.expect("thawed", 120)

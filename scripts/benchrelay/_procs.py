@@ -224,3 +224,25 @@ async def idle_window(
         "client_errors": status["errors"],
         "idle_profile": idle["profile"],
     }
+
+
+async def churn_window(server: Proc, clients: Proc, timeout: float) -> dict[str, Any]:
+    """A turnover of the whole population (every client leaves, then all connect again): the server's full
+    collections meanwhile (a thaw of web/_gc.py is one), the longest collection, and its RSS after."""
+    await server.send({"cmd": "begin"})
+    await server.expect("begun", 10)
+    await clients.send({"cmd": "churn"})
+    churned = await clients.expect("churned", timeout)
+    await trio.sleep(1)
+    await server.send({"cmd": "end"})
+    ended = await server.expect("ended", 60)
+    return {
+        "churn_seconds": round(churned["seconds"], 2),
+        "churn_leave_seconds": round(churned["leaveSeconds"], 2),
+        "churn_closed": churned["closed"],
+        "churn_gc_full": ended["gc_full"],
+        "churn_gc_full_max_ms": ended["gc_full_max_ms"],
+        "churn_gc_max_ms": ended["gc_max_ms"],
+        "churn_cpu_s": round(ended["cpu"], 2),
+        "rss_after_churn_kb": ended["rss_kb"],
+    }
