@@ -7,9 +7,11 @@ only what opened since.
 
 The price: a frozen object is never *collected*. It is still freed by reference counting, so a connection that
 was alive at a freeze and closes later costs nothing if its objects hold no reference cycle; one whose objects a
-cycle keeps alive stays in memory. Measured (session 6, the real endpoint): clean closes, killed clients and
-protocol errors leave no cycle, and ``tests/test_gc_policy.py`` checks that a closed connection is freed with the
-collector off. So only closed frozen connections still alive some time after they closed (a weak reference to
+cycle keeps alive stays in memory. Since session 6 a closed connection holds none: the endpoint cuts what points
+back at its ``Conn`` (web._ws), and Hypercorn's own ring of objects per TCP connection is cut once it is done
+(web._reap). Measured: no cyclic garbage per closed connection (clean close, killed client, protocol error), and the
+server's RSS flat over three turnovers of 10,000 connections (it grew by ~11 KB per connection per turnover
+before); ``tests/test_stomp_endpoint.py`` checks that closed connections are freed with the collector off. So only closed frozen connections still alive some time after they closed (a weak reference to
 each tells) count as kept garbage; once as many are kept as connections are alive (and at least ``every``),
 everything is thawed, collected in one full collection (≈ 1.7 s at 10,000 connections) and frozen again. Memory
 held by closed connections thus stays below what the live ones hold, and the long collection comes only when

@@ -264,6 +264,12 @@ class HeartbeatTap:
     def __getattr__(self, name: str) -> Any:  # anything else Hypercorn (or send_heartbeat_nowait) asks of its stream
         return getattr(self._stream, name)
 
+    def reap(self) -> None:
+        """The TCP connection is over (web._reap): Hypercorn's WSStream, which points back at us (its ``app_put`` is
+        ours), lets go of everything, so reference counting frees the connection's objects."""
+        if hasattr(self._ws, "__dict__"):
+            vars(self._ws).clear()
+
     async def app_put(self, message: Any) -> None:
         if message["type"] == "websocket.receive":
             self.put += 1

@@ -23,7 +23,7 @@ from wsproto.extensions import PerMessageDeflate as _DeflateOn  # the class hype
 from actors.gateway import GatewayConfig, run_gateway
 from actors.image_urls import ImageUrls
 
-from . import _ws_close
+from . import _reap, _ws_close
 from ._templates import TemplateLibrary
 from ._transport import PumpedWebsocketConnection
 from .app import create_app
@@ -95,6 +95,8 @@ async def serve_gateway(
     hc.graceful_timeout = web.shutdown_grace
     hc.websocket_max_message_size = max(web.max_frame_size * 4, 1 << 20)
     serve_done = trio.Event()
+
+    _reap.install()  # Hypercorn's per-connection objects freed as each connection ends (web._reap, web._gc)
 
     async def _serve(app: object, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
