@@ -24,7 +24,7 @@ import gc
 import logging
 import time
 import weakref
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class FreezePolicy:
         self.every = every
         self.opened_since = 0
         self.frozen: set[int] = set()
-        self.kept: list[weakref.ref[object]] = []  # closed frozen connections, not yet seen freed
+        self.kept: list[Callable[[], object]] = []  # closed frozen connections, not yet seen freed
         self.check_at = every  # prune ``kept`` when it is this long (doubles with survivors: O(1) per close)
         self.thaws = 0
 
@@ -60,13 +60,15 @@ class FreezePolicy:
             gc.freeze()
             self.frozen.update(live)
 
-    def closed(self, conn_id: int, conn: object, live: Collection[int]) -> None:
-        """``conn`` (id ``conn_id``) closed; ``live``: the ids of the connections still open. (A thaw run from here
-        cannot collect ``conn`` itself, which its caller still holds: the next thaw does, if it holds a cycle.)"""
+    def closed(self, conn_id: int, conn: object, live: Collection[int], *, cycle_free: bool = True) -> None:
+        """``conn`` (id ``conn_id``) closed; ``live``: the ids of the connections still open. ``cycle_free``: a
+        transport whose closed connections are shown to hold no cycle (``/ws``); any other counts as kept, freed or
+        not, as all did before session 6 (its cycles need not pass through ``conn``). (A thaw run from here cannot
+        collect ``conn`` itself, which its caller still holds: the next thaw does, if it holds a cycle.)"""
         if conn_id not in self.frozen:
             return
         self.frozen.discard(conn_id)
-        self.kept.append(weakref.ref(conn))
+        self.kept.append(weakref.ref(conn) if cycle_free else _always_kept)
         if len(self.kept) < max(self.check_at, len(live)):
             return
         self.kept = [ref for ref in self.kept if ref() is not None]  # the freed ones held no cycle
@@ -90,3 +92,8 @@ class FreezePolicy:
             found,
             1000 * (time.perf_counter() - started),
         )
+
+
+def _always_kept() -> object:
+    """What ``kept`` holds for a closed connection of a transport not shown cycle-free: never seen freed."""
+    return True

@@ -125,7 +125,8 @@ class StompEndpoint(StompCommands):
             _unlink(conn)
             if inbox is not None and inbox.pump is not None:
                 inbox.pump = _ignore  # what quart still hands on goes nowhere (and no longer holds conn)
-            self.freezer.closed(conn.id, conn, self.live)
+            # /ws is shown cycle-free (tests/test_stomp_endpoint.py); SockJS sessions are counted as kept
+            self.freezer.closed(conn.id, conn, self.live, cycle_free=conn.transport == "ws")
 
     async def _close(self, transport: StompTransport, conn: _Conn, close: _Close) -> None:
         # detach first: a client that reconnects as soon as it sees the close finds its slot free
