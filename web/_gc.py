@@ -11,11 +11,14 @@ cycle keeps alive stays in memory. Since session 6 a closed connection holds non
 back at its ``Conn`` (web._ws), and Hypercorn's own ring of objects per TCP connection is cut once it is done
 (web._reap). Measured: no cyclic garbage per closed connection (clean close, killed client, protocol error), and the
 server's RSS flat over three turnovers of 10,000 connections (it grew by ~11 KB per connection per turnover
-before); ``tests/test_stomp_endpoint.py`` checks that closed connections are freed with the collector off. So only closed frozen connections still alive some time after they closed (a weak reference to
-each tells) count as kept garbage; once as many are kept as connections are alive (and at least ``every``),
-everything is thawed, collected in one full collection (≈ 1.7 s at 10,000 connections) and frozen again. Memory
-held by closed connections thus stays below what the live ones hold, and the long collection comes only when
-cycles really pile up, not once per turnover of the population (which it cost until session 6).
+before); ``tests/test_stomp_endpoint.py`` checks that closed connections are freed with the collector off.
+
+So only closed frozen connections still alive some time after they closed (a weak reference to each tells) count
+as kept garbage, and every closed SockJS session, whose objects are not shown cycle-free. Once as many are kept as
+connections are alive (and at least ``every``), everything is thawed, collected in one full collection (≈ 1.7 s at
+10,000 connections) and frozen again. Memory held by closed connections thus stays below what the live ones hold,
+and the long collection comes only when cycles really pile up, not once per turnover of the population (which it
+cost until session 6).
 """
 
 from __future__ import annotations
