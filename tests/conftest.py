@@ -13,6 +13,7 @@ import pytest
 import trio
 from _redis_server import RedisServer
 
+import web.server
 from actors.comfy import ComfyTimeouts, RestartPolicy
 from actors.gateway import GatewayConfig
 from web.config import WebConfig
@@ -165,3 +166,21 @@ async def wait_backends_up(g: GatewayUnderTest, n: int = 1, timeout: float = 10)
     async with stomp_connect(g.ws_url, token=g.token("observer"), client_id="observer") as c:
         await c.subscribe("/topic/messages", "status")
         await c.collect_until(lambda m: m.get("type") == "status" and m["backends"]["up"] >= n, timeout=timeout)
+
+
+@pytest.fixture
+def apps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every app ``serve_gateway`` builds, so a test can reach its endpoint, sessions hub and metrics (``parts``)."""
+    made: list[Any] = []
+    real = web.server.create_app
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        made.append(real(*args, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(web.server, "create_app", spy)
+    return made
+
+
+def parts(app: Any) -> dict[str, Any]:
+    return app.extensions["gateway"]  # type: ignore[no-any-return]

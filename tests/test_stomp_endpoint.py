@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import GatewayUnderTest, wait_backends_up, workflow
+from conftest import GatewayUnderTest, parts, wait_backends_up, workflow
 from fake_comfyui import FakeComfyUI
 from stomp_client import Received, StompClient, stomp_connect
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -30,7 +30,6 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-import web.server
 from actors import sessions
 from actors._util import ask
 from web._ws import CLOSE_GRACE
@@ -40,25 +39,6 @@ TERMINAL = ("completed", "execution_error", "cancelled")
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def apps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every app ``serve_gateway`` builds, so a test can reach its endpoint, sessions hub and metrics."""
-    made: list[Any] = []
-    real = web.server.create_app
-
-    def spy(*args: Any, **kw: Any) -> Any:
-        app = real(*args, **kw)
-        made.append(app)
-        return app
-
-    monkeypatch.setattr(web.server, "create_app", spy)
-    return made
-
-
-def parts(app: Any) -> dict[str, Any]:
-    return app.extensions["gateway"]  # type: ignore[no-any-return]
 
 
 def quick_workflow(steps: int = 2) -> dict[str, Any]:

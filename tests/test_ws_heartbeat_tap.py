@@ -12,31 +12,17 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import parts
 from fake_comfyui import FakeComfyUI
 from hypothesis import given
 from hypothesis import strategies as st
 from stomp_client import stomp_connect
-from test_stomp_endpoint import parts, until_receipt, wait_until
+from test_stomp_endpoint import until_receipt, wait_until
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 
-import web.server
 from web._transport import HeartbeatTap, lone_heartbeat
-
-
-@pytest.fixture
-def apps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Every app ``serve_gateway`` builds, to reach its endpoint's connections."""
-    made: list[Any] = []
-    real = web.server.create_app
-
-    def spy(*args: Any, **kw: Any) -> Any:
-        made.append(real(*args, **kw))
-        return made[-1]
-
-    monkeypatch.setattr(web.server, "create_app", spy)
-    return made
 
 
 def masked_frame(payload: bytes, mask: bytes, *, first: int = 0x81) -> bytes:
