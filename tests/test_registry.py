@@ -360,6 +360,47 @@ async def test_a_failed_save_of_the_end_still_ends_the_task_and_frees_its_slot(
         assert sum(stats.by_state.values()) == 1  # bob's task only: none stuck in memory
 
 
+async def test_a_chosen_task_id_of_another_users_task_is_never_shared_nor_overwritten(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An edge chooses a submit's task id (its request id) so a repeat finds its task. If that id is another user's
+    task, finished or still being frozen, the submit gets a task of its own: it is not told of the other user's
+    task, and the other user's record is left as it was."""
+    gate = [trio.Event()]
+    async with registry(ledger_open=gate) as h:
+        gate[0].set()
+        t1 = await h.submit()  # alice's
+        [cmd] = await dispatched(h)
+        await accepted(h, cmd)
+        await h.event(ExecutionStart(cmd.prompt_id))
+        await h.event(Executed(cmd.prompt_id, "9", {"images": IMAGES}))
+        await h.event(ExecutionSuccess(cmd.prompt_id))
+        await h.event(Executing(cmd.prompt_id, None))
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.store.tasks[t1].state == "succeeded"
+        bobs = await ask(h.registry, lambda r: reg.Submit("bob", "c9", WORKFLOW, 1, r, task_id=t1))
+        assert isinstance(bobs, reg.Accepted) and bobs.task_id != t1
+        assert (h.store.tasks[t1].user_id, h.store.tasks[t1].state) == ("alice", "succeeded")
+        assert h.store.tasks[bobs.task_id].user_id == "bob"
+        gate[0] = trio.Event()  # the ledger sits on the next freeze: alice's request "r-2" is being answered
+        answers: list[Any] = []
+
+        async def submit(user: str) -> None:
+            answers.append(
+                (user, await ask(h.registry, lambda r: reg.Submit(user, "c1", WORKFLOW, 1, r, task_id="r-2")))
+            )
+
+        async with trio.open_nursery() as n:
+            n.start_soon(submit, "alice")
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(submit, "bob")
+            await trio.testing.wait_all_tasks_blocked()
+            gate[0].set()
+        got = dict(answers)
+        assert got["alice"].task_id == "r-2" and got["bob"].task_id != "r-2"
+        assert h.store.tasks["r-2"].user_id == "alice"
+
+
 async def test_a_batch_of_events_is_handled_in_order_and_a_fault_fails_only_its_task(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

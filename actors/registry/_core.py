@@ -126,9 +126,11 @@ class Registry(Events):
         (``frozen``), and is announced once the scheduler has said where it queues (``enqueued``).
         A repeated request (an edge's ``task_id`` whose answer was lost) gets that task again, once."""
         chosen = msg.task_id
-        if chosen is not None and chosen in self.answering:  # its first attempt is still being answered
-            self.answering[chosen].append(msg)
-            return
+        if chosen is not None and chosen in self.answering:
+            if self.answering[chosen][0].user_id == msg.user_id:  # its first attempt is still being answered
+                self.answering[chosen].append(msg)
+                return
+            chosen = None  # another user's task id: never shared, never theirs to be told of
         if chosen is not None:
             rec = await self.record(chosen)
             if rec is not None and rec.user_id == msg.user_id:
@@ -139,7 +141,9 @@ class Registry(Events):
 
                 await self.with_positions([rec], again, msg.reply)
                 return
-            if await self.store.hold(chosen) is not None:
+            if rec is not None:
+                chosen = None  # another user's task has that id: a new one (never overwrite theirs)
+            elif await self.store.hold(chosen) is not None:
                 chosen = None  # an earlier attempt froze and died before saving: its hold was released; start afresh
         if not self.take_submit_token(msg.user_id):
             reply_once(
