@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,15 @@ class GetPosition:
 
 
 @dataclass(frozen=True, slots=True)
+class GetPositions:
+    """The positions of several tasks at once (None for one that does not wait): one walk over the waiting users
+    for all of them (a user's task list asks for up to all of its queued tasks)."""
+
+    task_ids: tuple[str, ...]
+    reply: trio.MemorySendChannel[dict[str, int | None]]
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerStats:
     waiting: int
     inflight: Mapping[str, int]
@@ -90,7 +99,7 @@ class GetStats:
     reply: trio.MemorySendChannel[SchedulerStats]
 
 
-SchedulerMsg = Enqueue | Withdraw | Occupy | Release | SetBackend | GetPosition | GetStats
+SchedulerMsg = Enqueue | Withdraw | Occupy | Release | SetBackend | GetPosition | GetPositions | GetStats
 
 
 class _FairQueue:
@@ -158,6 +167,33 @@ class _FairQueue:
             return turn_index + 1
         lens = [len(self.by_user[u]) for u in self.turn]
         return sum(min(n, depth) for n in lens) + sum(1 for n in lens[:turn_index] if n > depth) + 1
+
+    def positions(self, task_ids: Collection[str]) -> dict[str, int | None]:
+        """``position`` of each of ``task_ids``, in O(users + asked x the longest queue) rather than O(users) each:
+        how many users have queues of each length (for the jobs at smaller depths), and per user asked about, how
+        many users before it in the turn have queues longer than each depth."""
+        out: dict[str, int | None] = dict.fromkeys(task_ids)
+        asked = [t for t in out if t in self.owner]
+        if not asked:
+            return out
+        lens = [len(self.by_user[u]) for u in self.turn]
+        longest = max(lens)
+        users_with = [0] * (longest + 1)  # users_with[n]: users whose queue holds n jobs
+        for n in lens:
+            users_with[n] += 1
+        index = {u: i for i, u in enumerate(self.turn)}
+        before: dict[str, list[int]] = {}  # owner -> users_with, counted over the users before it in the turn
+        for task_id in asked:
+            owner = self.owner[task_id]
+            depth = next(i for i, job in enumerate(self.by_user[owner]) if job.task_id == task_id)
+            if owner not in before:
+                counts = [0] * (longest + 1)
+                for n in lens[: index[owner]]:
+                    counts[n] += 1
+                before[owner] = counts
+            shallower = sum(k * min(n, depth) for n, k in enumerate(users_with))
+            out[task_id] = shallower + sum(before[owner][depth + 1 :]) + 1
+        return out
 
     def order(self) -> list[str]:
         """Task ids in the order they would be dispatched (ignoring per-user in-flight caps)."""
@@ -259,6 +295,8 @@ async def run(
                         (up.add if is_up else up.discard)(name)
                 case GetPosition(task_id, reply):
                     reply_once(reply, queue.position(task_id))
+                case GetPositions(task_ids, reply):
+                    reply_once(reply, queue.positions(task_ids))
                 case GetStats(reply):
                     reply_once(
                         reply,

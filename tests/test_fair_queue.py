@@ -37,6 +37,8 @@ def test_position_is_the_place_in_dispatch_order(plan: list[tuple[str, object]])
             queue.remove(pushed[arg].task_id)
         order = queue.order()
         assert len(queue) == len(order) and bool(queue) == bool(order)  # len is the owner map's: every job once
+        asked = [job.task_id for job in pushed] + ["never-pushed"]
+        assert queue.positions(asked) == {t: queue.position(t) for t in asked}  # one walk for all, the same places
         for job in pushed:
             want = order.index(job.task_id) + 1 if job.task_id in order else None
             assert queue.position(job.task_id) == want

@@ -86,27 +86,25 @@ class Views(RegistryBase):
         return task.rec if task is not None else await self.store.get_task(task_id)
 
     async def with_positions(self, recs: list[TaskRecord], done: Any, reply: trio.MemorySendChannel[Any]) -> None:
-        """Ask the scheduler for the positions of the queued ``recs`` (one request each), then ``done(positions)``."""
-        queued = [r.task_id for r in recs if r.state == State.QUEUED]
-        positions: dict[str, int | None] = {}
+        """Ask the scheduler for the positions of the queued ``recs`` (one request for all), then
+        ``done(positions)``."""
+        queued = tuple(r.task_id for r in recs if r.state == State.QUEUED)
         if not queued:
-            await done(positions)
+            await done({})
             return
-        for task_id in queued:
 
-            async def got(position: Any, task_id: str = task_id) -> None:
-                positions[task_id] = position if isinstance(position, int) else None
-                if len(positions) == len(queued):
-                    await done(positions)
+        async def got(answer: Any) -> None:
+            found = answer if isinstance(answer, dict) else {}
+            await done({t: p if isinstance(p := found.get(t), int) else None for t in queued})
 
-            await self.request(
-                self.scheduler,
-                partial(sched.GetPosition, task_id),
-                got,
-                task_id=None,
-                name="scheduler",
-                on_error=reply.close,
-            )
+        await self.request(
+            self.scheduler,
+            partial(sched.GetPositions, queued),
+            got,
+            task_id=None,
+            name="scheduler",
+            on_error=reply.close,
+        )
 
     async def get_task(self, msg: GetTask) -> None:
         rec = await self.record(msg.task_id)
