@@ -161,7 +161,8 @@ class _FairQueue:
         if owner is None:
             return None
         q = self.by_user[owner]
-        turn_index = self.turn.index(owner)
+        # a user who had nothing waiting was just appended (a submit's answer): O(1) then, not a walk of the turn
+        turn_index = len(self.turn) - 1 if self.turn[-1] == owner else self.turn.index(owner)
         depth = next(i for i, job in enumerate(q) if job.task_id == task_id)
         if depth == 0:
             return turn_index + 1
