@@ -71,12 +71,6 @@ class SetBackend:
 
 
 @dataclass(frozen=True, slots=True)
-class GetPosition:
-    task_id: str
-    reply: trio.MemorySendChannel[int | None]
-
-
-@dataclass(frozen=True, slots=True)
 class GetPositions:
     """The positions of several tasks at once (None for one that does not wait): one walk over the waiting users
     for all of them (a user's task list asks for up to all of its queued tasks)."""
@@ -99,7 +93,7 @@ class GetStats:
     reply: trio.MemorySendChannel[SchedulerStats]
 
 
-SchedulerMsg = Enqueue | Withdraw | Occupy | Release | SetBackend | GetPosition | GetPositions | GetStats
+SchedulerMsg = Enqueue | Withdraw | Occupy | Release | SetBackend | GetPositions | GetStats
 
 
 class _FairQueue:
@@ -294,8 +288,6 @@ async def run(
                 case SetBackend(name, is_up):
                     if name in backends:
                         (up.add if is_up else up.discard)(name)
-                case GetPosition(task_id, reply):
-                    reply_once(reply, queue.position(task_id))
                 case GetPositions(task_ids, reply):
                     reply_once(reply, queue.positions(task_ids))
                 case GetStats(reply):

@@ -122,9 +122,7 @@ class StompEndpoint(StompCommands):
             self.metrics.connections_closed(conn.outbox)
             if conn.outbox.failed is not None:
                 self.metrics.slow_consumer()
-            _unlink(conn)
-            if inbox is not None and inbox.pump is not None:
-                inbox.pump = _ignore  # what quart still hands on goes nowhere (and no longer holds conn)
+            _unlink(conn, inbox)
             # /ws is shown cycle-free (tests/test_stomp_endpoint.py); SockJS sessions are counted as kept
             self.freezer.closed(conn.id, conn, self.live, cycle_free=conn.transport == "ws")
 
@@ -416,12 +414,14 @@ async def _ignore(data: str | bytes) -> None:
     """The pump of a closed connection's inbox."""
 
 
-def _unlink(conn: _Conn) -> None:
+def _unlink(conn: _Conn, inbox: PumpInbox | None) -> None:
     """Cut the references back to a closed connection from what it holds (its outbox's timer hook, its heart-beat
-    tap's hook), so that reference counting frees it as it goes: a cycle would wait for a full collection, which
-    a frozen connection (web._gc) only gets at a thaw (``tests/test_stomp_endpoint.py``, freed without the
-    collector)."""
+    tap's hook, the pump of the inbox it claimed: what quart still hands on goes nowhere), so that reference
+    counting frees it as it goes: a cycle would wait for a full collection, which a frozen connection (web._gc)
+    only gets at a thaw (``tests/test_stomp_endpoint.py``, freed without the collector)."""
     conn.outbox.on_due = None
     if conn.tap is not None:
         conn.tap.hook = None
         conn.tap = None
+    if inbox is not None and inbox.pump is not None:
+        inbox.pump = _ignore
