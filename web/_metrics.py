@@ -4,9 +4,15 @@ by asking the actors for their statistics."""
 from __future__ import annotations
 
 import logging
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from actors import NoAnswer, ask_within, registry, scheduler, sessions
 from actors.gateway import Handles
@@ -16,6 +22,49 @@ from ._outbox import Outbox
 log = logging.getLogger(__name__)
 
 SCRAPE_TIMEOUT = 2.0  # seconds to wait for each actor's statistics
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RelayStats(Collector):
+    """What the connection writers count per message: ``gateway_messages_sent_total{type}`` and the
+    ``gateway_relay_latency_seconds`` histogram, the same series as a prometheus-client ``Counter`` and
+    ``Histogram`` would give, kept in plain ints and floats. Every message to every client passes here, and the
+    library's metrics take a lock per update (~0.8 µs per message for the two, against ~0.15 µs here); the writers
+    and the scrape all run in the one trio thread, so nothing needs a lock."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.sent: dict[str, int] = {}
+        self.created: dict[str, float] = {}  # when each type was first counted (the library's ``_created``)
+        self.since = time.time()
+        self.buckets = [0] * (len(bounds) + 1)  # per bucket (not cumulative); the last is +Inf
+        self.total = 0.0
+
+    def relayed(self, kind: str, latency: float) -> None:
+        sent = self.sent
+        if kind in sent:
+            sent[kind] += 1
+        else:
+            sent[kind] = 1
+            self.created[kind] = time.time()
+        self.buckets[bisect_left(self.bounds, latency)] += 1  # le: a latency equal to a bound is in its bucket
+        self.total += latency
+
+    def collect(self) -> Iterator[Metric]:
+        sent = CounterMetricFamily("gateway_messages_sent", "STOMP messages written to clients", labels=["type"])
+        for kind, n in self.sent.items():
+            sent.add_metric([kind], n, created=self.created[kind])
+        yield sent
+        latency = HistogramMetricFamily(
+            "gateway_relay_latency_seconds", "time from an event reaching its session to its frame being written"
+        )
+        cumulative, buckets = 0, []
+        for le, n in zip((*map(floatToGoString, self.bounds), "+Inf"), self.buckets, strict=True):
+            cumulative += n
+            buckets.append((le, cumulative))
+        latency.add_metric([], buckets, self.total)
+        latency.add_sample("gateway_relay_latency_seconds_created", {}, self.since)
+        yield latency
 
 
 class Metrics:
@@ -25,18 +74,13 @@ class Metrics:
         self.ws_opened = Counter("gateway_ws_connections_opened", "WebSocket connections accepted", registry=reg)
         self.ws_closed = Counter("gateway_ws_connections_closed", "WebSocket connections closed", registry=reg)
         self.ws_open = Gauge("gateway_ws_connections", "WebSocket connections open now", registry=reg)
-        self.sent = Counter("gateway_messages_sent", "STOMP messages written to clients", ["type"], registry=reg)
-        self._sent_by_kind: dict[str, Any] = {}
+        self.relay = RelayStats()
+        reg.register(self.relay)
+        self.relayed = self.relay.relayed  # the writers call it once per message
         self.dropped = Counter(
             "gateway_messages_dropped", "progress/preview messages dropped for full outboxes", registry=reg
         )
         self.slow = Counter("gateway_slow_consumers", "connections closed as slow consumers", registry=reg)
-        self.latency = Histogram(
-            "gateway_relay_latency_seconds",
-            "time from an event reaching its session to its frame being written",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=reg,
-        )
         self.sessions = Gauge("gateway_sessions", "live sessions", registry=reg)
         self.sockjs_sessions = Gauge(
             "gateway_sockjs_sessions", "live SockJS sessions on HTTP transports", registry=reg
@@ -61,13 +105,6 @@ class Metrics:
 
     def slow_consumer(self) -> None:
         self.slow.inc()
-
-    def relayed(self, kind: str, latency: float) -> None:
-        child = self._sent_by_kind.get(kind)
-        if child is None:  # labels() costs a lock and a lookup: once per message type, not per message
-            child = self._sent_by_kind[kind] = self.sent.labels(kind)
-        child.inc()
-        self.latency.observe(latency)
 
     async def _ask(self, target: Any, build: Any) -> Any:
         try:
