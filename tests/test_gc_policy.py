@@ -96,16 +96,3 @@ def test_connections_that_were_never_frozen_need_no_thaw() -> None:
     close(policy, live, 0)
     gc.collect()
     assert ref() is None and policy.thaws == 0 and policy.frozen == set()
-
-
-def test_a_transport_not_shown_cycle_free_counts_its_closed_connections_as_kept() -> None:
-    """A SockJS session's objects are not shown free of cycles that miss its connection object, so its closed
-    frozen connections count toward a thaw even when that object was freed (the rule before session 6)."""
-    policy = FreezePolicy(every=4)
-    live: dict[int, object] = {}
-    open_conns(policy, live, range(8), PlainConn)
-    for i in range(4):
-        conn = live.pop(i)
-        policy.closed(i, conn, live, cycle_free=False)
-        del conn
-    assert policy.thaws == 1  # 4 kept >= the 4 alive (and >= every), although all 4 were freed

@@ -140,7 +140,7 @@ class RawWs:
         self.text: list[str] = []
 
     @classmethod
-    async def open(cls, port: int, *, rcvbuf: int | None = None, deflate: bool = False) -> RawWs:
+    async def open(cls, port: int, *, rcvbuf: int | None = None, deflate: bool = False, target: str = "/ws") -> RawWs:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # before connect, so the advertised window stays small
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -150,8 +150,8 @@ class RawWs:
             raw.ws.send(
                 Request(
                     host=f"127.0.0.1:{port}",
-                    target="/ws",
-                    subprotocols=["v12.stomp"],
+                    target=target,
+                    subprotocols=["v12.stomp"] if target == "/ws" else [],
                     extensions=[PerMessageDeflate()] if deflate else [],
                 )
             )

@@ -13,12 +13,14 @@ back at its ``Conn`` (web._ws), and Hypercorn's own ring of objects per TCP conn
 server's RSS flat over three turnovers of 10,000 connections (it grew by ~11 KB per connection per turnover
 before); ``tests/test_stomp_endpoint.py`` checks that closed connections are freed with the collector off.
 
-So only closed frozen connections still alive some time after they closed (a weak reference to each tells) count
-as kept garbage, and every closed SockJS session, whose objects are not shown cycle-free. Once as many are kept as
-connections are alive (and at least ``every``), everything is thawed, collected in one full collection (≈ 1.7 s at
-10,000 connections) and frozen again. Memory held by closed connections thus stays below what the live ones hold,
-and the long collection comes only when cycles really pile up, not once per turnover of the population (which it
-cost until session 6).
+The same holds for SockJS sessions, over a WebSocket or HTTP polling (web.sockjs raises the ``Cancelled`` of a
+session whose client left on its own, not in an exception group that Quart's error handler would keep in a cycle;
+``tests/test_sockjs_gc.py``). So only closed frozen connections still alive some time after they closed (a weak
+reference to each tells) count as kept garbage. Once as many are kept as connections are alive (and at least
+``every``), everything is thawed, collected in one full collection (≈ 1.7 s at 10,000 connections) and frozen
+again. Memory held by closed connections thus stays below what the live ones hold, and the long collection comes
+only when cycles really pile up, not once per turnover of the population (which it cost until session 6, and for
+SockJS until session 7).
 """
 
 from __future__ import annotations
@@ -63,15 +65,13 @@ class FreezePolicy:
             gc.freeze()
             self.frozen.update(live)
 
-    def closed(self, conn_id: int, conn: object, live: Collection[int], *, cycle_free: bool = True) -> None:
-        """``conn`` (id ``conn_id``) closed; ``live``: the ids of the connections still open. ``cycle_free``: a
-        transport whose closed connections are shown to hold no cycle (``/ws``); any other counts as kept, freed or
-        not, as all did before session 6 (its cycles need not pass through ``conn``). (A thaw run from here cannot
-        collect ``conn`` itself, which its caller still holds: the next thaw does, if it holds a cycle.)"""
+    def closed(self, conn_id: int, conn: object, live: Collection[int]) -> None:
+        """``conn`` (id ``conn_id``) closed; ``live``: the ids of the connections still open. (A thaw run from here
+        cannot collect ``conn`` itself, which its caller still holds: the next thaw does, if it holds a cycle.)"""
         if conn_id not in self.frozen:
             return
         self.frozen.discard(conn_id)
-        self.kept.append(weakref.ref(conn) if cycle_free else _always_kept)
+        self.kept.append(weakref.ref(conn))
         if len(self.kept) < max(self.check_at, len(live)):
             return
         self.kept = [ref for ref in self.kept if ref() is not None]  # the freed ones held no cycle
@@ -95,8 +95,3 @@ class FreezePolicy:
             found,
             1000 * (time.perf_counter() - started),
         )
-
-
-def _always_kept() -> object:
-    """What ``kept`` holds for a closed connection of a transport not shown cycle-free: never seen freed."""
-    return True

@@ -123,8 +123,8 @@ class StompEndpoint(StompCommands):
             if conn.outbox.failed is not None:
                 self.metrics.slow_consumer()
             _unlink(conn, inbox)
-            # /ws is shown cycle-free (tests/test_stomp_endpoint.py); SockJS sessions are counted as kept
-            self.freezer.closed(conn.id, conn, self.live, cycle_free=conn.transport == "ws")
+            # shown free of cycles: tests/test_stomp_endpoint.py (/ws), tests/test_sockjs_gc.py (SockJS)
+            self.freezer.closed(conn.id, conn, self.live)
 
     async def _close(self, transport: StompTransport, conn: _Conn, close: _Close) -> None:
         # detach first: a client that reconnects as soon as it sees the close finds its slot free
