@@ -101,10 +101,12 @@ async def test_closed_sockjs_sessions_are_freed_without_the_cycle_collector(
     refs: list[weakref.ref[Any]] = []
 
     def watch() -> None:
-        """Weak references to the session's connection and, under a WebSocket, Hypercorn's TCPServer."""
+        """Weak references to the session's connection, its transport and, under a WebSocket, Hypercorn's
+        TCPServer."""
         [conn] = [c for c in endpoint.live.values() if c.id != keeper]
         assert conn.id in endpoint.freezer.frozen
         refs.append(weakref.ref(conn))
+        refs.append(weakref.ref(conn.io))  # the session's transport: its state, pending messages, channels
         if transport == "websocket":
             tcp = conn.io.abort.func.__self__  # partial(TCPServer.protocol_send, Closed()): web._transport
             assert type(tcp).__name__ == "ReapingTCPServer"
@@ -117,6 +119,6 @@ async def test_closed_sockjs_sessions_are_freed_without_the_cycle_collector(
         await wait_until(lambda: all(ref() is None for ref in refs))  # the collector is off: refcounts alone
     finally:
         gc.enable()
-    assert len(refs) == (2 if transport == "websocket" else 1)
+    assert len(refs) == (3 if transport == "websocket" else 2)
     assert endpoint.freezer.thaws == 0 and endpoint.freezer.frozen == {keeper}
     await keeper_ws.aclose()

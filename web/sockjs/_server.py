@@ -55,7 +55,12 @@ class _HttpSession:
         self.inbox_send, self.inbox = trio.open_memory_channel[str](INBOX)
         self.changed = trio.Event()
         self.scope = trio.CancelScope()
-        self.abort: Callable[[], Awaitable[None]] | None = self._abort
+
+    @property
+    def abort(self) -> Callable[[], Awaitable[None]]:
+        # a property, not an attribute holding ``self._abort``: that bound method would hold the session in a
+        # reference cycle (kept whole, with its pending messages, until a full collection; tests/test_sockjs_gc.py)
+        return self._abort
 
     def wake(self) -> None:
         self.changed.set()
