@@ -14,13 +14,13 @@ server's RSS flat over three turnovers of 10,000 connections (it grew by ~11 KB 
 before); ``tests/test_stomp_endpoint.py`` checks that closed connections are freed with the collector off.
 
 The same holds for SockJS sessions, over a WebSocket or HTTP polling (web.sockjs raises the ``Cancelled`` of a
-session whose client left on its own, not in an exception group that Quart's error handler would keep in a cycle;
-``tests/test_sockjs_gc.py``). So only closed frozen connections still alive some time after they closed (a weak
-reference to each tells) count as kept garbage. Once as many are kept as connections are alive (and at least
-``every``), everything is thawed, collected in one full collection (≈ 1.7 s at 10,000 connections) and frozen
-again. Memory held by closed connections thus stays below what the live ones hold, and the long collection comes
-only when cycles really pile up, not once per turnover of the population (which it cost until session 6, and for
-SockJS until session 7).
+session whose client left on its own, not in an exception group that Quart's error handler would keep in a cycle,
+and its HTTP sessions hold no bound method of their own; ``tests/test_closed_sessions_gc.py``). So only closed
+frozen connections still alive some time after they closed (a weak reference to each tells) count as kept garbage.
+Once as many are kept as connections are alive (and at least ``every``), everything is thawed, collected in one
+full collection (≈ 1.7 s at 10,000 connections) and frozen again. Memory held by closed connections thus stays
+below what the live ones hold, and the long collection comes only when cycles really pile up, not once per
+turnover of the population (which it cost until session 6, and for SockJS until session 7).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class StompEndpoint(StompCommands):
             if conn.outbox.failed is not None:
                 self.metrics.slow_consumer()
             _unlink(conn, inbox)
-            # shown free of cycles: tests/test_stomp_endpoint.py (/ws), tests/test_sockjs_gc.py (SockJS)
+            # shown free of cycles: tests/test_stomp_endpoint.py (/ws), tests/test_closed_sessions_gc.py (SockJS)
             self.freezer.closed(conn.id, conn, self.live)
 
     async def _close(self, transport: StompTransport, conn: _Conn, close: _Close) -> None:

@@ -59,7 +59,8 @@ class _HttpSession:
     @property
     def abort(self) -> Callable[[], Awaitable[None]]:
         # a property, not an attribute holding ``self._abort``: that bound method would hold the session in a
-        # reference cycle (kept whole, with its pending messages, until a full collection; tests/test_sockjs_gc.py)
+        # reference cycle (kept whole, with its pending messages, until a full collection;
+        # tests/test_closed_sessions_gc.py)
         return self._abort
 
     def wake(self) -> None:

@@ -1,5 +1,5 @@
 """A closed SockJS session is freed by reference counting alone, as a closed ``/ws`` connection is
-(``tests/test_stomp_endpoint.py``): however it ends, nothing of it waits for a full collection. The endpoint
+(``tests/test_stomp_endpoint.py``, and below): however it ends, nothing of it waits for a full collection. The endpoint
 freezes its connections out of full collections (``web._gc``), so a session kept by a reference cycle would stay in
 memory until a thaw: a full collection over every live connection, ≈ 1.7 s of stall at 10,000."""
 
@@ -14,7 +14,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import trio
+import trio.testing
 from conftest import GatewayUnderTest, parts
+from stomp_client import StompClient
 from test_sockjs_live import messages, poll, poll_stomp, send, session_url, stomp
 from test_stomp_endpoint import RawClosed, RawWs, wait_until
 from trio_websocket import open_websocket_url
@@ -58,6 +60,22 @@ async def websocket_session(g: GatewayUnderTest, how: str, watch: Callable[[], N
         await raw.send_message(json.dumps([stomp("DISCONNECT", {})]))
     else:  # broken SockJS framing: the server ends the session
         await raw.send_message('["a')
+    await until_closed(raw)
+    await raw.aclose()
+
+
+async def plain_session(g: GatewayUnderTest, how: str, watch: Callable[[], None]) -> None:
+    """A plain ``/ws`` STOMP connection that ends ``how`` (for comparison: the same rules hold there)."""
+    raw = await RawWs.open(g.running.port)
+    client = StompClient(raw)  # type: ignore[arg-type]
+    await client.send_frame("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "passcode": g.token("plain")})
+    assert (await client.next_frame()).command == "CONNECTED"
+    watch()
+    if how == "client cut":
+        await raw.aclose()
+        return
+    await client.send_frame("DISCONNECT", {"receipt": "bye"})
+    assert (await client.next_frame()).command == "RECEIPT"
     await until_closed(raw)
     await raw.aclose()
 
@@ -122,3 +140,61 @@ async def test_closed_sockjs_sessions_are_freed_without_the_cycle_collector(
     assert len(refs) == (3 if transport == "websocket" else 2)
     assert endpoint.freezer.thaws == 0 and endpoint.freezer.frozen == {keeper}
     await keeper_ws.aclose()
+
+
+def _ours(obj: object) -> str | None:
+    """A name for ``obj`` if it belongs to the server side (our code, Hypercorn, Quart), else None. Frames count by
+    their code's file: a cycle through an exception's traceback shows up as frames."""
+    if type(obj).__name__ == "frame":
+        path = obj.f_code.co_filename  # type: ignore[attr-defined]
+        if any(part in path for part in ("/web/", "/actors/", "/hypercorn/", "/quart/", "/quart_trio/")):
+            return f"frame of {obj.f_code.co_name} ({path.rsplit('/', 2)[-2]})"  # type: ignore[attr-defined]
+        return None
+    module = type(obj).__module__
+    if module.split(".")[0] in ("web", "actors", "hypercorn", "quart", "quart_trio"):
+        return f"{module}.{type(obj).__qualname__}"
+    return None
+
+
+@pytest.mark.parametrize(
+    ("transport", "how"),
+    [
+        ("websocket", "client closes"),
+        ("websocket", "client cut"),
+        ("xhr", "DISCONNECT"),
+        ("xhr", "abandoned"),
+        ("/ws", "DISCONNECT"),
+        ("/ws", "client cut"),
+    ],
+)
+async def test_closed_sessions_leave_no_cyclic_garbage_of_the_server(
+    sim: Any, start_gateway: Any, apps: list[Any], transport: str, how: str
+) -> None:
+    """The weak references above watch the objects we know of; this looks at everything a closed session leaves
+    for the cycle collector (``gc.DEBUG_SAVEALL``): nothing of ours, Hypercorn's or Quart's may be in it, or a
+    frozen session would keep it in memory until a thaw that nothing triggers. (werkzeug's routing closure of a
+    request and the test clients' own objects are cyclic garbage too: young, and not the server's to keep.)"""
+    g = await start_gateway([sim.url], web={"sockjs": SockJSConfig(disconnect_delay=1.0)})
+    endpoint, sockjs = parts(apps[-1])["endpoint"], parts(apps[-1])["sockjs"]
+    run = {"websocket": websocket_session, "xhr": xhr_session, "/ws": plain_session}[transport]
+
+    async def ended() -> None:
+        await wait_until(lambda: not endpoint.live and not sockjs.sessions)
+        await trio.testing.wait_all_tasks_blocked()  # the session's tasks have finished their clean-up
+
+    await run(g, how, lambda: None)  # once first: what the first session makes for good is not garbage
+    await ended()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            await run(g, how, lambda: None)
+            await ended()
+        gc.collect()
+        left = sorted(name for obj in gc.garbage if (name := _ours(obj)) is not None)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
