@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +23,12 @@ from trio_websocket import open_websocket_url
 
 from web._gc import FreezePolicy
 from web.sockjs import SockJSConfig
+
+
+@pytest.fixture(autouse=True)
+def thawed() -> Iterator[None]:
+    yield
+    gc.unfreeze()  # the endpoints' freezes below leave the test process as it was
 
 
 def connect(g: GatewayUnderTest, user: str) -> str:
