@@ -1,6 +1,6 @@
 // The benchmark's clients (scripts/bench_relay.py starts this with a JSON config file as its last argument):
-// one Node process, N connections, STOMP over `ws` with @stomp/stompjs (cfg.mode "stomp") or bare `ws`
-// ("bare"). Commands come as JSON lines on stdin (measure, status, churn, quit), events go out as JSON lines on stdout
+// one Node process, N connections, STOMP over `ws` with @stomp/stompjs (cfg.mode "stomp"), the same over
+// sockjs-client ("sockjs"), bare `ws` ("bare") or raw TCP ("floor"). Commands come as JSON lines on stdin (measure, status, churn, quit), events go out as JSON lines on stdout
 // (ready, armed, tick, result, status, churned, failed).
 import { createRequire } from 'node:module';
 import readline from 'node:readline';
@@ -16,6 +16,7 @@ const WebSocket = require('ws');
 const now = () => performance.timeOrigin + performance.now();  // ms since the epoch, sub-ms resolution
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const cfg = JSON.parse(readFileSync(process.argv[process.argv.length - 1], 'utf8'));
+const SockJS = cfg.mode === 'sockjs' ? require('sockjs-client') : null;  // only the sockjs mode loads it
 const n = cfg.tokens.length;
 // cfg.urls (bench_scale.py): client i connects to urls[i % urls.length], spreading the clients over processes
 const urlOf = (i) => (cfg.urls ? cfg.urls[i % cfg.urls.length] : cfg.url);
@@ -60,10 +61,12 @@ function finish() {
         cpu: (cpu.user + cpu.system) / 1e6, wall: (now() - p.t0) / 1000 });
 }
 
+// "sockjs" (idle mode, --sockjs): the same stompjs client over sockjs-client's websocket transport at the gateway's
+// SockJS endpoint (cfg.url is then its http://…/ws), as the original's SockJS frontends connect
 function connectStomp(i) {
   return new Promise((resolve, reject) => {
     const c = new Client({
-      webSocketFactory: () => {
+      webSocketFactory: SockJS ? () => new SockJS(urlOf(i), null, { transports: ['websocket'] }) : () => {
         const ws = new WebSocket(urlOf(i), ['v12.stomp', 'v11.stomp', 'v10.stomp'], { perMessageDeflate: false });
         ws.on('message', () => { if (phase) phase.wsMessages++; });  // to see how many frames one message packs
         return ws;
@@ -125,7 +128,7 @@ function connectFloor(i) {
 
 const conns = [];
 async function connectAll() {
-  const connect = { stomp: connectStomp, bare: connectBare, floor: connectFloor }[cfg.mode];
+  const connect = { stomp: connectStomp, sockjs: connectStomp, bare: connectBare, floor: connectFloor }[cfg.mode];
   for (let i = 0; i < n; i += cfg.batch) {
     const batch = [];
     for (let j = i; j < Math.min(n, i + cfg.batch); j++) batch.push(connect(j));
@@ -142,7 +145,7 @@ async function main() {
 // A turnover of the whole population (idle mode, --churn): every client leaves (stompjs: DISCONNECT, then the close
 // handshake), then all connect again, in batches as at the start.
 async function churn() {
-  if (cfg.mode !== 'stomp') throw new Error('churn is for the stomp clients');
+  if (cfg.mode !== 'stomp' && cfg.mode !== 'sockjs') throw new Error('churn is for the stomp clients');
   const t0 = now();
   const before = closed;
   const old = conns.splice(0);
@@ -166,7 +169,7 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
   } else if (cmd.cmd === 'status') {
     out({ event: 'status', closed, errors });
   } else if (cmd.cmd === 'quit') {
-    for (const c of conns) { try { cfg.mode === 'stomp' ? c.deactivate() : c.close(); } catch (e) {} }
+    for (const c of conns) { try { c.deactivate ? c.deactivate() : c.close(); } catch (e) {} }
     setTimeout(() => process.exit(0), 300);
   }
 }).on('close', () => process.exit(0));

@@ -67,3 +67,15 @@ def test_bench_relay_idle_mode_holds_the_connections_on_gateway_bare_relay_and_t
     assert setup["gateway"]["kb_per_connection"] > 0
     # --churn: every gateway client left and connected again, and the server's collections were counted
     assert setup["gateway"]["churn_closed"] == 20 and setup["gateway"]["churn_gc_full"] >= 0
+
+
+def test_bench_relay_idle_mode_over_sockjs_connects_and_churns_the_sockjs_clients(tmp_path: Path) -> None:
+    """``--sockjs``: the gateway's idle clients are stompjs over sockjs-client (the original's SockJS frontends)."""
+    report = run_script(
+        "bench_relay.py",
+        ["--clients", "10", "--paths", "idle", "--idle-seconds", "2", "--churn", "--sockjs"],
+        tmp_path / "idle-sockjs.json",
+    )
+    gateway = report["setup"]["gateway"]
+    assert gateway["closed_while_idle"] == 0 and gateway["kb_per_connection"] > 0
+    assert gateway["churn_closed"] == 10, "every SockJS client left and connected again"

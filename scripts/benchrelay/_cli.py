@@ -85,6 +85,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "population); report the server's full collections meanwhile (a web/_gc.py thaw is one) and its RSS after",
     )
     p.add_argument(
+        "--sockjs",
+        action="store_true",
+        help="idle mode, gateway: the stompjs clients connect through sockjs-client's websocket transport at the "
+        "SockJS endpoint, as the original's SockJS frontends do, instead of to /ws",
+    )
+    p.add_argument(
         "--thaw",
         action="store_true",
         help="after the idle window, time one thaw as web/_gc.py does it (gc.unfreeze, a full collection, gc.freeze)",
@@ -114,6 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.clients < 1 or a.messages < 1 or a.seconds <= 0 or a.size < 0 or not 0 < a.idle_seconds <= 600:
         p.error("--clients and --messages must be >= 1, --seconds > 0, --size >= 0, 0 < --idle-seconds <= 600")
+    if a.sockjs and a.paths != ["idle"]:
+        p.error("--sockjs is for --paths idle (its clients do not count WebSocket messages)")
     return a
 
 

@@ -87,7 +87,8 @@ class Driver:
         """Connect the N clients; measure the server's memory per connection and its CPU while they idle."""
         await server.send({"cmd": "stats"})
         before = await server.expect("stats", 10)
-        cfg = {"mode": mode, "url": info["url"], "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
+        url = info["http"] + "/ws" if mode == "sockjs" else info["url"]  # sockjs-client takes the endpoint's http URL
+        cfg = {"mode": mode, "url": url, "tokens": self.tokens, "clientId": CLIENT_ID, "batch": CONNECT_BATCH}
         if mode in ("bare", "floor") and self.a.paths == ["idle"]:
             cfg["heartbeatMs"] = int(IDLE_HEARTBEAT * 1000)
         cfg_path = self.tmp / f"clients-{mode}.json"
@@ -113,7 +114,7 @@ class Driver:
         if self.a.gc_freeze:
             await server.send({"cmd": "gc_freeze"})
             setup["gc_frozen_objects"] = (await server.expect("frozen", 30))["frozen"]
-        if self.a.churn and mode == "stomp":
+        if self.a.churn and mode in ("stomp", "sockjs"):
             setup.update(await churn_window(server, p, 60 + self.a.clients / 10))
             self.say(
                 f"  churn ({mode}): {setup['churn_closed']} left and all connected again in {setup['churn_seconds']}s; "
@@ -126,7 +127,7 @@ class Driver:
             thawed = await server.expect("thawed", 120)
             setup["thaw_ms"], setup["thaw_frozen_objects"] = thawed["ms"], thawed["frozen"]
             self.say(f"  thaw ({mode}): one full collection over {thawed['frozen']:,} objects took {thawed['ms']} ms")
-        self.setup[{"stomp": "gateway"}.get(mode, mode)] = setup
+        self.setup[{"stomp": "gateway", "sockjs": "gateway"}.get(mode, mode)] = setup
         if profile := setup.pop("idle_profile"):
             self.say(f"    server profile while idle ({mode}), top by own time:\n{profile}")
         self.say(
@@ -403,7 +404,7 @@ class Driver:
                 "gateway", {"comfy_urls": [s.url for s in sims], "store": str(self.tmp / "gateway.db")}
             )
             try:
-                clients = await self.start_clients("stomp", server, info)
+                clients = await self.start_clients("sockjs" if a.sockjs else "stomp", server, info)
                 try:
                     await self.wait_backends(sims)
                     for rate in rates if "hub" in paths else ():
