@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -166,6 +167,14 @@ async def wait_backends_up(g: GatewayUnderTest, n: int = 1, timeout: float = 10)
     async with stomp_connect(g.ws_url, token=g.token("observer"), client_id="observer") as c:
         await c.subscribe("/topic/messages", "status")
         await c.collect_until(lambda m: m.get("type") == "status" and m["backends"]["up"] >= n, timeout=timeout)
+
+
+@pytest.fixture
+def thawed() -> Iterator[None]:
+    """For a test that freezes the collector's view (``gc.freeze``, directly or through web._gc's policy): the
+    process is thawed after it, as the other tests expect it."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,30 +18,17 @@ import trio.testing
 from conftest import GatewayUnderTest, parts
 from stomp_client import StompClient
 from test_sockjs_live import messages, poll, poll_stomp, send, session_url, stomp
-from test_stomp_endpoint import RawClosed, RawWs, wait_until
+from test_stomp_endpoint import RawWs, until_closed, wait_until
 from trio_websocket import open_websocket_url
 
 from web._gc import FreezePolicy
 from web.sockjs import SockJSConfig
 
-
-@pytest.fixture(autouse=True)
-def thawed() -> Iterator[None]:
-    yield
-    gc.unfreeze()  # the endpoints' freezes below leave the test process as it was
+pytestmark = pytest.mark.usefixtures("thawed")  # the endpoints' freezes: the process is thawed after each test
 
 
 def connect(g: GatewayUnderTest, user: str) -> str:
     return stomp("CONNECT", {"accept-version": "1.2", "heart-beat": "0,0", "Authorization": f"Bearer {g.token(user)}"})
-
-
-async def until_closed(ws: RawWs) -> None:
-    with trio.fail_after(10):
-        while True:
-            try:
-                await ws.get_message()
-            except RawClosed:
-                return
 
 
 async def websocket_session(g: GatewayUnderTest, how: str, watch: Callable[[], None]) -> None:

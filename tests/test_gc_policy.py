@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,10 +24,7 @@ class PlainConn:
     """A connection whose objects hold no cycle: reference counting frees it, frozen or not."""
 
 
-@pytest.fixture(autouse=True)
-def thawed() -> Iterator[None]:
-    yield
-    gc.unfreeze()  # leave the test process as it was
+pytestmark = pytest.mark.usefixtures("thawed")  # these tests freeze: the process is thawed after each
 
 
 def open_conns(policy: FreezePolicy, live: dict[int, object], ids: range, kind: type = FakeConn) -> None:

@@ -195,6 +195,16 @@ class RawWs:
         await self.stream.aclose()
 
 
+async def until_closed(ws: RawWs) -> int | None:
+    """Read until the server ends the connection; its close code (None: no close frame, the TCP connection ended)."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                await ws.get_message()
+            except RawClosed as exc:
+                return exc.code
+
+
 # ---- 1. security -------------------------------------------------------------------------------------------
 
 N_USERS = 100
@@ -669,6 +679,7 @@ async def test_permessage_deflate(sim: FakeComfyUI, start_gateway: Any, enabled:
         await raw.aclose()
 
 
+@pytest.mark.usefixtures("thawed")  # the endpoint freezes below
 @pytest.mark.parametrize("heartbeat", ["0,0", "10000,10000"])  # with heart-beats the tap takes them, and rests
 async def test_closed_connections_are_freed_without_the_cycle_collector(
     sim: FakeComfyUI, start_gateway: Any, apps: list[Any], heartbeat: str
@@ -692,28 +703,18 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(
     refs = [weakref.ref(conn) for conn in endpoint.live.values()]
     refs += [weakref.ref(conn.io._found()[1]) for conn in endpoint.live.values()]  # Hypercorn's TCPServer too
 
-    async def closed_by_server(c: StompClient) -> None:
-        with trio.fail_after(10):
-            while True:
-                try:
-                    await c.ws.get_message()
-                except RawClosed as exc:
-                    code = exc.code
-                    break
-        assert code is not None, "closed without a close frame"
-
     gc.disable()
     try:
         for c in clients[:2]:  # clean: DISCONNECT, its receipt, the close handshake
             await c.send_frame("DISCONNECT", {"receipt": "bye"})
             assert (await c.next_frame()).command == "RECEIPT"
-            await closed_by_server(c)
+            assert await until_closed(c.ws) is not None, "closed without a close frame"
         for raw in raws[2:4]:  # cut: the TCP connection just ends
             await raw.aclose()
         for c in clients[4:]:  # a protocol error: ERROR, then the server closes
             await c.send_frame("BOGUS", {})
             assert (await c.next_frame()).command == "ERROR"
-            await closed_by_server(c)
+            assert await until_closed(c.ws) is not None, "closed without a close frame"
         await wait_until(lambda: not endpoint.live)
         await wait_until(lambda: all(ref() is None for ref in refs))  # the collector is off: refcounts alone
     finally:
