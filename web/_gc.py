@@ -29,7 +29,7 @@ import gc
 import logging
 import time
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class FreezePolicy:
         self.every = every
         self.opened_since = 0
         self.frozen: set[int] = set()
-        self.kept: list[Callable[[], object]] = []  # closed frozen connections, not yet seen freed
+        self.kept: list[weakref.ref[object]] = []  # closed frozen connections, not yet seen freed
         self.check_at = every  # prune ``kept`` when it is this long (doubles with survivors: O(1) per close)
         self.thaws = 0
 

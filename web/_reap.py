@@ -10,9 +10,9 @@ freezes its connections out of full collections (web._gc), so without help every
 stay in memory until a thaw, which is a full collection over every live connection (≈ 1.7 s of stall at 10,000).
 
 ``ReapingTCPServer`` is Hypercorn's ``TCPServer`` that, once its ``run`` has returned, empties the attribute dicts
-of those four objects of its own (and has the tap let go of the WSStream). By then the connection is over: ``run`` returns after its task group (and every
-app task of the connection in it) has finished and the stream is closed, so nothing uses them any more. Emptying a
-dict only drops references *from* the object: the shared ones it pointed at (the app, the config, the worker
+of those four objects of its own (and has the tap let go of the WSStream). By then the connection is over: ``run``
+returns after its task group (and every app task of the connection in it) has finished and the stream is closed,
+so nothing uses them any more. Emptying a dict only drops references *from* the object: the shared ones it pointed at (the app, the config, the worker
 context) are untouched. ``install`` puts it where ``hypercorn.trio.serve`` looks ``TCPServer`` up (a module
 global of 0.18's ``hypercorn/trio/run.py``, pinned in pyproject.toml); if that is not there, it logs and leaves
 Hypercorn as it is (closed connections then wait for web._gc's thaw).
